@@ -1,0 +1,14 @@
+"""lars_plugins: LARS (Layer-wise Adaptive Rate Scaling) for PyTorch, timm, HF Trainer and Lightning.
+
+``import lars_plugins`` needs torch alone; the framework integrations live in submodules
+(``lars_plugins.timm``, ``lars_plugins.hf``, ``lars_plugins.lightning``) that import their framework
+only when they are imported themselves.
+"""
+
+from .functional import lars, trust_ratio
+from .groups import block_ids, is_bias_or_norm, param_groups
+from .optim import LARS
+
+__version__ = "0.1.0"
+
+__all__ = ["LARS", "param_groups", "is_bias_or_norm", "block_ids", "lars", "trust_ratio", "__version__"]

@@ -1,0 +1,307 @@
+"""The LARS update as plain functions over lists of tensors (no framework, no optimizer state).
+
+Layout follows ``torch/optim/sgd.py``: :func:`lars` dispatches to ``_single_tensor_lars`` (one tensor
+at a time, fused in-place ops that keep a tensor's data in cache between passes: fastest on CPU)
+or ``_multi_tensor_lars`` (``torch._foreach_*`` over a device/dtype bucket: fewest kernel launches
+on accelerators). Both paths do the same arithmetic and neither reads a tensor value on the host,
+so a step never forces a device synchronisation.
+
+For every parameter ``w`` with gradient ``g`` (``g`` negated under ``maximize``):
+
+* adapted: ``ratio = η·‖w‖ / (‖g‖ + wd·‖w‖ + ε)`` (``min(ratio / lr, 1)`` under ``trust_clip``),
+  ``d = ratio · (g + wd·w)``;
+* excluded: ``d = g`` (no adaptation, no weight decay);
+
+then torch.optim.SGD's momentum (first buffer = ``d``, dampening, Nesterov) and ``w -= lr · d``.
+"""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["lars", "trust_ratio", "ratio_dtype"]
+
+Scalar = Union[float, Tensor]
+
+
+def trust_ratio(
+    w_norm: Tensor,
+    g_norm: Tensor,
+    *,
+    trust_coefficient: float,
+    weight_decay: float,
+    eps: float,
+    lr: Scalar,
+    trust_clip: bool,
+) -> Tensor:
+    """Paper Eq. 6 on (stacked) norms: ``η·‖w‖ / (‖g‖ + wd·‖w‖ + ε)``, elementwise.
+
+    Where the ratio is undefined or meaningless -- ``‖w‖ = 0`` (a zero-initialised tensor) or a zero
+    denominator (``‖g‖ = 0`` with ``wd = ε = 0``) -- the ratio is ``η``: such a tensor takes the plain
+    SGD step ``lr·η·g``. That is small (``lr·η`` is about 0.01 in the paper's settings) where the
+    common fallback ``ratio = 1`` would apply the raw LARS learning rate (often 10 or more), and it
+    is not zero, so a zero tensor is not frozen: after one step it has a norm and Eq. 6 takes over.
+    """
+    denominator = g_norm + weight_decay * w_norm + eps
+    defined = (w_norm > 0) & (denominator > 0)
+    ratio = torch.where(defined, trust_coefficient * w_norm / denominator, trust_coefficient)
+    if trust_clip:
+        # LARC clip mode: the adapted rate lr·ratio never exceeds lr.
+        ratio = torch.clamp(ratio / lr, max=1.0)
+    return ratio
+
+
+def lars(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    momentum_buffers: list[Optional[Tensor]],
+    trust_ratios: Sequence[Optional[Tensor]],
+    adapt: Sequence[bool],
+    *,
+    lr: Scalar,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    trust_coefficient: float,
+    eps: float,
+    trust_clip: bool,
+    maximize: bool,
+    foreach: Optional[bool] = None,
+) -> None:
+    """One LARS step over one parameter group, in place.
+
+    ``momentum_buffers[i]`` is ``None`` where no buffer exists yet; new buffers are written back
+    into the list. ``trust_ratios[i]`` is a 0-d tensor (:func:`ratio_dtype`) that receives the ratio used for an
+    adapted parameter (``None`` for excluded ones). ``adapt[i]`` says whether parameter ``i`` is
+    adapted. ``foreach=None`` picks the multi-tensor path for accelerator tensors and the
+    single-tensor path on CPU (see docs/performance.md for the measurements behind this).
+    """
+    for g in grads:
+        if g.is_sparse:
+            raise RuntimeError("LARS does not support sparse gradients; use dense gradients")
+    for (device, _), indices in _buckets(params).items():
+        use_foreach = foreach if foreach is not None else device.type != "cpu"
+        impl = _multi_tensor_lars if use_foreach else _single_tensor_lars
+        for adapted in (True, False):
+            idx = [i for i in indices if adapt[i] == adapted]
+            if not idx:
+                continue
+            bufs = [momentum_buffers[i] for i in idx]
+            impl(
+                [params[i] for i in idx],
+                [grads[i] for i in idx],
+                bufs,
+                [trust_ratios[i] for i in idx] if adapted else None,
+                lr=lr,
+                momentum=momentum,
+                dampening=dampening,
+                weight_decay=weight_decay,
+                nesterov=nesterov,
+                trust_coefficient=trust_coefficient,
+                eps=eps,
+                trust_clip=trust_clip,
+                maximize=maximize,
+            )
+            for i, buf in zip(idx, bufs):
+                momentum_buffers[i] = buf
+
+
+def ratio_dtype(param_dtype: torch.dtype) -> torch.dtype:
+    """The dtype of norms and trust ratios: float32 for half/bfloat16 parameters, else their own."""
+    return torch.promote_types(param_dtype, torch.float32)
+
+
+def _buckets(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
+    """Indices of ``tensors`` grouped by (device, dtype), the unit of a foreach kernel."""
+    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        buckets[(t.device, t.dtype)].append(i)
+    return buckets
+
+
+def _ratios(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    trust_ratios: Sequence[Tensor],
+    *,
+    trust_coefficient: float,
+    weight_decay: float,
+    eps: float,
+    lr: Scalar,
+    trust_clip: bool,
+) -> Tensor:
+    """Trust ratios of one bucket as a vector, also copied into ``trust_ratios``.
+
+    Norms are taken in at least float32 (:func:`ratio_dtype`) whatever the parameter dtype; the
+    ratio arithmetic is a handful of vector ops for the whole bucket, not a handful per parameter.
+    """
+    dtype = ratio_dtype(params[0].dtype)
+    w_norms = torch.stack(torch._foreach_norm(params, 2, dtype=dtype))
+    g_norms = torch.stack(torch._foreach_norm(grads, 2, dtype=dtype))
+    ratios = trust_ratio(
+        w_norms,
+        g_norms,
+        trust_coefficient=trust_coefficient,
+        weight_decay=weight_decay,
+        eps=eps,
+        lr=lr,
+        trust_clip=trust_clip,
+    )
+    torch._foreach_copy_(list(trust_ratios), list(ratios.unbind()))
+    return ratios
+
+
+def _single_tensor_lars(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Optional[Tensor]],
+    trust_ratios: Optional[list[Tensor]],
+    *,
+    lr: Scalar,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    trust_coefficient: float,
+    eps: float,
+    trust_clip: bool,
+    maximize: bool,
+) -> None:
+    # The direction is d = a·g + b·w with per-tensor coefficients a = ±ratio and b = ratio·wd
+    # (a = ±1, no b for excluded tensors). d is never materialised: the coefficients are folded into
+    # fused addcmul_/add_ calls, which saves two passes over memory per tensor, and every scaled
+    # coefficient is one vector op per bucket rather than one scalar op per tensor.
+    n = len(params)
+    sign = -1.0 if maximize else 1.0
+    if trust_ratios is not None:
+        ratios = _ratios(
+            params,
+            grads,
+            trust_ratios,
+            trust_coefficient=trust_coefficient,
+            weight_decay=weight_decay,
+            eps=eps,
+            lr=lr,
+            trust_clip=trust_clip,
+        )
+        a_vec: Optional[Tensor] = ratios * sign
+        b_vec: Optional[Tensor] = ratios * weight_decay if weight_decay != 0 else None
+    else:
+        a_vec = b_vec = None
+
+    def scaled_a(scale: Scalar) -> Sequence[Scalar]:
+        return [sign * scale] * n if a_vec is None else (a_vec * scale).unbind()
+
+    def scaled_b(scale: Scalar, offset: float = 0.0) -> Sequence[Optional[Scalar]]:
+        return [None] * n if b_vec is None else (offset + b_vec * scale).unbind()
+
+    neg_lr = -lr
+    a, b = scaled_a(1.0), scaled_b(1.0)
+    if nesterov or momentum == 0:
+        # w -= lr·(a·g + b·w [+ m·buf]): shrink w by (1 - lr·b) first, then add the rest.
+        step_a, keep = scaled_a(neg_lr), scaled_b(neg_lr, offset=1.0)
+    if momentum != 0:
+        a_damped, b_damped = (scaled_a(1.0 - dampening), scaled_b(1.0 - dampening)) if dampening else (a, b)
+        for i, (w, g) in enumerate(zip(params, grads)):
+            buf = momentum_buffers[i]
+            if buf is None:
+                # torch.optim.SGD convention: the first buffer is d itself, undamped.
+                buf = torch.mul(g, a[i])
+                _axpy_(buf, w, b[i])
+                momentum_buffers[i] = buf
+            else:
+                buf.mul_(momentum)
+                _axpy_(buf, g, a_damped[i])
+                _axpy_(buf, w, b_damped[i])
+            if nesterov:
+                _scale_(w, keep[i])
+                _axpy_(w, g, step_a[i])
+                _axpy_(w, buf, neg_lr * momentum)
+            else:
+                _axpy_(w, buf, neg_lr)
+    else:
+        for i, (w, g) in enumerate(zip(params, grads)):
+            _scale_(w, keep[i])
+            _axpy_(w, g, step_a[i])
+
+
+def _axpy_(y: Tensor, x: Tensor, alpha: Optional[Scalar]) -> None:
+    """``y += alpha·x`` for a Python or 0-d tensor ``alpha`` (``None`` means 0), without host sync."""
+    if alpha is None:
+        return
+    if isinstance(alpha, Tensor):
+        y.addcmul_(x, alpha)
+    else:
+        y.add_(x, alpha=alpha)
+
+
+def _scale_(y: Tensor, factor: Optional[Scalar]) -> None:
+    """``y *= factor`` (``None`` means 1)."""
+    if factor is not None:
+        y.mul_(factor)
+
+
+def _multi_tensor_lars(
+    params: list[Tensor],
+    grads: list[Tensor],
+    momentum_buffers: list[Optional[Tensor]],
+    trust_ratios: Optional[list[Tensor]],
+    *,
+    lr: Scalar,
+    momentum: float,
+    dampening: float,
+    weight_decay: float,
+    nesterov: bool,
+    trust_coefficient: float,
+    eps: float,
+    trust_clip: bool,
+    maximize: bool,
+) -> None:
+    if trust_ratios is not None:
+        ratios = _ratios(
+            params,
+            grads,
+            trust_ratios,
+            trust_coefficient=trust_coefficient,
+            weight_decay=weight_decay,
+            eps=eps,
+            lr=lr,
+            trust_clip=trust_clip,
+        )
+        # d = a·g + b·w; the per-tensor 0-d factors take foreach's general (broadcasting) path.
+        d = list(torch._foreach_mul(grads, (-ratios if maximize else ratios).unbind()))
+        if weight_decay != 0:
+            torch._foreach_addcmul_(d, params, (ratios * weight_decay).unbind())
+        d_is_scratch = True
+    elif maximize:
+        d, d_is_scratch = list(torch._foreach_neg(grads)), True
+    else:
+        d, d_is_scratch = list(grads), False  # p.grad itself: never written to
+
+    if momentum != 0:
+        old = [i for i, buf in enumerate(momentum_buffers) if buf is not None]
+        if old:
+            old_bufs = [momentum_buffers[i] for i in old]
+            torch._foreach_mul_(old_bufs, momentum)
+            torch._foreach_add_(old_bufs, [d[i] for i in old], alpha=1.0 - dampening)
+        for i, buf in enumerate(momentum_buffers):
+            if buf is None:
+                # torch.optim.SGD convention: the first buffer is d itself, undamped.
+                momentum_buffers[i] = d[i].detach().clone()
+        bufs = [buf for buf in momentum_buffers if buf is not None]
+        if not nesterov:
+            d = bufs
+        elif d_is_scratch:
+            torch._foreach_add_(d, bufs, alpha=momentum)
+        else:
+            d = list(torch._foreach_add(d, bufs, alpha=momentum))
+    if isinstance(lr, Tensor):
+        # alpha=-lr would read the tensor on the host; scale by a device scalar instead.
+        torch._foreach_add_(params, torch._foreach_mul(d, -lr))
+    else:
+        torch._foreach_add_(params, d, alpha=-lr)

@@ -1,0 +1,150 @@
+"""Parameter groups for LARS built from module types and names, with optional layer-wise LR decay."""
+
+from __future__ import annotations
+
+import fnmatch
+import re
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
+
+import torch
+from torch import nn
+
+__all__ = ["param_groups", "is_bias_or_norm", "block_ids", "NORM_TYPES"]
+
+# Modules whose parameters are normalisation scales and shifts: LARS leaves them unadapted and
+# undecayed, as the paper's successors (MLPerf, SimCLR, BYOL, MoCo v3) do.
+NORM_TYPES: tuple[type[nn.Module], ...] = tuple(
+    t
+    for t in (
+        nn.modules.batchnorm._NormBase,  # BatchNorm*, SyncBatchNorm, InstanceNorm*
+        nn.LayerNorm,
+        nn.GroupNorm,
+        nn.LocalResponseNorm,
+        getattr(nn, "RMSNorm", None),  # torch >= 2.4
+    )
+    if t is not None
+)
+
+# A module whose class name says "norm" (HF's BertLayerNorm-style and timm's LayerNorm2d, RmsNorm...)
+_NORM_NAME = re.compile(r"norm", re.IGNORECASE)
+
+ExcludeT = Union[None, Callable[[str, nn.Parameter, nn.Module], bool], Sequence[str]]
+
+
+def is_bias_or_norm(name: str, param: nn.Parameter, module: nn.Module) -> bool:
+    """Default exclusion rule: biases and every parameter of a normalisation module.
+
+    Decided by the owning module's type and the parameter's name, never by ``ndim``, so it is right
+    for flattened or sharded parameters too.
+    """
+    leaf = name.rsplit(".", 1)[-1]
+    return leaf == "bias" or isinstance(module, NORM_TYPES) or bool(_NORM_NAME.search(type(module).__name__))
+
+
+def _exclusion_rule(exclude: ExcludeT) -> Callable[[str, nn.Parameter, nn.Module], bool]:
+    if exclude is None:
+        return is_bias_or_norm
+    if callable(exclude):
+        return exclude
+    if isinstance(exclude, str):
+        raise TypeError("exclude must be a callable or a sequence of name patterns, got a single string; "
+                        f"write exclude=[{exclude!r}]")
+    patterns = list(exclude)
+    if not all(isinstance(p, str) for p in patterns):
+        raise TypeError(f"exclude patterns must be strings, got {patterns!r}")
+    return lambda name, param, module: any(fnmatch.fnmatchcase(name, p) for p in patterns)
+
+
+def block_ids(names: Sequence[str]) -> dict[str, int]:
+    """Depth of each parameter for layer-wise LR decay, from its qualified name alone.
+
+    A parameter belongs to the block named by its path up to and including the first numeric part
+    (``blocks.3.attn.qkv.weight`` -> ``blocks.3``; ``encoder.layer.5...`` -> ``encoder.layer.5``;
+    ``layer1.0.conv1.weight`` -> ``layer1.0``); blocks are numbered in order of first appearance.
+    Everything before the first numbered block (stem, embeddings, tokens) shares depth 0, everything
+    after the last one (final norm, head) shares the last depth. A model with no numbered blocks
+    gets one depth per top-level module.
+    """
+    keys = []
+    for name in names:
+        parts = name.split(".")
+        numbered = next((i for i, part in enumerate(parts[:-1]) if part.isdigit()), None)
+        keys.append((".".join(parts[: numbered + 1]), True) if numbered is not None else (parts[0], False))
+    if not any(numbered for _, numbered in keys):
+        order = list(dict.fromkeys(key for key, _ in keys))
+        return {name: order.index(key) for name, (key, _) in zip(names, keys)}
+    last = max(i for i, (_, numbered) in enumerate(keys) if numbered)
+    blocks = {key: i + 1 for i, key in enumerate(dict.fromkeys(key for key, numbered in keys if numbered))}
+    ids, current = {}, 0
+    for i, (name, (key, numbered)) in enumerate(zip(names, keys)):
+        if numbered:
+            current = blocks[key]
+        # unnumbered: the stem before the first block is 0, the head after the last one is deepest,
+        # anything in between goes with the block before it.
+        ids[name] = current if numbered or i < last else len(blocks) + 1
+    return ids
+
+
+def param_groups(
+    model: nn.Module,
+    weight_decay: float = 0.0,
+    exclude: ExcludeT = None,
+    *,
+    lr: Optional[float] = None,
+    layer_decay: Optional[float] = None,
+    layer_id: Optional[Callable[[str], int]] = None,
+) -> list[dict[str, Any]]:
+    """Parameter groups for :class:`lars_plugins.LARS` (or any torch optimizer).
+
+    Parameters chosen by ``exclude`` (default :func:`is_bias_or_norm`: biases and BatchNorm/
+    LayerNorm/GroupNorm/RMSNorm weights) go to groups with ``lars_exclude=True, weight_decay=0``;
+    the rest to groups with ``lars_exclude=False, weight_decay=weight_decay``. Every group carries
+    ``(name, parameter)`` pairs, so ``group["param_names"]`` is filled in by torch.
+    Frozen parameters (``requires_grad=False``) are left out.
+
+    ``exclude`` may be a callable ``(name, param, module) -> bool`` or a sequence of ``fnmatch``
+    patterns on qualified names (``["*.bias", "*norm*", "pos_embed"]``).
+
+    With ``layer_decay`` (in ``(0, 1]``, fine-tuning): each group gets ``lr = lr·layer_decay**(D-d)``
+    for depth ``d`` of ``D`` (:func:`block_ids`, or your ``layer_id(name) -> int``), so the head
+    keeps ``lr`` and shallow layers get less. The scale is also stored as ``lr_scale``; since the
+    scaled ``lr`` is on the group itself, every torch LR scheduler keeps the ratios.
+    """
+    if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
+        raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
+    if layer_decay is not None:
+        if isinstance(layer_decay, bool) or not isinstance(layer_decay, (int, float)) or not 0 < layer_decay <= 1:
+            raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay!r}")
+        if lr is None or isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr < 0:
+            raise ValueError(f"layer_decay needs the base learning rate: lr must be a number >= 0, got {lr!r}")
+    elif lr is not None:
+        raise ValueError("lr is only used with layer_decay; pass the learning rate to the optimizer instead")
+    rule = _exclusion_rule(exclude)
+
+    modules = dict(model.named_modules())
+    named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not named:
+        raise ValueError("the model has no trainable parameters (all have requires_grad=False)")
+    depth: dict[str, int] = {}
+    if layer_decay is not None:
+        all_names = [n for n, _ in model.named_parameters()]  # depth must not change when layers are frozen
+        depth = {n: layer_id(n) for n in all_names} if layer_id is not None else block_ids(all_names)
+    deepest = max(depth.values(), default=0)
+
+    groups: dict[tuple[bool, int], dict[str, Any]] = {}
+    for name, param in named:
+        module = modules[name.rpartition(".")[0]]
+        excluded = bool(rule(name, param, module))
+        d = depth.get(name, 0)
+        group = groups.get((excluded, d))
+        if group is None:
+            group = groups[(excluded, d)] = {
+                "params": [],
+                "weight_decay": 0.0 if excluded else float(weight_decay),
+                "lars_exclude": excluded,
+            }
+            if layer_decay is not None:
+                scale = float(layer_decay) ** (deepest - d)
+                group.update(lr=float(lr) * scale, lr_scale=scale, layer_id=d)
+        group["params"].append((name, param))
+    return [groups[k] for k in sorted(groups, key=lambda k: (k[1], k[0]))]

@@ -1,0 +1,223 @@
+"""``LARS``: Layer-wise Adaptive Rate Scaling as a ``torch.optim.Optimizer``."""
+
+from __future__ import annotations
+
+import math
+from typing import Any, Callable, Iterable, Optional, Union
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .functional import lars, ratio_dtype
+
+__all__ = ["LARS"]
+
+ParamsT = Union[Iterable[Tensor], Iterable[dict[str, Any]], Iterable[tuple[str, Tensor]]]
+
+# Names other LARS implementations use for our group keys: a group that carries one of them would
+# otherwise be silently ignored, so it is refused with the right name.
+_FOREIGN_KEYS = {
+    "trust_coeff": "trust_coefficient",
+    "eta": "trust_coefficient",
+    "always_adapt": "lars_exclude",
+    "exclude_from_adaptation": "lars_exclude",
+    "lars_adaptation_filter": "lars_exclude",
+    "clip": "trust_clip",
+}
+
+
+class LARS(Optimizer):
+    r"""LARS (You, Gitman & Ginsburg 2017, arXiv:1708.03888) with torch.optim.SGD's momentum.
+
+    For every parameter ``w`` with gradient ``g``:
+
+    * adapted: ``d = ratio·(g + wd·w)`` with ``ratio = η·‖w‖ / (‖g‖ + wd·‖w‖ + ε)`` (paper Eq. 6);
+      with ``trust_clip`` (LARC clip mode) ``ratio = min(ratio / lr, 1)``;
+    * excluded: ``d = g`` (no adaptation and no weight decay);
+
+    then exactly torch.optim.SGD: ``buf = momentum·buf + (1 - dampening)·d`` (the first buffer is
+    ``d``), Nesterov ``d = d + momentum·buf`` else ``d = buf``, and ``w -= lr·d``.
+
+    Adaptation never depends on ``weight_decay``: ``weight_decay=0`` is still LARS. A group's
+    ``lars_exclude`` key (``True``/``False``) decides exclusion; where it is ``None`` (the default)
+    and ``exclude_bias_and_norm`` is on, tensors with ``ndim <= 1`` (biases, norm weights) are
+    excluded. Use :func:`lars_plugins.param_groups` where ``ndim`` cannot tell (flattened params).
+
+    Where ``‖w‖ = 0`` (or the denominator is 0) the ratio is ``η``: a zero-initialised tensor takes a
+    small plain SGD step ``lr·η·g`` instead of the raw global LR, and is not frozen.
+
+    The ratio used at the last step is kept as a 0-d tensor (float32, or float64 for float64 params)
+    on the parameter's device in
+    ``state[p]["trust_ratio"]`` (adapted parameters only). ``step()`` never reads a tensor on the
+    host. ``lr`` may be a tensor (place it on the parameters' device for a sync-free step).
+
+    Args:
+        params: parameters, ``(name, parameter)`` pairs, or parameter-group dicts.
+        lr: global learning rate γ (LARS rates are large: the paper uses 2-29 with η=0.001).
+        momentum: momentum factor.
+        dampening: dampening for momentum.
+        weight_decay: weight decay β (L2, inside the adapted direction as in Eq. 6).
+        nesterov: Nesterov momentum (needs ``momentum > 0`` and ``dampening == 0``).
+        trust_coefficient: η, the trust coefficient (paper: 0.001).
+        eps: ε added to the ratio's denominator.
+        trust_clip: LARC clip mode, ``ratio = min(ratio / lr, 1)``.
+        exclude_bias_and_norm: exclude ``ndim <= 1`` tensors in groups without ``lars_exclude``.
+        maximize: maximise the objective instead of minimising it.
+        foreach: ``True`` multi-tensor, ``False`` single-tensor, ``None`` chooses by device.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: Union[float, Tensor] = 0.1,
+        momentum: float = 0.9,
+        dampening: float = 0.0,
+        weight_decay: float = 0.0,
+        nesterov: bool = False,
+        trust_coefficient: float = 0.001,
+        eps: float = 1e-8,
+        trust_clip: bool = False,
+        exclude_bias_and_norm: bool = True,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+    ) -> None:
+        defaults = dict(
+            lr=lr,
+            momentum=momentum,
+            dampening=dampening,
+            weight_decay=weight_decay,
+            nesterov=nesterov,
+            trust_coefficient=trust_coefficient,
+            eps=eps,
+            trust_clip=trust_clip,
+            lars_exclude=None,
+            exclude_bias_and_norm=exclude_bias_and_norm,
+            maximize=maximize,
+            foreach=foreach,
+        )
+        _validate_group(defaults, explicit=defaults, where="")
+        super().__init__(params, defaults)
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; every LARS key may be overridden per group and is validated here."""
+        explicit = dict(param_group)
+        super().add_param_group(param_group)
+        _validate_group(self.param_groups[-1], explicit=explicit, where=f"param group {len(self.param_groups) - 1}: ")
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        for group in self.param_groups:
+            for key, value in (("lars_exclude", None), ("exclude_bias_and_norm", True), ("maximize", False),
+                               ("foreach", None), ("trust_clip", False), ("nesterov", False)):
+                group.setdefault(key, value)
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict; trust ratios keep their float32 precision under half-precision params."""
+        super().load_state_dict(state_dict)
+        # torch casts every state tensor to its parameter's dtype; a ratio is a statistic, not a weight.
+        for p, state in self.state.items():
+            if "trust_ratio" in state:
+                state["trust_ratio"] = state["trust_ratio"].to(ratio_dtype(p.dtype))
+
+    @staticmethod
+    def is_adapted(group: dict[str, Any], param: Tensor) -> bool:
+        """Whether ``param`` in ``group`` gets the layer-wise rate (else: plain SGD, no weight decay)."""
+        if group["lars_exclude"] is not None:
+            return not group["lars_exclude"]
+        return not (group["exclude_bias_and_norm"] and param.ndim <= 1)
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
+        """Perform one step; ``closure`` (re-evaluating the loss) is called first and its loss returned."""
+        loss = None
+        if closure is not None:
+            with torch.enable_grad():
+                loss = closure()
+
+        for group in self.param_groups:
+            params: list[Tensor] = []
+            grads: list[Tensor] = []
+            buffers: list[Optional[Tensor]] = []
+            ratios: list[Optional[Tensor]] = []
+            adapt: list[bool] = []
+            for p in group["params"]:
+                if p.grad is None:
+                    continue
+                state = self.state[p]
+                adapted = self.is_adapted(group, p)
+                if adapted and "trust_ratio" not in state:
+                    state["trust_ratio"] = torch.zeros((), dtype=ratio_dtype(p.dtype), device=p.device)
+                params.append(p)
+                grads.append(p.grad)
+                buffers.append(state.get("momentum_buffer"))
+                ratios.append(state["trust_ratio"] if adapted else None)
+                adapt.append(adapted)
+            if not params:
+                continue
+            lars(
+                params,
+                grads,
+                buffers,
+                ratios,
+                adapt,
+                lr=group["lr"],
+                momentum=group["momentum"],
+                dampening=group["dampening"],
+                weight_decay=group["weight_decay"],
+                nesterov=group["nesterov"],
+                trust_coefficient=group["trust_coefficient"],
+                eps=group["eps"],
+                trust_clip=group["trust_clip"],
+                maximize=group["maximize"],
+                foreach=group["foreach"],
+            )
+            if group["momentum"] != 0:
+                for p, buf in zip(params, buffers):
+                    self.state[p]["momentum_buffer"] = buf
+        return loss
+
+
+def _validate_group(group: dict[str, Any], *, explicit: dict[str, Any], where: str) -> None:
+    """Raise ``ValueError``/``TypeError`` naming the first bad hyperparameter of ``group``."""
+    for foreign, ours in _FOREIGN_KEYS.items():
+        if foreign in explicit:
+            raise TypeError(f"{where}unknown LARS key {foreign!r}; lars_plugins.LARS calls it {ours!r}")
+
+    lr = group["lr"]
+    if isinstance(lr, Tensor):
+        if lr.numel() != 1:
+            raise ValueError(f"{where}lr must be a number or a one-element tensor, got shape {tuple(lr.shape)}")
+    else:
+        _number(where, "lr", lr, low=0.0)
+    _number(where, "momentum", group["momentum"], low=0.0)
+    _number(where, "dampening", group["dampening"], low=0.0, high=1.0)
+    _number(where, "weight_decay", group["weight_decay"], low=0.0)
+    _number(where, "eps", group["eps"], low=0.0)
+    _number(where, "trust_coefficient", group["trust_coefficient"], low=0.0, low_open=True)
+    for key in ("nesterov", "trust_clip", "exclude_bias_and_norm", "maximize"):
+        if not isinstance(group[key], bool):
+            raise TypeError(f"{where}{key} must be a bool, got {group[key]!r}")
+    for key in ("lars_exclude", "foreach"):
+        if group[key] is not None and not isinstance(group[key], bool):
+            raise TypeError(f"{where}{key} must be True, False or None, got {group[key]!r}")
+    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+        raise ValueError(
+            f"{where}nesterov=True needs momentum > 0 and dampening == 0, "
+            f"got momentum={group['momentum']} and dampening={group['dampening']}"
+        )
+    if explicit.get("lars_exclude") is True and explicit.get("weight_decay", 0) != 0:
+        raise ValueError(
+            f"{where}lars_exclude=True with weight_decay={explicit['weight_decay']}: excluded parameters get "
+            "no weight decay (d = g), so this weight_decay would be ignored; set it to 0 or adapt the group"
+        )
+
+
+def _number(where: str, name: str, value: Any, *, low: float, high: float = math.inf, low_open: bool = False) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, float)):
+        raise TypeError(f"{where}{name} must be a real number, got {type(value).__name__} {value!r}")
+    too_low = value <= low if low_open else value < low
+    if too_low or value > high or math.isnan(value):
+        low_text = f"> {low}" if low_open else f">= {low}"
+        high_text = "" if high == math.inf else f" and <= {high}"
+        raise ValueError(f"{where}{name} must be {low_text}{high_text}, got {value}")

@@ -1,0 +1,155 @@
+"""param_groups: exclusion by module type and name, patterns, layer-wise LR decay."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lars_plugins import LARS, block_ids, param_groups
+
+
+class MyNorm(nn.Module):
+    """A custom norm whose weight is 1-D: excluded for its class name."""
+
+    def __init__(self, n):
+        super().__init__()
+        self.scale = nn.Parameter(torch.ones(n))
+
+    def forward(self, x):
+        return x * self.scale
+
+
+class Net(nn.Module):
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 8, 3)
+        self.bn = nn.BatchNorm2d(8)
+        self.gn = nn.GroupNorm(2, 8)
+        self.ln = nn.LayerNorm(8)
+        self.rms = nn.RMSNorm(8)
+        self.mine = MyNorm(8)
+        self.scale_1d = nn.Parameter(torch.ones(8))  # a 1-D tensor that is not a bias nor a norm
+        self.fc = nn.Linear(8, 2)
+
+
+def names_by_exclusion(groups):
+    out = {True: set(), False: set()}
+    for g in groups:
+        out[g["lars_exclude"]].update(n for n, _ in g["params"])
+    return out
+
+
+def test_default_exclusion_is_by_type_and_name():
+    groups = param_groups(Net(), weight_decay=1e-4)
+    by = names_by_exclusion(groups)
+    assert by[False] == {"conv.weight", "fc.weight", "scale_1d"}
+    assert by[True] == {"conv.bias", "bn.weight", "bn.bias", "gn.weight", "gn.bias", "ln.weight", "ln.bias",
+                        "rms.weight", "mine.scale", "fc.bias"}
+    for g in groups:
+        assert g["weight_decay"] == (0.0 if g["lars_exclude"] else 1e-4)
+
+
+def test_exclusion_does_not_depend_on_ndim():
+    """A flattened conv weight (1-D) stays adapted; ndim would have excluded it."""
+    model = nn.Module()
+    model.flat = nn.Linear(4, 4)
+    model.flat.weight = nn.Parameter(torch.randn(16))
+    by = names_by_exclusion(param_groups(model))
+    assert "flat.weight" in by[False]
+    opt = LARS(param_groups(model))
+    group = next(g for g in opt.param_groups if not g["lars_exclude"])
+    assert LARS.is_adapted(group, model.flat.weight)
+
+
+def test_patterns_and_callables():
+    by = names_by_exclusion(param_groups(Net(), exclude=["*.bias", "scale_1d"]))
+    assert by[True] == {"conv.bias", "bn.bias", "gn.bias", "ln.bias", "fc.bias", "scale_1d"}
+    by = names_by_exclusion(param_groups(Net(), exclude=lambda name, p, m: name.startswith("fc")))
+    assert by[True] == {"fc.weight", "fc.bias"}
+    with pytest.raises(TypeError, match="exclude"):
+        param_groups(Net(), exclude="*.bias")
+
+
+def test_torch_records_param_names():
+    opt = LARS(param_groups(Net(), weight_decay=1e-4))
+    names = [n for g in opt.param_groups for n in g["param_names"]]
+    assert sorted(names) == sorted(n for n, _ in Net().named_parameters())
+
+
+def test_frozen_params_are_left_out():
+    net = Net()
+    net.conv.requires_grad_(False)
+    names = {n for g in param_groups(net) for n, _ in g["params"]}
+    assert "conv.weight" not in names and "fc.weight" in names
+
+
+def test_block_ids():
+    names = ["embed.weight", "cls", "blocks.0.a.weight", "blocks.0.b.bias", "blocks.1.a.weight", "norm.weight",
+             "head.weight"]
+    assert block_ids(names) == {"embed.weight": 0, "cls": 0, "blocks.0.a.weight": 1, "blocks.0.b.bias": 1,
+                                "blocks.1.a.weight": 2, "norm.weight": 3, "head.weight": 3}
+    assert block_ids(["conv1.weight", "bn1.weight", "fc.weight"]) == {"conv1.weight": 0, "bn1.weight": 1,
+                                                                       "fc.weight": 2}
+
+
+def vit_like():
+    model = nn.Module()
+    model.embed = nn.Linear(4, 8)
+    model.blocks = nn.Sequential(*[nn.Sequential(nn.LayerNorm(8), nn.Linear(8, 8)) for _ in range(3)])
+    model.head = nn.Linear(8, 2)
+    return model
+
+
+def test_layer_decay_sets_group_lrs_by_depth():
+    groups = param_groups(vit_like(), weight_decay=0.05, lr=1.0, layer_decay=0.5)
+    lr_of = {n: g["lr"] for g in groups for n, _ in g["params"]}
+    assert lr_of["head.weight"] == 1.0 and lr_of["head.bias"] == 1.0
+    assert lr_of["blocks.2.1.weight"] == 0.5
+    assert lr_of["blocks.0.0.weight"] == 0.125
+    assert lr_of["embed.weight"] == 0.0625
+    for g in groups:
+        assert g["lr"] == pytest.approx(g["lr_scale"] * 1.0)
+
+
+def test_layer_decay_ratios_survive_torch_schedulers():
+    groups = param_groups(vit_like(), lr=2.0, layer_decay=0.5)
+    opt = LARS(groups, lr=2.0)
+    initial = [g["lr"] for g in opt.param_groups]
+    sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, T_max=10)
+    for _ in range(4):
+        opt.step()
+        sched.step()
+    now = [g["lr"] for g in opt.param_groups]
+    factor = now[0] / initial[0]
+    assert 0 < factor < 1
+    assert now == pytest.approx([lr * factor for lr in initial])
+
+
+def test_custom_layer_id_and_frozen_layers_keep_depth():
+    model = vit_like()
+    full = {n: g["lr"] for g in param_groups(model, lr=1.0, layer_decay=0.5) for n, _ in g["params"]}
+    model.embed.requires_grad_(False)
+    partial = {n: g["lr"] for g in param_groups(model, lr=1.0, layer_decay=0.5) for n, _ in g["params"]}
+    assert all(partial[n] == full[n] for n in partial)
+    custom = param_groups(model, lr=1.0, layer_decay=0.5, layer_id=lambda name: 0 if name.startswith("blocks") else 1)
+    lr_of = {n: g["lr"] for g in custom for n, _ in g["params"]}
+    assert lr_of["blocks.0.1.weight"] == 0.5 and lr_of["head.weight"] == 1.0
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(weight_decay=-1.0), "weight_decay"),
+    (dict(layer_decay=1.5, lr=1.0), "layer_decay"),
+    (dict(layer_decay=0.0, lr=1.0), "layer_decay"),
+    (dict(layer_decay=0.8), "lr"),
+    (dict(lr=1.0), "lr is only used with layer_decay"),
+])
+def test_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        param_groups(Net(), **kwargs)
+
+
+def test_no_trainable_parameters():
+    net = Net().requires_grad_(False)
+    with pytest.raises(ValueError, match="no trainable"):
+        param_groups(net)

@@ -1,0 +1,465 @@
+"""LARS against independent expectations: a reference written here, torch.optim.SGD and timm's Lars."""
+
+from __future__ import annotations
+
+import copy
+import io
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lars_plugins import LARS
+
+SHAPES = [(16, 8), (8,), (4, 3, 3, 3), (5,), (32, 16)]
+FOREACH = [False, True]
+
+
+def make_params(seed=0, shapes=SHAPES, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for s in shapes]
+
+
+def grad_sequence(shapes, steps, seed=1, scale=1.0):
+    """Gradients fixed in advance, so two optimizers see identical inputs whatever they do."""
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, generator=gen) * scale for s in shapes] for _ in range(steps)]
+
+
+def run(opt, params, grads):
+    for step_grads in grads:
+        for p, g in zip(params, step_grads):
+            p.grad = g.to(p.dtype).clone()
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+class ReferenceLARS:
+    """The update rule as the issue states it, one tensor at a time in float64."""
+
+    def __init__(self, params, adapt, lr, momentum=0.0, dampening=0.0, weight_decay=0.0, nesterov=False,
+                 trust_coefficient=1e-3, eps=1e-8, trust_clip=False, maximize=False):
+        self.w = [p.detach().double().clone() for p in params]
+        self.adapt = adapt
+        self.bufs = [None] * len(params)
+        self.ratios = [None] * len(params)
+        self.h = dict(lr=lr, m=momentum, damp=dampening, wd=weight_decay, nesterov=nesterov,
+                      eta=trust_coefficient, eps=eps, clip=trust_clip, maximize=maximize)
+
+    def step(self, grads):
+        h = self.h
+        for i, (w, g) in enumerate(zip(self.w, grads)):
+            g = g.double()
+            if h["maximize"]:
+                g = -g
+            if self.adapt[i]:
+                wn, gn = w.norm().item(), g.norm().item()
+                denom = gn + h["wd"] * wn + h["eps"]
+                ratio = h["eta"] * wn / denom if wn > 0 and denom > 0 else h["eta"]
+                if h["clip"]:
+                    ratio = min(ratio / h["lr"], 1.0)
+                self.ratios[i] = ratio
+                d = ratio * (g + h["wd"] * w)
+            else:
+                d = g
+            if h["m"] != 0:
+                if self.bufs[i] is None:
+                    self.bufs[i] = d.clone()
+                else:
+                    self.bufs[i] = h["m"] * self.bufs[i] + (1 - h["damp"]) * d
+                d = d + h["m"] * self.bufs[i] if h["nesterov"] else self.bufs[i]
+            self.w[i] = w - h["lr"] * d
+
+
+CONFIGS = [
+    dict(lr=2.0, momentum=0.9, weight_decay=5e-4),
+    dict(lr=2.0, momentum=0.9, weight_decay=0.0),  # weight_decay=0 is still LARS
+    dict(lr=0.5, momentum=0.0, weight_decay=1e-4),
+    dict(lr=1.0, momentum=0.9, weight_decay=1e-4, nesterov=True),
+    dict(lr=1.0, momentum=0.8, dampening=0.3, weight_decay=1e-4),
+    dict(lr=3.0, momentum=0.9, weight_decay=1e-4, trust_clip=True, trust_coefficient=0.02),
+    dict(lr=1.0, momentum=0.9, weight_decay=1e-4, maximize=True, eps=1e-3),
+]
+
+
+@pytest.mark.parametrize("foreach", FOREACH)
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_matches_reference_formula(cfg, foreach):
+    params = make_params()
+    adapt = [len(s) > 1 for s in SHAPES]  # default rule: ndim <= 1 excluded
+    ref = ReferenceLARS(params, adapt, **cfg)
+    opt = LARS(params, foreach=foreach, **cfg)
+    grads = grad_sequence(SHAPES, steps=5)
+    for step_grads in grads:
+        ref.step(step_grads)
+        run(opt, params, [step_grads])
+        for i, p in enumerate(params):
+            torch.testing.assert_close(p.detach().double(), ref.w[i], rtol=1e-5, atol=1e-6)
+            if adapt[i]:
+                ratio = opt.state[p]["trust_ratio"]
+                assert ratio.dtype == torch.float32 and ratio.device == p.device and ratio.dim() == 0
+                assert ratio.item() == pytest.approx(ref.ratios[i], rel=1e-5)
+            else:
+                assert "trust_ratio" not in opt.state[p]
+
+
+def test_weight_decay_zero_is_not_sgd():
+    params = make_params()
+    sgd_params = [nn.Parameter(p.detach().clone()) for p in params]
+    grads = grad_sequence(SHAPES, steps=3)
+    lars_out = run(LARS(params, lr=1.0, momentum=0.9, weight_decay=0.0), params, grads)
+    sgd_out = run(torch.optim.SGD(sgd_params, lr=1.0, momentum=0.9), sgd_params, grads)
+    adapted = [i for i, s in enumerate(SHAPES) if len(s) > 1]
+    for i in adapted:
+        # The adapted step is η‖w‖/‖g‖ ≈ 1e-3 of the SGD one: nothing like it.
+        assert (lars_out[i] - params[i]).abs().max() < 0.1 * (sgd_out[i] - params[i]).abs().max()
+        assert not torch.allclose(lars_out[i], sgd_out[i])
+
+
+SGD_CONFIGS = [
+    dict(lr=0.1, momentum=0.0),
+    dict(lr=0.1, momentum=0.9),
+    dict(lr=0.1, momentum=0.9, dampening=0.5),
+    dict(lr=0.1, momentum=0.9, nesterov=True),
+    dict(lr=0.1, momentum=0.9, maximize=True),
+]
+
+
+@pytest.mark.parametrize("foreach", FOREACH)
+@pytest.mark.parametrize("cfg", SGD_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_all_excluded_group_is_torch_sgd(cfg, foreach):
+    params = make_params()
+    sgd_params = [nn.Parameter(p.detach().clone()) for p in params]
+    grads = grad_sequence(SHAPES, steps=6)
+    # weight_decay on the optimizer is inherited by the excluded group and does not apply to it.
+    ours = run(LARS([{"params": params, "lars_exclude": True}], weight_decay=0.1, foreach=foreach, **cfg),
+               params, grads)
+    theirs = run(torch.optim.SGD(sgd_params, weight_decay=0.0, foreach=foreach, **cfg), sgd_params, grads)
+    for a, b in zip(ours, theirs):
+        # float32 rounding only: the single-tensor path adds lr·g and lr·m·buf separately.
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
+
+
+TIMM_CONFIGS = [
+    dict(lr=1.0, momentum=0.9, weight_decay=1e-4),
+    dict(lr=1.0, momentum=0.9, weight_decay=0.0),
+    dict(lr=2.0, momentum=0.9, weight_decay=5e-4, nesterov=True),
+    dict(lr=0.7, momentum=0.9, dampening=0.2, weight_decay=1e-4),
+    dict(lr=5.0, momentum=0.9, weight_decay=1e-4, trust_clip=True),
+]
+
+
+@pytest.mark.parametrize("foreach", FOREACH)
+@pytest.mark.parametrize("cfg", TIMM_CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_all_adapted_matches_timm_lars(cfg, foreach):
+    timm_optim = pytest.importorskip("timm.optim")
+    params = make_params()
+    timm_params = [nn.Parameter(p.detach().clone()) for p in params]
+    grads = grad_sequence(SHAPES, steps=6)
+    ours = run(LARS(params, exclude_bias_and_norm=False, foreach=foreach, **cfg), params, grads)
+    theirs = run(timm_optim.Lars(timm_params, always_adapt=True, **cfg), timm_params, grads)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-7)
+
+
+@pytest.mark.parametrize("foreach", FOREACH)
+def test_zero_initialised_tensor_gets_small_step_and_is_not_frozen(foreach):
+    lr, eta = 10.0, 1e-3
+    w = nn.Parameter(torch.zeros(6))
+    opt = LARS([{"params": [w], "lars_exclude": False}], lr=lr, momentum=0.0, weight_decay=1e-4,
+               trust_coefficient=eta, foreach=foreach)
+    g = torch.arange(1.0, 7.0)
+    w.grad = g.clone()
+    opt.step()
+    # ratio = η (not 1: that would move w by lr·g = 10·g), and the step is not zero.
+    torch.testing.assert_close(w.detach(), -lr * eta * g)
+    assert opt.state[w]["trust_ratio"].item() == pytest.approx(eta)
+    # Second step: ‖w‖ > 0, so Eq. 6 applies.
+    w_before = w.detach().clone()
+    w.grad = g.clone()
+    opt.step()
+    wn, gn = w_before.norm().item(), g.norm().item()
+    ratio = eta * wn / (gn + 1e-4 * wn + 1e-8)
+    torch.testing.assert_close(w.detach(), w_before - lr * ratio * (g + 1e-4 * w_before))
+
+
+@pytest.mark.parametrize("foreach", FOREACH)
+def test_zero_gradient_and_zero_denominator_stay_finite(foreach):
+    w = nn.Parameter(torch.randn(4, 4))
+    z = nn.Parameter(torch.zeros(4, 4))
+    opt = LARS([w, z], lr=1.0, momentum=0.9, weight_decay=0.0, eps=0.0, foreach=foreach)
+    before = w.detach().clone()
+    w.grad, z.grad = torch.zeros(4, 4), torch.zeros(4, 4)
+    opt.step()
+    assert torch.equal(w.detach(), before) and torch.equal(z.detach(), torch.zeros(4, 4))
+    for p in (w, z):
+        assert math.isfinite(opt.state[p]["trust_ratio"].item())
+
+
+@pytest.mark.parametrize("foreach", FOREACH)
+def test_per_group_overrides(foreach):
+    keys = [
+        dict(lr=0.3), dict(momentum=0.5), dict(weight_decay=1e-2), dict(trust_coefficient=0.05),
+        dict(eps=1e-2), dict(trust_clip=True), dict(lars_exclude=True, weight_decay=0.0),
+    ]
+    base = dict(lr=2.0, momentum=0.9, weight_decay=1e-4, trust_coefficient=1e-3, eps=1e-8)
+    grads = grad_sequence([(16, 8)], steps=3)
+    for override in keys:
+        w = make_params(shapes=[(16, 8)])
+        ref_cfg = {**base, **{k: v for k, v in override.items() if k != "lars_exclude"}}
+        ref = ReferenceLARS(w, [not override.get("lars_exclude", False)], **ref_cfg)
+        other = make_params(seed=3, shapes=[(16, 8)])
+        opt = LARS([{"params": other}, {"params": w, **override}], foreach=foreach, **base)
+        for step_grads in grads:
+            ref.step(step_grads)
+            other[0].grad = step_grads[0].clone()
+            run(opt, w, [step_grads])
+        torch.testing.assert_close(w[0].detach().double(), ref.w[0], rtol=1e-5, atol=1e-6, msg=str(override))
+
+
+def test_exclusion_rules():
+    w2, b1 = nn.Parameter(torch.randn(3, 3)), nn.Parameter(torch.randn(3))
+    opt = LARS([w2, b1])
+    group = opt.param_groups[0]
+    assert LARS.is_adapted(group, w2) and not LARS.is_adapted(group, b1)
+    opt = LARS([w2, b1], exclude_bias_and_norm=False)
+    assert LARS.is_adapted(opt.param_groups[0], b1)
+    opt = LARS([{"params": [w2], "lars_exclude": True}, {"params": [b1], "lars_exclude": False}])
+    assert not LARS.is_adapted(opt.param_groups[0], w2) and LARS.is_adapted(opt.param_groups[1], b1)
+
+
+def test_state_dict_round_trip_weights_only():
+    params = make_params()
+    grads = grad_sequence(SHAPES, steps=6)
+    cfg = dict(lr=torch.tensor(1.5), momentum=0.9, weight_decay=1e-4, trust_clip=True)
+    straight_params = make_params()
+    straight = run(LARS(straight_params, **cfg), straight_params, grads)
+
+    opt = LARS(params, **cfg)
+    run(opt, params, grads[:3])
+    buffer = io.BytesIO()
+    torch.save({"params": [p.detach() for p in params], "optim": opt.state_dict()}, buffer)
+    buffer.seek(0)
+    ckpt = torch.load(buffer, weights_only=True)
+    resumed = [nn.Parameter(t.clone()) for t in ckpt["params"]]
+    opt2 = LARS(resumed, lr=0.1)  # hyperparameters come back from the checkpoint
+    opt2.load_state_dict(ckpt["optim"])
+    assert opt2.param_groups[0]["trust_clip"] is True
+    assert opt2.state[resumed[0]]["momentum_buffer"].shape == SHAPES[0]
+    out = run(opt2, resumed, grads[3:])
+    for a, b in zip(out, straight):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
+def test_lr_scheduler_and_zero_grad_and_grad_untouched():
+    model = nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 2))
+    opt = LARS(model.parameters(), lr=1.0, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    x = torch.randn(32, 8)
+    for expected_lr in (1.0, 0.5, 0.25):
+        assert opt.param_groups[0]["lr"] == pytest.approx(expected_lr)
+        model(x).pow(2).mean().backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        opt.step()
+        for p, g in zip(model.parameters(), grads):
+            assert torch.equal(p.grad, g)  # p.grad is not modified
+        opt.zero_grad(set_to_none=True)
+        assert all(p.grad is None for p in model.parameters())
+        sched.step()
+    opt.step()  # a step with no gradients at all is a no-op, not an error
+
+
+def test_lr_schedule_changes_update():
+    params = make_params(shapes=[(8, 8)])
+    grads = grad_sequence([(8, 8)], steps=4)
+    ref = ReferenceLARS(params, [True], lr=1.0, momentum=0.9, weight_decay=1e-4)
+    opt = LARS(params, lr=1.0, momentum=0.9, weight_decay=1e-4)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda step: 1.0 / (1 + step))
+    for k, step_grads in enumerate(grads):
+        ref.h["lr"] = 1.0 / (1 + k)
+        ref.step(step_grads)
+        run(opt, params, [step_grads])
+        sched.step()
+    torch.testing.assert_close(params[0].detach().double(), ref.w[0], rtol=1e-5, atol=1e-6)
+
+
+def test_closure_runs_first_and_loss_is_returned():
+    w = nn.Parameter(torch.randn(4, 4))
+    opt = LARS([w], lr=1.0)
+    calls = []
+
+    def closure():
+        calls.append(w.detach().clone())
+        opt.zero_grad()
+        loss = (w ** 2).sum()
+        loss.backward()
+        return loss
+
+    loss = opt.step(closure)
+    assert len(calls) == 1 and loss.item() == pytest.approx((calls[0] ** 2).sum().item())
+    assert not torch.equal(w.detach(), calls[0])
+
+
+@pytest.mark.parametrize("foreach", FOREACH)
+def test_tensor_lr_equals_float_lr(foreach):
+    grads = grad_sequence(SHAPES, steps=4)
+    for momentum, nesterov in ((0.9, False), (0.9, True), (0.0, False)):
+        cfg = dict(momentum=momentum, nesterov=nesterov, weight_decay=1e-4, foreach=foreach)
+        a_params, b_params = make_params(), make_params()
+        a = run(LARS(a_params, lr=1.3, **cfg), a_params, grads)
+        b = run(LARS(b_params, lr=torch.tensor(1.3), **cfg), b_params, grads)
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y)
+
+
+@pytest.mark.parametrize("foreach", FOREACH)
+def test_step_reads_no_tensor_on_host(foreach, monkeypatch):
+    """No .item(), bool(tensor), float(tensor) or .tolist() inside step(): each would sync a GPU."""
+    params = make_params()
+    opt = LARS(params, lr=torch.tensor(2.0), momentum=0.9, weight_decay=1e-4, trust_clip=True,
+               nesterov=True, foreach=foreach)
+    grads = grad_sequence(SHAPES, steps=2)
+
+    def forbidden(*args, **kwargs):
+        raise AssertionError("host read of a tensor inside LARS.step()")
+
+    for name in ("item", "__bool__", "__float__", "__int__", "tolist", "__index__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    for step_grads in grads:  # first step (buffers created) and a later one
+        for p, g in zip(params, step_grads):
+            p.grad = g
+        opt.step()
+
+
+@pytest.mark.parametrize("foreach", FOREACH)
+def test_mixed_dtypes_in_one_group(foreach):
+    shapes = [(8, 8), (8, 8)]
+    params = [nn.Parameter(torch.randn(8, 8)), nn.Parameter(torch.randn(8, 8).to(torch.float64))]
+    ref = ReferenceLARS(params, [True, True], lr=1.0, momentum=0.9, weight_decay=1e-4)
+    opt = LARS(params, lr=1.0, momentum=0.9, weight_decay=1e-4, foreach=foreach)
+    for step_grads in grad_sequence(shapes, steps=3):
+        ref.step(step_grads)
+        run(opt, params, [step_grads])
+    for p, r in zip(params, ref.w):
+        torch.testing.assert_close(p.detach().double(), r, rtol=1e-5, atol=1e-6)
+    assert params[1].dtype == torch.float64
+
+
+def test_bfloat16_params_train():
+    params = make_params(dtype=torch.bfloat16)
+    opt = LARS(params, lr=1.0, momentum=0.9, weight_decay=1e-4)
+    before = [p.detach().clone() for p in params]
+    run(opt, params, grad_sequence(SHAPES, steps=2))
+    assert all(p.dtype == torch.bfloat16 and not torch.equal(p, b) for p, b in zip(params, before))
+    assert all(opt.state[p]["trust_ratio"].dtype == torch.float32 for p in params if p.ndim > 1)
+    # torch casts loaded state to the parameter dtype; the ratios must stay float32.
+    reloaded = LARS(params, lr=1.0)
+    reloaded.load_state_dict(opt.state_dict())
+    assert all(reloaded.state[p]["trust_ratio"].dtype == torch.float32 for p in params if p.ndim > 1)
+    assert all(reloaded.state[p]["momentum_buffer"].dtype == torch.bfloat16 for p in params)
+
+
+def test_foreach_paths_agree():
+    grads = grad_sequence(SHAPES, steps=5)
+    for cfg in CONFIGS:
+        a_params, b_params = make_params(), make_params()
+        a = run(LARS(a_params, foreach=False, **cfg), a_params, grads)
+        b = run(LARS(b_params, foreach=True, **cfg), b_params, grads)
+        for x, y in zip(a, b):
+            torch.testing.assert_close(x, y, rtol=1e-6, atol=1e-7)
+
+
+def test_trains_a_real_model():
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(10, 32), nn.BatchNorm1d(32), nn.ReLU(), nn.Linear(32, 3))
+    x = torch.randn(256, 10)
+    y = (x[:, :3].argmax(1))
+    opt = LARS(model.parameters(), lr=5.0, momentum=0.9, weight_decay=1e-4, trust_coefficient=0.01)
+    loss_fn = nn.CrossEntropyLoss()
+    first = loss_fn(model(x), y).item()
+    for _ in range(60):
+        opt.zero_grad(set_to_none=True)
+        loss = loss_fn(model(x), y)
+        loss.backward()
+        opt.step()
+    assert loss.item() < 0.5 * first
+
+
+# --- bad input ------------------------------------------------------------------------------------
+
+BAD = [
+    (dict(lr=-0.1), ValueError, "lr"),
+    (dict(lr="0.1"), TypeError, "lr"),
+    (dict(lr=torch.ones(2)), ValueError, "lr"),
+    (dict(momentum=-0.9), ValueError, "momentum"),
+    (dict(weight_decay=-1e-4), ValueError, "weight_decay"),
+    (dict(eps=-1e-8), ValueError, "eps"),
+    (dict(trust_coefficient=0.0), ValueError, "trust_coefficient"),
+    (dict(trust_coefficient=-1e-3), ValueError, "trust_coefficient"),
+    (dict(dampening=1.5), ValueError, "dampening"),
+    (dict(momentum=0.0, nesterov=True), ValueError, "nesterov"),
+    (dict(momentum=0.9, dampening=0.1, nesterov=True), ValueError, "nesterov"),
+    (dict(trust_clip=1), TypeError, "trust_clip"),
+    (dict(weight_decay=float("nan")), ValueError, "weight_decay"),
+]
+
+
+@pytest.mark.parametrize("kwargs,error,name", BAD, ids=[b[2] + str(i) for i, b in enumerate(BAD)])
+def test_bad_arguments_are_refused(kwargs, error, name):
+    with pytest.raises(error, match=name):
+        LARS([nn.Parameter(torch.randn(2, 2))], **kwargs)
+    # The same value in a group is refused too, naming the group.
+    if "lr" not in kwargs or not isinstance(kwargs["lr"], torch.Tensor):
+        with pytest.raises(error, match=name):
+            LARS([{"params": [nn.Parameter(torch.randn(2, 2))], **kwargs}])
+
+
+def test_group_conflicts_and_foreign_keys_are_refused():
+    p = nn.Parameter(torch.randn(2, 2))
+    with pytest.raises(ValueError, match="lars_exclude=True with weight_decay"):
+        LARS([{"params": [p], "lars_exclude": True, "weight_decay": 1e-4}])
+    with pytest.raises(TypeError, match="trust_coefficient"):
+        LARS([{"params": [p], "trust_coeff": 0.01}])
+    with pytest.raises(TypeError, match="lars_exclude"):
+        LARS([{"params": [p], "lars_exclude": "yes"}])
+
+
+@pytest.mark.parametrize("foreach", FOREACH)
+def test_sparse_gradients_are_refused(foreach):
+    emb = nn.Embedding(10, 4, sparse=True)
+    opt = LARS(emb.parameters(), foreach=foreach)
+    emb(torch.tensor([1, 2])).sum().backward()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+
+
+def test_is_a_real_optimizer():
+    opt = LARS([nn.Parameter(torch.randn(2))])
+    assert isinstance(opt, torch.optim.Optimizer)
+    assert copy.deepcopy(opt).param_groups[0]["trust_coefficient"] == 1e-3
+    hook_calls = []
+    opt.register_step_post_hook(lambda *a: hook_calls.append(1))
+    opt.step()
+    assert hook_calls == [1]
+
+
+def test_all_parameters_are_typed_with_defaults():
+    import inspect
+
+    sig = inspect.signature(LARS.__init__)
+    names = list(sig.parameters)[1:]
+    assert names[0] == "params"
+    expected = ["params", "lr", "momentum", "dampening", "weight_decay", "nesterov", "trust_coefficient", "eps",
+                "trust_clip", "exclude_bias_and_norm", "maximize", "foreach"]
+    assert names == expected
+    for name in expected[1:]:
+        param = sig.parameters[name]
+        assert param.default is not inspect.Parameter.empty and param.annotation is not inspect.Parameter.empty
+
+
+def test_named_parameters_are_accepted():
+    model = nn.Linear(3, 2)
+    opt = LARS(model.named_parameters())
+    assert opt.param_groups[0]["param_names"] == ["weight", "bias"]
+
