@@ -392,6 +392,7 @@ BAD = [
     (dict(lr=-0.1), ValueError, "lr"),
     (dict(lr="0.1"), TypeError, "lr"),
     (dict(lr=torch.ones(2)), ValueError, "lr"),
+    (dict(lr=torch.tensor(-1.0)), ValueError, "lr"),
     (dict(momentum=-0.9), ValueError, "momentum"),
     (dict(weight_decay=-1e-4), ValueError, "weight_decay"),
     (dict(eps=-1e-8), ValueError, "eps"),
