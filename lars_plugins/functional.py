@@ -134,8 +134,8 @@ def _ratios(
     eps: float,
     lr: Scalar,
     trust_clip: bool,
-) -> Tensor:
-    """Trust ratios of one bucket as a vector, also copied into ``trust_ratios``.
+) -> tuple[Tensor, Sequence[Tensor]]:
+    """Trust ratios of one bucket as a vector and as its 0-d views; copied into ``trust_ratios``.
 
     Norms are taken in at least float32 (:func:`ratio_dtype`) whatever the parameter dtype; the
     ratio arithmetic is a handful of vector ops for the whole bucket, not a handful per parameter.
@@ -152,8 +152,9 @@ def _ratios(
         lr=lr,
         trust_clip=trust_clip,
     )
-    torch._foreach_copy_(list(trust_ratios), list(ratios.unbind()))
-    return ratios
+    per_tensor = ratios.unbind()
+    torch._foreach_copy_(list(trust_ratios), list(per_tensor))
+    return ratios, per_tensor
 
 
 def _single_tensor_lars(
@@ -179,7 +180,7 @@ def _single_tensor_lars(
     n = len(params)
     sign = -1.0 if maximize else 1.0
     if trust_ratios is not None:
-        ratios = _ratios(
+        ratios, _ = _ratios(
             params,
             grads,
             trust_ratios,
@@ -210,8 +211,11 @@ def _single_tensor_lars(
         for i, (w, g) in enumerate(zip(params, grads)):
             buf = momentum_buffers[i]
             if buf is None:
-                # torch.optim.SGD convention: the first buffer is d itself, undamped.
-                buf = torch.mul(g, a[i])
+                # torch.optim.SGD convention: the first buffer is d itself, undamped. Clone, then
+                # scale only by a factor other than 1: torch.compile (inductor) folds g·1.0, even
+                # clone(g)·1.0, into an alias of p.grad, and the buffer would then follow the grad.
+                buf = torch.clone(g)
+                _scale_(buf, a[i])
                 _axpy_(buf, w, b[i])
                 momentum_buffers[i] = buf
             else:
@@ -241,8 +245,8 @@ def _axpy_(y: Tensor, x: Tensor, alpha: Optional[Scalar]) -> None:
 
 
 def _scale_(y: Tensor, factor: Optional[Scalar]) -> None:
-    """``y *= factor`` (``None`` means 1)."""
-    if factor is not None:
+    """``y *= factor`` (``None`` means 1); a Python 1 is skipped, never multiplied."""
+    if factor is not None and not (isinstance(factor, (int, float)) and factor == 1):
         y.mul_(factor)
 
 
@@ -262,8 +266,14 @@ def _multi_tensor_lars(
     trust_clip: bool,
     maximize: bool,
 ) -> None:
+    # d = r·u with u = ±g + wd·w. u is built with fast foreach ops (Python scalars); the per-tensor
+    # ratio r, a list of 0-d device tensors, forces foreach onto its per-tensor fallback (one kernel
+    # per tensor), so it is applied exactly once per step, fused into the op that consumes d:
+    # buf += (1-dampening)·r·u, or w -= lr·r·u. Excluded tensors (r = 1) take only fast ops.
+    u = list(torch._foreach_neg(grads)) if maximize else list(grads)  # list(grads): never written to
+    r: Optional[Sequence[Tensor]] = None
     if trust_ratios is not None:
-        ratios = _ratios(
+        ratios, r = _ratios(
             params,
             grads,
             trust_ratios,
@@ -273,35 +283,50 @@ def _multi_tensor_lars(
             lr=lr,
             trust_clip=trust_clip,
         )
-        # d = a·g + b·w; the per-tensor 0-d factors take foreach's general (broadcasting) path.
-        d = list(torch._foreach_mul(grads, (-ratios if maximize else ratios).unbind()))
         if weight_decay != 0:
-            torch._foreach_addcmul_(d, params, (ratios * weight_decay).unbind())
-        d_is_scratch = True
-    elif maximize:
-        d, d_is_scratch = list(torch._foreach_neg(grads)), True
-    else:
-        d, d_is_scratch = list(grads), False  # p.grad itself: never written to
+            if maximize:
+                torch._foreach_add_(u, params, alpha=weight_decay)
+            else:
+                u = list(torch._foreach_add(grads, params, alpha=weight_decay))
 
-    if momentum != 0:
-        old = [i for i, buf in enumerate(momentum_buffers) if buf is not None]
-        if old:
-            old_bufs = [momentum_buffers[i] for i in old]
-            torch._foreach_mul_(old_bufs, momentum)
-            torch._foreach_add_(old_bufs, [d[i] for i in old], alpha=1.0 - dampening)
-        for i, buf in enumerate(momentum_buffers):
-            if buf is None:
-                # torch.optim.SGD convention: the first buffer is d itself, undamped.
-                momentum_buffers[i] = d[i].detach().clone()
-        bufs = [buf for buf in momentum_buffers if buf is not None]
-        if not nesterov:
-            d = bufs
-        elif d_is_scratch:
-            torch._foreach_add_(d, bufs, alpha=momentum)
-        else:
-            d = list(torch._foreach_add(d, bufs, alpha=momentum))
-    if isinstance(lr, Tensor):
-        # alpha=-lr would read the tensor on the host; scale by a device scalar instead.
-        torch._foreach_add_(params, torch._foreach_mul(d, -lr))
+    def scaled(scale: Scalar) -> Optional[Sequence[Tensor]]:
+        if r is None or (isinstance(scale, float) and scale == 1.0):
+            return r
+        return (ratios * scale).unbind()
+
+    if momentum == 0:
+        # w -= lr·r·u
+        _foreach_axpy_(params, u, scaled(-lr), -lr)
+        return
+    old = [i for i, buf in enumerate(momentum_buffers) if buf is not None]
+    if old:
+        old_bufs = [momentum_buffers[i] for i in old]
+        damped = scaled(1.0 - dampening)
+        torch._foreach_mul_(old_bufs, momentum)
+        _foreach_axpy_(old_bufs, [u[i] for i in old], None if damped is None else [damped[i] for i in old],
+                       1.0 - dampening)
+    for i, buf in enumerate(momentum_buffers):
+        if buf is None:
+            # torch.optim.SGD convention: the first buffer is d itself, undamped (once per tensor).
+            momentum_buffers[i] = torch.mul(u[i], r[i]) if r is not None else u[i].detach().clone()
+    bufs = [buf for buf in momentum_buffers if buf is not None]
+    if nesterov:
+        # w -= lr·(r·u + m·buf)
+        _foreach_axpy_(params, u, scaled(-lr), -lr)
+        _foreach_axpy_(params, bufs, None, -lr * momentum)
     else:
-        torch._foreach_add_(params, d, alpha=-lr)
+        _foreach_axpy_(params, bufs, None, -lr)
+
+
+def _foreach_axpy_(ys: list[Tensor], xs: list[Tensor], alphas: Optional[Sequence[Tensor]], alpha: Scalar) -> None:
+    """``y += a·x`` for each pair: ``a`` from ``alphas`` (0-d tensors, one per pair) or else ``alpha``.
+
+    Without a host read: tensor factors go through ``addcmul_`` or a device-scalar multiply, never
+    through ``alpha=`` (which would read them on the host).
+    """
+    if alphas is not None:
+        torch._foreach_addcmul_(ys, xs, list(alphas))
+    elif isinstance(alpha, Tensor):
+        torch._foreach_add_(ys, torch._foreach_mul(xs, alpha.to(ys[0].device)))
+    else:
+        torch._foreach_add_(ys, xs, alpha=alpha)

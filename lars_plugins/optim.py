@@ -142,14 +142,15 @@ class LARS(Optimizer):
             ratios: list[Optional[Tensor]] = []
             adapt: list[bool] = []
             for p in group["params"]:
-                if p.grad is None:
+                grad = p.grad
+                if grad is None:
                     continue
                 state = self.state[p]
                 adapted = self.is_adapted(group, p)
                 if adapted and "trust_ratio" not in state:
                     state["trust_ratio"] = torch.zeros((), dtype=ratio_dtype(p.dtype), device=p.device)
                 params.append(p)
-                grads.append(p.grad)
+                grads.append(grad)
                 buffers.append(state.get("momentum_buffer"))
                 ratios.append(state["trust_ratio"] if adapted else None)
                 adapt.append(adapted)
@@ -188,6 +189,7 @@ def _validate_group(group: dict[str, Any], *, explicit: dict[str, Any], where: s
     if isinstance(lr, Tensor):
         if lr.numel() != 1:
             raise ValueError(f"{where}lr must be a number or a one-element tensor, got shape {tuple(lr.shape)}")
+        _number(where, "lr", float(lr), low=0.0)  # reading it here, at construction, costs no step a sync
     else:
         _number(where, "lr", lr, low=0.0)
     _number(where, "momentum", group["momentum"], low=0.0)
