@@ -5,7 +5,8 @@ its own copy with identical gradients, and interleaves the optimizers step by st
 machine load hits all of them alike). Prints median step times and ratios to SGD(foreach).
 
     python benchmarks/step_time.py                      # CPU, both models
-    python benchmarks/step_time.py --device cuda        # on a GPU
+    python benchmarks/step_time.py --device cuda        # on a GPU (adds summed kernel time)
+    python benchmarks/step_time.py --device cuda --compile   # and torch.compile'd steps
     python benchmarks/step_time.py --models resnet50 --reps 30
 
 Every optimizer gets the same two groups (weights with weight decay; biases and norm parameters
@@ -15,6 +16,7 @@ without, excluded from adaptation for LARS) and momentum 0.9, as a real training
 from __future__ import annotations
 
 import argparse
+import inspect
 import statistics
 import time
 from typing import Callable
@@ -45,47 +47,75 @@ def optimizers(weight_decay: float) -> dict[str, Callable[[list[dict]], torch.op
         # torch SGD / timm Lars do not know lars_exclude; timm adapts groups with weight_decay != 0.
         return [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups]
 
-    return {
+    runners = {
         "SGD(foreach)": lambda g: torch.optim.SGD(plain(g), lr=0.1, momentum=0.9, foreach=True),
         "LARS(auto)": lambda g: lars_plugins.LARS(g, lr=0.1, momentum=0.9),
         "LARS(single)": lambda g: lars_plugins.LARS(g, lr=0.1, momentum=0.9, foreach=False),
         "LARS(foreach)": lambda g: lars_plugins.LARS(g, lr=0.1, momentum=0.9, foreach=True),
-        "timm Lars(loop)": lambda g: timm.optim.Lars(plain(g), lr=0.1, momentum=0.9, foreach=False),
-        "timm Lars(foreach)": lambda g: timm.optim.Lars(plain(g), lr=0.1, momentum=0.9, foreach=True),
     }
+    if "foreach" in inspect.signature(timm.optim.Lars).parameters:  # timm >= 1.0.30
+        runners["timm Lars(loop)"] = lambda g: timm.optim.Lars(plain(g), lr=0.1, momentum=0.9, foreach=False)
+        runners["timm Lars(foreach)"] = lambda g: timm.optim.Lars(plain(g), lr=0.1, momentum=0.9, foreach=True)
+    else:  # older timm: one path, the per-parameter loop
+        runners["timm Lars(loop)"] = lambda g: timm.optim.Lars(plain(g), lr=0.1, momentum=0.9)
+    return runners
 
 
-def bench_model(name: str, device: torch.device, reps: int, warmup: int, weight_decay: float) -> dict[str, float]:
+def kernel_ms(step: Callable[[], object], reps: int = 5) -> float:
+    """Summed CUDA kernel time of one step (torch.profiler), without the host's launch gaps."""
+    from torch.profiler import ProfilerActivity, profile
+
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(reps):
+            step()
+        torch.cuda.synchronize()
+    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
+    return sum(e.device_time for e in kernels) / reps / 1e3
+
+
+def bench_model(name: str, device: torch.device, reps: int, warmup: int, weight_decay: float,
+                compile_steps: bool = False) -> dict[str, float]:
     torch.manual_seed(0)
     reference = build_model(name).to(device)
     grads = {n: torch.randn_like(p) * 1e-2 for n, p in reference.named_parameters()}
-    runners = {}
-    for label, make in optimizers(weight_decay).items():
+    makers = optimizers(weight_decay)
+    if compile_steps:
+        for label in ("SGD(foreach)", "LARS(auto)"):
+            makers[label.split("(")[0] + "(compiled)"] = makers[label]
+    steps: dict[str, Callable[[], object]] = {}
+    for label, make in makers.items():
         model = build_model(name).to(device)
         model.load_state_dict(reference.state_dict())
         for n, p in model.named_parameters():
             p.grad = grads[n].clone()
-        runners[label] = make(two_groups(model, weight_decay))
+        opt = make(two_groups(model, weight_decay))
+        steps[label] = torch.compile(opt.step) if label.endswith("(compiled)") else opt.step
     n_params = sum(p.numel() for p in reference.parameters())
     n_tensors = len(list(reference.parameters()))
     print(f"\n{name}: {n_tensors} tensors, {n_params / 1e6:.1f}M parameters, device {device}")
 
     sync = torch.cuda.synchronize if device.type == "cuda" else (lambda: None)
-    times: dict[str, list[float]] = {label: [] for label in runners}
+    times: dict[str, list[float]] = {label: [] for label in steps}
     for rep in range(warmup + reps):
-        for label, opt in runners.items():
+        for label, step in steps.items():
             sync()
             start = time.perf_counter()
-            opt.step()
+            step()
             sync()
             if rep >= warmup:
                 times[label].append(time.perf_counter() - start)
     medians = {label: statistics.median(t) for label, t in times.items()}
     base = medians["SGD(foreach)"]
-    best_timm = min(medians["timm Lars(loop)"], medians["timm Lars(foreach)"])
-    print(f"{'optimizer':<20}{'median ms':>12}{'x SGD(foreach)':>16}{'x best timm':>14}")
+    best_timm = min(m for label, m in medians.items() if label.startswith("timm"))
+    gpu = {label: kernel_ms(step) for label, step in steps.items()} if device.type == "cuda" else {}
+    header = f"{'optimizer':<20}{'median ms':>12}{'x SGD(foreach)':>16}{'x best timm':>14}"
+    print(header + (f"{'GPU kernel ms':>15}{'x SGD':>8}" if gpu else ""))
     for label, median in medians.items():
-        print(f"{label:<20}{median * 1e3:>12.2f}{median / base:>16.2f}{median / best_timm:>14.2f}")
+        row = f"{label:<20}{median * 1e3:>12.2f}{median / base:>16.2f}{median / best_timm:>14.2f}"
+        if gpu:
+            row += f"{gpu[label]:>15.3f}{gpu[label] / gpu['SGD(foreach)']:>8.2f}"
+        print(row)
     return medians
 
 
@@ -96,14 +126,15 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=20)
     parser.add_argument("--warmup", type=int, default=3)
     parser.add_argument("--weight-decay", type=float, default=1e-4)
+    parser.add_argument("--compile", action="store_true", help="also time torch.compile'd SGD and LARS steps")
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, reps {args.reps} (median)")
-    results = {m: bench_model(m, device, args.reps, args.warmup, args.weight_decay) for m in args.models}
+    results = {m: bench_model(m, device, args.reps, args.warmup, args.weight_decay, args.compile) for m in args.models}
     print("\nTargets: LARS(auto) <= 1.2x SGD(foreach), and faster than timm's best path.")
     for model, medians in results.items():
         ratio = medians["LARS(auto)"] / medians["SGD(foreach)"]
-        vs_timm = medians["LARS(auto)"] / min(medians["timm Lars(loop)"], medians["timm Lars(foreach)"])
+        vs_timm = medians["LARS(auto)"] / min(m for label, m in medians.items() if label.startswith("timm"))
         verdict = "met" if ratio <= 1.2 and vs_timm < 1.0 else "NOT met"
         print(f"  {model}: {ratio:.2f}x SGD(foreach), {vs_timm:.2f}x best timm -> {verdict}")
 

@@ -1,0 +1,71 @@
+"""CUDA-only checks: step() never synchronises with the host, and CUDA matches the CPU.
+
+Skipped on machines without a GPU (CI has none); run on a GPU with ``python -m pytest tests/test_cuda.py``.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from torch import nn
+
+from lars_plugins import LARS
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+
+SHAPES = [(64, 32), (32,), (16, 8, 3, 3), (16,), (128, 64)]
+
+
+def make(device, dtype=torch.float32, seed=0):
+    gen = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(s, generator=gen).to(device=device, dtype=dtype)) for s in SHAPES]
+
+
+def grads_for(steps, seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return [[torch.randn(s, generator=gen) for s in SHAPES] for _ in range(steps)]
+
+
+CASES = [
+    dict(momentum=0.9, weight_decay=1e-4),
+    dict(momentum=0.9, weight_decay=1e-4, nesterov=True, trust_clip=True),
+    dict(momentum=0.0, weight_decay=0.0, maximize=True),
+    dict(momentum=0.8, dampening=0.2, weight_decay=5e-4),
+]
+
+
+@pytest.mark.parametrize("foreach", [None, False, True])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("tensor_lr", [False, True])
+@pytest.mark.parametrize("cfg", CASES, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_step_never_syncs_and_matches_cpu(cfg, tensor_lr, dtype, foreach):
+    device = torch.device("cuda")
+    lr = torch.tensor(2.0, device=device) if tensor_lr else 2.0
+    params = make(device, dtype)
+    cpu_params = make("cpu", dtype)
+    opt = LARS(params, lr=lr, foreach=foreach, **cfg)
+    cpu_opt = LARS(cpu_params, lr=2.0, foreach=foreach, **cfg)
+    steps = grads_for(3)
+    device_grads = [[g.to(device=device, dtype=dtype) for g in step] for step in steps]
+    torch.cuda.synchronize()
+    for step, device_step in zip(steps, device_grads):
+        for p, g in zip(params, device_step):
+            p.grad = g
+        # "error": any host-device synchronisation inside step() raises.
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        for p, g in zip(cpu_params, step):
+            p.grad = g.to(dtype)
+        cpu_opt.step()
+    # bfloat16: CPU and CUDA kernels may round an element differently: one ulp (2**-5 near 4).
+    tol = dict(rtol=1e-4, atol=1e-5) if dtype == torch.float32 else dict(rtol=2e-2, atol=2**-5)
+    for p, q in zip(params, cpu_params):
+        torch.testing.assert_close(p.detach().cpu(), q.detach(), **tol)
+        if "trust_ratio" in cpu_opt.state[q]:
+            ratio = opt.state[p]["trust_ratio"]
+            assert ratio.device.type == "cuda" and ratio.dtype == torch.float32
+            ratio_tol = 1e-4 if dtype == torch.float32 else 2e-2
+            torch.testing.assert_close(ratio.cpu(), cpu_opt.state[q]["trust_ratio"], rtol=ratio_tol, atol=0)
