@@ -1,0 +1,26 @@
+"""The examples run from the command line as documented (short settings)."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
+
+
+def run_example(name: str, *args: str, cwd: Path) -> str:
+    result = subprocess.run([sys.executable, str(EXAMPLES / name), *args], cwd=cwd, capture_output=True,
+                            text=True, timeout=600)
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_plain_pytorch_example(tmp_path):
+    pytest.importorskip("sklearn")
+    out = run_example("plain_pytorch.py", "--epochs", "2", "--checkpoint", "ck.pt", cwd=tmp_path)
+    assert out.count("test accuracy") == 2
+    assert "0.weight" in out and "reloaded with weights_only=True" in out
+    assert (tmp_path / "ck.pt").is_file()
