@@ -2,13 +2,14 @@
 
 ``import lars_plugins`` needs torch alone; the framework integrations live in submodules
 (``lars_plugins.timm``, ``lars_plugins.hf``, ``lars_plugins.lightning``) that import their framework
-only when they are imported themselves.
+only when they are imported themselves. ``lars_plugins.plot`` needs matplotlib (the ``plot`` extra).
 """
 
 from .functional import lars, trust_ratio
 from .groups import block_ids, is_bias_or_norm, param_groups
+from .monitor import TrustRatioHistory, TrustRatioMonitor
 from .optim import LARS
 
 __version__ = "0.1.0"
 
-__all__ = ["LARS", "param_groups", "is_bias_or_norm", "block_ids", "lars", "trust_ratio", "__version__"]
+__all__ = ["LARS", "TrustRatioMonitor", "TrustRatioHistory", "param_groups", "is_bias_or_norm", "block_ids", "lars", "trust_ratio", "__version__"]

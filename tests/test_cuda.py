@@ -69,3 +69,31 @@ def test_step_never_syncs_and_matches_cpu(cfg, tensor_lr, dtype, foreach):
             assert ratio.device.type == "cuda" and ratio.dtype == torch.float32
             ratio_tol = 1e-4 if dtype == torch.float32 else 2e-2
             torch.testing.assert_close(ratio.cpu(), cpu_opt.state[q]["trust_ratio"], rtol=ratio_tol, atol=0)
+
+
+def test_monitor_syncs_once_on_recording_steps_and_never_otherwise():
+    import warnings
+
+    from lars_plugins import TrustRatioMonitor, param_groups
+
+    device = torch.device("cuda")
+    model = nn.Sequential(nn.Linear(32, 64), nn.LayerNorm(64), nn.Linear(64, 4)).to(device)
+    opt = LARS(param_groups(model, weight_decay=1e-4), lr=torch.tensor(2.0, device=device))
+    monitor = TrustRatioMonitor(model, opt, every_n_steps=2)
+    x = torch.randn(16, 32, device=device)
+    syncs = []
+    for step in range(4):
+        model(x).pow(2).mean().backward()
+        torch.cuda.synchronize()
+        torch.cuda.set_sync_debug_mode("warn")
+        try:
+            with warnings.catch_warnings(record=True) as caught:
+                warnings.simplefilter("always")
+                opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+        syncs.append(sum("synchroniz" in str(w.message) for w in caught))
+        opt.zero_grad(set_to_none=True)
+    assert syncs == [1, 0, 1, 0]
+    assert monitor.history.steps == [0, 2]
+    assert monitor.latest["weight_norm/0.weight"] > 0 and "trust_ratio/0.weight" in monitor.latest

@@ -1,0 +1,422 @@
+"""Per-layer trust-ratio monitoring for any torch optimizer, framework-free.
+
+:class:`TrustRatioMonitor` hooks an optimizer's ``step()`` and, on the steps it is asked to record,
+collects per parameter ``‖w‖`` (before the update), ``‖g‖``, the trust ratio and the effective LR.
+Nothing is computed on other steps; a recording step reduces on the device and crosses to the host
+once per device. :class:`TrustRatioHistory` keeps the records as a compact steps × layers table
+that round-trips through CSV (the wide format Lightning's ``CSVLogger`` also writes) and Parquet.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor, nn
+from torch.optim import Optimizer
+
+from .functional import ratio_dtype
+
+__all__ = ["TrustRatioMonitor", "TrustRatioHistory", "METRICS", "STATS", "unwrap_optimizer"]
+
+# The per-layer quantities, in the order they are reported.
+METRICS = ("trust_ratio", "effective_lr", "weight_norm", "grad_norm")
+STATS = ("min", "median", "max")
+STATS_SUFFIX = "_stats"  # summaries go to f"{metric}_stats/{stat}", a dashboard section of three plots
+
+PathLike = Union[str, Path]
+
+
+def unwrap_optimizer(optimizer: Any) -> Optimizer:
+    """The torch optimizer inside framework wrappers (Lightning's ``LightningOptimizer``,
+    Accelerate's ``AcceleratedOptimizer``), whose ``step()`` is the one that really runs."""
+    seen = 0
+    while seen < 8:
+        inner = getattr(optimizer, "_optimizer", None) or getattr(optimizer, "optimizer", None)
+        if not isinstance(inner, Optimizer):
+            break
+        optimizer, seen = inner, seen + 1
+    if not isinstance(optimizer, Optimizer):
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer (or a wrapper of one), got {type(optimizer).__name__}")
+    return optimizer
+
+
+class TrustRatioMonitor:
+    """Record per-layer ``‖w‖``, ``‖g‖``, trust ratio and effective LR on chosen optimizer steps.
+
+    What is recorded, per parameter (by qualified name):
+
+    * ``weight_norm``: ``‖w‖`` before the update; ``grad_norm``: ``‖g‖`` as the optimizer saw it
+      (after unscaling and clipping, before the update);
+    * ``trust_ratio``: for :class:`lars_plugins.LARS`, the ratio the step actually used
+      (``state[p]["trust_ratio"]``, post-clip; excluded parameters have none); for any other optimizer,
+      ``‖w‖/‖g‖``, the quantity of the paper's Table 2, as a diagnostic;
+    * ``effective_lr``: ``lr·ratio`` for adapted LARS parameters, the group's ``lr`` otherwise.
+
+    Recording happens on the optimizer steps where ``every_n_steps`` divides the monitor's step
+    count (0, n, 2n…), or on the next step after :meth:`record_next_step` (what framework callbacks
+    use). Other steps cost one Python ``if``. A step the optimizer skips (an AMP overflow, where the
+    scaler never calls ``step()``) records nothing.
+
+    Args:
+        model: the model, for parameter names (or an iterable of ``(name, param)``); ``None`` takes
+            names from the optimizer's ``param_names`` group key, else ``group{i}.param{j}``.
+        optimizer: the optimizer, or a framework wrapper of one.
+        every_n_steps: record every n-th optimizer step; ``None``: only when asked.
+        per_layer: report one value per layer and metric.
+        summaries: report ``{metric}_stats/min|median|max`` over layers.
+        metrics: which of :data:`METRICS` to report.
+        keep_history: keep every record in :attr:`history`.
+        on_record: called as ``on_record(step, metrics)`` after each recording step (e.g. a logger).
+    """
+
+    def __init__(
+        self,
+        model: Union[nn.Module, Iterable[tuple[str, Tensor]], None],
+        optimizer: Any,
+        *,
+        every_n_steps: Optional[int] = None,
+        per_layer: bool = True,
+        summaries: bool = True,
+        metrics: Sequence[str] = METRICS,
+        keep_history: bool = True,
+        on_record: Optional[Callable[[int, dict[str, float]], None]] = None,
+    ) -> None:
+        if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
+                                          or every_n_steps < 1):
+            raise ValueError(f"every_n_steps must be an int >= 1 or None, got {every_n_steps!r}")
+        if isinstance(metrics, str):
+            raise TypeError(f"metrics must be a sequence of names, got the string {metrics!r}; write [{metrics!r}]")
+        unknown = [m for m in metrics if m not in METRICS]
+        if unknown or not metrics:
+            raise ValueError(f"metrics must be a non-empty subset of {list(METRICS)}, got {list(metrics)!r}")
+        if not (per_layer or summaries):
+            raise ValueError("per_layer and summaries are both False: nothing would be reported")
+        self.optimizer = unwrap_optimizer(optimizer)
+        self.every_n_steps = every_n_steps
+        self.per_layer = per_layer
+        self.summaries = summaries
+        self.metrics = tuple(m for m in METRICS if m in metrics)
+        self.on_record = on_record
+        self.history: Optional[TrustRatioHistory] = TrustRatioHistory() if keep_history else None
+        self.latest: Optional[dict[str, float]] = None
+        self.step = 0  # optimizer steps seen (skipped AMP steps are not steps)
+        self._names = _parameter_names(model, self.optimizer)  # param -> (model order, name)
+        self._armed_step: Optional[int] = None
+        self._weight_norms: Optional[dict[Tensor, Tensor]] = None
+        self._handles = [
+            self.optimizer.register_step_pre_hook(self._before_step),
+            self.optimizer.register_step_post_hook(self._after_step),
+        ]
+
+    # --- control -------------------------------------------------------------------------------
+
+    def record_next_step(self, step: Optional[int] = None) -> None:
+        """Record the next optimizer step, reported under ``step`` (default: the monitor's count)."""
+        self._armed_step = self.step if step is None else int(step)
+
+    def will_record(self) -> bool:
+        """Whether the next optimizer step will be recorded."""
+        return self._armed_step is not None or (self.every_n_steps is not None and self.step % self.every_n_steps == 0)
+
+    def remove(self) -> None:
+        """Detach from the optimizer."""
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def __enter__(self) -> "TrustRatioMonitor":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.remove()
+
+    # --- hooks ---------------------------------------------------------------------------------
+
+    def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        if not self.will_record():
+            return
+        # ‖w‖ before the update. Taken for every parameter: under a closure (Lightning) the
+        # gradients of this step do not exist yet, so which parameters get one is not known.
+        params = [p for group in optimizer.param_groups for p in group["params"]]
+        self._weight_norms = dict(zip(params, _norms(params)))
+
+    def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        step = self._armed_step if self._armed_step is not None else self.step
+        weight_norms, self._weight_norms, self._armed_step = self._weight_norms, None, None
+        self.step += 1
+        if weight_norms is None:
+            return
+        record = self._collect(optimizer, weight_norms)
+        self.latest = record
+        if self.history is not None:
+            self.history.append(step, record)
+        if self.on_record is not None:
+            self.on_record(step, record)
+
+    # --- collection ----------------------------------------------------------------------------
+
+    def _collect(self, optimizer: Optimizer, weight_norms: Mapping[Tensor, Tensor]) -> dict[str, float]:
+        entries = []  # (model order, name, param, lr, ratio): layers are reported input to output
+        for group in optimizer.param_groups:
+            for p in group["params"]:
+                if p.grad is None or p not in weight_norms:
+                    continue
+                order, name = self._names.get(p, (len(self._names) + len(entries), f"param{len(entries)}"))
+                entries.append((order, name, p, group["lr"], optimizer.state.get(p, {}).get("trust_ratio")))
+        if not entries:
+            return {}
+        entries.sort(key=lambda entry: entry[0])
+        _, names, params, lrs, ratios = (list(column) for column in zip(*entries))
+        w_norms, g_norms = [weight_norms[p] for p in params], _norms([p.grad for p in params])
+        w_host, g_host, r_host, lr_host = _to_host(params, w_norms, g_norms, ratios, lrs)
+
+        is_lars = any(r is not None for r in ratios)
+        per_metric: dict[str, dict[str, float]] = {m: {} for m in self.metrics}
+        for name, w, g, ratio, lr in zip(names, w_host, g_host, r_host, lr_host):
+            if is_lars:
+                layer_ratio = ratio  # None for excluded parameters: not adapted, no ratio
+                effective = lr * ratio if ratio is not None else lr
+            else:
+                layer_ratio = w / g if g > 0 else math.nan
+                effective = lr
+            for metric, value in (("trust_ratio", layer_ratio), ("effective_lr", effective),
+                                  ("weight_norm", w), ("grad_norm", g)):
+                if metric in per_metric and value is not None:
+                    per_metric[metric][name] = value
+
+        record: dict[str, float] = {}
+        for metric, layer_values in per_metric.items():
+            if self.per_layer:
+                record.update((f"{metric}/{name}", value) for name, value in layer_values.items())
+            if self.summaries:
+                finite = [v for v in layer_values.values() if math.isfinite(v)]
+                if finite:
+                    record[f"{metric}{STATS_SUFFIX}/min"] = min(finite)
+                    record[f"{metric}{STATS_SUFFIX}/median"] = statistics.median(finite)
+                    record[f"{metric}{STATS_SUFFIX}/max"] = max(finite)
+        return record
+
+
+def _to_host(
+    params: Sequence[Tensor],
+    w_norms: Sequence[Tensor],
+    g_norms: Sequence[Tensor],
+    ratios: Sequence[Optional[Tensor]],
+    lrs: Sequence[Union[float, Tensor]],
+) -> tuple[list[float], list[float], list[Optional[float]], list[float]]:
+    """Bring norms, ratios and tensor LRs to the host: one stacked tensor and one transfer per device."""
+    w_host, g_host = [0.0] * len(params), [0.0] * len(params)
+    r_host: list[Optional[float]] = [None] * len(params)
+    lr_host = [lr if not isinstance(lr, Tensor) else math.nan for lr in lrs]
+    by_device: dict[torch.device, list[int]] = defaultdict(list)
+    for i, p in enumerate(params):
+        by_device[p.device].append(i)
+    for device, idx in by_device.items():
+        with_ratio = [i for i in idx if ratios[i] is not None]
+        tensor_lr = [i for i in idx if isinstance(lrs[i], Tensor)]
+        parts = [_stack([w_norms[i] for i in idx]), _stack([g_norms[i] for i in idx])]
+        if with_ratio:
+            parts.append(_stack([ratios[i] for i in with_ratio]))  # type: ignore[misc]
+        if tensor_lr:
+            parts.append(_stack([lrs[i].to(device) for i in tensor_lr]))  # type: ignore[union-attr]
+        host = torch.cat([part.double() for part in parts]).cpu().tolist()  # the one sync of this device
+        n = len(idx)
+        for k, i in enumerate(idx):
+            w_host[i], g_host[i] = host[k], host[n + k]
+        for k, i in enumerate(with_ratio):
+            r_host[i] = host[2 * n + k]
+        for k, i in enumerate(tensor_lr):
+            lr_host[i] = host[2 * n + len(with_ratio) + k]
+    return w_host, g_host, r_host, lr_host
+
+
+def _stack(tensors: Sequence[Tensor]) -> Tensor:
+    """Stack 0-d tensors of possibly different float dtypes (a float64 layer in a float32 model)."""
+    dtype = tensors[0].dtype
+    if any(t.dtype != dtype for t in tensors):
+        return torch.stack([t.double() for t in tensors])
+    return torch.stack(list(tensors))
+
+
+def _norms(tensors: Sequence[Tensor]) -> list[Tensor]:
+    """L2 norms (0-d tensors on each tensor's device, at least float32), one foreach kernel per bucket."""
+    out: list[Optional[Tensor]] = [None] * len(tensors)
+    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
+    for i, t in enumerate(tensors):
+        buckets[(t.device, t.dtype)].append(i)
+    for (_, dtype), idx in buckets.items():
+        norms = torch._foreach_norm([tensors[i] for i in idx], 2, dtype=ratio_dtype(dtype))
+        for i, n in zip(idx, norms):
+            out[i] = n
+    return out  # type: ignore[return-value]
+
+
+def _parameter_names(
+    model: Union[nn.Module, Iterable[tuple[str, Tensor]], None], optimizer: Optimizer
+) -> dict[Tensor, tuple[int, str]]:
+    """``param -> (position in the model, qualified name)``."""
+    if isinstance(model, nn.Module):
+        named: Iterable[tuple[str, Tensor]] = model.named_parameters()
+    elif model is not None:
+        named = model
+    else:
+        named = [
+            (group["param_names"][j] if group.get("param_names") else f"group{g}.param{j}", p)
+            for g, group in enumerate(optimizer.param_groups)
+            for j, p in enumerate(group["params"])
+        ]
+    return {p: (i, name) for i, (name, p) in enumerate(named)}
+
+
+class TrustRatioHistory:
+    """Recorded metrics as a compact table: one row per step, one column per ``metric/layer`` key.
+
+    Columns keep the order in which they first appeared (model order). Saved as a wide CSV with a
+    ``step`` column, the format Lightning's ``CSVLogger`` writes, so :meth:`from_csv` reads either.
+    """
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.columns: dict[str, int] = {}  # key -> column index, in order of first appearance
+        self._rows: list[list[float]] = []
+        self._row_of_step: dict[int, int] = {}
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def append(self, step: int, record: Mapping[str, float]) -> None:
+        """Add (or merge into the row of) ``step`` the values of ``record``."""
+        row_index = self._row_of_step.get(step)
+        if row_index is None:
+            row_index = self._row_of_step[step] = len(self.steps)
+            self.steps.append(step)
+            self._rows.append([])
+        row = self._rows[row_index]
+        for key, value in record.items():
+            col = self.columns.setdefault(key, len(self.columns))
+            if len(row) <= col:
+                row.extend([math.nan] * (col + 1 - len(row)))
+            row[col] = float(value)
+
+    def metrics(self) -> list[str]:
+        """Metric names present (the part of each key before the first ``/``)."""
+        return list(dict.fromkeys(key.split("/", 1)[0] for key in self.columns if "/" in key))
+
+    def layers(self, metric: str) -> list[str]:
+        """Layer names recorded for ``metric``, in model order."""
+        self._check_metric(metric)
+        prefix = metric + "/"
+        return [key[len(prefix):] for key in self.columns if key.startswith(prefix)]
+
+    def matrix(self, metric: str) -> tuple[list[int], list[str], list[list[float]]]:
+        """``(steps, layers, values)`` with ``values[layer][step]`` (NaN where not recorded),
+        steps sorted, and steps at which no layer of ``metric`` was recorded left out."""
+        layers = self.layers(metric)
+        cols = [self.columns[f"{metric}/{name}"] for name in layers]
+        order = sorted(range(len(self.steps)), key=self.steps.__getitem__)
+        kept = [i for i in order if any(_cell(self._rows[i], c) == _cell(self._rows[i], c) for c in cols)]
+        values = [[_cell(self._rows[i], c) for i in kept] for c in cols]
+        return [self.steps[i] for i in kept], layers, values
+
+    def latest(self, metric: str) -> dict[str, float]:
+        """The last recorded value of each layer of ``metric``."""
+        steps, layers, values = self.matrix(metric)
+        out = {}
+        for name, row in zip(layers, values):
+            recorded = [v for v in row if v == v]
+            if recorded:
+                out[name] = recorded[-1]
+        return out
+
+    def _check_metric(self, metric: str) -> None:
+        if not self.steps:
+            raise ValueError("the history is empty: nothing has been recorded")
+        available = self.metrics()
+        if metric not in available:
+            raise ValueError(f"no metric {metric!r} in this history; available: {', '.join(available) or 'none'}")
+
+    # --- files ---------------------------------------------------------------------------------
+
+    def to_rows(self) -> tuple[list[str], list[list[Any]]]:
+        """Header and rows (step first), as written to CSV."""
+        header = ["step", *self.columns]
+        rows = [[step, *(_cell(row, c) for c in range(len(self.columns)))] for step, row in zip(self.steps, self._rows)]
+        return header, rows
+
+    def to_csv(self, path: PathLike) -> Path:
+        """Write a wide CSV: ``step`` then one column per key; empty cells where not recorded."""
+        path = Path(path)
+        header, rows = self.to_rows()
+        with path.open("w", newline="") as f:
+            writer = csv.writer(f)
+            writer.writerow(header)
+            for row in rows:
+                writer.writerow(["" if isinstance(v, float) and math.isnan(v) else repr(v) for v in row])
+        return path
+
+    @classmethod
+    def from_csv(cls, path: PathLike) -> "TrustRatioHistory":
+        """Read a wide CSV with a ``step`` column: this class's own files, Lightning's ``CSVLogger``
+        ``metrics.csv`` or the HF integration's. Keys without a ``/`` (loss, epoch) are ignored;
+        several rows of one step are merged."""
+        path = Path(path)
+        with path.open(newline="") as f:
+            reader = csv.DictReader(f)
+            if reader.fieldnames is None or "step" not in reader.fieldnames:
+                raise ValueError(f"{path}: no 'step' column (columns: {reader.fieldnames})")
+            history = cls()
+            for line in reader:
+                record = {}
+                for key, text in line.items():
+                    if key and "/" in key and text not in ("", None):
+                        record[key] = float(text)
+                if record and line["step"] not in ("", None):
+                    history.append(int(float(line["step"])), record)
+        if not history.steps:
+            raise ValueError(f"{path}: no recorded metrics (no 'metric/layer' column with a value)")
+        return history
+
+    def to_parquet(self, path: PathLike) -> Path:
+        """Write the table as Parquet (needs ``pyarrow``: ``pip install "lars_plugins[parquet]"``)."""
+        pa, pq = _pyarrow()
+        header, rows = self.to_rows()
+        table = pa.table({name: [row[i] for row in rows] for i, name in enumerate(header)})
+        pq.write_table(table, str(path))
+        return Path(path)
+
+    @classmethod
+    def from_parquet(cls, path: PathLike) -> "TrustRatioHistory":
+        """Read a table written by :meth:`to_parquet`."""
+        _, pq = _pyarrow()
+        columns = pq.read_table(str(path)).to_pydict()
+        if "step" not in columns:
+            raise ValueError(f"{path}: no 'step' column")
+        history = cls()
+        keys = [k for k in columns if "/" in k]
+        for i, step in enumerate(columns["step"]):
+            history.append(int(step), {k: columns[k][i] for k in keys if columns[k][i] == columns[k][i]})
+        return history
+
+    @classmethod
+    def load(cls, path: PathLike) -> "TrustRatioHistory":
+        """Read CSV or Parquet, chosen by the file's suffix."""
+        return cls.from_parquet(path) if Path(path).suffix.lower() in (".parquet", ".pq") else cls.from_csv(path)
+
+
+def _cell(row: list[float], col: int) -> float:
+    return row[col] if col < len(row) else math.nan
+
+
+def _pyarrow() -> tuple[Any, Any]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as err:  # pragma: no cover - exercised only without the extra
+        raise ImportError('Parquet needs pyarrow: pip install "lars_plugins[parquet]"') from err
+    return pa, pq

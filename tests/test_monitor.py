@@ -1,0 +1,316 @@
+"""TrustRatioMonitor and TrustRatioHistory against norms and ratios computed here, independently."""
+
+from __future__ import annotations
+
+import math
+import statistics
+
+import pytest
+import torch
+from torch import nn
+
+import lars_plugins
+from lars_plugins import LARS, TrustRatioHistory, TrustRatioMonitor
+
+ETA, WD, EPS, LR = 2e-3, 1e-4, 1e-8, 3.0
+
+
+def make_model(seed=0):
+    torch.manual_seed(seed)
+    return nn.Sequential(nn.Conv2d(1, 4, 3), nn.BatchNorm2d(4), nn.ReLU(), nn.Flatten(), nn.Linear(4 * 6 * 6, 3))
+
+
+def batch(seed=1):
+    gen = torch.Generator().manual_seed(seed)
+    return torch.randn(16, 1, 8, 8, generator=gen), torch.randint(0, 3, (16,), generator=gen)
+
+
+def backward(model, seed=1):
+    x, y = batch(seed)
+    model.zero_grad(set_to_none=True)
+    loss = nn.functional.cross_entropy(model(x), y)
+    loss.backward()
+    return loss
+
+
+def lars_for(model, **kw):
+    kw = {"lr": LR, "trust_coefficient": ETA, "eps": EPS, **kw}
+    return LARS(lars_plugins.param_groups(model, weight_decay=WD), **kw)
+
+
+def test_lars_values_match_independent_norms():
+    model = make_model()
+    opt = lars_for(model)
+    monitor = TrustRatioMonitor(model, opt, every_n_steps=1)
+    backward(model)
+    w = {n: p.detach().norm().item() for n, p in model.named_parameters()}  # before the update
+    g = {n: p.grad.norm().item() for n, p in model.named_parameters()}
+    opt.step()
+    rec = monitor.latest
+    adapted = ["0.weight", "4.weight"]
+    excluded = ["0.bias", "1.weight", "1.bias", "4.bias"]
+    for name in adapted + excluded:
+        assert rec[f"weight_norm/{name}"] == pytest.approx(w[name], rel=1e-6)
+        assert rec[f"grad_norm/{name}"] == pytest.approx(g[name], rel=1e-6)
+    for name in adapted:
+        expected = ETA * w[name] / (g[name] + WD * w[name] + EPS)  # paper Eq. 6
+        assert rec[f"trust_ratio/{name}"] == pytest.approx(expected, rel=1e-5)
+        assert rec[f"effective_lr/{name}"] == pytest.approx(LR * expected, rel=1e-5)
+    for name in excluded:
+        assert f"trust_ratio/{name}" not in rec  # not adapted: no ratio
+        assert rec[f"effective_lr/{name}"] == pytest.approx(LR)
+    # Keys come in model order, whatever the order of the optimizer's groups.
+    names = [k.split("/", 1)[1] for k in rec if k.startswith("weight_norm/")]
+    assert names == [n for n, _ in model.named_parameters()]
+
+
+def test_lars_clip_ratio_is_the_one_used():
+    model = make_model()
+    opt = lars_for(model, trust_clip=True)
+    monitor = TrustRatioMonitor(model, opt, every_n_steps=1, metrics=["trust_ratio"])
+    backward(model)
+    w, g = model[4].weight.detach().norm().item(), model[4].weight.grad.norm().item()
+    opt.step()
+    expected = min(ETA * w / (g + WD * w + EPS) / LR, 1.0)
+    assert monitor.latest["trust_ratio/4.weight"] == pytest.approx(expected, rel=1e-5)
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9),
+    lambda ps: torch.optim.AdamW(ps, lr=1e-3),
+], ids=["SGD", "AdamW"])
+def test_other_optimizers_get_w_over_g(make_opt):
+    model = make_model()
+    opt = make_opt(model.parameters())
+    monitor = TrustRatioMonitor(model, opt, every_n_steps=1)
+    backward(model)
+    expected = {n: p.detach().norm().item() / p.grad.norm().item() for n, p in model.named_parameters()}
+    opt.step()
+    for name, value in expected.items():
+        assert monitor.latest[f"trust_ratio/{name}"] == pytest.approx(value, rel=1e-5)
+        assert monitor.latest[f"effective_lr/{name}"] == pytest.approx(opt.param_groups[0]["lr"])
+
+
+def test_summaries_are_min_median_max_over_layers():
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    monitor = TrustRatioMonitor(model, opt, every_n_steps=1)
+    backward(model)
+    opt.step()
+    rec = monitor.latest
+    for metric in ("trust_ratio", "grad_norm", "weight_norm"):
+        values = [v for k, v in rec.items() if k.startswith(metric + "/")]
+        assert len(values) == 6
+        assert rec[f"{metric}_stats/min"] == pytest.approx(min(values))
+        assert rec[f"{metric}_stats/median"] == pytest.approx(statistics.median(values))
+        assert rec[f"{metric}_stats/max"] == pytest.approx(max(values))
+
+
+def test_summaries_only_and_per_layer_only():
+    model = make_model()
+    opt = lars_for(model)
+    only_stats = TrustRatioMonitor(model, opt, every_n_steps=1, per_layer=False)
+    only_layers = TrustRatioMonitor(model, opt, every_n_steps=1, summaries=False, metrics=["grad_norm"])
+    backward(model)
+    opt.step()
+    assert only_stats.latest and all("_stats/" in k for k in only_stats.latest)
+    assert sorted(only_layers.latest) == sorted(f"grad_norm/{n}" for n, _ in model.named_parameters())
+
+
+def test_nothing_is_computed_on_non_recording_steps(monkeypatch):
+    model = make_model()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)  # SGD itself takes no norms
+    monitor = TrustRatioMonitor(model, opt, every_n_steps=3)
+    calls = []
+    real_norm = torch._foreach_norm
+    monkeypatch.setattr(torch, "_foreach_norm", lambda *a, **k: calls.append(1) or real_norm(*a, **k))
+    per_step = []
+    for step in range(7):
+        backward(model, seed=step)
+        before = len(calls)
+        opt.step()
+        per_step.append(len(calls) - before)
+    assert monitor.history.steps == [0, 3, 6]
+    assert [n > 0 for n in per_step] == [s % 3 == 0 for s in range(7)]  # reductions only when recording
+    assert monitor.step == 7
+
+
+def test_one_host_transfer_per_recording_step(monkeypatch):
+    model = make_model()
+    opt = lars_for(model, lr=torch.tensor(LR))  # a tensor lr comes back in the same transfer
+    monitor = TrustRatioMonitor(model, opt)
+    backward(model)
+    calls = {"tolist": 0}
+    real_tolist = torch.Tensor.tolist
+
+    def counting_tolist(self):
+        calls["tolist"] += 1
+        return real_tolist(self)
+
+    def forbidden(*a, **k):
+        raise AssertionError("a per-value host read in the monitor")
+
+    monkeypatch.setattr(torch.Tensor, "tolist", counting_tolist)
+    for name in ("item", "__float__", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, name, forbidden)
+    monitor.record_next_step()
+    opt.step()
+    monkeypatch.undo()
+    assert calls["tolist"] == 1
+    assert monitor.latest["effective_lr/1.weight"] == pytest.approx(LR)
+
+
+def test_record_next_step_uses_the_given_step_and_fires_once():
+    model = make_model()
+    opt = lars_for(model)
+    seen = []
+    monitor = TrustRatioMonitor(model, opt, on_record=lambda step, rec: seen.append((step, len(rec))))
+    for step in range(4):
+        backward(model, seed=step)
+        if step == 2:
+            monitor.record_next_step(step=100)
+        opt.step()
+    assert [s for s, _ in seen] == [100] and seen[0][1] > 0
+    assert monitor.history.steps == [100]
+
+
+def test_closure_step_records_weights_before_the_update():
+    model = make_model()
+    opt = lars_for(model)
+    monitor = TrustRatioMonitor(model, opt, every_n_steps=1)
+    w_before = model[4].weight.detach().norm().item()
+    opt.step(lambda: backward(model))  # gradients exist only once step() runs the closure
+    assert monitor.latest["weight_norm/4.weight"] == pytest.approx(w_before, rel=1e-6)
+    assert monitor.latest["grad_norm/4.weight"] == pytest.approx(model[4].weight.grad.norm().item(), rel=1e-6)
+
+
+def test_amp_skipped_step_records_nothing():
+    model = make_model()
+    opt = lars_for(model)
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0**10)
+    monitor = TrustRatioMonitor(model, opt, every_n_steps=1)
+    x, y = batch()
+    model.zero_grad()
+    scaler.scale(nn.functional.cross_entropy(model(x), y) * math.inf).backward()  # overflow
+    scaler.step(opt)
+    scaler.update()
+    assert len(monitor.history) == 0 and monitor.step == 0
+    backward(model)
+    scaler.step(opt)  # finite gradients (unscaled: scale 1 after this backward's plain loss is fine)
+    assert monitor.history.steps == [0]
+
+
+def test_unwraps_framework_optimizer_wrappers():
+    class Wrapper:  # what Lightning's LightningOptimizer looks like from outside
+        def __init__(self, optimizer):
+            self._optimizer = optimizer
+
+    model = make_model()
+    opt = lars_for(model)
+    monitor = TrustRatioMonitor(model, Wrapper(opt), every_n_steps=1)
+    assert monitor.optimizer is opt
+    backward(model)
+    opt.step()
+    assert monitor.latest
+
+
+def test_names_from_optimizer_groups_without_a_model():
+    model = make_model()
+    opt = LARS(model.named_parameters(), lr=1.0)
+    monitor = TrustRatioMonitor(None, opt, every_n_steps=1, metrics=["grad_norm"], summaries=False)
+    backward(model)
+    opt.step()
+    assert sorted(monitor.latest) == sorted(f"grad_norm/{n}" for n, _ in model.named_parameters())
+
+
+def test_remove_detaches():
+    model = make_model()
+    opt = lars_for(model)
+    with TrustRatioMonitor(model, opt, every_n_steps=1) as monitor:
+        backward(model)
+        opt.step()
+    backward(model)
+    opt.step()
+    assert len(monitor.history) == 1
+
+
+@pytest.mark.parametrize("kwargs,error,word", [
+    (dict(every_n_steps=0), ValueError, "every_n_steps"),
+    (dict(every_n_steps=2.5), ValueError, "every_n_steps"),
+    (dict(metrics=["trust"]), ValueError, "metrics"),
+    (dict(metrics="trust_ratio"), TypeError, "metrics"),
+    (dict(per_layer=False, summaries=False), ValueError, "nothing"),
+])
+def test_bad_arguments(kwargs, error, word):
+    model = make_model()
+    with pytest.raises(error, match=word):
+        TrustRatioMonitor(model, lars_for(model), **kwargs)
+    with pytest.raises(TypeError, match="optimizer"):
+        TrustRatioMonitor(model, object())
+
+
+# --- history ------------------------------------------------------------------------------------
+
+def recorded_history(steps=4):
+    model = make_model()
+    opt = lars_for(model)
+    monitor = TrustRatioMonitor(model, opt, every_n_steps=1)
+    for step in range(steps):
+        backward(model, seed=step)
+        opt.step()
+    return monitor.history
+
+
+def test_history_matrix_and_csv_round_trip(tmp_path):
+    history = recorded_history()
+    steps, layers, values = history.matrix("trust_ratio")
+    assert steps == [0, 1, 2, 3] and layers == ["0.weight", "4.weight"]
+    assert len(values) == 2 and all(len(row) == 4 for row in values)
+    back = TrustRatioHistory.from_csv(history.to_csv(tmp_path / "h.csv"))
+    assert back.steps == history.steps and list(back.columns) == list(history.columns)
+    for metric in history.metrics():
+        b, h = back.matrix(metric), history.matrix(metric)
+        assert b[:2] == h[:2]
+        for row_b, row_h in zip(b[2], h[2]):
+            assert row_b == pytest.approx(row_h, nan_ok=True, rel=1e-12)
+
+
+def test_history_parquet_round_trip(tmp_path):
+    pytest.importorskip("pyarrow")
+    history = recorded_history()
+    back = TrustRatioHistory.load(history.to_parquet(tmp_path / "h.parquet"))
+    assert back.steps == history.steps
+    assert back.latest("trust_ratio") == pytest.approx(history.latest("trust_ratio"))
+
+
+def test_reads_lightning_style_csv(tmp_path):
+    # CSVLogger writes one row per log call, with blanks and unrelated columns.
+    path = tmp_path / "metrics.csv"
+    path.write_text(
+        "epoch,step,train_loss,trust_ratio/layer1.weight,trust_ratio/layer2.weight\n"
+        "0,0,2.3,,\n"
+        "0,0,,0.01,0.002\n"
+        "0,9,,0.02,\n"
+        "0,9,1.1,,\n"
+    )
+    history = TrustRatioHistory.from_csv(path)
+    assert history.metrics() == ["trust_ratio"]
+    steps, layers, values = history.matrix("trust_ratio")
+    assert steps == [0, 9] and layers == ["layer1.weight", "layer2.weight"]
+    assert values[0] == [0.01, 0.02] and values[1][0] == 0.002 and math.isnan(values[1][1])
+
+
+def test_history_errors_are_clear(tmp_path):
+    with pytest.raises(ValueError, match="empty"):
+        TrustRatioHistory().matrix("trust_ratio")
+    history = recorded_history(steps=1)
+    with pytest.raises(ValueError, match="no metric 'trust'.*available: trust_ratio"):
+        history.matrix("trust")
+    no_step = tmp_path / "x.csv"
+    no_step.write_text("epoch,loss\n0,1.0\n")
+    with pytest.raises(ValueError, match="'step'"):
+        TrustRatioHistory.from_csv(no_step)
+    nothing = tmp_path / "y.csv"
+    nothing.write_text("step,loss\n0,1.0\n")
+    with pytest.raises(ValueError, match="no recorded metrics"):
+        TrustRatioHistory.from_csv(nothing)
