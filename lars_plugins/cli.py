@@ -1,8 +1,9 @@
-"""The ``lars-plugins`` command line: ``lars-plugins demo`` (and more subcommands as they land)."""
+"""The ``lars-plugins`` command line: ``demo`` (large-batch training on real digits) and ``plot``."""
 
 from __future__ import annotations
 
 import argparse
+from pathlib import Path
 from typing import Optional, Sequence
 
 
@@ -18,7 +19,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     demo.add_arguments(demo_parser)
     demo_parser.set_defaults(run=demo.main)
+
+    plot_parser = sub.add_parser(
+        "plot", help="plot per-layer trust ratios from a metrics CSV/Parquet file",
+        description="Plot per-layer metrics recorded by lars_plugins.TrustRatioMonitor, from its own history "
+                    "files or from the metrics.csv of Lightning's CSVLogger and the HF integration.",
+    )
+    plot_parser.add_argument("metrics", type=Path, help="CSV (or .parquet) file with a 'step' column")
+    plot_parser.add_argument("-o", "--output", type=Path, default=Path("trust_ratios.png"),
+                             help="image to write (default trust_ratios.png; .svg and .pdf work too)")
+    plot_parser.add_argument("--metric", default="trust_ratio",
+                             help="metric to draw: trust_ratio (default), effective_lr, weight_norm, grad_norm")
+    plot_parser.add_argument("--kind", default="report", choices=["report", "heatmap", "lines", "bars"],
+                             help="report (all three, default), heatmap, lines or bars")
+    plot_parser.add_argument("--title", default=None, help="figure title")
+    plot_parser.set_defaults(run=_plot)
     return parser
+
+
+def _plot(args: argparse.Namespace) -> None:
+    from .plot import save_plot
+
+    if not args.metrics.is_file():
+        raise SystemExit(f"lars-plugins plot: no such file: {args.metrics}")
+    try:
+        path = save_plot(args.metrics, args.output, kind=args.kind, metric=args.metric, title=args.title)
+    except ValueError as err:  # unknown metric, empty file: say so, no traceback
+        raise SystemExit(f"lars-plugins plot: {err}") from err
+    print(f"wrote {path}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
