@@ -3,7 +3,8 @@
 The data are scikit-learn's bundled digits (1,797 real 8x8 greyscale scans of handwritten digits,
 shipped inside the scikit-learn wheel, so nothing is downloaded). A small CNN with BatchNorm is
 trained at a large batch with both optimizers from the same initial weights, in lockstep, and the
-test accuracy of each is printed after every epoch.
+test accuracy of each is printed after every epoch. LARS's per-layer trust ratios are recorded at
+every step and drawn as a heatmap at the end.
 """
 
 from __future__ import annotations
@@ -11,12 +12,14 @@ from __future__ import annotations
 import argparse
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Callable, Optional
 
 import torch
 from torch import nn
 
 from .groups import param_groups
+from .monitor import TrustRatioHistory, TrustRatioMonitor
 from .optim import LARS
 
 BASE_BATCH = 32
@@ -95,8 +98,13 @@ def run_demo(
     seed: int = 0,
     progress: bool = True,
     log: Callable[[str], None] = print,
+    output_dir: Optional[Path] = Path("lars_demo_output"),
 ) -> dict[str, list[float]]:
-    """Train the CNN with LARS and with linearly scaled SGD; return test accuracy per epoch for each."""
+    """Train the CNN with LARS and with linearly scaled SGD; return test accuracy per epoch for each.
+
+    LARS's per-layer trust ratios are recorded at every step; with ``output_dir`` they are written
+    there as ``trust_ratios.csv`` and drawn as ``trust_ratio_heatmap.png`` (needs matplotlib).
+    """
     from tqdm.auto import tqdm
 
     torch.manual_seed(seed)
@@ -114,6 +122,8 @@ def run_demo(
             opt = make_sgd(model, batch_size, weight_decay)
         sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_decay(epochs * steps_per_epoch))
         runs[name] = (model, opt, sched)
+    monitor = TrustRatioMonitor(runs["LARS"][0], runs["LARS"][1], every_n_steps=1, metrics=("trust_ratio",
+                                "weight_norm", "grad_norm"))
 
     sgd_lr = runs["SGD"][1].param_groups[0]["lr"]
     log(f"digits: {n} training / {len(data.y_test)} test images (scikit-learn's bundled set), "
@@ -149,7 +159,25 @@ def run_demo(
     log(f"final test accuracy after {epochs} epochs at batch {batch_size}: "
         f"LARS {history['LARS'][-1]:.1%}, SGD (linear scaling) {history['SGD'][-1]:.1%} "
         f"[{time.perf_counter() - start:.0f} s]")
+    monitor.remove()
+    if output_dir is not None and monitor.history is not None:
+        _write_trust_ratios(monitor.history, Path(output_dir), batch_size, log)
     return history
+
+
+def _write_trust_ratios(history: TrustRatioHistory, output_dir: Path, batch_size: int,
+                        log: Callable[[str], None]) -> None:
+    output_dir.mkdir(parents=True, exist_ok=True)
+    csv_path = history.to_csv(output_dir / "trust_ratios.csv")
+    try:
+        from .plot import save_plot
+    except ImportError:
+        log(f"trust ratios of the LARS run: {csv_path} (pip install matplotlib to draw them)")
+        return
+    png = save_plot(history, output_dir / "trust_ratio_heatmap.png", kind="heatmap",
+                    title=f"LARS on digits, batch {batch_size}: trust ratio per layer and step")
+    log(f"trust ratios of the LARS run: heatmap {png.resolve()}")
+    log(f"  data {csv_path}; full report: lars-plugins plot {csv_path} -o trust_ratio_report.png")
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -160,6 +188,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay for both (default 5e-4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
+    parser.add_argument("--output-dir", type=Path, default=Path("lars_demo_output"),
+                        help="where the trust-ratio CSV and heatmap go (default lars_demo_output)")
 
 
 def main(args: Optional[argparse.Namespace] = None) -> dict[str, list[float]]:
@@ -171,4 +201,4 @@ def main(args: Optional[argparse.Namespace] = None) -> dict[str, list[float]]:
         raise SystemExit("--batch-size and --epochs must be >= 1")
     return run_demo(batch_size=args.batch_size, epochs=args.epochs, lars_lr=args.lars_lr,
                     trust_coefficient=args.trust_coefficient, weight_decay=args.weight_decay, seed=args.seed,
-                    progress=not args.no_progress)
+                    progress=not args.no_progress, output_dir=args.output_dir)
