@@ -24,3 +24,13 @@ def test_plain_pytorch_example(tmp_path):
     assert out.count("test accuracy") == 2
     assert "0.weight" in out and "reloaded with weights_only=True" in out
     assert (tmp_path / "ck.pt").is_file()
+
+
+def test_monitor_example_writes_history_and_report(tmp_path):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("torchvision")
+    pytest.importorskip("matplotlib")
+    out = run_example("monitor_trust_ratios.py", "--epochs", "1", "--out-dir", "run", cwd=tmp_path)
+    assert "epoch  1  test accuracy" in out and "21 adapted layers" in out
+    assert (tmp_path / "run" / "trust_ratios.csv").is_file()
+    assert (tmp_path / "run" / "trust_ratio_report.png").read_bytes()[:4] == b"\x89PNG"
