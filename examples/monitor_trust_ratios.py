@@ -49,9 +49,7 @@ def main() -> None:
     monitor = lars_plugins.TrustRatioMonitor(model, optimizer, every_n_steps=1)
 
     for epoch in range(1, args.epochs + 1):
-        order = torch.randperm(len(data.y_train))
-        for i in range(steps_per_epoch):
-            idx = order[i * args.batch_size:(i + 1) * args.batch_size]
+        for idx in torch.randperm(len(data.y_train)).split(args.batch_size):
             optimizer.zero_grad(set_to_none=True)
             nn.functional.cross_entropy(model(x_train[idx]), data.y_train[idx]).backward()
             optimizer.step()

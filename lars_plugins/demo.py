@@ -139,9 +139,7 @@ def run_demo(
     # disable=None: a live bar on a terminal, none in a log file (CI), where the lines suffice.
     bar = tqdm(range(1, epochs + 1), desc="training", unit="epoch", disable=None if progress else True, leave=False)
     for epoch in bar:
-        order = torch.randperm(n, generator=generator)
-        for i in range(steps_per_epoch):
-            idx = order[i * batch_size:(i + 1) * batch_size]
+        for idx in torch.randperm(n, generator=generator).split(batch_size):
             for model, opt, sched in runs.values():
                 opt.zero_grad(set_to_none=True)
                 loss_fn(model(data.x_train[idx]), data.y_train[idx]).backward()
