@@ -33,14 +33,14 @@ PathLike = Union[str, Path]
 
 
 def unwrap_optimizer(optimizer: Any) -> Optimizer:
-    """The torch optimizer inside framework wrappers (Lightning's ``LightningOptimizer``,
-    Accelerate's ``AcceleratedOptimizer``), whose ``step()`` is the one that really runs."""
-    seen = 0
-    while seen < 8:
-        inner = getattr(optimizer, "_optimizer", None) or getattr(optimizer, "optimizer", None)
-        if not isinstance(inner, Optimizer):
+    """The torch optimizer inside wrappers (Lightning's ``LightningOptimizer``, Accelerate's
+    ``AcceleratedOptimizer``, timm's ``Lookahead``), whose ``step()`` is the one that really runs."""
+    for _ in range(8):
+        inner = next((getattr(optimizer, a) for a in ("_optimizer", "optimizer", "_base_optimizer", "base_optimizer")
+                      if isinstance(getattr(optimizer, a, None), Optimizer)), None)
+        if inner is None:
             break
-        optimizer, seen = inner, seen + 1
+        optimizer = inner
     if not isinstance(optimizer, Optimizer):
         raise TypeError(f"optimizer must be a torch.optim.Optimizer (or a wrapper of one), got {type(optimizer).__name__}")
     return optimizer

@@ -113,8 +113,27 @@ class LARS(Optimizer):
                 group.setdefault(key, value)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict; trust ratios keep their float32 precision under half-precision params."""
-        super().load_state_dict(state_dict)
+        """Load a state dict, ours or one saved by timm's ``Lars`` (same ``momentum_buffer`` state).
+
+        Hyperparameters come from the checkpoint, as in torch; a timm checkpoint's ``trust_coeff`` is
+        read as ``trust_coefficient``, and its ``always_adapt`` is dropped: which tensors are adapted
+        stays as this optimizer's groups say (timm adapted only groups with weight decay).
+        LARS keys the checkpoint lacks are kept from this optimizer's groups. Trust ratios keep their
+        float32 precision under half-precision parameters.
+        """
+        groups = []
+        for saved, current in zip(state_dict["param_groups"], self.param_groups):
+            saved = dict(saved)
+            if "trust_coeff" in saved:
+                saved.setdefault("trust_coefficient", saved.pop("trust_coeff"))
+            saved.pop("always_adapt", None)
+            for key, value in current.items():
+                if key != "params":
+                    saved.setdefault(key, value)
+            groups.append(saved)
+        # A length mismatch is left to torch, which explains it.
+        groups += state_dict["param_groups"][len(groups):]
+        super().load_state_dict({**state_dict, "param_groups": groups})
         # torch casts every state tensor to its parameter's dtype; a ratio is a statistic, not a weight.
         for p, state in self.state.items():
             if "trust_ratio" in state:
