@@ -1,0 +1,175 @@
+"""timm integration: ``opt="lars"`` in ``timm.optim.create_optimizer_v2``, ``train.py --opt lars`` and YAML.
+
+``import lars_plugins.timm`` registers :class:`lars_plugins.LARS` in timm's optimizer registry under
+timm's own names -- ``lars``, ``larc`` (trust clip), ``nlars`` (Nesterov), ``nlarc`` -- replacing
+timm's ``Lars`` for them, and under names that never collide with timm's built-ins -- ``lplars``,
+``lplarc``, ``lpnlars``, ``lpnlarc`` -- for side-by-side use. ``register()`` does the same explicitly
+(``override_builtin=False`` registers only the ``lp`` names); ``unregister()`` restores timm's.
+Plain ``import lars_plugins`` registers nothing: it must not import timm.
+
+timm's keyword names are accepted: ``trust_coeff`` (= ``trust_coefficient``) and ``always_adapt``
+(``True``: adapt every tensor, biases and norms included). See docs/timm.md for how timm's parameter
+groups (weight-decay filter, layer decay, fallback groups) map onto LARS.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Any, Iterable, Optional
+
+from torch.optim import Optimizer
+
+from .optim import LARS
+
+__all__ = ["register", "unregister", "create_lars", "apply_lr_scale", "TIMM_NAMES", "PLUGIN_NAMES"]
+
+# name -> LARS keyword defaults. Names must not contain "_": timm keeps only the part after the last one.
+TIMM_NAMES: dict[str, dict[str, Any]] = {
+    "lars": {},
+    "larc": {"trust_clip": True},
+    "nlars": {"nesterov": True},
+    "nlarc": {"nesterov": True, "trust_clip": True},
+}
+PLUGIN_NAMES: dict[str, dict[str, Any]] = {"lp" + name: defaults for name, defaults in TIMM_NAMES.items()}
+
+MIN_TIMM = "1.0.12"  # the first timm with an optimizer registry (OptimInfo)
+_replaced: dict[str, Any] = {}  # timm's own entries that register() replaced, for unregister()
+
+
+def create_lars(
+    params: Iterable[Any],
+    *,
+    trust_coeff: Optional[float] = None,
+    always_adapt: Optional[bool] = None,
+    **kwargs: Any,
+) -> LARS:
+    """Build :class:`LARS` from the arguments timm's factory passes (what the registry calls).
+
+    * ``trust_coeff`` is timm's name for ``trust_coefficient``;
+    * ``always_adapt=True`` adapts every tensor (``exclude_bias_and_norm=False``); ``False``/absent
+      keeps LARS's rule: tensors with ``ndim <= 1`` -- the biases and norm weights timm's filter puts
+      in its no-decay group -- are not adapted. Unlike timm's ``Lars``, adaptation never depends on a
+      group's weight decay, so ``weight_decay=0`` is still LARS;
+    * groups timm marks ``use_fallback=True`` are not adapted (plain SGD with momentum).
+    """
+    if trust_coeff is not None:
+        if "trust_coefficient" in kwargs:
+            raise TypeError("give trust_coeff (timm's name) or trust_coefficient, not both")
+        kwargs["trust_coefficient"] = trust_coeff
+    if always_adapt is not None:
+        if not isinstance(always_adapt, bool):
+            raise TypeError(f"always_adapt must be a bool, got {always_adapt!r}")
+        kwargs.setdefault("exclude_bias_and_norm", not always_adapt)
+    return LARS(_fallback_groups(params), **kwargs)
+
+
+def _fallback_groups(params: Iterable[Any]) -> list[Any]:
+    """timm's ``use_fallback`` groups (hybrid optimizers' second optimizer) become excluded groups."""
+    params = list(params)
+    for i, group in enumerate(params):
+        if isinstance(group, dict) and group.get("use_fallback"):
+            if group.get("weight_decay", 0) != 0:
+                raise ValueError(
+                    f"param group {i}: timm marked it use_fallback with weight_decay={group['weight_decay']}; LARS's "
+                    "fallback is plain SGD without weight decay, so that decay would be lost. Pass "
+                    "fallback_no_weight_decay=True or leave fallback_list empty"
+                )
+            params[i] = {**group, "lars_exclude": True}
+    return params
+
+
+def apply_lr_scale(optimizer: Optimizer) -> Optimizer:
+    """Fold timm's per-group ``lr_scale`` (layer decay) into each group's ``lr``, for torch schedulers.
+
+    timm's own schedulers multiply ``lr_scale`` in at every update; torch's schedulers ignore it, so
+    without this every layer would get the same LR. Call it once, before creating a torch scheduler.
+    The key is renamed ``applied_lr_scale`` so that a timm scheduler created later does not scale twice.
+    """
+    for group in optimizer.param_groups:
+        if "lr_scale" in group:
+            scale = group.pop("lr_scale")
+            group["lr"] = group["lr"] * scale
+            group["applied_lr_scale"] = scale
+    return optimizer
+
+
+def _timm_optim() -> Any:
+    try:
+        import timm
+        import timm.optim
+    except ImportError as err:
+        raise ImportError('lars_plugins.timm needs timm: pip install "lars_plugins[timm]"') from err
+    if not hasattr(timm.optim, "OptimInfo"):
+        raise ImportError(
+            f"timm {timm.__version__} has no optimizer registry; lars_plugins.timm needs timm>={MIN_TIMM} "
+            f'(pip install "timm>={MIN_TIMM}"). Meanwhile use lars_plugins.LARS directly.'
+        )
+    return timm.optim
+
+
+def _registry() -> Any:
+    from timm.optim._optim_factory import default_registry  # the registry create_optimizer_v2 uses
+
+    return default_registry
+
+
+def _info(name: str, defaults: dict[str, Any]) -> Any:
+    variant = ", ".join(f"{k}={v}" for k, v in defaults.items()) or "plain"
+    return _timm_optim().OptimInfo(
+        name=name,
+        opt_class=create_lars,
+        description=f"lars_plugins.LARS ({variant}): layer-wise adaptive rate scaling, adaptation "
+                    "independent of weight decay, biases and norms not adapted",
+        has_eps=True,
+        has_momentum=True,
+        defaults=dict(defaults) or None,
+    )
+
+
+def register(override_builtin: bool = True) -> list[str]:
+    """Register LARS in timm's registry; return the names registered. Idempotent and quiet.
+
+    ``override_builtin=True`` also takes timm's names (``lars``, ``larc``, ``nlars``, ``nlarc``);
+    the ``lp``-prefixed names are always registered.
+    """
+    _timm_optim()
+    registry = _registry()
+    names = {**PLUGIN_NAMES, **(TIMM_NAMES if override_builtin else {})}
+    for name, defaults in names.items():
+        current = registry._optimizers.get(name)
+        if current is not None and current.opt_class is create_lars:
+            continue  # already ours: nothing to do, nothing to log
+        if current is not None:
+            _replaced.setdefault(name, current)
+        # timm logs a warning when a name is overwritten; replacing its Lars is the point here.
+        with _quiet(logging.getLogger(registry.__module__)):
+            registry.register(_info(name, defaults))
+    return list(names)
+
+
+def unregister() -> None:
+    """Remove our names from timm's registry and give timm's own ``lars`` family back."""
+    registry = _registry()
+    for name in [*TIMM_NAMES, *PLUGIN_NAMES]:
+        current = registry._optimizers.get(name)
+        if current is not None and current.opt_class is create_lars:
+            del registry._optimizers[name]
+    for name, info in _replaced.items():
+        registry._optimizers[name] = info
+    _replaced.clear()
+
+
+class _quiet:
+    """Raise a logger's level to ERROR for the duration of a ``with`` block."""
+
+    def __init__(self, logger: logging.Logger) -> None:
+        self.logger, self.level = logger, logger.level
+
+    def __enter__(self) -> None:
+        self.logger.setLevel(logging.ERROR)
+
+    def __exit__(self, *exc: object) -> None:
+        self.logger.setLevel(self.level)
+
+
+register()

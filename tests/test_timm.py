@@ -1,0 +1,210 @@
+"""timm integration with real timm models (random init): registry, groups, training, layer decay, checkpoints."""
+
+from __future__ import annotations
+
+import inspect
+import io
+import logging
+import subprocess
+import sys
+
+import pytest
+import torch
+from torch import nn
+
+timm = pytest.importorskip("timm")
+import timm.optim  # noqa: E402
+
+import lars_plugins.timm as lars_timm  # noqa: E402  (registers)
+from lars_plugins import LARS  # noqa: E402
+
+create = timm.optim.create_optimizer_v2
+
+
+def resnet(name="resnet18"):
+    torch.manual_seed(0)
+    return timm.create_model(name, pretrained=False, num_classes=4)
+
+
+def images(n=16, seed=0, size=32):
+    """Four classes, each a bright quadrant in noise: learnable in a few steps."""
+    gen = torch.Generator().manual_seed(seed)
+    y = torch.arange(n) % 4
+    x = torch.randn(n, 3, size, size, generator=gen) * 0.5
+    half = size // 2
+    for i, c in enumerate(y.tolist()):
+        r, k = divmod(c, 2)
+        x[i, :, r * half:(r + 1) * half, k * half:(k + 1) * half] += 2.0
+    return x, y
+
+
+def test_plain_import_does_not_import_frameworks():
+    code = ("import sys, lars_plugins; bad = [m for m in ('timm', 'transformers', 'lightning', 'pytorch_lightning', "
+            "'matplotlib') if m in sys.modules]; assert not bad, bad")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("name,nesterov,clip", [
+    ("lars", False, False), ("larc", False, True), ("nlars", True, False), ("nlarc", True, True),
+    ("lplars", False, False), ("lplarc", False, True), ("lpnlars", True, False), ("lpnlarc", True, True),
+])
+def test_names_build_our_lars(name, nesterov, clip):
+    opt = create(resnet(), opt=name, lr=2.0, weight_decay=1e-4)
+    assert type(opt) is LARS
+    group = opt.param_groups[-1]
+    assert group["nesterov"] is nesterov and group["trust_clip"] is clip
+    assert group["momentum"] == 0.9 and group["lr"] == 2.0
+
+
+def test_register_is_idempotent_quiet_and_reversible(caplog):
+    with caplog.at_level(logging.DEBUG):
+        assert "lars" in lars_timm.register() and "lplars" in lars_timm.register()
+    assert not caplog.records
+    lars_timm.unregister()
+    try:
+        assert type(create(resnet(), opt="lars", weight_decay=1e-4)) is timm.optim.Lars
+        with pytest.raises(Exception):
+            create(resnet(), opt="lplars")
+        lars_timm.register(override_builtin=False)  # side by side: timm's lars and ours
+        assert type(create(resnet(), opt="lars", weight_decay=1e-4)) is timm.optim.Lars
+        assert type(create(resnet(), opt="lplars", weight_decay=1e-4)) is LARS
+    finally:
+        lars_timm.register()
+    assert type(create(resnet(), opt="lars")) is LARS
+
+
+def test_timm_groups_mean_the_right_thing():
+    model = resnet()
+    opt = create(model, opt="lars", lr=1.0, weight_decay=1e-4)
+    decay = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
+    for name, p in model.named_parameters():
+        group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
+        adapted = LARS.is_adapted(group, p)
+        # timm's filter: 1-D tensors (biases, BatchNorm) get no weight decay; LARS does not adapt them.
+        assert adapted == (p.ndim > 1), name
+        assert (id(p) in decay) == (p.ndim > 1), name
+
+
+def test_weight_decay_zero_is_still_lars():
+    model = resnet()
+    opt = create(model, opt="lars", lr=1.0, weight_decay=0.0)
+    x, y = images()
+    nn.functional.cross_entropy(model(x), y).backward()
+    w = model.conv1.weight
+    before, g = w.detach().clone(), w.grad.clone()
+    opt.step()
+    ratio = 1e-3 * before.norm() / (g.norm() + 1e-8)  # Eq. 6, wd = 0
+    torch.testing.assert_close(w.detach(), before - ratio * g, rtol=1e-4, atol=1e-7)
+    assert opt.state[w]["trust_ratio"].item() == pytest.approx(ratio.item(), rel=1e-5)
+
+
+def test_timm_keyword_names():
+    model = resnet()
+    opt = create(model, opt="lars", weight_decay=1e-4, trust_coeff=0.02, always_adapt=True, foreach=True)
+    assert all(g["trust_coefficient"] == 0.02 and g["foreach"] is True for g in opt.param_groups)
+    assert all(LARS.is_adapted(g, p) for g in opt.param_groups for p in g["params"])
+    with pytest.raises(TypeError, match="trust_coeff"):
+        create(model, opt="lars", trust_coeff=0.02, trust_coefficient=0.01)
+
+
+@pytest.mark.parametrize("name,kwargs,lr,eta,steps", [
+    ("resnet18", {}, 4.0, 0.01, 8),
+    ("resnet50", {}, 4.0, 0.01, 8),
+    # Transformers want gentler settings with LARS (the LAMB paper's point); still LARS, still learning.
+    ("vit_tiny_patch16_224", {"img_size": 32}, 0.5, 0.02, 12),
+])
+def test_real_training_steps_reduce_the_loss(name, kwargs, lr, eta, steps):
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=4, **kwargs)
+    opt = create(model, opt="lars", lr=lr, weight_decay=5e-5, trust_coeff=eta)
+    x, y = images(n=32)
+    losses = []
+    for _ in range(steps):
+        opt.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert min(losses[-3:]) < 0.7 * losses[0], losses
+
+
+def test_lookahead_lars():
+    from timm.optim import Lookahead
+
+    model = resnet()
+    opt = create(model, opt="lookahead_lars", lr=2.0, weight_decay=1e-4)
+    base = getattr(opt, "_base_optimizer", None) or opt.base_optimizer  # renamed across timm versions
+    assert isinstance(opt, Lookahead) and type(base) is LARS
+    x, y = images()
+    before = model.conv1.weight.detach().clone()
+    for _ in range(3):
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    assert not torch.equal(before, model.conv1.weight.detach())
+
+
+def test_layer_decay_with_timm_and_torch_schedulers():
+    from timm.scheduler import CosineLRScheduler
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_tiny_patch16_224", pretrained=False, img_size=32, num_classes=4)
+    opt = create(model, opt="lars", lr=2.0, weight_decay=0.05, layer_decay=0.75)
+    scales = sorted({g["lr_scale"] for g in opt.param_groups})
+    num_layers = 14  # patch embed, 12 blocks, head (timm's group_matcher)
+    assert scales == pytest.approx(sorted(0.75 ** (num_layers - 1 - i) for i in range(num_layers)))
+    # timm's scheduler applies lr_scale itself.
+    sched = CosineLRScheduler(opt, t_initial=10)
+    sched.step(1)
+    base = sched._get_values(1)[0]
+    for g in opt.param_groups:
+        assert g["lr"] == pytest.approx(base * g["lr_scale"])
+    # torch's schedulers ignore lr_scale: fold it in first, then any torch scheduler keeps the ratios.
+    opt = lars_timm.apply_lr_scale(create(model, opt="lars", lr=2.0, weight_decay=0.05, layer_decay=0.75))
+    ratios = [g["lr"] / 2.0 for g in opt.param_groups]
+    assert ratios == pytest.approx([g["applied_lr_scale"] for g in opt.param_groups]) and min(ratios) < 0.05
+    torch_sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    opt.step()
+    torch_sched.step()
+    assert [g["lr"] / 1.0 for g in opt.param_groups] == pytest.approx(ratios)
+
+
+def test_timm_lars_checkpoint_loads_into_ours():
+    model = resnet()
+    groups = timm.optim.param_groups_weight_decay(model, weight_decay=1e-4)
+    theirs = timm.optim.Lars(groups, lr=1.5, momentum=0.9, trust_coeff=0.005)
+    x, y = images()
+    for _ in range(3):
+        theirs.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        theirs.step()
+    buffer = io.BytesIO()
+    torch.save(theirs.state_dict(), buffer)
+    buffer.seek(0)
+    saved = torch.load(buffer, weights_only=True)
+
+    ours = create(model, opt="lars", lr=0.1, weight_decay=1e-4)
+    ours.load_state_dict(saved)
+    for g in ours.param_groups:
+        assert g["trust_coefficient"] == 0.005 and g["lr"] == 1.5 and "trust_coeff" not in g
+    for p in model.parameters():
+        torch.testing.assert_close(ours.state[p]["momentum_buffer"], theirs.state[p]["momentum_buffer"])
+    nn.functional.cross_entropy(model(x), y).backward()
+    ours.step()  # and it trains on
+
+
+def test_fallback_groups():
+    if "fallback_list" not in inspect.signature(create).parameters:
+        pytest.skip("this timm has no fallback groups")
+    model = resnet()
+    opt = create(model, opt="lars", weight_decay=1e-4, fallback_list=["fc.bias"])
+    fallback = [g for g in opt.param_groups if g.get("use_fallback")]
+    assert fallback and all(g["lars_exclude"] is True for g in fallback)
+    with pytest.raises(ValueError, match="fallback"):
+        create(model, opt="lars", weight_decay=1e-4, fallback_list=["fc.weight"])
+
+
+def test_old_timm_gets_a_clear_error(monkeypatch):
+    monkeypatch.delattr(timm.optim, "OptimInfo")
+    with pytest.raises(ImportError, match="1.0.12"):
+        lars_timm.register()
