@@ -34,3 +34,17 @@ def test_monitor_example_writes_history_and_report(tmp_path):
     assert "epoch  1  test accuracy" in out and "21 adapted layers" in out
     assert (tmp_path / "run" / "trust_ratios.csv").is_file()
     assert (tmp_path / "run" / "trust_ratio_report.png").read_bytes()[:4] == b"\x89PNG"
+
+
+def test_timm_finetune_example_from_a_local_checkpoint(tmp_path):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("timm")
+    first = run_example("timm_finetune.py", "--epochs", "1", "--save-checkpoint", "w.pth", "--out-dir", "a",
+                        cwd=tmp_path)
+    assert "random init" in first and "lars_plugins.optim.LARS" in first and (tmp_path / "w.pth").is_file()
+    second = run_example("timm_finetune.py", "--epochs", "1", "--checkpoint", "w.pth", "--out-dir", "b", cwd=tmp_path)
+    assert "weights from w.pth" in second and "epoch 1  test accuracy" in second
+    # The weights came from the file: the accuracy before fine-tuning is the one the first run ended with.
+    ended = first.split("epoch 1  test accuracy ")[1].split()[0]
+    assert f"before fine-tuning {ended}" in second
+    assert (tmp_path / "b" / "trust_ratios.csv").is_file()
