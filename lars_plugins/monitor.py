@@ -120,6 +120,10 @@ class TrustRatioMonitor:
         """Record the next optimizer step, reported under ``step`` (default: the monitor's count)."""
         self._armed_step = self.step if step is None else int(step)
 
+    def cancel_recording(self) -> None:
+        """Undo :meth:`record_next_step` (``every_n_steps`` still applies)."""
+        self._armed_step = None
+
     def will_record(self) -> bool:
         """Whether the next optimizer step will be recorded."""
         return self._armed_step is not None or (self.every_n_steps is not None and self.step % self.every_n_steps == 0)

@@ -11,7 +11,16 @@ from torch.optim import Optimizer
 
 from .functional import lars, ratio_dtype
 
-__all__ = ["LARS"]
+__all__ = ["LARS", "VARIANTS"]
+
+# The names frameworks select LARS by (timm's family, kept by the timm and HF integrations alike),
+# with the LARS keywords each one implies.
+VARIANTS: dict[str, dict[str, Any]] = {
+    "lars": {},
+    "larc": {"trust_clip": True},
+    "nlars": {"nesterov": True},
+    "nlarc": {"nesterov": True, "trust_clip": True},
+}
 
 ParamsT = Union[Iterable[Tensor], Iterable[dict[str, Any]], Iterable[tuple[str, Tensor]]]
 

@@ -19,17 +19,12 @@ from typing import Any, Iterable, Optional
 
 from torch.optim import Optimizer
 
-from .optim import LARS
+from .optim import LARS, VARIANTS
 
 __all__ = ["register", "unregister", "create_lars", "apply_lr_scale", "TIMM_NAMES", "PLUGIN_NAMES"]
 
 # name -> LARS keyword defaults. Names must not contain "_": timm keeps only the part after the last one.
-TIMM_NAMES: dict[str, dict[str, Any]] = {
-    "lars": {},
-    "larc": {"trust_clip": True},
-    "nlars": {"nesterov": True},
-    "nlarc": {"nesterov": True, "trust_clip": True},
-}
+TIMM_NAMES: dict[str, dict[str, Any]] = VARIANTS
 PLUGIN_NAMES: dict[str, dict[str, Any]] = {"lp" + name: defaults for name, defaults in TIMM_NAMES.items()}
 
 MIN_TIMM = "1.0.12"  # the first timm with an optimizer registry (OptimInfo)
