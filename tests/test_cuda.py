@@ -97,3 +97,29 @@ def test_monitor_syncs_once_on_recording_steps_and_never_otherwise():
     assert syncs == [1, 0, 1, 0]
     assert monitor.history.steps == [0, 2]
     assert monitor.latest["weight_norm/0.weight"] > 0 and "trust_ratio/0.weight" in monitor.latest
+
+
+def test_hf_fp16_overflow_step_logs_no_trust_ratios(tmp_path):
+    pytest.importorskip("transformers")
+    from transformers import BertConfig, BertForSequenceClassification
+
+    from lars_plugins.hf import LarsTrainer, LarsTrainingArguments
+
+    class OverflowAtStep2(LarsTrainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            loss = super().compute_loss(model, inputs, *args, **kwargs)
+            return loss * float("inf") if self.state.global_step == 1 else loss  # the step that becomes step 2
+
+    torch.manual_seed(0)
+    model = BertForSequenceClassification(BertConfig(vocab_size=64, hidden_size=32, num_hidden_layers=2,
+                                                     num_attention_heads=2, intermediate_size=64, num_labels=2))
+    train = [{"input_ids": torch.randint(0, 64, (12,)), "labels": i % 2} for i in range(64)]
+    args = LarsTrainingArguments(output_dir=str(tmp_path), optim="lars", learning_rate=1.0, fp16=True, max_steps=4,
+                                 logging_steps=2, per_device_train_batch_size=16, report_to="none", save_strategy="no",
+                                 max_grad_norm=0.0)
+    trainer = OverflowAtStep2(model=model, args=args, train_dataset=train)
+    trainer.train()
+    logs = {h["step"]: h for h in trainer.state.log_history if "loss" in h}
+    assert set(logs) == {2, 4}
+    assert not any(k.startswith("trust_ratio") for k in logs[2])  # skipped by the scaler: nothing recorded
+    assert "trust_ratio_stats/median" in logs[4]

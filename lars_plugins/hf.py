@@ -1,0 +1,225 @@
+"""Hugging Face Trainer integration: ``optim="lars"`` and per-layer trust ratios in the Trainer's logs.
+
+transformers validates ``TrainingArguments.optim`` against a closed enum and has no public optimizer
+registry, so the integration is two mixins (and ready-made classes built from them):
+
+* :class:`LarsArgsMixin` / :class:`LarsTrainingArguments`: ``optim`` accepts ``lars``, ``larc``,
+  ``nlars``, ``nlarc`` besides transformers' names (also ``--optim lars`` through ``HfArgumentParser``),
+  with ``optim_args`` such as ``trust_coefficient=0.02,momentum=0.9`` converted to LARS's types, plus
+  ``lars_layer_decay`` and ``lars_monitor``;
+* :class:`LarsTrainerMixin` / :class:`LarsTrainer`: builds LARS with bias/norm exclusion and the
+  weight decay of ``args.weight_decay``, and merges trust-ratio metrics into the Trainer's own
+  ``log()`` on logging steps, so they reach ``state.log_history`` and every reporting integration.
+
+The mixins compose with other Trainer subclasses: ``class MyTrainer(LarsTrainerMixin, SFTTrainer)``
+with ``class MyConfig(LarsArgsMixin, SFTConfig)`` (both decorated ``@dataclass`` for the config).
+"""
+
+from __future__ import annotations
+
+import inspect
+import typing
+from dataclasses import dataclass, field
+from typing import Any, Optional, Union, get_args, get_origin
+
+import torch
+from transformers import Trainer, TrainerCallback, TrainingArguments
+
+from .groups import param_groups
+from .monitor import TrustRatioMonitor
+from .optim import LARS, VARIANTS
+
+__all__ = [
+    "LarsArgsMixin",
+    "LarsTrainingArguments",
+    "LarsTrainerMixin",
+    "LarsTrainer",
+    "lars_optimizer_kwargs",
+    "parse_optim_args",
+    "MONITOR_MODES",
+]
+
+MONITOR_MODES = ("off", "summary", "per_layer", "all")
+# Set by the Trainer from its own arguments; refused in optim_args so that they are not given twice.
+_FROM_ARGS = {"lr": "learning_rate", "weight_decay": "weight_decay", "params": None}
+_HF_DEFAULT_OPTIM = TrainingArguments.__dataclass_fields__["optim"].default
+
+
+def _optim_name(optim: Any) -> str:
+    return str(getattr(optim, "value", optim)).lower()
+
+
+def is_lars(optim: Any) -> bool:
+    """Whether ``optim`` (a ``TrainingArguments.optim`` value) names one of our LARS variants."""
+    return _optim_name(optim) in VARIANTS
+
+
+@dataclass
+class LarsArgsMixin:
+    """``TrainingArguments`` fields for LARS. Put it first: ``class A(LarsArgsMixin, TrainingArguments)``."""
+
+    optim: str = field(
+        default=_HF_DEFAULT_OPTIM,
+        metadata={"help": f"The optimizer: {', '.join(VARIANTS)} (lars_plugins.LARS) or any of transformers' "
+                          "OptimizerNames."},
+    )
+    lars_layer_decay: Optional[float] = field(
+        default=None,
+        metadata={"help": "LARS only: layer-wise LR decay in (0, 1] for fine-tuning (embeddings and lower blocks "
+                          "get smaller LRs); None: off."},
+    )
+    lars_monitor: str = field(
+        default="summary",
+        metadata={"help": "Trust ratios in the logs on logging steps: off, summary (min/median/max), per_layer "
+                          "or all.", "choices": list(MONITOR_MODES)},
+    )
+
+    def __post_init__(self) -> None:
+        name = _optim_name(self.optim)
+        ours = name in VARIANTS
+        if not ours:
+            from transformers.training_args import OptimizerNames
+
+            known = [o.value for o in OptimizerNames]
+            if name not in known:
+                raise ValueError(f"optim={self.optim!r} is not an optimizer name. lars_plugins adds "
+                                 f"{', '.join(VARIANTS)}; transformers knows {', '.join(known)}")
+        if self.lars_monitor not in MONITOR_MODES:
+            raise ValueError(f"lars_monitor must be one of {', '.join(MONITOR_MODES)}, got {self.lars_monitor!r}")
+        if self.lars_layer_decay is not None and not 0 < self.lars_layer_decay <= 1:
+            raise ValueError(f"lars_layer_decay must be in (0, 1] or None, got {self.lars_layer_decay!r}")
+        if ours:
+            # transformers checks optim against its enum: let it check a stand-in, then put the name back.
+            self.optim = "sgd"
+        super().__post_init__()  # type: ignore[misc]
+        if ours:
+            self.optim = name
+            parse_optim_args(getattr(self, "optim_args", None), name)  # bad optim_args fail here, not at train()
+
+
+@dataclass
+class LarsTrainingArguments(LarsArgsMixin, TrainingArguments):
+    """``TrainingArguments`` whose ``optim`` also accepts ``lars``, ``larc``, ``nlars`` and ``nlarc``."""
+
+
+def _convert(key: str, text: str, annotation: Any) -> Any:
+    """``text`` as the type of LARS's ``key`` argument (float, bool, Optional[bool])."""
+    options = [a for a in get_args(annotation) if a is not type(None)] if get_origin(annotation) is Union else [annotation]
+    optional = get_origin(annotation) is Union and type(None) in get_args(annotation)
+    low = text.strip().lower()
+    if optional and low in ("none", "null"):
+        return None
+    if bool in options:
+        if low in ("true", "1", "yes"):
+            return True
+        if low in ("false", "0", "no"):
+            return False
+        raise ValueError(f"optim_args: {key} must be true or false{' or none' if optional else ''}, got {text!r}")
+    try:
+        return float(text)
+    except ValueError:
+        raise ValueError(f"optim_args: {key} must be a number, got {text!r}") from None
+
+
+def parse_optim_args(optim_args: Optional[str], optim: str = "lars") -> dict[str, Any]:
+    """``"k=v,k=v"`` (``TrainingArguments.optim_args``) as LARS keyword arguments of the right types.
+
+    Unknown keys and keys the Trainer sets from its own arguments (``lr``: ``learning_rate``;
+    ``weight_decay``) are refused with the list of what is valid.
+    """
+    if not optim_args:
+        return {}
+    hints = typing.get_type_hints(LARS.__init__)  # resolved: optim.py postpones its annotations
+    allowed = [k for k in inspect.signature(LARS.__init__).parameters if k in hints and k not in _FROM_ARGS]
+    out: dict[str, Any] = {}
+    for item in optim_args.split(","):
+        if not item.strip():
+            continue
+        key, sep, value = item.partition("=")
+        key = key.strip()
+        if not sep:
+            raise ValueError(f"optim_args: expected key=value, got {item!r}")
+        if key in _FROM_ARGS:
+            raise ValueError(f"optim_args: set {key} with --{_FROM_ARGS[key]}, not in optim_args")
+        if key not in allowed:
+            raise ValueError(f"optim_args: unknown key {key!r} for {optim}; valid keys: {', '.join(allowed)}")
+        out[key] = _convert(key, value, hints[key])
+    return out
+
+
+def lars_optimizer_kwargs(args: TrainingArguments, model: torch.nn.Module) -> dict[str, Any]:
+    """Keyword arguments (``params`` included) for ``LARS`` from a Trainer's arguments.
+
+    Groups come from :func:`lars_plugins.param_groups`: biases and norm weights not adapted and not
+    decayed (HF's own decay/no-decay split, by module type and name), the rest decayed by
+    ``args.weight_decay``; with ``lars_layer_decay``, per-depth ``lr`` set on the groups, which HF's
+    schedulers keep (they scale each group's initial LR).
+    """
+    name = _optim_name(args.optim)
+    layer_decay = getattr(args, "lars_layer_decay", None)
+    groups = param_groups(model, weight_decay=args.weight_decay, layer_decay=layer_decay,
+                          lr=args.learning_rate if layer_decay is not None else None)
+    return {"params": groups, "lr": args.learning_rate, **VARIANTS[name], **parse_optim_args(args.optim_args, name)}
+
+
+class LarsTrainerMixin:
+    """Trainer mixin: LARS for ``optim`` in ``lars``/``larc``/``nlars``/``nlarc``, trust ratios in the logs.
+
+    Put it first: ``class MyTrainer(LarsTrainerMixin, Trainer)``. Other ``optim`` values go to the
+    Trainer unchanged.
+    """
+
+    def __init__(self, *args: Any, **kwargs: Any) -> None:
+        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        self.lars_trust_monitor: Optional[TrustRatioMonitor] = None
+        self._lars_pending: Optional[tuple[int, dict[str, float]]] = None
+        self.add_callback(_ArmOnLoggingSteps(self))  # type: ignore[attr-defined]
+
+    def create_optimizer(self, model: Optional[torch.nn.Module] = None) -> torch.optim.Optimizer:
+        args = self.args  # type: ignore[attr-defined]
+        if self.optimizer is None and is_lars(args.optim) and self.optimizer_cls_and_kwargs is None:  # type: ignore[attr-defined]
+            opt_model = self.model if model is None else model  # type: ignore[attr-defined]
+            self.optimizer = LARS(**lars_optimizer_kwargs(args, opt_model))
+        optimizer = super().create_optimizer(model)  # type: ignore[misc]
+        mode = getattr(args, "lars_monitor", "summary")
+        if mode != "off" and self.lars_trust_monitor is None:
+            opt_model = self.model if model is None else model  # type: ignore[attr-defined]
+            self.lars_trust_monitor = TrustRatioMonitor(
+                opt_model, optimizer, per_layer=mode in ("per_layer", "all"), summaries=mode in ("summary", "all"),
+                keep_history=False, on_record=self._lars_recorded,
+            )
+        return optimizer
+
+    def _lars_recorded(self, step: int, record: dict[str, float]) -> None:
+        self._lars_pending = (step, record)
+
+    def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
+        """The Trainer's ``log``, with the trust ratios recorded at this step merged in (training logs only)."""
+        pending, step = self._lars_pending, self.state.global_step  # type: ignore[attr-defined]
+        if pending is not None and pending[0] == step and "loss" in logs:
+            logs = {**logs, **pending[1]}
+            self._lars_pending = None
+        super().log(logs, *args, **kwargs)  # type: ignore[misc]
+
+
+class _ArmOnLoggingSteps(TrainerCallback):
+    """Arms the monitor before the optimizer step whose global step the Trainer will log."""
+
+    def __init__(self, trainer: LarsTrainerMixin) -> None:
+        self.trainer = trainer
+
+    def on_pre_optimizer_step(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        monitor = self.trainer.lars_trust_monitor
+        if monitor is None:
+            return
+        upcoming = state.global_step + 1
+        strategy = _optim_name(args.logging_strategy)
+        logging_steps = args.logging_steps if args.logging_steps >= 1 else max(1, int(args.logging_steps * state.max_steps))
+        if strategy == "steps" and (upcoming % logging_steps == 0 or (args.logging_first_step and upcoming == 1)):
+            monitor.record_next_step(step=upcoming)
+        else:
+            monitor.cancel_recording()  # an armed step the scaler skipped (fp16 overflow) must not carry over
+
+
+class LarsTrainer(LarsTrainerMixin, Trainer):
+    """``transformers.Trainer`` with ``optim="lars"`` (and variants) and trust ratios in its logs."""
