@@ -274,3 +274,36 @@ def test_offline_pretrained_minilm_with_real_reviews(tmp_path, minilm):
         w, g = capture.seen[entry["step"]]
         expected = 1e-3 * w / (g + 1e-4 * w + 1e-8)
         assert entry["trust_ratio/bert.encoder.layer.3.attention.self.query.weight"] == pytest.approx(expected, rel=1e-4)
+
+
+def test_mixins_compose_with_other_trainer_and_args_subclasses(tmp_path):
+    from dataclasses import dataclass, field
+
+    from transformers import TrainingArguments
+
+    from lars_plugins.hf import LarsArgsMixin, LarsTrainerMixin
+
+    @dataclass
+    class OtherArgs(TrainingArguments):  # stands in for TRL's SFTConfig and the like
+        max_length: int = field(default=128)
+
+    @dataclass
+    class Args(LarsArgsMixin, OtherArgs):
+        pass
+
+    class OtherTrainer(Trainer):  # stands in for TRL's SFTTrainer
+        def compute_loss(self, model, inputs, *a, **k):
+            self.other_calls = getattr(self, "other_calls", 0) + 1
+            return super().compute_loss(model, inputs, *a, **k)
+
+    class Mine(LarsTrainerMixin, OtherTrainer):
+        pass
+
+    args = Args(output_dir=str(tmp_path), optim="nlars", max_length=64, learning_rate=1.0, max_steps=2,
+                logging_steps=1, per_device_train_batch_size=16, report_to="none", use_cpu=True, save_strategy="no")
+    assert args.max_length == 64 and args.optim == "nlars"
+    trainer = Mine(model=tiny_bert(), args=args, train_dataset=Tokens())
+    trainer.train()
+    assert trainer.other_calls == 2 and type(trainer.optimizer.optimizer) is LARS
+    assert trainer.optimizer.optimizer.param_groups[0]["nesterov"] is True
+    assert "trust_ratio_stats/median" in trainer.state.log_history[0]
