@@ -1,0 +1,64 @@
+"""Per-step LR schedules for large-batch training: linear warm-up, then cosine or polynomial decay.
+
+:class:`WarmupDecayLR` is a ``torch.optim.lr_scheduler.LambdaLR`` whose factor is a small callable
+object, so its state dict holds plain numbers (``torch.load(weights_only=True)`` works) and it scales
+each group's own initial LR (layer-wise LR decay keeps its ratios). Unlike lightning-bolts'
+``LinearWarmupCosineAnnealingLR``, the LR never climbs again after ``total_steps`` and
+``warmup_steps == total_steps`` is not an error.
+"""
+
+from __future__ import annotations
+
+import math
+
+from torch.optim import Optimizer
+from torch.optim.lr_scheduler import LambdaLR
+
+__all__ = ["WarmupDecay", "WarmupDecayLR", "DECAYS"]
+
+DECAYS = ("cosine", "poly", "linear", "constant")
+
+
+class WarmupDecay:
+    """LR factor at step ``t``: linear warm-up from ``1/warmup_steps`` to 1 over ``warmup_steps``, then
+    ``decay`` from 1 to ``min_lr_ratio`` at ``total_steps``, constant after. ``poly`` is the paper's
+    ``(1 - t/T)^power`` (power 2 in its experiments)."""
+
+    def __init__(self, total_steps: int, warmup_steps: int = 0, decay: str = "cosine", power: float = 2.0,
+                 min_lr_ratio: float = 0.0) -> None:
+        if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
+            raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
+        if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or not 0 <= warmup_steps <= total_steps:
+            raise ValueError(f"warmup_steps must be an int in [0, total_steps={total_steps}], got {warmup_steps!r}")
+        if decay not in DECAYS:
+            raise ValueError(f"decay must be one of {', '.join(DECAYS)}, got {decay!r}")
+        if not power > 0:
+            raise ValueError(f"power must be > 0, got {power!r}")
+        if not 0 <= min_lr_ratio <= 1:
+            raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
+        self.total_steps, self.warmup_steps, self.decay = total_steps, warmup_steps, decay
+        self.power, self.min_lr_ratio = float(power), float(min_lr_ratio)
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return (step + 1) / self.warmup_steps
+        span = self.total_steps - self.warmup_steps
+        progress = 1.0 if span <= 0 else min(1.0, (step - self.warmup_steps) / span)
+        if self.decay == "constant":
+            shape = 1.0
+        elif self.decay == "cosine":
+            shape = 0.5 * (1.0 + math.cos(math.pi * progress))
+        elif self.decay == "linear":
+            shape = 1.0 - progress
+        else:
+            shape = (1.0 - progress) ** self.power
+        return self.min_lr_ratio + (1.0 - self.min_lr_ratio) * shape
+
+
+class WarmupDecayLR(LambdaLR):
+    """``LambdaLR`` with :class:`WarmupDecay`; step it once per optimizer step."""
+
+    def __init__(self, optimizer: Optimizer, total_steps: int, warmup_steps: int = 0, decay: str = "cosine",
+                 power: float = 2.0, min_lr_ratio: float = 0.0, last_epoch: int = -1) -> None:
+        super().__init__(optimizer, WarmupDecay(total_steps, warmup_steps, decay, power, min_lr_ratio),
+                         last_epoch=last_epoch)

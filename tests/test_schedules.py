@@ -1,0 +1,70 @@
+"""WarmupDecayLR against the formulas written out here, and its edge cases."""
+
+from __future__ import annotations
+
+import io
+import math
+
+import pytest
+import torch
+
+from lars_plugins import LARS, WarmupDecayLR
+
+
+def lrs(steps, **kw):
+    opt = LARS([torch.nn.Parameter(torch.ones(2, 2))], lr=10.0)
+    sched = WarmupDecayLR(opt, **kw)
+    out = []
+    for _ in range(steps):
+        out.append(opt.param_groups[0]["lr"])
+        opt.step()
+        sched.step()
+    return out
+
+
+def test_warmup_then_poly_is_the_papers_schedule():
+    got = lrs(14, total_steps=10, warmup_steps=4, decay="poly", power=2.0)
+    warm = [10.0 * (t + 1) / 4 for t in range(4)]
+    decay = [10.0 * (1 - (t - 4) / 6) ** 2 for t in range(4, 10)]
+    assert got == pytest.approx(warm + decay + [0.0] * 4)  # flat at the floor after total_steps
+
+
+def test_cosine_with_floor_never_climbs_again():
+    got = lrs(30, total_steps=20, decay="cosine", min_lr_ratio=0.1)
+    expected = [10.0 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 20) / 20))) for t in range(30)]
+    assert got == pytest.approx(expected)
+    assert all(a >= b for a, b in zip(got, got[1:]))
+
+
+def test_warmup_equal_to_the_run_and_linear_and_constant():
+    # All warm-up: no division by zero; past total_steps the LR is at its floor, as for every decay.
+    assert lrs(5, total_steps=3, warmup_steps=3) == pytest.approx([10 / 3, 20 / 3, 10.0, 0.0, 0.0])
+    assert lrs(3, total_steps=2, decay="linear") == pytest.approx([10.0, 5.0, 0.0])
+    assert lrs(3, total_steps=2, decay="constant") == pytest.approx([10.0, 10.0, 10.0])
+
+
+def test_layer_decay_ratios_survive_and_state_loads_weights_only():
+    opt = LARS([{"params": [torch.nn.Parameter(torch.ones(2, 2))], "lr": 1.0},
+                {"params": [torch.nn.Parameter(torch.ones(2, 2))], "lr": 0.25}], lr=1.0)
+    sched = WarmupDecayLR(opt, total_steps=10, warmup_steps=2)
+    for _ in range(5):
+        opt.step()
+        sched.step()
+    assert opt.param_groups[1]["lr"] == pytest.approx(0.25 * opt.param_groups[0]["lr"])
+    buffer = io.BytesIO()
+    torch.save(sched.state_dict(), buffer)
+    buffer.seek(0)
+    state = torch.load(buffer, weights_only=True)
+    fresh = WarmupDecayLR(opt, total_steps=10, warmup_steps=2)
+    fresh.load_state_dict(state)
+    assert fresh.last_epoch == 5
+
+
+@pytest.mark.parametrize("kw,word", [
+    (dict(total_steps=0), "total_steps"), (dict(total_steps=5, warmup_steps=6), "warmup_steps"),
+    (dict(total_steps=5, decay="exp"), "decay"), (dict(total_steps=5, power=0), "power"),
+    (dict(total_steps=5, min_lr_ratio=2), "min_lr_ratio"), (dict(total_steps=5.0), "total_steps"),
+])
+def test_bad_arguments(kw, word):
+    with pytest.raises(ValueError, match=word):
+        WarmupDecayLR(LARS([torch.nn.Parameter(torch.ones(2, 2))]), **kw)
