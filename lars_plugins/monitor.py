@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
@@ -87,16 +88,7 @@ class TrustRatioMonitor:
         keep_history: bool = True,
         on_record: Optional[Callable[[int, dict[str, float]], None]] = None,
     ) -> None:
-        if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
-                                          or every_n_steps < 1):
-            raise ValueError(f"every_n_steps must be an int >= 1 or None, got {every_n_steps!r}")
-        if isinstance(metrics, str):
-            raise TypeError(f"metrics must be a sequence of names, got the string {metrics!r}; write [{metrics!r}]")
-        unknown = [m for m in metrics if m not in METRICS]
-        if unknown or not metrics:
-            raise ValueError(f"metrics must be a non-empty subset of {list(METRICS)}, got {list(metrics)!r}")
-        if not (per_layer or summaries):
-            raise ValueError("per_layer and summaries are both False: nothing would be reported")
+        check_options(every_n_steps=every_n_steps, per_layer=per_layer, summaries=summaries, metrics=metrics)
         self.optimizer = unwrap_optimizer(optimizer)
         self.every_n_steps = every_n_steps
         self.per_layer = per_layer
@@ -248,6 +240,21 @@ def _stack(tensors: Sequence[Tensor]) -> Tensor:
     return torch.stack(list(tensors))
 
 
+def check_options(*, every_n_steps: Optional[int] = None, per_layer: bool = True, summaries: bool = True,
+                  metrics: Sequence[str] = METRICS) -> None:
+    """Raise ``ValueError``/``TypeError`` for monitor options that are out of range."""
+    if every_n_steps is not None and (isinstance(every_n_steps, bool) or not isinstance(every_n_steps, int)
+                                      or every_n_steps < 1):
+        raise ValueError(f"every_n_steps must be an int >= 1 or None, got {every_n_steps!r}")
+    if isinstance(metrics, str):
+        raise TypeError(f"metrics must be a sequence of names, got the string {metrics!r}; write [{metrics!r}]")
+    unknown = [m for m in metrics if m not in METRICS]
+    if unknown or not metrics:
+        raise ValueError(f"metrics must be a non-empty subset of {list(METRICS)}, got {list(metrics)!r}")
+    if not (per_layer or summaries):
+        raise ValueError("per_layer and summaries are both False: nothing would be reported")
+
+
 def _norms(tensors: Sequence[Tensor]) -> list[Tensor]:
     """L2 norms (0-d tensors on each tensor's device, at least float32), one foreach kernel per bucket."""
     out: list[Optional[Tensor]] = [None] * len(tensors)
@@ -384,7 +391,17 @@ class TrustRatioHistory:
                     history.append(int(float(line["step"])), record)
         if not history.steps:
             raise ValueError(f"{path}: no recorded metrics (no 'metric/layer' column with a value)")
+        keys = list(history.columns)
+        if keys == sorted(keys):
+            # Lightning's CSVLogger sorts its columns as strings (net.12 before net.3); numbered layers
+            # read in numeric order are back in model order for the usual names.
+            history._reorder(sorted(keys, key=_natural_key))
         return history
+
+    def _reorder(self, keys: list[str]) -> None:
+        old = self.columns
+        self.columns = {key: i for i, key in enumerate(keys)}
+        self._rows = [[_cell(row, old[key]) for key in keys] for row in self._rows]
 
     def to_parquet(self, path: PathLike) -> Path:
         """Write the table as Parquet (needs ``pyarrow``: ``pip install "lars_plugins[parquet]"``)."""
@@ -411,6 +428,11 @@ class TrustRatioHistory:
     def load(cls, path: PathLike) -> "TrustRatioHistory":
         """Read CSV or Parquet, chosen by the file's suffix."""
         return cls.from_parquet(path) if Path(path).suffix.lower() in (".parquet", ".pq") else cls.from_csv(path)
+
+
+def _natural_key(key: str) -> list[Any]:
+    """``net.3.weight`` before ``net.12.weight``: digit runs compare as numbers."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", key)]
 
 
 def _cell(row: list[float], col: int) -> float:

@@ -300,6 +300,15 @@ def test_reads_lightning_style_csv(tmp_path):
     assert values[0] == [0.01, 0.02] and values[1][0] == 0.002 and math.isnan(values[1][1])
 
 
+def test_sorted_csv_columns_come_back_in_numeric_order(tmp_path):
+    path = tmp_path / "metrics.csv"  # CSVLogger sorts columns as strings
+    path.write_text("epoch,step,trust_ratio/net.0.weight,trust_ratio/net.12.weight,trust_ratio/net.3.weight\n"
+                    "0,0,0.1,0.2,0.3\n")
+    history = TrustRatioHistory.from_csv(path)
+    assert history.layers("trust_ratio") == ["net.0.weight", "net.3.weight", "net.12.weight"]
+    assert history.latest("trust_ratio") == {"net.0.weight": 0.1, "net.3.weight": 0.3, "net.12.weight": 0.2}
+
+
 def test_history_errors_are_clear(tmp_path):
     with pytest.raises(ValueError, match="empty"):
         TrustRatioHistory().matrix("trust_ratio")
