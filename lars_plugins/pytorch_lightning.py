@@ -1,0 +1,18 @@
+"""The ``pytorch_lightning`` twin of :mod:`lars_plugins.lightning`: the same names, built on this namespace's
+``Callback`` and ``LightningCLI`` (LightningCLI accepts only its own namespace's callbacks)."""
+
+from __future__ import annotations
+
+try:
+    import pytorch_lightning as _pl
+    from pytorch_lightning.cli import LightningCLI as _CLI
+except ImportError as err:  # pragma: no cover - exercised only without the extra
+    raise ImportError('lars_plugins.pytorch_lightning needs pytorch-lightning: pip install "lars_plugins[lightning]"') from err
+
+from ._lightning import build, configure_lars
+from .optim import LARS
+from .schedules import WarmupDecayLR
+
+__all__ = ["configure_lars", "TrustRatioCallback", "LarsCLI", "LARS", "WarmupDecayLR"]
+
+TrustRatioCallback, LarsCLI = build(_pl.Callback, _CLI, __name__).values()
