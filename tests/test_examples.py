@@ -57,3 +57,14 @@ def test_hf_finetune_example_offline(tmp_path):
                       "--batch-size", "32", "--logging-steps", "2", cwd=tmp_path)
     assert "test accuracy before fine-tuning" in out and "optimizer LARS: test accuracy" in out
     assert "trust ratio median" in out  # the summaries reached the Trainer's log history
+
+
+def test_lightning_example_trains_logs_and_plots(tmp_path):
+    pytest.importorskip("lightning")
+    pytest.importorskip("matplotlib")
+    out = run_example("lightning_large_batch.py", "--epochs", "2", "--out-dir", "run", cwd=tmp_path)
+    assert "validation accuracy after 2 epochs at batch 1024" in out
+    assert (tmp_path / "run" / "trust_ratios.png").read_bytes()[:4] == b"\x89PNG"
+    (metrics,) = (tmp_path / "run").rglob("metrics.csv")
+    header = metrics.read_text().splitlines()[0]
+    assert "trust_ratio/net.0.weight" in header and "train_loss" in header
