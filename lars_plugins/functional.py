@@ -17,8 +17,9 @@ then torch.optim.SGD's momentum (first buffer = ``d``, dampening, Nesterov) and 
 
 from __future__ import annotations
 
+import functools
 from collections import defaultdict
-from typing import Optional, Sequence, Union
+from typing import Callable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -26,6 +27,9 @@ from torch import Tensor
 __all__ = ["lars", "trust_ratio", "ratio_dtype"]
 
 Scalar = Union[float, Tensor]
+# (params, grads, dtype) -> (weight norms, grad norms), for one bucket; NormsFn also takes the bucket's indices.
+BucketNormsFn = Callable[[Sequence[Tensor], Sequence[Tensor], torch.dtype], tuple[Tensor, Tensor]]
+NormsFn = Callable[[Sequence[int], Sequence[Tensor], Sequence[Tensor], torch.dtype], tuple[Tensor, Tensor]]
 
 
 def trust_ratio(
@@ -72,6 +76,7 @@ def lars(
     trust_clip: bool,
     maximize: bool,
     foreach: Optional[bool] = None,
+    norms: Optional[NormsFn] = None,
 ) -> None:
     """One LARS step over one parameter group, in place.
 
@@ -80,6 +85,8 @@ def lars(
     adapted parameter (``None`` for excluded ones). ``adapt[i]`` says whether parameter ``i`` is
     adapted. ``foreach=None`` picks the multi-tensor path for accelerator tensors and the
     single-tensor path on CPU (see docs/performance.md for the measurements behind this).
+    ``norms(indices, params, grads, dtype) -> (w_norms, g_norms)`` replaces the local norms of the
+    parameters at ``indices`` (sharded training: :class:`lars_plugins.distributed.ShardedNorms`).
     """
     for g in grads:
         if g.is_sparse:
@@ -106,6 +113,7 @@ def lars(
                 eps=eps,
                 trust_clip=trust_clip,
                 maximize=maximize,
+                norms=None if norms is None or not adapted else functools.partial(norms, idx),
             )
             for i, buf in zip(idx, bufs):
                 momentum_buffers[i] = buf
@@ -134,6 +142,7 @@ def _ratios(
     eps: float,
     lr: Scalar,
     trust_clip: bool,
+    norms: Optional[BucketNormsFn] = None,
 ) -> tuple[Tensor, Sequence[Tensor]]:
     """Trust ratios of one bucket as a vector and as its 0-d views; copied into ``trust_ratios``.
 
@@ -141,8 +150,11 @@ def _ratios(
     ratio arithmetic is a handful of vector ops for the whole bucket, not a handful per parameter.
     """
     dtype = ratio_dtype(params[0].dtype)
-    w_norms = torch.stack(torch._foreach_norm(params, 2, dtype=dtype))
-    g_norms = torch.stack(torch._foreach_norm(grads, 2, dtype=dtype))
+    if norms is not None:
+        w_norms, g_norms = norms(params, grads, dtype)
+    else:
+        w_norms = torch.stack(torch._foreach_norm(params, 2, dtype=dtype))
+        g_norms = torch.stack(torch._foreach_norm(grads, 2, dtype=dtype))
     ratios = trust_ratio(
         w_norms,
         g_norms,
@@ -172,6 +184,7 @@ def _single_tensor_lars(
     eps: float,
     trust_clip: bool,
     maximize: bool,
+    norms: Optional[BucketNormsFn] = None,
 ) -> None:
     # The direction is d = a·g + b·w with per-tensor coefficients a = ±ratio and b = ratio·wd
     # (a = ±1, no b for excluded tensors). d is never materialised: the coefficients are folded into
@@ -189,6 +202,7 @@ def _single_tensor_lars(
             eps=eps,
             lr=lr,
             trust_clip=trust_clip,
+            norms=norms,
         )
         a_vec: Optional[Tensor] = ratios * sign
         b_vec: Optional[Tensor] = ratios * weight_decay if weight_decay != 0 else None
@@ -265,6 +279,7 @@ def _multi_tensor_lars(
     eps: float,
     trust_clip: bool,
     maximize: bool,
+    norms: Optional[BucketNormsFn] = None,
 ) -> None:
     # d = r·u with u = ±g + wd·w. u is built with fast foreach ops (Python scalars); the per-tensor
     # ratio r, a list of 0-d device tensors, forces foreach onto its per-tensor fallback (one kernel
@@ -282,6 +297,7 @@ def _multi_tensor_lars(
             eps=eps,
             lr=lr,
             trust_clip=trust_clip,
+            norms=norms,
         )
         if weight_decay != 0:
             if maximize:

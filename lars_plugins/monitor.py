@@ -21,6 +21,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from .distributed import ShardedNorms, is_dtensor, to_local
 from .functional import ratio_dtype
 
 __all__ = ["TrustRatioMonitor", "TrustRatioHistory", "METRICS", "STATS", "unwrap_optimizer"]
@@ -256,7 +257,15 @@ def check_options(*, every_n_steps: Optional[int] = None, per_layer: bool = True
 
 
 def _norms(tensors: Sequence[Tensor]) -> list[Tensor]:
-    """L2 norms (0-d tensors on each tensor's device, at least float32), one foreach kernel per bucket."""
+    """L2 norms (0-d tensors on each tensor's device, at least float32), one foreach kernel per bucket.
+
+    Sharded (DTensor) tensors get whole-tensor norms, with one all_reduce per mesh dimension; every
+    rank runs the same recording steps, so the collectives match up.
+    """
+    if any(is_dtensor(t) for t in tensors):
+        dtype = ratio_dtype(tensors[0].dtype)
+        norms, _ = ShardedNorms(tensors)(range(len(tensors)), [to_local(t) for t in tensors], [], dtype)
+        return list(norms.unbind())
     out: list[Optional[Tensor]] = [None] * len(tensors)
     buckets: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
     for i, t in enumerate(tensors):

@@ -9,6 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from .distributed import ShardedNorms, check_supported, is_dtensor, like_param, to_local
 from .functional import lars, ratio_dtype
 
 __all__ = ["LARS", "VARIANTS"]
@@ -109,10 +110,16 @@ class LARS(Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group; every LARS key may be overridden per group and is validated here."""
+        """Add a group; every LARS key may be overridden per group and is validated here.
+
+        Parameters whose sharding hides the layer (FSDP1 flat parameters, DeepSpeed ZeRO-3) are refused.
+        """
         explicit = dict(param_group)
         super().add_param_group(param_group)
-        _validate_group(self.param_groups[-1], explicit=explicit, where=f"param group {len(self.param_groups) - 1}: ")
+        where = f"param group {len(self.param_groups) - 1}: "
+        _validate_group(self.param_groups[-1], explicit=explicit, where=where)
+        for p in self.param_groups[-1]["params"]:
+            check_supported(p, where)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -163,7 +170,7 @@ class LARS(Optimizer):
             with torch.enable_grad():
                 loss = closure()
 
-        for group in self.param_groups:
+        for index, group in enumerate(self.param_groups):
             params: list[Tensor] = []
             grads: list[Tensor] = []
             buffers: list[Optional[Tensor]] = []
@@ -184,6 +191,14 @@ class LARS(Optimizer):
                 adapt.append(adapted)
             if not params:
                 continue
+            # Sharded parameters (FSDP2, tensor parallel): the update runs on the local shards, the
+            # norms of whole parameters come from one all_reduce per bucket and mesh dimension.
+            owners, norms = params, None
+            if any(is_dtensor(p) for p in params):
+                norms = ShardedNorms(params, where=f"param group {index}: ")
+                params, grads = [to_local(p) for p in params], [to_local(g) for g in grads]
+                buffers = [None if b is None else to_local(b) for b in buffers]
+            new_buffer = [b is None for b in buffers]
             lars(
                 params,
                 grads,
@@ -200,10 +215,12 @@ class LARS(Optimizer):
                 trust_clip=group["trust_clip"],
                 maximize=group["maximize"],
                 foreach=group["foreach"],
+                norms=norms,
             )
             if group["momentum"] != 0:
-                for p, buf in zip(params, buffers):
-                    self.state[p]["momentum_buffer"] = buf
+                for p, buf, new in zip(owners, buffers, new_buffer):
+                    if new:  # an existing buffer was updated in place (a DTensor's local shard too)
+                        self.state[p]["momentum_buffer"] = like_param(buf, p)
         return loss
 
 
