@@ -130,3 +130,25 @@ def test_fsdp1_and_zero3_parameters_are_refused():
     zero3.ds_id = 3  # DeepSpeed ZeRO-3's partitioned parameters carry it
     with pytest.raises(ValueError, match="DeepSpeed ZeRO"):
         LARS([{"params": [zero3]}])
+
+
+def test_lightning_model_parallel_strategy_fsdp2(tmp_path):
+    """Through Lightning's ModelParallelStrategy (FSDP2, 2 CPU processes, its own script launcher)."""
+    import csv
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    pytest.importorskip("lightning")
+    script = Path(__file__).parent / "scripts" / "lightning_fsdp2.py"
+    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=600)
+    assert result.returncode == 0, result.stderr[-3000:]
+    params = torch.load(tmp_path / "params.pt", weights_only=True)
+    expected, weight_norms = reference()
+    for name, value in expected.items():
+        torch.testing.assert_close(params[name], value, rtol=1e-5, atol=1e-6, msg=name)
+    (metrics,) = tmp_path.glob("logs/version_*/metrics.csv")
+    rows = [r for r in csv.DictReader(metrics.open()) if r.get("weight_norm/model.0.weight")]
+    assert [int(r["step"]) for r in rows] == [1, 3]  # Lightning's logging steps (log_every_n_steps=2)
+    for row in rows:  # whole-parameter norms, logged from rank 0
+        assert float(row["weight_norm/model.0.weight"]) == pytest.approx(weight_norms[int(row["step"])], rel=1e-5)
