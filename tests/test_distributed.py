@@ -152,3 +152,36 @@ def test_lightning_model_parallel_strategy_fsdp2(tmp_path):
     assert [int(r["step"]) for r in rows] == [1, 3]  # Lightning's logging steps (log_every_n_steps=2)
     for row in rows:  # whole-parameter norms, logged from rank 0
         assert float(row["weight_norm/model.0.weight"]) == pytest.approx(weight_norms[int(row["step"])], rel=1e-5)
+
+
+def accelerate_worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), RANK=str(rank), WORLD_SIZE=str(WORLD),
+                      LOCAL_RANK=str(rank), LOCAL_WORLD_SIZE=str(WORLD))
+    from accelerate import Accelerator
+
+    accelerator = Accelerator(cpu=True)  # 2 CPU processes: Accelerate's MULTI_CPU (DDP over gloo)
+    model = make_model()
+    opt = make_opt(lars_plugins.param_groups(model, weight_decay=1e-4))
+    wrapped, opt = accelerator.prepare(model, opt)
+    monitor = lars_plugins.TrustRatioMonitor(model, opt, every_n_steps=1)  # through AcceleratedOptimizer
+    for x, y in batches():
+        half = slice(rank * 8, (rank + 1) * 8)
+        opt.zero_grad()
+        accelerator.backward(nn.functional.cross_entropy(wrapped(x[half]), y[half]))
+        opt.step()
+    if rank == 0:
+        torch.save({"params": {n: p.detach() for n, p in model.named_parameters()},
+                    "ratio": monitor.latest["trust_ratio/0.weight"]}, out)
+    accelerator.wait_for_everyone()
+    accelerator.end_training()
+
+
+def test_hf_accelerate_multi_cpu_equals_one_process(tmp_path):
+    pytest.importorskip("accelerate")
+    out = str(tmp_path / "accelerate.pt")
+    mp.spawn(accelerate_worker, args=(free_port(), out), nprocs=WORLD)
+    result = torch.load(out, weights_only=True)
+    expected, _ = reference()
+    for name, value in expected.items():
+        torch.testing.assert_close(result["params"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    assert result["ratio"] > 0  # the monitor found LARS inside Accelerate's AcceleratedOptimizer
