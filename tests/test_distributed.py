@@ -185,3 +185,30 @@ def test_hf_accelerate_multi_cpu_equals_one_process(tmp_path):
     for name, value in expected.items():
         torch.testing.assert_close(result["params"][name], value, rtol=1e-5, atol=1e-6, msg=name)
     assert result["ratio"] > 0  # the monitor found LARS inside Accelerate's AcceleratedOptimizer
+
+
+def fsdp1_worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    try:
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        messages = []
+        for use_orig_params in (False, True):
+            wrapped = FSDP(make_model(), device_id=torch.device("cpu"), use_orig_params=use_orig_params)
+            try:
+                LARS(wrapped.parameters())
+                messages.append("accepted")
+            except ValueError as err:
+                messages.append(str(err))
+        if rank == 0:
+            torch.save(messages, out)
+    finally:
+        dist.destroy_process_group()
+
+
+def test_real_fsdp1_is_refused_in_both_modes(tmp_path):
+    out = str(tmp_path / "fsdp1.pt")
+    mp.spawn(fsdp1_worker, args=(free_port(), out), nprocs=WORLD)
+    for message in torch.load(out, weights_only=True):  # flat parameters, then use_orig_params=True views
+        assert "FSDP1 flattens parameters" in message and "FSDP2" in message
