@@ -11,6 +11,7 @@ from typing import Any, Optional, Sequence
 
 from torch import nn
 
+from .distributed import refuse_deepspeed
 from .groups import ExcludeT, param_groups
 from .monitor import METRICS, STATS_SUFFIX, TrustRatioMonitor, check_options
 from .optim import LARS
@@ -43,8 +44,10 @@ def configure_lars(
     ``linear`` or ``constant``) to ``min_lr_ratio·lr`` at ``total_steps``, stepped every optimizer step.
     ``total_steps`` defaults to ``module.trainer.estimated_stepping_batches``.
     """
+    trainer = getattr(module, "_trainer", None)
+    strategy = type(getattr(trainer, "strategy", None)).__name__
+    refuse_deepspeed("DeepSpeed" in strategy, f"configure_lars under Lightning's {strategy}")
     if total_steps is None:
-        trainer = getattr(module, "_trainer", None)
         if trainer is None:
             raise ValueError("total_steps is needed when the module is not attached to a Trainer "
                              "(inside configure_optimizers it is taken from trainer.estimated_stepping_batches)")

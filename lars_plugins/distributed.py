@@ -18,7 +18,7 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["is_dtensor", "check_supported", "ShardedNorms", "to_local", "like_param"]
+__all__ = ["is_dtensor", "check_supported", "refuse_deepspeed", "ShardedNorms", "to_local", "like_param"]
 
 _FSDP1 = (
     "FSDP1 flattens parameters (FlatParameter, or 1-D views of it with use_orig_params=True), so a rank "
@@ -43,6 +43,13 @@ def check_supported(param: Tensor, where: str = "") -> None:
         raise ValueError(where + _FSDP1)
     if hasattr(param, "ds_id") or hasattr(param, "ds_tensor"):
         raise ValueError(where + _ZERO3)
+
+
+def refuse_deepspeed(uses_deepspeed: bool, where: str) -> None:
+    """Raise for DeepSpeed: ZeRO-1/2 hand the optimizer flat fp32 partitions that the optimizer itself
+    cannot tell from ordinary 1-D tensors, so the framework integrations refuse it where they can see it."""
+    if uses_deepspeed:
+        raise ValueError(f"{where}: " + _ZERO3)
 
 
 def to_local(tensor: Tensor) -> Tensor:
