@@ -18,7 +18,10 @@ from typing import Any, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["is_dtensor", "check_supported", "refuse_deepspeed", "ShardedNorms", "to_local", "like_param"]
+__all__ = ["is_dtensor", "check_supported", "mark_registered", "check_registered", "refuse_deepspeed", "ShardedNorms",
+           "to_local", "like_param"]
+
+_REGISTERED = "_lars_plugins_registered"
 
 _FSDP1 = (
     "FSDP1 flattens parameters (FlatParameter, or 1-D views of it with use_orig_params=True), so a rank "
@@ -43,6 +46,20 @@ def check_supported(param: Tensor, where: str = "") -> None:
         raise ValueError(where + _FSDP1)
     if hasattr(param, "ds_id") or hasattr(param, "ds_tensor"):
         raise ValueError(where + _ZERO3)
+
+
+def mark_registered(param: Tensor) -> None:
+    """Mark a parameter the optimizer was built with (see :func:`check_registered`)."""
+    setattr(param, _REGISTERED, True)
+
+
+def check_registered(param: Tensor, where: str) -> None:
+    """Raise if a tensor the optimizer was not built with sits in its groups. DeepSpeed ZeRO-1/2 do
+    exactly that: they swap each group's parameters for one flat fp32 partition, whose norm mixes
+    layers -- the silent failure of DeepSpeed#490."""
+    if not getattr(param, _REGISTERED, False):
+        raise ValueError(f"{where}a tensor of shape {tuple(param.shape)} that this optimizer was not built with "
+                         "replaced its parameters (DeepSpeed ZeRO swaps in flat partitions). " + _ZERO3)
 
 
 def refuse_deepspeed(uses_deepspeed: bool, where: str) -> None:

@@ -9,7 +9,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .distributed import ShardedNorms, check_supported, is_dtensor, like_param, to_local
+from .distributed import (ShardedNorms, check_registered, check_supported, is_dtensor, like_param, mark_registered,
+                          to_local)
 from .functional import lars, ratio_dtype
 
 __all__ = ["LARS", "VARIANTS"]
@@ -120,6 +121,7 @@ class LARS(Optimizer):
         _validate_group(self.param_groups[-1], explicit=explicit, where=where)
         for p in self.param_groups[-1]["params"]:
             check_supported(p, where)
+            mark_registered(p)
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -180,6 +182,7 @@ class LARS(Optimizer):
                 grad = p.grad
                 if grad is None:
                     continue
+                check_registered(p, f"param group {index}: ")
                 state = self.state[p]
                 adapted = self.is_adapted(group, p)
                 if adapted and "trust_ratio" not in state:

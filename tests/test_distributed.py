@@ -212,3 +212,15 @@ def test_real_fsdp1_is_refused_in_both_modes(tmp_path):
     mp.spawn(fsdp1_worker, args=(free_port(), out), nprocs=WORLD)
     for message in torch.load(out, weights_only=True):  # flat parameters, then use_orig_params=True views
         assert "FSDP1 flattens parameters" in message and "FSDP2" in message
+
+
+def test_deepspeed_style_flat_partition_swap_is_refused_at_step():
+    """DeepSpeed ZeRO-1/2 replace each group's parameters with one flat fp32 partition after the
+    optimizer is built; LARS must not take per-layer norms of it."""
+    model = make_model()
+    opt = make_opt(lars_plugins.param_groups(model, weight_decay=1e-4))
+    flat = torch.cat([p.detach().flatten() for p in opt.param_groups[0]["params"]]).requires_grad_()
+    flat.grad = torch.ones_like(flat)
+    opt.param_groups[0]["params"] = [flat]  # what DeepSpeed's ZeRO optimizer does to the client optimizer
+    with pytest.raises(ValueError, match="not built with.*DeepSpeed ZeRO"):
+        opt.step()
