@@ -1,0 +1,29 @@
+"""The evidence scripts run from the command line in --quick mode and write what they promise."""
+
+from __future__ import annotations
+
+import csv
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+
+
+def test_large_batch_quick(tmp_path):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "large_batch.py"), "--quick", "--epochs", "2",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "results.csv").open()))
+    assert {r["method"] for r in rows} == {"SGD", "SGD + warm-up", "LARS", "LARS + warm-up"}
+    assert {int(r["batch_size"]) for r in rows} == {64, 1347}
+    assert all(0.0 <= float(r["test_acc"]) <= 1.0 for r in rows)
+    summary = list(csv.DictReader((tmp_path / "summary.csv").open()))
+    assert len(summary) == 8 and len(list(csv.DictReader((tmp_path / "eta.csv").open()))) == 3
+    for png in ("accuracy_vs_batch.png", "accuracy_vs_eta.png", "trust_ratio_heatmap.png"):
+        assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    assert "| batch | SGD | SGD + warm-up | LARS | LARS + warm-up |" in result.stdout
