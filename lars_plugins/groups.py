@@ -4,9 +4,8 @@ from __future__ import annotations
 
 import fnmatch
 import re
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Optional, Sequence, Union
 
-import torch
 from torch import nn
 
 __all__ = ["param_groups", "is_bias_or_norm", "block_ids", "NORM_TYPES"]
