@@ -21,23 +21,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched unless --mode
 import torch  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding  # noqa: E402
 
-from lars_plugins.datasets import load_rotten_tomatoes, minilm_path  # noqa: E402
+from lars_plugins.datasets import encode, load_rotten_tomatoes, minilm_path  # noqa: E402
 from lars_plugins.hf import LarsTrainer, LarsTrainingArguments  # noqa: E402
-
-
-class Encoded(torch.utils.data.Dataset):
-    """Tokenized once, unpadded: the collator pads each batch to its longest sentence."""
-
-    def __init__(self, tokenizer, texts, labels, max_length=64):
-        self.enc = tokenizer(texts, truncation=True, max_length=max_length)
-        self.labels = labels
-
-    def __len__(self):
-        return len(self.labels)
-
-    def __getitem__(self, i):
-        return {"input_ids": self.enc["input_ids"][i], "attention_mask": self.enc["attention_mask"][i],
-                "labels": self.labels[i]}
 
 
 def accuracy(trainer, dataset) -> float:
@@ -67,9 +52,9 @@ def main() -> None:
     model = AutoModelForSequenceClassification.from_pretrained(path, num_labels=2)  # new classifier head
     data = load_rotten_tomatoes()
     n = args.max_train or len(data.train_texts)
-    train = Encoded(tokenizer, data.train_texts[:n], data.train_labels[:n])
+    train = encode(tokenizer, data.train_texts[:n], data.train_labels[:n])
     m = args.max_test or len(data.test_texts)
-    test = Encoded(tokenizer, data.test_texts[:m], data.test_labels[:m])
+    test = encode(tokenizer, data.test_texts[:m], data.test_labels[:m])
 
     lars = args.optim in ("lars", "larc", "nlars", "nlarc")
     training_args = LarsTrainingArguments(

