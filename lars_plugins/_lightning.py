@@ -11,7 +11,6 @@ from typing import Any, Optional, Sequence
 
 from torch import nn
 
-from .distributed import refuse_deepspeed
 from .groups import ExcludeT, param_groups
 from .monitor import METRICS, STATS_SUFFIX, TrustRatioMonitor, check_options
 from .optim import LARS
@@ -45,8 +44,6 @@ def configure_lars(
     ``total_steps`` defaults to ``module.trainer.estimated_stepping_batches``.
     """
     trainer = getattr(module, "_trainer", None)
-    strategy = type(getattr(trainer, "strategy", None)).__name__
-    refuse_deepspeed("DeepSpeed" in strategy, f"configure_lars under Lightning's {strategy}")
     if total_steps is None:
         if trainer is None:
             raise ValueError("total_steps is needed when the module is not attached to a Trainer "

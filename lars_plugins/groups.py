@@ -130,20 +130,28 @@ def param_groups(
         depth = {n: layer_id(n) for n in all_names} if layer_id is not None else block_ids(all_names)
     deepest = max(depth.values(), default=0)
 
-    groups: dict[tuple[bool, int], dict[str, Any]] = {}
+    groups: dict[tuple[Optional[bool], int], dict[str, Any]] = {}
     for name, param in named:
         module = modules[name.rpartition(".")[0]]
-        excluded = bool(rule(name, param, module))
+        excluded: Optional[bool] = bool(rule(name, param, module))
+        if hasattr(param, "_shard_param_infos"):
+            # An FSDP1 FlatParameter holds weights, biases and norms together: LARS decides per
+            # original layer by its shape (lars_exclude=None), which the name rules cannot do.
+            if exclude is not None:
+                raise ValueError(f"{name} is an FSDP1 flat parameter, so exclusion by name cannot apply to the layers "
+                                 "inside it; wrap with use_orig_params=True, or leave exclude=None (biases and "
+                                 "norms are then excluded by their original shapes)")
+            excluded = None
         d = depth.get(name, 0)
         group = groups.get((excluded, d))
         if group is None:
             group = groups[(excluded, d)] = {
                 "params": [],
-                "weight_decay": 0.0 if excluded else float(weight_decay),
+                "weight_decay": 0.0 if excluded is True else float(weight_decay),
                 "lars_exclude": excluded,
             }
             if layer_decay is not None:
                 scale = float(layer_decay) ** (deepest - d)
                 group.update(lr=float(lr) * scale, lr_scale=scale, layer_id=d)
         group["params"].append((name, param))
-    return [groups[k] for k in sorted(groups, key=lambda k: (k[1], k[0]))]
+    return [groups[k] for k in sorted(groups, key=lambda k: (k[1], -1 if k[0] is None else int(k[0])))]

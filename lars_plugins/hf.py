@@ -25,7 +25,6 @@ from typing import Any, Optional, Union, get_args, get_origin
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
-from .distributed import refuse_deepspeed
 from .groups import param_groups
 from .monitor import TrustRatioMonitor
 from .optim import LARS, VARIANTS
@@ -179,7 +178,6 @@ class LarsTrainerMixin:
     def create_optimizer(self, model: Optional[torch.nn.Module] = None) -> torch.optim.Optimizer:
         args = self.args  # type: ignore[attr-defined]
         if self.optimizer is None and is_lars(args.optim) and self.optimizer_cls_and_kwargs is None:  # type: ignore[attr-defined]
-            refuse_deepspeed(bool(getattr(self, "is_deepspeed_enabled", False)), f"optim={args.optim!r} with DeepSpeed")
             opt_model = self.model if model is None else model  # type: ignore[attr-defined]
             self.optimizer = LARS(**lars_optimizer_kwargs(args, opt_model))
         optimizer = super().create_optimizer(model)  # type: ignore[misc]

@@ -23,6 +23,7 @@ from torch.optim import Optimizer
 
 from .distributed import ShardedNorms, is_dtensor, to_local
 from .functional import ratio_dtype
+from .layouts import FlatLayout, LayoutResolver, merge
 
 __all__ = ["TrustRatioMonitor", "TrustRatioHistory", "METRICS", "STATS", "unwrap_optimizer"]
 
@@ -100,8 +101,18 @@ class TrustRatioMonitor:
         self.latest: Optional[dict[str, float]] = None
         self.step = 0  # optimizer steps seen (skipped AMP steps are not steps)
         self._names = _parameter_names(model, self.optimizer)  # param -> (model order, name)
+        # FSDP1 flat parameters: their layers are named by the flat parameter's place in the model.
+        self._flat_names = {id(p): name.rpartition("_flat_param")[0] for p, (_, name) in self._names.items()
+                            if name.endswith("_flat_param")}
+        self._layouts = LayoutResolver(list(self._names) or [p for g in self.optimizer.param_groups for p in g["params"]])
+        self._n_groups = len(self.optimizer.param_groups)
+        self._members: dict[tuple[int, ...], list[bool]] = {}
+        self._merged_layouts: dict[tuple[int, ...], tuple[FlatLayout, list[slice]]] = {}
         self._armed_step: Optional[int] = None
-        self._weight_norms: Optional[dict[Tensor, Tensor]] = None
+        self._recording = False
+        self._calls = 0  # step() calls seen in the current optimizer step
+        self._weight_norms: dict[Any, Tensor] = {}
+        self._entries: list[tuple] = []
         self._handles = [
             self.optimizer.register_step_pre_hook(self._before_step),
             self.optimizer.register_step_post_hook(self._after_step),
@@ -136,42 +147,126 @@ class TrustRatioMonitor:
     # --- hooks ---------------------------------------------------------------------------------
 
     def _before_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        if not self.will_record():
+        if self._calls == 0:  # the first (usually only) call of an optimizer step decides
+            self._recording = self.will_record()
+        if not self._recording:
             return
         # ‖w‖ before the update. Taken for every parameter: under a closure (Lightning) the
         # gradients of this step do not exist yet, so which parameters get one is not known.
-        params = [p for group in optimizer.param_groups for p in group["params"]]
-        self._weight_norms = dict(zip(params, _norms(params)))
+        plain, flat = self._split(optimizer)
+        if plain:
+            self._weight_norms.update(zip(plain, _norms(plain)))
+        if flat:
+            layout, tensors, spans = self._merged(flat)
+            w_norms = layout.norms(layout.views(tensors), dtype=ratio_dtype(tensors[0].dtype), device=tensors[0].device)[0]
+            for (_, group_layout), span in zip(flat, spans):
+                self._weight_norms[id(group_layout)] = w_norms[span]
+
+    def _split(self, optimizer: Optimizer) -> tuple[list[Tensor], list[tuple[dict[str, Any], FlatLayout]]]:
+        """The plain (or DTensor) parameters of the groups stepped now, and the groups with flat layouts."""
+        plain, flat = [], []
+        for group in optimizer.param_groups:
+            layout = self._layout(optimizer, group)
+            if layout is None:
+                plain += group["params"]
+            else:
+                flat.append((group, layout))
+        return plain, flat
+
+    def _merged(self, flat: list[tuple[dict[str, Any], FlatLayout]]) -> tuple[FlatLayout, list[Tensor], list[slice]]:
+        """The flat layouts of several groups as one (one collective for all), their tensors, and
+        where each group's layers lie in it."""
+        key = tuple(id(layout) for _, layout in flat)
+        if key not in self._merged_layouts:
+            merged = merge([(layout, len(group["params"])) for group, layout in flat])
+            bounds = [0]
+            for _, layout in flat:
+                bounds.append(bounds[-1] + len(layout.layers))
+            self._merged_layouts[key] = (merged, [slice(a, b) for a, b in zip(bounds, bounds[1:])])
+        merged, spans = self._merged_layouts[key]
+        return merged, [t for group, _ in flat for t in group["params"]], spans
 
     def _after_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
-        step = self._armed_step if self._armed_step is not None else self.step
-        weight_norms, self._weight_norms, self._armed_step = self._weight_norms, None, None
-        self.step += 1
-        if weight_norms is None:
+        if self._recording:
+            self._entries += self._collect(optimizer)
+        self._calls += 1
+        if self._calls < self._calls_per_step(optimizer):
             return
-        record = self._collect(optimizer, weight_norms)
+        # The optimizer step is complete (DeepSpeed ZeRO steps the optimizer once per partition).
+        step = self._armed_step if self._armed_step is not None else self.step
+        entries, recording = self._entries, self._recording
+        self._weight_norms, self._entries, self._armed_step, self._calls, self._recording = {}, [], None, 0, False
+        self.step += 1
+        if not recording:
+            return
+        record = self._record(entries)
         self.latest = record
         if self.history is not None:
             self.history.append(step, record)
         if self.on_record is not None:
             self.on_record(step, record)
 
+    def _calls_per_step(self, optimizer: Optimizer) -> int:
+        """How many ``step()`` calls make one optimizer step: DeepSpeed ZeRO-1/2 call the optimizer
+        once per param group (showing it that group alone), ZeRO-3 once per sub-group."""
+        if len(optimizer.param_groups) < self._n_groups:
+            return self._n_groups
+        layouts = [self._layout(optimizer, group) for group in optimizer.param_groups]
+        return max((layout.calls_per_step for layout in layouts if layout is not None), default=1)
+
+    def _layout(self, optimizer: Optimizer, group: dict[str, Any]) -> Optional[FlatLayout]:
+        if not group["params"]:
+            return None
+        layout_of = getattr(optimizer, "layout", None)
+        return layout_of(group) if callable(layout_of) else self._layouts(group["params"])
+
     # --- collection ----------------------------------------------------------------------------
 
-    def _collect(self, optimizer: Optimizer, weight_norms: Mapping[Tensor, Tensor]) -> dict[str, float]:
-        entries = []  # (model order, name, param, lr, ratio): layers are reported input to output
-        for group in optimizer.param_groups:
-            for p in group["params"]:
-                if p.grad is None or p not in weight_norms:
+    def _collect(self, optimizer: Optimizer) -> list[tuple]:
+        """``(model order, name, device, ‖w‖, ‖g‖, lr, ratio or None)`` of every layer stepped now."""
+        entries: list[tuple] = []
+        unnamed = len(self._names)
+        plain_params, flat = self._split(optimizer)
+        flat = [(group, layout) for group, layout in flat if id(layout) in self._weight_norms]
+        if flat:
+            merged, tensors, spans = self._merged(flat)
+            g_all, counts_all = merged.norms(merged.views([t.grad for t in tensors]),
+                                             dtype=ratio_dtype(tensors[0].dtype), device=tensors[0].device)
+            key = tuple(id(layout) for _, layout in flat)
+            if key not in self._members:  # which layers these tensors hold on some rank: fixed by the layouts
+                self._members[key] = [c > 0 for c in counts_all.tolist()]
+            members_all = self._members[key]
+        for (group, layout), span in zip(flat, spans if flat else []):
+            g_norms, members, w_norms = g_all[span], members_all[span], self._weight_norms[id(layout)]
+            flat_ratios = getattr(optimizer, "layer_trust_ratios", lambda g: None)(group)
+            ratios = flat_ratios[1] if flat_ratios is not None else None
+            device = group["params"][0].device
+            for k, layer in enumerate(layout.layers):
+                if not members[k]:
                     continue
-                order, name = self._names.get(p, (len(self._names) + len(entries), f"param{len(entries)}"))
-                entries.append((order, name, p, group["lr"], optimizer.state.get(p, {}).get("trust_ratio")))
+                order, name = self._names.get(layer.key, (None, None))
+                if name is None:  # an FSDP1 flat parameter's layer: named by the flat parameter's place
+                    flat_name = self._flat_names.get(id(layer.key[0]), "") if isinstance(layer.key, tuple) else ""
+                    order, name = unnamed + len(entries), flat_name + (layer.name or f"layer{k}")
+                ratio = None
+                if ratios is not None and optimizer.is_adapted(group, layer.shape):  # type: ignore[attr-defined]
+                    ratio = ratios[k]
+                entries.append((order, name, device, w_norms[k], g_norms[k], group["lr"], ratio))
+        lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
+        params = [p for p in plain_params if p.grad is not None and p in self._weight_norms]
+        if params:
+            for p, g in zip(params, _norms([p.grad for p in params])):
+                order, name = self._names.get(p, (unnamed + len(entries), f"param{len(entries)}"))
+                ratio = optimizer.state.get(p, {}).get("trust_ratio")
+                entries.append((order, name, p.device, self._weight_norms[p], g, lr_of[id(p)], ratio))
+        return entries
+
+    def _record(self, entries: list[tuple]) -> dict[str, float]:
         if not entries:
             return {}
         entries.sort(key=lambda entry: entry[0])
-        _, names, params, lrs, ratios = (list(column) for column in zip(*entries))
-        w_norms, g_norms = [weight_norms[p] for p in params], _norms([p.grad for p in params])
-        w_host, g_host, r_host, lr_host = _to_host(params, w_norms, g_norms, ratios, lrs)
+        _, names, devices, w_norms, g_norms, lrs, ratios = (list(column) for column in zip(*entries))
+        w_host, g_host, r_host, lr_host = _to_host(devices, w_norms, g_norms, ratios, lrs)
 
         is_lars = any(r is not None for r in ratios)
         per_metric: dict[str, dict[str, float]] = {m: {} for m in self.metrics}
@@ -201,19 +296,19 @@ class TrustRatioMonitor:
 
 
 def _to_host(
-    params: Sequence[Tensor],
+    devices: Sequence[torch.device],
     w_norms: Sequence[Tensor],
     g_norms: Sequence[Tensor],
     ratios: Sequence[Optional[Tensor]],
     lrs: Sequence[Union[float, Tensor]],
 ) -> tuple[list[float], list[float], list[Optional[float]], list[float]]:
     """Bring norms, ratios and tensor LRs to the host: one stacked tensor and one transfer per device."""
-    w_host, g_host = [0.0] * len(params), [0.0] * len(params)
-    r_host: list[Optional[float]] = [None] * len(params)
+    w_host, g_host = [0.0] * len(devices), [0.0] * len(devices)
+    r_host: list[Optional[float]] = [None] * len(devices)
     lr_host = [lr if not isinstance(lr, Tensor) else math.nan for lr in lrs]
     by_device: dict[torch.device, list[int]] = defaultdict(list)
-    for i, p in enumerate(params):
-        by_device[p.device].append(i)
+    for i, device in enumerate(devices):
+        by_device[device].append(i)
     for device, idx in by_device.items():
         with_ratio = [i for i in idx if ratios[i] is not None]
         tensor_lr = [i for i in idx if isinstance(lrs[i], Tensor)]
@@ -291,7 +386,11 @@ def _parameter_names(
             for g, group in enumerate(optimizer.param_groups)
             for j, p in enumerate(group["params"])
         ]
-    return {p: (i, name) for i, (name, p) in enumerate(named)}
+    # Names as in the unwrapped model (FSDP1 and activation checkpointing insert wrapper modules).
+    return {p: (i, _WRAPPER_PREFIX.sub("", name)) for i, (name, p) in enumerate(named)}
+
+
+_WRAPPER_PREFIX = re.compile(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
 
 
 class TrustRatioHistory:

@@ -9,9 +9,9 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .distributed import (ShardedNorms, check_registered, check_supported, is_dtensor, like_param, mark_registered,
-                          to_local)
-from .functional import lars, ratio_dtype
+from .distributed import ShardedNorms, is_dtensor, like_param, to_local
+from .functional import lars, ratio_dtype, trust_ratio
+from .layouts import FlatLayout, LayoutResolver, layer_shape
 
 __all__ = ["LARS", "VARIANTS"]
 
@@ -63,6 +63,13 @@ class LARS(Optimizer):
     ``state[p]["trust_ratio"]`` (adapted parameters only). ``step()`` never reads a tensor on the
     host. ``lr`` may be a tensor (place it on the parameters' device for a sync-free step).
 
+    Sharded training: under DDP every rank holds whole parameters; under FSDP2/tensor parallelism
+    (DTensor), FSDP1 (flat parameters or ``use_orig_params``) and DeepSpeed ZeRO-1/2/3 (flat
+    partitions swapped in by DeepSpeed), the norms are those of whole original parameters, summed
+    over the ranks with one ``all_reduce`` per group (per mesh dimension for DTensors); exclusion
+    uses the original shapes. There the ratios of the last step are in :meth:`layer_trust_ratios`.
+    See docs/distributed.md.
+
     Args:
         params: parameters, ``(name, parameter)`` pairs, or parameter-group dicts.
         lr: global learning rate γ (LARS rates are large: the paper uses 2-29 with η=0.001).
@@ -108,20 +115,19 @@ class LARS(Optimizer):
             foreach=foreach,
         )
         _validate_group(defaults, explicit=defaults, where="")
+        # The tensors the optimizer was built with, in an order every rank shares: the layers of
+        # flat layouts (DeepSpeed swaps its partitions into the groups after construction).
+        self._layouts = LayoutResolver([])
+        self._flat_ratios: dict[int, Tensor] = {}
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group; every LARS key may be overridden per group and is validated here.
-
-        Parameters whose sharding hides the layer (FSDP1 flat parameters, DeepSpeed ZeRO-3) are refused.
-        """
+        """Add a group; every LARS key may be overridden per group and is validated here."""
         explicit = dict(param_group)
         super().add_param_group(param_group)
         where = f"param group {len(self.param_groups) - 1}: "
         _validate_group(self.param_groups[-1], explicit=explicit, where=where)
-        for p in self.param_groups[-1]["params"]:
-            check_supported(p, where)
-            mark_registered(p)
+        self._layouts = LayoutResolver([*self._layouts.candidates, *self.param_groups[-1]["params"]])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -158,11 +164,27 @@ class LARS(Optimizer):
                 state["trust_ratio"] = state["trust_ratio"].to(ratio_dtype(p.dtype))
 
     @staticmethod
-    def is_adapted(group: dict[str, Any], param: Tensor) -> bool:
-        """Whether ``param`` in ``group`` gets the layer-wise rate (else: plain SGD, no weight decay)."""
+    def is_adapted(group: dict[str, Any], param: Union[Tensor, torch.Size]) -> bool:
+        """Whether ``param`` in ``group`` gets the layer-wise rate (else: plain SGD, no weight decay).
+
+        ``param`` may be a parameter (its whole shape counts: ZeRO-3's ``ds_shape``) or a layer's shape.
+        """
         if group["lars_exclude"] is not None:
             return not group["lars_exclude"]
-        return not (group["exclude_bias_and_norm"] and param.ndim <= 1)
+        shape = param if isinstance(param, torch.Size) else layer_shape(param)
+        return not (group["exclude_bias_and_norm"] and len(shape) <= 1)
+
+    def layer_trust_ratios(self, group: dict[str, Any]) -> Optional[tuple[FlatLayout, Tensor]]:
+        """For a group stepped through a flat layout (FSDP1, DeepSpeed ZeRO): the layout and the
+        ratio of each of its layers at the last step (NaN for excluded layers); else ``None``."""
+        layout = self._layouts(group["params"])
+        if layout is None or id(layout) not in self._flat_ratios:
+            return None
+        return layout, self._flat_ratios[id(layout)]
+
+    def layout(self, group: dict[str, Any]) -> Optional[FlatLayout]:
+        """The flat layout (FSDP1, DeepSpeed ZeRO) of ``group``'s current tensors, or ``None``."""
+        return self._layouts(group["params"])
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
@@ -173,6 +195,10 @@ class LARS(Optimizer):
                 loss = closure()
 
         for index, group in enumerate(self.param_groups):
+            layout = self._layouts(group["params"], f"param group {index}: ")
+            if layout is not None:
+                self._flat_step(group, layout)
+                continue
             params: list[Tensor] = []
             grads: list[Tensor] = []
             buffers: list[Optional[Tensor]] = []
@@ -182,7 +208,6 @@ class LARS(Optimizer):
                 grad = p.grad
                 if grad is None:
                     continue
-                check_registered(p, f"param group {index}: ")
                 state = self.state[p]
                 adapted = self.is_adapted(group, p)
                 if adapted and "trust_ratio" not in state:
@@ -225,6 +250,53 @@ class LARS(Optimizer):
                     if new:  # an existing buffer was updated in place (a DTensor's local shard too)
                         self.state[p]["momentum_buffer"] = like_param(buf, p)
         return loss
+
+    def _flat_step(self, group: dict[str, Any], layout: FlatLayout) -> None:
+        """One step of a group whose tensors hold pieces of layers (FSDP1, DeepSpeed ZeRO).
+
+        Whole-layer norms come first, for every layer of the layout, in one collective that every
+        rank runs whatever pieces it holds; the update then runs on the pieces, as views.
+        """
+        tensors = group["params"]
+        grads = [t.grad for t in tensors]
+        adapted = [self.is_adapted(group, layer.shape) for layer in layout.layers]
+        dtype, device = ratio_dtype(tensors[0].dtype), tensors[0].device
+        if any(adapted):  # decided by the layout alone: the same on every rank
+            w_norms, g_norms, _ = layout.norms(layout.views(tensors), layout.views(grads), dtype=dtype, device=device)
+            ratios = trust_ratio(w_norms, g_norms, trust_coefficient=group["trust_coefficient"],
+                                 weight_decay=group["weight_decay"], eps=group["eps"], lr=group["lr"],
+                                 trust_clip=group["trust_clip"])
+            mask = torch.tensor(adapted, device=device)
+            self._flat_ratios[id(layout)] = torch.where(mask, ratios, torch.nan)
+        pieces = [p for p in layout.pieces if p.numel and grads[p.tensor] is not None]
+        if not pieces:
+            return
+        buffers = [self.state[t].get("momentum_buffer") for t in tensors]
+        view = lambda ts, p: ts[p.tensor].view(-1).narrow(0, p.start, p.numel)  # noqa: E731
+        piece_buffers = [None if buffers[p.tensor] is None else view(buffers, p) for p in pieces]
+        adapt = [adapted[p.layer] for p in pieces]
+        norms = None
+        if any(adapt):
+            index = torch.tensor([p.layer for p in pieces], device=device)
+            piece_w, piece_g = w_norms[index], g_norms[index]
+            norms = lambda idx, *_: (piece_w[idx], piece_g[idx])  # noqa: E731
+        scratch = list(torch.empty(len(pieces), dtype=dtype, device=device).unbind())
+        lars([view(tensors, p) for p in pieces], [view(grads, p) for p in pieces], piece_buffers,
+             [r if a else None for r, a in zip(scratch, adapt)], adapt,
+             lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
+             weight_decay=group["weight_decay"], nesterov=group["nesterov"],
+             trust_coefficient=group["trust_coefficient"], eps=group["eps"], trust_clip=group["trust_clip"],
+             maximize=group["maximize"], foreach=group["foreach"], norms=norms)
+        if group["momentum"] != 0:
+            for t_index, tensor in enumerate(tensors):
+                if buffers[t_index] is None and any(p.tensor == t_index for p in pieces):
+                    # First step: the pieces' new buffers (d itself) go into one buffer shaped like
+                    # the tensor, which the engines checkpoint and re-partition as their own.
+                    flat = torch.zeros_like(tensor, memory_format=torch.contiguous_format)
+                    for p, buf in zip(pieces, piece_buffers):
+                        if p.tensor == t_index:
+                            view([flat], p._replace(tensor=0)).copy_(buf)
+                    self.state[tensor]["momentum_buffer"] = flat
 
 
 def _validate_group(group: dict[str, Any], *, explicit: dict[str, Any], where: str) -> None:

@@ -307,10 +307,3 @@ def test_mixins_compose_with_other_trainer_and_args_subclasses(tmp_path):
     assert trainer.other_calls == 2 and type(trainer.optimizer.optimizer) is LARS
     assert trainer.optimizer.optimizer.param_groups[0]["nesterov"] is True
     assert "trust_ratio_stats/median" in trainer.state.log_history[0]
-
-
-def test_deepspeed_is_refused(tmp_path):
-    trainer = LarsTrainer(model=tiny_bert(), args=make_args(tmp_path), train_dataset=Tokens())
-    trainer.is_deepspeed_enabled = True  # what the Trainer sets under --deepspeed (not installed here)
-    with pytest.raises(ValueError, match="DeepSpeed ZeRO"):
-        trainer.create_optimizer()

@@ -181,13 +181,3 @@ def test_callback_arguments_are_checked():
         lars_l.TrustRatioCallback(metrics=["ratio"])
     with pytest.raises(ValueError, match="nothing"):
         lars_pl.TrustRatioCallback(per_layer=False, summaries=False)
-
-
-def test_configure_lars_refuses_deepspeed():
-    class DeepSpeedStrategy:  # stands in for Lightning's (deepspeed is not installed here)
-        pass
-
-    module = models.Net()
-    module._trainer = type("T", (), {"strategy": DeepSpeedStrategy(), "estimated_stepping_batches": 10})()
-    with pytest.raises(ValueError, match="DeepSpeed ZeRO"):
-        lars_plugins.lightning.configure_lars(module, lr=1.0)

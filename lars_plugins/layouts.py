@@ -1,0 +1,297 @@
+"""Where whole layers lie in the flat tensors that FSDP1 and DeepSpeed ZeRO hand an optimizer.
+
+LARS needs ``‖w‖`` and ``‖g‖`` of each whole original parameter ("layer"). FSDP1 and ZeRO flatten
+parameters and give each rank a slice of the concatenation, so one optimizer tensor may hold pieces
+of several layers and one layer may be split across ranks. A :class:`FlatLayout` lists, for the
+tensors of one parameter group, the pieces ``(tensor, start, numel, layer)`` this rank holds, from
+the engine's own shard metadata:
+
+* FSDP1 ``use_orig_params=False``: the ``FlatParameter``'s ``_shard_param_infos`` and ``_shapes``;
+* FSDP1 ``use_orig_params=True``: each original parameter is a 1-D view of its piece (possibly
+  empty); its shape comes from its ``FlatParameter``;
+* DeepSpeed ZeRO-1/2 (and its bf16 optimizer): each original parameter's ``_hp_mapping`` fragment
+  address inside the flat fp32 partition, and ``_dp_group``;
+* DeepSpeed ZeRO-3: the sub-group's original parameters in order, ``partition_numel()`` each, of
+  which the first ``ds_numel - rank·partition_numel`` elements are real (the rest is padding).
+
+:meth:`FlatLayout.norms` sums the squared norms of the pieces per layer and adds them up over the
+ranks with one ``all_reduce`` per process group, over a vector indexed by every layer the layout
+knows. That vector is the same on every rank, so ranks that hold no piece of a layer (or no piece
+at all) take part in the same collective. Nothing here imports FSDP or DeepSpeed: the engines are
+recognised by the attributes they set.
+"""
+
+from __future__ import annotations
+
+import gc
+from dataclasses import dataclass, field
+from typing import Any, NamedTuple, Optional, Sequence
+
+import torch
+from torch import Tensor
+
+__all__ = ["Layer", "Piece", "FlatLayout", "LayoutResolver", "merge", "is_fsdp1", "layer_shape"]
+
+
+class Layer(NamedTuple):
+    """A whole original parameter: ``key`` identifies it (the parameter itself, or ``(flat, i)``
+    for FSDP1 flat parameters, whose originals are no parameters any more)."""
+
+    key: Any
+    shape: torch.Size
+    name: Optional[str] = None
+
+
+class Piece(NamedTuple):
+    """``numel`` elements of layer ``layer`` at ``start`` in the flattened group tensor ``tensor``."""
+
+    tensor: int
+    start: int
+    numel: int
+    layer: int
+
+
+@dataclass
+class FlatLayout:
+    """How the tensors of one parameter group cover whole layers on this rank.
+
+    ``reductions`` lists ``(process group, layer indices)``: the squared norms of those layers are
+    summed over that group (``None``: the pieces are whole, nothing to sum).
+    """
+
+    engine: str
+    layers: list[Layer]
+    pieces: list[Piece]
+    reductions: list[tuple[Any, list[int]]]
+    calls_per_step: int = 1  # step() calls per optimizer step (ZeRO-3: one per sub-group)
+    _index: dict[Any, Tensor] = field(default_factory=dict, repr=False)
+
+    def views(self, tensors: Sequence[Optional[Tensor]]) -> list[Optional[Tensor]]:
+        """The pieces as 1-D views of the group's tensors (``None`` where the tensor is ``None``)."""
+        return [None if tensors[p.tensor] is None else tensors[p.tensor].view(-1).narrow(0, p.start, p.numel)
+                for p in self.pieces]
+
+    def norms(self, *piece_sets: Sequence[Optional[Tensor]], dtype: torch.dtype,
+              device: torch.device) -> list[Tensor]:
+        """Whole-layer L2 norms, one vector over :attr:`layers` per set of pieces (aligned with
+        :attr:`pieces`; ``None`` counts as zero), then the number of elements of each layer found
+        on all ranks (0 for a layer these tensors do not hold). One ``all_reduce`` per process group
+        for everything together."""
+        n = len(self.layers)
+        squared = torch.zeros((len(piece_sets) + 1) * n, dtype=dtype, device=device)
+        for k, pieces in enumerate((*piece_sets, None)):
+            kept = [j for j, piece in enumerate(self.pieces) if piece.numel and (pieces is None or pieces[j] is not None)]
+            if not kept:
+                continue
+            key = (device, tuple(kept))
+            index = self._index.get(key)
+            if index is None:
+                index = self._index[key] = torch.tensor([self.pieces[j].layer for j in kept], device=device)
+            if pieces is None:
+                local = self._index.get((key, dtype))
+                if local is None:
+                    numels = [float(self.pieces[j].numel) for j in kept]
+                    local = self._index[(key, dtype)] = torch.tensor(numels, dtype=dtype, device=device)
+            else:
+                local = torch.stack(torch._foreach_norm([pieces[j] for j in kept], 2, dtype=dtype)).square()
+            squared.index_add_(0, index + k * n, local)
+        _all_reduce(squared, self.reductions, n, len(piece_sets) + 1)
+        *norms, counts = squared.split(n)
+        return [norm.sqrt() for norm in norms] + [counts]
+
+
+def merge(layouts: Sequence[tuple[FlatLayout, int]]) -> FlatLayout:
+    """One layout over the concatenated tensors of several ``(layout, number of tensors)``: their norms
+    then take one collective per process group in all."""
+    layers: list[Layer] = []
+    pieces: list[Piece] = []
+    reductions: dict[int, tuple[Any, list[int]]] = {}
+    tensors = 0
+    for layout, count in layouts:
+        offset = len(layers)
+        layers += layout.layers
+        pieces += [p._replace(tensor=p.tensor + tensors, layer=p.layer + offset) for p in layout.pieces]
+        for group, members in layout.reductions:
+            reductions.setdefault(id(group), (group, []))[1].extend(i + offset for i in members)
+        tensors += count
+    return FlatLayout("+".join(dict.fromkeys(layout.engine for layout, _ in layouts)), layers, pieces,
+                      list(reductions.values()), max(layout.calls_per_step for layout, _ in layouts))
+
+
+def _all_reduce(squared: Tensor, reductions: list[tuple[Any, list[int]]], n: int, sets: int) -> None:
+    import torch.distributed as dist
+
+    for group, layers in reductions:
+        if group is None:
+            continue
+        if len(layers) == n:  # the usual case: one process group for the whole layout
+            dist.all_reduce(squared, op=dist.ReduceOp.SUM, group=group)
+            continue
+        index = torch.tensor([k * n + i for k in range(sets) for i in layers], device=squared.device)
+        part = squared[index]
+        dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
+        squared[index] = part
+
+
+def is_fsdp1(tensor: Tensor) -> bool:
+    """Whether ``tensor`` is an FSDP1 ``FlatParameter`` or an FSDP1 ``use_orig_params`` view."""
+    return bool(getattr(tensor, "_fsdp_flattened", False)) and not _is_dtensor(tensor)
+
+
+def layer_shape(param: Tensor) -> torch.Size:
+    """The shape of the whole parameter (ZeRO-3 keeps it in ``ds_shape``: the tensor itself is empty)."""
+    shape = getattr(param, "ds_shape", None)
+    return torch.Size(shape) if shape is not None else param.shape
+
+
+def _is_dtensor(tensor: Tensor) -> bool:
+    return type(tensor).__name__ == "DTensor" and hasattr(tensor, "placements")
+
+
+def _is_flat_parameter(tensor: Tensor) -> bool:
+    return hasattr(tensor, "_shard_param_infos") and hasattr(tensor, "_shapes")
+
+
+class LayoutResolver:
+    """Finds the :class:`FlatLayout` of a group's tensors, and caches it.
+
+    ``candidates`` are the original parameters in an order every rank shares (what the optimizer was
+    built with, or a model's parameters); under ZeRO-1/2 they are the layers of the norm vector.
+    Returns ``None`` for tensors that are whole layers (plain tensors, DTensors).
+    """
+
+    def __init__(self, candidates: Sequence[Tensor]) -> None:
+        self.candidates = list(candidates)
+        self._cache: dict[tuple[int, ...], Optional[FlatLayout]] = {}
+        self._fsdp1: Optional[dict[int, Any]] = None
+
+    def __call__(self, tensors: Sequence[Tensor], where: str = "") -> Optional[FlatLayout]:
+        key = tuple(id(t) for t in tensors)
+        if key not in self._cache:
+            self._cache[key] = self._resolve(list(tensors), where)
+        return self._cache[key]
+
+    def _resolve(self, tensors: list[Tensor], where: str) -> Optional[FlatLayout]:
+        if not tensors:
+            return None
+        if any(is_fsdp1(t) for t in tensors):
+            if not all(is_fsdp1(t) for t in tensors):
+                raise ValueError(f"{where}a param group mixes FSDP1 parameters with others; put each in a group of its own")
+            return self._fsdp1_layout(tensors, where)
+        known = {id(p) for p in self.candidates}
+        if all(id(t) in known for t in tensors):
+            return None
+        # A tensor the optimizer was not built with: DeepSpeed ZeRO swapped in its flat fp32 partitions.
+        z3 = next((getattr(p, "_z3_optimizer") for p in self.candidates if hasattr(p, "_z3_optimizer")), None)
+        if z3 is not None:
+            return _zero3_layout(tensors, z3, where)
+        if any(hasattr(p, "_hp_mapping") for p in self.candidates):
+            return _zero12_layout(tensors, self.candidates, where)
+        raise ValueError(
+            f"{where}a tensor of shape {tuple(tensors[0].shape)} that this optimizer was not built with replaced its "
+            "parameters, and no engine layout (FSDP1, DeepSpeed ZeRO) describes it, so LARS cannot tell which "
+            "layers it holds. Build the optimizer with the tensors it will step. See docs/distributed.md.")
+
+    # --- FSDP1 ---------------------------------------------------------------------------------
+
+    def _fsdp1_handles(self) -> dict[int, Any]:
+        """``id(flat parameter or original parameter) -> (handle, index or None)``, found once.
+
+        FSDP1 keeps no link from a parameter to its ``FlatParamHandle``; the handles are found
+        among live objects, once per optimizer (a fraction of a second even for large programs).
+        """
+        if self._fsdp1 is None:
+            found: dict[int, Any] = {}
+            for obj in gc.get_objects():
+                if type(obj).__name__ != "FlatParamHandle" or not hasattr(obj, "flat_param"):
+                    continue
+                flat = obj.flat_param
+                found[id(flat)] = (obj, None)
+                for i, param in enumerate(getattr(flat, "_params", None) or []):
+                    found[id(param)] = (obj, i)
+            self._fsdp1 = found
+        return self._fsdp1
+
+    def _fsdp1_layout(self, tensors: list[Tensor], where: str) -> FlatLayout:
+        handles = self._fsdp1_handles()
+        layers: list[Layer] = []
+        pieces: list[Piece] = []
+        groups: dict[int, tuple[Any, list[int]]] = {}
+        for t_index, tensor in enumerate(tensors):
+            entry = handles.get(id(tensor))
+            if entry is None:
+                raise ValueError(f"{where}an FSDP1 parameter whose FlatParamHandle cannot be found; build the "
+                                 "optimizer after wrapping the model in FullyShardedDataParallel")
+            handle, index = entry
+            flat = handle.flat_param
+            sharded = bool(getattr(handle, "uses_sharded_strategy", True))
+            group = handle.process_group if sharded else None
+            reduce_into = groups.setdefault(id(group), (group, []))[1]
+            if index is not None:  # use_orig_params=True: the tensor is the layer's (possibly empty) piece
+                pieces.append(Piece(t_index, 0, tensor.numel(), len(layers)))
+                reduce_into.append(len(layers))
+                layers.append(Layer(tensor, torch.Size(flat._shapes[index]), flat._fqns[index]))
+                continue
+            for i, info in enumerate(flat._shard_param_infos):
+                if info.in_shard and info.numel_in_shard:
+                    pieces.append(Piece(t_index, info.offset_in_shard, info.numel_in_shard, len(layers)))
+                reduce_into.append(len(layers))
+                layers.append(Layer((tensor, i), torch.Size(flat._shapes[i]), flat._fqns[i]))
+        return FlatLayout("FSDP1", layers, pieces, list(groups.values()))
+
+
+# --- DeepSpeed ZeRO ---------------------------------------------------------------------------------
+
+
+def _zero12_layout(tensors: list[Tensor], candidates: list[Tensor], where: str) -> FlatLayout:
+    """ZeRO-1/2: pieces from each original's fragment of the flat partition (``_hp_mapping``).
+
+    The layers are all ``candidates`` (identical on every rank); those not in these tensors get
+    zero norms that nobody uses, which keeps the collective the same on ranks holding no piece.
+    """
+    storages = {t.untyped_storage().data_ptr(): i for i, t in enumerate(tensors)}
+    layers, pieces, groups = [], [], {}
+    for index, param in enumerate(candidates):
+        layers.append(Layer(param, layer_shape(param)))
+        group = getattr(param, "_dp_group", None)
+        groups.setdefault(id(group), (group, []))[1].append(index)
+        mapping = getattr(param, "_hp_mapping", None)
+        if mapping is None:
+            continue
+        fragment = mapping.hp_fragment
+        t_index = storages.get(fragment.untyped_storage().data_ptr())
+        if t_index is None:
+            continue  # a fragment of another group's partition
+        tensor = tensors[t_index]
+        start = (fragment.storage_offset() - tensor.storage_offset())
+        address = mapping.get_hp_fragment_address()
+        if start != address.start or fragment.numel() != address.numel:
+            raise ValueError(f"{where}DeepSpeed's fragment address of a parameter does not match its place in the "
+                             "flat partition; this DeepSpeed layout is not supported")
+        pieces.append(Piece(t_index, address.start, address.numel, index))
+    return FlatLayout("DeepSpeed ZeRO-1/2", layers, pieces, list(groups.values()))
+
+
+def _zero3_layout(tensors: list[Tensor], z3: Any, where: str) -> FlatLayout:
+    """ZeRO-3: each tensor is one sub-group's flat fp32 partition; every original parameter of the
+    sub-group holds ``partition_numel()`` elements of it, in order, the real ones first."""
+    import torch.distributed as dist
+
+    flats = getattr(z3, "fp32_partitioned_groups_flat", [])
+    group = getattr(z3, "dp_process_group", None)
+    rank = dist.get_rank(group=group)
+    layers, pieces = [], []
+    for t_index, tensor in enumerate(tensors):
+        sub = next((i for i, flat in enumerate(flats) if flat is tensor), None)
+        if sub is None:
+            raise ValueError(f"{where}a tensor in a param group is none of DeepSpeed ZeRO-3's flat fp32 partitions")
+        offset = 0
+        for param in z3.fp16_groups[sub]:
+            size = param.partition_numel()
+            real = min(size, max(0, param.ds_numel - rank * size))
+            if real:
+                pieces.append(Piece(t_index, offset, real, len(layers)))
+            layers.append(Layer(param, layer_shape(param)))
+            offset += size
+    return FlatLayout("DeepSpeed ZeRO-3", layers, pieces, [(group, list(range(len(layers))))],
+                      calls_per_step=len(z3.fp16_groups))
