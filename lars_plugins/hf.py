@@ -203,12 +203,25 @@ class LarsTrainerMixin:
 
 
 class _ArmOnLoggingSteps(TrainerCallback):
-    """Arms the monitor before the optimizer step whose global step the Trainer will log."""
+    """Arms the monitor before the optimizer step whose global step the Trainer will log.
+
+    Under DeepSpeed the optimizer steps inside the backward of the step's last micro-batch (the
+    Trainer's own ``optimizer.step()`` is a no-op there), so the monitor is armed when the step
+    begins; otherwise just before the optimizer step, after the gradients are final.
+    """
 
     def __init__(self, trainer: LarsTrainerMixin) -> None:
         self.trainer = trainer
 
+    def on_step_begin(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if getattr(self.trainer, "is_deepspeed_enabled", False):
+            self._arm(args, state)
+
     def on_pre_optimizer_step(self, args: TrainingArguments, state: Any, control: Any, **kwargs: Any) -> None:
+        if not getattr(self.trainer, "is_deepspeed_enabled", False):
+            self._arm(args, state)
+
+    def _arm(self, args: TrainingArguments, state: Any) -> None:
         monitor = self.trainer.lars_trust_monitor
         if monitor is None:
             return

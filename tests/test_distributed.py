@@ -176,16 +176,18 @@ def test_parameters_equal_one_process(engine, torch_engines):
     assert "trust_ratio/0.bias" not in result["monitor"] and "grad_norm/0.bias" in result["monitor"]
 
 
-def test_lightning_model_parallel_strategy_fsdp2(tmp_path):
-    """Through Lightning's ModelParallelStrategy (FSDP2, 2 CPU processes, its own script launcher)."""
+@pytest.mark.parametrize("script", ["lightning_fsdp2.py", "lightning_fsdp1.py"])
+def test_lightning_sharded_strategies(script, tmp_path):
+    """Through Lightning's ModelParallelStrategy (FSDP2) and FSDPStrategy (FSDP1, use_orig_params),
+    2 CPU processes, Lightning's own script launcher, TrustRatioCallback and CSVLogger."""
     import csv
     import subprocess
     import sys
     from pathlib import Path
 
     pytest.importorskip("lightning")
-    script = Path(__file__).parent / "scripts" / "lightning_fsdp2.py"
-    result = subprocess.run([sys.executable, str(script), str(tmp_path)], capture_output=True, text=True, timeout=600)
+    path = Path(__file__).parent / "scripts" / script
+    result = subprocess.run([sys.executable, str(path), str(tmp_path)], capture_output=True, text=True, timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     params = torch.load(tmp_path / "params.pt", weights_only=True)
     expected, weight_norms = reference()
@@ -196,6 +198,7 @@ def test_lightning_model_parallel_strategy_fsdp2(tmp_path):
     assert [int(r["step"]) for r in rows] == [1, 3]  # Lightning's logging steps (log_every_n_steps=2)
     for row in rows:  # whole-parameter norms, logged from rank 0
         assert float(row["weight_norm/model.0.weight"]) == pytest.approx(weight_norms[int(row["step"])], rel=1e-5)
+        assert 0 < float(row["trust_ratio/model.3.weight"]) < 1 and not row.get("trust_ratio/model.0.bias")
 
 
 def accelerate_worker(rank, port, out):

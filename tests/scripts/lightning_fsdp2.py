@@ -62,3 +62,5 @@ if __name__ == "__main__":
     params = {n: p.full_tensor().detach() for n, p in module.model.named_parameters()}
     if trainer.global_rank == 0:
         torch.save(params, f"{out}/params.pt")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # a clean exit: gloo threads left running can abort the process

@@ -1,0 +1,79 @@
+"""Run by tests/test_distributed.py: LARS through ``configure_lars`` under Lightning's FSDPStrategy
+(FSDP1, ``use_orig_params=True`` as Lightning sets it), 2 CPU processes, with TrustRatioCallback.
+
+Lightning relaunches this script for rank 1 (its subprocess launcher), so it must be a file of its own.
+Usage: python lightning_fsdp1.py OUT_DIR
+"""
+
+import sys
+import warnings
+
+import torch
+from torch import nn
+
+warnings.filterwarnings("ignore")
+
+import lightning.pytorch as pl  # noqa: E402
+from torch.distributed.fsdp import FullyShardedDataParallel  # noqa: E402
+
+import lars_plugins.lightning  # noqa: E402
+from lars_plugins.lightning import TrustRatioCallback  # noqa: E402
+
+sys.path.insert(0, __file__.rsplit("/", 2)[0])  # tests/, for test_distributed's model and data
+from test_distributed import STEPS, batches, make_model  # noqa: E402
+
+# Lightning allows FSDPStrategy on CUDA only (it checks the exact class, so a subclass runs on CPU),
+# and FSDP1 without GPUs needs device_id=cpu, which Lightning does not pass (it passes the root
+# device's index, None on CPU). Everything else is Lightning's own FSDP path.
+class CPUFSDPStrategy(pl.strategies.FSDPStrategy):
+    pass
+
+
+_fsdp_init = FullyShardedDataParallel.__init__
+
+
+def _cpu_fsdp_init(self, module, *args, device_id=None, **kwargs):
+    _fsdp_init(self, module, *args, device_id=torch.device("cpu") if device_id is None else device_id, **kwargs)
+
+
+FullyShardedDataParallel.__init__ = _cpu_fsdp_init
+
+
+class Net(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        self.model = make_model()
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self.model(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def configure_optimizers(self):
+        # A constant schedule, so that the one-process reference is test_distributed's make_opt.
+        return lars_plugins.lightning.configure_lars(self, lr=2.0, weight_decay=1e-4, momentum=0.9, nesterov=True,
+                                                     trust_coefficient=0.01, decay="constant")
+
+    def train_dataloader(self):
+        rank = self.trainer.global_rank
+        half = slice(rank * 8, (rank + 1) * 8)  # this rank's half of each global batch
+        data = [(x[half], y[half]) for x, y in batches()]
+        return torch.utils.data.DataLoader(data, batch_size=None)
+
+
+if __name__ == "__main__":
+    out = sys.argv[1]
+    strategy = CPUFSDPStrategy(auto_wrap_policy={nn.Linear})
+    trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=STEPS, log_every_n_steps=2,
+                         logger=pl.loggers.CSVLogger(out, name="logs"), callbacks=[TrustRatioCallback()],
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         use_distributed_sampler=False)
+    module = Net()
+    trainer.fit(module)
+    with FullyShardedDataParallel.summon_full_params(trainer.strategy.model):
+        params = {n.replace("_fsdp_wrapped_module.", ""): p.detach().clone() for n, p in module.model.named_parameters()}
+    if trainer.global_rank == 0:
+        torch.save(params, f"{out}/params.pt")
+    torch.distributed.barrier()
+    torch.distributed.destroy_process_group()  # a clean exit: gloo threads left running can abort the process
