@@ -66,6 +66,14 @@ class FlatLayout:
     calls_per_step: int = 1  # step() calls per optimizer step (ZeRO-3: one per sub-group)
     _index: dict[Any, Tensor] = field(default_factory=dict, repr=False)
 
+    def constant(self, values: Sequence[Any], device: torch.device) -> Tensor:
+        """``torch.tensor(values)`` on ``device``, made once per distinct ``values`` (no copy per step)."""
+        key = ("constant", device, tuple(values))
+        tensor = self._index.get(key)
+        if tensor is None:
+            tensor = self._index[key] = torch.tensor(values, device=device)
+        return tensor
+
     def views(self, tensors: Sequence[Optional[Tensor]]) -> list[Optional[Tensor]]:
         """The pieces as 1-D views of the group's tensors (``None`` where the tensor is ``None``)."""
         return [None if tensors[p.tensor] is None else tensors[p.tensor].view(-1).narrow(0, p.start, p.numel)

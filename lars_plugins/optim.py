@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Any, Callable, Iterable, Optional, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
@@ -266,7 +266,7 @@ class LARS(Optimizer):
             ratios = trust_ratio(w_norms, g_norms, trust_coefficient=group["trust_coefficient"],
                                  weight_decay=group["weight_decay"], eps=group["eps"], lr=group["lr"],
                                  trust_clip=group["trust_clip"])
-            mask = torch.tensor(adapted, device=device)
+            mask = layout.constant(adapted, device)
             self._flat_ratios[id(layout)] = torch.where(mask, ratios, torch.nan)
         pieces = [p for p in layout.pieces if p.numel and grads[p.tensor] is not None]
         if not pieces:
@@ -277,9 +277,12 @@ class LARS(Optimizer):
         adapt = [adapted[p.layer] for p in pieces]
         norms = None
         if any(adapt):
-            index = torch.tensor([p.layer for p in pieces], device=device)
+            index = layout.constant([p.layer for p in pieces], device)
             piece_w, piece_g = w_norms[index], g_norms[index]
-            norms = lambda idx, *_: (piece_w[idx], piece_g[idx])  # noqa: E731
+
+            def norms(idx: Sequence[int], *_: Any) -> tuple[Tensor, Tensor]:
+                where = layout.constant(list(idx), device)
+                return piece_w.index_select(0, where), piece_g.index_select(0, where)
         scratch = list(torch.empty(len(pieces), dtype=dtype, device=device).unbind())
         lars([view(tensors, p) for p in pieces], [view(grads, p) for p in pieces], piece_buffers,
              [r if a else None for r, a in zip(scratch, adapt)], adapt,

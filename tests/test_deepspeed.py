@@ -18,7 +18,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import lars_plugins
-from test_distributed import WORLD, CollectiveCounter, free_port, make_model
+from test_distributed import WORLD, CollectiveCounter, finish, free_port, make_model
 
 pytest.importorskip("deepspeed")
 
@@ -119,51 +119,49 @@ def worker(rank, port, stage, checkpoint, out):
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
-    try:
-        data = batches()
-        # 1. Uninterrupted, with the collectives of each LARS step() call counted.
-        model, optimizer, engine = engine_for(stage)
-        counter = CollectiveCounter()
-        calls = []
+    data = batches()
+    # 1. Uninterrupted, with the collectives of each LARS step() call counted.
+    model, optimizer, engine = engine_for(stage)
+    counter = CollectiveCounter()
+    calls = []
 
-        def on(*_):
-            counter.counting = True
+    def on(*_):
+        counter.counting = True
 
-        def off(*_):
-            counter.counting = False
-            calls.append(counter.calls)
-            counter.calls = 0
+    def off(*_):
+        counter.counting = False
+        calls.append(counter.calls)
+        counter.calls = 0
 
-        optimizer.register_step_pre_hook(on)
-        optimizer.register_step_post_hook(off)
-        with counter:
-            train(engine, rank, data)
-        result = {"params": full_params(model, stage), "calls": calls}
-
-        # 2. Interrupted after 3 steps by a checkpoint, resumed by a new engine; monitored.
-        _, _, engine = engine_for(stage)
-        train(engine, rank, data[:3])
-        engine.save_checkpoint(checkpoint, tag="step3")
-        model, optimizer, engine = engine_for(stage)
-        monitor = lars_plugins.TrustRatioMonitor(model, engine.optimizer, every_n_steps=2)
-        engine.load_checkpoint(checkpoint, tag="step3")
-        train(engine, rank, data[3:])
-        result.update(resumed=full_params(model, stage), monitor=monitor.history.to_rows(), monitor_steps=monitor.step)
-
-        # 3. bf16.
-        result["bf16_error"] = bf16_steps(stage, rank)
-
-        # 4. ZeRO-Offload: the optimizer steps partitions held in CPU memory (DeepSpeed wants its own
-        # CPU Adam there unless told otherwise).
-        model, _, engine = engine_for(stage, zero_force_ds_cpu_optimizer=False,
-                                      zero_optimization={**config(stage)["zero_optimization"],
-                                                         "offload_optimizer": {"device": "cpu"}})
+    optimizer.register_step_pre_hook(on)
+    optimizer.register_step_post_hook(off)
+    with counter:
         train(engine, rank, data)
-        result["offload"] = full_params(model, stage)
-        if rank == 0:
-            torch.save(result, out)
-    finally:
-        dist.destroy_process_group()
+    result = {"params": full_params(model, stage), "calls": calls}
+
+    # 2. Interrupted after 3 steps by a checkpoint, resumed by a new engine; monitored.
+    _, _, engine = engine_for(stage)
+    train(engine, rank, data[:3])
+    engine.save_checkpoint(checkpoint, tag="step3")
+    model, optimizer, engine = engine_for(stage)
+    monitor = lars_plugins.TrustRatioMonitor(model, engine.optimizer, every_n_steps=2)
+    engine.load_checkpoint(checkpoint, tag="step3")
+    train(engine, rank, data[3:])
+    result.update(resumed=full_params(model, stage), monitor=monitor.history.to_rows(), monitor_steps=monitor.step)
+
+    # 3. bf16.
+    result["bf16_error"] = bf16_steps(stage, rank)
+
+    # 4. ZeRO-Offload: the optimizer steps partitions held in CPU memory (DeepSpeed wants its own
+    # CPU Adam there unless told otherwise).
+    model, _, engine = engine_for(stage, zero_force_ds_cpu_optimizer=False,
+                                  zero_optimization={**config(stage)["zero_optimization"],
+                                                     "offload_optimizer": {"device": "cpu"}})
+    train(engine, rank, data)
+    result["offload"] = full_params(model, stage)
+    if rank == 0:
+        torch.save(result, out)
+    finish()
 
 
 @pytest.fixture(scope="module", params=[1, 2, 3], ids=lambda s: f"zero{s}")
@@ -266,6 +264,7 @@ def hf_worker(rank, port, config_path, out):
     if rank == 0:
         torch.save({"params": final, "logs": trainer.state.log_history,
                     "engine": type(trainer.model_wrapped).__name__}, out + "/result.pt")
+    finish()
 
 
 def test_hf_trainer_with_deepspeed_config_equals_one_process(tmp_path):

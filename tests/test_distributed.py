@@ -110,32 +110,44 @@ class CollectiveCounter:
         dist.all_reduce = self._real
 
 
+def finish():
+    """End a worker process: leave the process group together, then exit without interpreter
+    teardown, where a still-joinable communication thread (gloo, DeepSpeed's shared-memory op) makes
+    the C++ runtime abort a finished process now and then."""
+    import sys
+
+    dist.barrier()
+    dist.destroy_process_group()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
+
+
 def worker(rank, port, engines, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     results = {}
-    try:
-        for engine in engines:
-            wrapped, model = wrap(make_model(), engine)
-            groups = lars_plugins.param_groups(model, weight_decay=1e-4)
-            opt = make_opt(groups)
-            monitor = lars_plugins.TrustRatioMonitor(model, opt, every_n_steps=2)
-            calls = []
-            with CollectiveCounter() as counter:
-                for x, y in batches():
-                    half = slice(rank * 8, (rank + 1) * 8)  # this rank's half of the global batch
-                    opt.zero_grad(set_to_none=True)
-                    nn.functional.cross_entropy(wrapped(x[half]), y[half]).backward()
-                    counter.calls, counter.counting = 0, True
-                    opt.step()
-                    counter.counting = False
-                    calls.append(counter.calls)
-            results[engine] = {"params": full_params(wrapped if engine.startswith("fsdp1") else model), "calls": calls, "monitor": monitor.latest}
-            dist.barrier()
-        if rank == 0:
-            torch.save(results, out)
-    finally:
-        dist.destroy_process_group()
+    for engine in engines:
+        wrapped, model = wrap(make_model(), engine)
+        groups = lars_plugins.param_groups(model, weight_decay=1e-4)
+        opt = make_opt(groups)
+        monitor = lars_plugins.TrustRatioMonitor(model, opt, every_n_steps=2)
+        calls = []
+        with CollectiveCounter() as counter:
+            for x, y in batches():
+                half = slice(rank * 8, (rank + 1) * 8)  # this rank's half of the global batch
+                opt.zero_grad(set_to_none=True)
+                nn.functional.cross_entropy(wrapped(x[half]), y[half]).backward()
+                counter.calls, counter.counting = 0, True
+                opt.step()
+                counter.counting = False
+                calls.append(counter.calls)
+        params = full_params(wrapped if engine.startswith("fsdp1") else model)
+        results[engine] = {"params": params, "calls": calls, "monitor": monitor.latest}
+        dist.barrier()
+    if rank == 0:
+        torch.save(results, out)
+    finish()
 
 
 def run(engines, tmp_path):
@@ -234,3 +246,40 @@ def test_hf_accelerate_multi_cpu_equals_one_process(tmp_path):
     assert result["ratio"] > 0  # the monitor found LARS inside Accelerate's AcceleratedOptimizer
 
 
+
+
+def test_a_tensor_swapped_into_the_groups_without_a_layout_is_refused_at_step():
+    """A flat tensor replacing the parameters (as DeepSpeed does) with no engine metadata describing
+    it: LARS cannot tell its layers, so it says so instead of taking one norm over all of them."""
+    model = make_model()
+    opt = make_opt(lars_plugins.param_groups(model, weight_decay=1e-4))
+    flat = torch.cat([p.detach().flatten() for p in opt.param_groups[0]["params"]]).requires_grad_()
+    flat.grad = torch.ones_like(flat)
+    opt.param_groups[0]["params"] = [flat]
+    with pytest.raises(ValueError, match="not built with.*no engine layout"):
+        opt.step()
+
+
+def test_fsdp1_parameters_without_their_handle_or_mixed_with_others_are_refused():
+    orphan = nn.Parameter(torch.randn(6))
+    orphan._fsdp_flattened = True  # FSDP1's mark, but no FlatParamHandle owns it
+    orphan.grad = torch.ones(6)
+    with pytest.raises(ValueError, match="FlatParamHandle cannot be found"):
+        LARS([orphan]).step()
+    plain = nn.Parameter(torch.randn(3, 2))
+    plain.grad = torch.ones(3, 2)
+    with pytest.raises(ValueError, match="mixes FSDP1 parameters with others"):
+        LARS([orphan, plain]).step()
+
+
+def test_param_groups_keep_a_flat_parameter_whole_and_refuse_name_rules_for_it():
+    model = make_model()
+    flat = nn.Parameter(torch.randn(10))
+    flat._shard_param_infos = ()  # what marks an FSDP1 FlatParameter
+    model.register_parameter("_flat_param", flat)
+    groups = lars_plugins.param_groups(model, weight_decay=1e-4)
+    (flat_group,) = [g for g in groups if any(p is flat for _, p in g["params"])]
+    # Decided per original layer by its shape at step time, with the group's weight decay.
+    assert flat_group["lars_exclude"] is None and flat_group["weight_decay"] == 1e-4
+    with pytest.raises(ValueError, match="flat parameter.*use_orig_params=True"):
+        lars_plugins.param_groups(model, weight_decay=1e-4, exclude=["*.bias"])

@@ -20,7 +20,7 @@ import lars_plugins.lightning  # noqa: E402
 from lars_plugins.lightning import TrustRatioCallback  # noqa: E402
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])  # tests/, for test_distributed's model and data
-from test_distributed import STEPS, batches, make_model  # noqa: E402
+from test_distributed import STEPS, batches, finish, make_model  # noqa: E402
 
 # Lightning allows FSDPStrategy on CUDA only (it checks the exact class, so a subclass runs on CPU),
 # and FSDP1 without GPUs needs device_id=cpu, which Lightning does not pass (it passes the root
@@ -75,5 +75,4 @@ if __name__ == "__main__":
         params = {n.replace("_fsdp_wrapped_module.", ""): p.detach().clone() for n, p in module.model.named_parameters()}
     if trainer.global_rank == 0:
         torch.save(params, f"{out}/params.pt")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()  # a clean exit: gloo threads left running can abort the process
+    finish()

@@ -18,7 +18,7 @@ import lars_plugins  # noqa: E402
 from lars_plugins.lightning import TrustRatioCallback  # noqa: E402
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])  # tests/, for test_distributed's model and data
-from test_distributed import STEPS, batches, make_model, make_opt  # noqa: E402
+from test_distributed import STEPS, batches, finish, make_model, make_opt  # noqa: E402
 
 
 class Sharded(pl.LightningModule):
@@ -62,5 +62,4 @@ if __name__ == "__main__":
     params = {n: p.full_tensor().detach() for n, p in module.model.named_parameters()}
     if trainer.global_rank == 0:
         torch.save(params, f"{out}/params.pt")
-    torch.distributed.barrier()
-    torch.distributed.destroy_process_group()  # a clean exit: gloo threads left running can abort the process
+    finish()
