@@ -10,10 +10,13 @@ are trained with lars_plugins.LARS and with torch's SGD (momentum, foreach) as t
 same engine. Per optimizer step it measures, with medians over ``--reps`` steps after ``--warmup``:
 
 * ``opt ms``: time inside the optimizer's ``step()`` calls (DeepSpeed makes one call per partition
-  group; they are summed), with a barrier before each step so that no rank's wait is counted;
+  group; they are summed), each entered by all ranks together (a barrier in a step pre-hook), so
+  that no rank's wait for the other is counted;
 * ``all_reduce``: the collectives issued inside those calls (LARS's whole-parameter norms);
 * ``iter ms``: one whole training iteration (forward, backward, engine step), to put the step in
-  proportion.
+  proportion;
+* ``max |dw|``: after all steps, the largest difference between LARS's parameters under the engine
+  and those of one process trained on the same global batch (both ranks' batches together).
 
 Rank 0 prints one table; ``x SGD`` is LARS's step time over SGD's under the same engine, ``x DDP``
 LARS's step time over LARS's under DDP. All numbers come from one run, side by side.
@@ -51,7 +54,7 @@ def optimizer(kind: str, net: nn.Module) -> torch.optim.Optimizer:
 
     groups = lars_plugins.param_groups(net, weight_decay=1e-4)
     if kind == "LARS":
-        return lars_plugins.LARS(groups, lr=1.0, momentum=0.9, trust_coefficient=0.001)
+        return lars_plugins.LARS(groups, lr=0.1, momentum=0.9, trust_coefficient=0.001)  # stable on this batch
     return torch.optim.SGD([{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups], lr=0.01,
                            momentum=0.9, foreach=True)
 
@@ -93,10 +96,47 @@ def build(engine: str, kind: str, args: argparse.Namespace):
     return wrapped, opt, step
 
 
+def batch(rank: int, args: argparse.Namespace) -> tuple[torch.Tensor, torch.Tensor]:
+    gen = torch.Generator().manual_seed(rank)
+    return torch.randn(args.batch, args.width, generator=gen), torch.randint(0, 10, (args.batch,), generator=gen)
+
+
+def full_parameters(engine: str, module: nn.Module) -> dict[str, torch.Tensor]:
+    """Whole parameters by their name in the unwrapped model, on every rank."""
+    import contextlib
+
+    if engine.startswith("fsdp1"):
+        from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+        context = FSDP.summon_full_params(module)
+    elif engine == "zero3":
+        import deepspeed
+
+        context = deepspeed.zero.GatheredParameters(list(module.parameters()))
+    else:
+        context = contextlib.nullcontext()
+    with context:
+        return {name.replace("_fsdp_wrapped_module.", "").replace("module.", "", 1 if engine != "fsdp2" else 0):
+                (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                for name, p in module.named_parameters()}
+
+
+def one_process(args: argparse.Namespace, steps: int) -> dict[str, torch.Tensor]:
+    """LARS on one process with both ranks' batches as one."""
+    net = model(args.blocks, args.width)
+    opt = optimizer("LARS", net)
+    (x0, y0), (x1, y1) = batch(0, args), batch(1, args)
+    x, y = torch.cat([x0, x1]), torch.cat([y0, y1])
+    for _ in range(steps):
+        nn.functional.cross_entropy(net(x), y).backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+    return {name: p.detach() for name, p in net.named_parameters()}
+
+
 def measure(engine: str, kind: str, rank: int, args: argparse.Namespace) -> dict[str, float]:
     module, opt, step = build(engine, kind, args)
-    gen = torch.Generator().manual_seed(rank)
-    x, y = torch.randn(args.batch, args.width, generator=gen), torch.randint(0, 10, (args.batch,), generator=gen)
+    x, y = batch(rank, args)
     state = {"start": 0.0, "elapsed": 0.0, "calls": 0, "counting": False}
     real_all_reduce = dist.all_reduce
 
@@ -105,6 +145,7 @@ def measure(engine: str, kind: str, rank: int, args: argparse.Namespace) -> dict
         return real_all_reduce(*a, **k)
 
     def before(*_):
+        dist.barrier()  # every rank enters the step together: no rank's wait for the other is timed
         state["counting"], state["start"] = True, time.perf_counter()
 
     def after(*_):
@@ -128,8 +169,16 @@ def measure(engine: str, kind: str, rank: int, args: argparse.Namespace) -> dict
                 calls.append(state["calls"])
     finally:
         dist.all_reduce = real_all_reduce
-    return {"opt_ms": statistics.median(opt_ms), "iter_ms": statistics.median(iter_ms),
-            "all_reduce": statistics.median(calls)}
+    result = {"opt_ms": statistics.median(opt_ms), "iter_ms": statistics.median(iter_ms),
+              "all_reduce": statistics.median(calls)}
+    if kind == "LARS":
+        got = full_parameters(engine, module)
+        expected = one_process(args, args.warmup + args.reps)
+        diffs = {name: (got[name].float() - value).abs().max().item() for name, value in expected.items()}
+        if os.environ.get("LARS_BENCH_DEBUG"):
+            print(engine, sorted(diffs.items(), key=lambda kv: -kv[1])[:3], sorted(got)[:3])
+        result["max_dw"] = max(diffs.values())
+    return result
 
 
 def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
@@ -152,15 +201,17 @@ def worker(rank: int, world: int, port: int, args: argparse.Namespace) -> None:
         n = sum(1 for _ in model(args.blocks, args.width).parameters())
         print(f"torch {torch.__version__}, {world} processes (gloo, CPU, 1 thread each), {args.blocks} blocks of width "
               f"{args.width}: {n} parameter tensors, batch {args.batch} per process; medians of {args.reps} steps")
-        print(f"| engine | LARS opt ms | SGD opt ms | x SGD | x DDP | LARS all_reduce/step | LARS iter ms | SGD iter ms |")
-        print("|---|---:|---:|---:|---:|---:|---:|---:|")
+        print("| engine | LARS opt ms | SGD opt ms | x SGD | x DDP | LARS all_reduce/step | LARS iter ms | SGD iter ms "
+              "| LARS max abs dw vs 1 process |")
+        print("|---|---:|---:|---:|---:|---:|---:|---:|---:|")
         ddp = next((r["LARS"]["opt_ms"] for e, r in rows if e == "ddp"), None)
         table = []
         for engine, r in rows:
             lars, sgd = r["LARS"], r["SGD"]
             vs_ddp = f"{lars['opt_ms'] / ddp:.2f}" if ddp else "-"
             print(f"| {engine} | {lars['opt_ms']:.2f} | {sgd['opt_ms']:.2f} | {lars['opt_ms'] / sgd['opt_ms']:.2f} | "
-                  f"{vs_ddp} | {lars['all_reduce']:g} | {lars['iter_ms']:.2f} | {sgd['iter_ms']:.2f} |")
+                  f"{vs_ddp} | {lars['all_reduce']:g} | {lars['iter_ms']:.2f} | {sgd['iter_ms']:.2f} | "
+                  f"{lars['max_dw']:.1e} |")
             table.append({"engine": engine, **{f"lars_{k}": v for k, v in lars.items()},
                           **{f"sgd_{k}": v for k, v in sgd.items()}})
         if args.csv:

@@ -65,6 +65,7 @@ class FlatLayout:
     reductions: list[tuple[Any, list[int]]]
     calls_per_step: int = 1  # step() calls per optimizer step (ZeRO-3: one per sub-group)
     _index: dict[Any, Tensor] = field(default_factory=dict, repr=False)
+    _plans: dict[Any, Any] = field(default_factory=dict, repr=False)
 
     def constant(self, values: Sequence[Any], device: torch.device) -> Tensor:
         """``torch.tensor(values)`` on ``device``, made once per distinct ``values`` (no copy per step)."""
@@ -75,9 +76,44 @@ class FlatLayout:
         return tensor
 
     def views(self, tensors: Sequence[Optional[Tensor]]) -> list[Optional[Tensor]]:
-        """The pieces as 1-D views of the group's tensors (``None`` where the tensor is ``None``)."""
-        return [None if tensors[p.tensor] is None else tensors[p.tensor].view(-1).narrow(0, p.start, p.numel)
-                for p in self.pieces]
+        """The pieces as 1-D views of the group's tensors (``None`` where the tensor is ``None``).
+
+        One ``split_with_sizes`` per tensor (pieces and the gaps between them) rather than one
+        ``narrow`` per piece: the host cost of a step is mostly these views.
+        """
+        out: list[Optional[Tensor]] = [None] * len(self.pieces)
+        for t_index, tensor in enumerate(tensors):
+            if tensor is None:
+                continue
+            plan = self._split_plan(t_index, tensor.numel())
+            if plan is None:
+                continue
+            sizes, slots = plan
+            parts = tensor.view(-1).split_with_sizes(sizes)
+            for part, (j, slot) in zip(parts, slots):
+                if j >= 0:
+                    out[j] = part
+        return out
+
+    def _split_plan(self, t_index: int, numel: int) -> Optional[tuple[list[int], list[tuple[int, int]]]]:
+        key = ("split", t_index, numel)
+        if key not in self._plans:
+            sizes: list[int] = []
+            slots: list[tuple[int, int]] = []  # (piece index or -1 for a gap, position)
+            end = 0
+            mine = sorted((p.start, j) for j, p in enumerate(self.pieces) if p.tensor == t_index)
+            for start, j in mine:
+                if start > end:
+                    sizes.append(start - end)
+                    slots.append((-1, len(slots)))
+                sizes.append(self.pieces[j].numel)
+                slots.append((j, len(slots)))
+                end = start + self.pieces[j].numel
+            if end < numel:
+                sizes.append(numel - end)
+                slots.append((-1, len(slots)))
+            self._plans[key] = (sizes, slots) if mine else None
+        return self._plans[key]
 
     def norms(self, *piece_sets: Sequence[Optional[Tensor]], dtype: torch.dtype,
               device: torch.device) -> list[Tensor]:

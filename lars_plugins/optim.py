@@ -259,21 +259,22 @@ class LARS(Optimizer):
         """
         tensors = group["params"]
         grads = [t.grad for t in tensors]
+        values, grad_views = layout.views(tensors), layout.views(grads)
         adapted = [self.is_adapted(group, layer.shape) for layer in layout.layers]
         dtype, device = ratio_dtype(tensors[0].dtype), tensors[0].device
         if any(adapted):  # decided by the layout alone: the same on every rank
-            w_norms, g_norms, _ = layout.norms(layout.views(tensors), layout.views(grads), dtype=dtype, device=device)
+            w_norms, g_norms, _ = layout.norms(values, grad_views, dtype=dtype, device=device)
             ratios = trust_ratio(w_norms, g_norms, trust_coefficient=group["trust_coefficient"],
                                  weight_decay=group["weight_decay"], eps=group["eps"], lr=group["lr"],
                                  trust_clip=group["trust_clip"])
-            mask = layout.constant(adapted, device)
-            self._flat_ratios[id(layout)] = torch.where(mask, ratios, torch.nan)
-        pieces = [p for p in layout.pieces if p.numel and grads[p.tensor] is not None]
-        if not pieces:
+            self._flat_ratios[id(layout)] = torch.where(layout.constant(adapted, device), ratios, torch.nan)
+        kept = [j for j, p in enumerate(layout.pieces) if p.numel and grad_views[j] is not None]
+        if not kept:
             return
+        pieces = [layout.pieces[j] for j in kept]
         buffers = [self.state[t].get("momentum_buffer") for t in tensors]
-        view = lambda ts, p: ts[p.tensor].view(-1).narrow(0, p.start, p.numel)  # noqa: E731
-        piece_buffers = [None if buffers[p.tensor] is None else view(buffers, p) for p in pieces]
+        buffer_views = layout.views(buffers)
+        piece_buffers = [buffer_views[j] for j in kept]
         adapt = [adapted[p.layer] for p in pieces]
         norms = None
         if any(adapt):
@@ -284,7 +285,7 @@ class LARS(Optimizer):
                 where = layout.constant(list(idx), device)
                 return piece_w.index_select(0, where), piece_g.index_select(0, where)
         scratch = list(torch.empty(len(pieces), dtype=dtype, device=device).unbind())
-        lars([view(tensors, p) for p in pieces], [view(grads, p) for p in pieces], piece_buffers,
+        lars([values[j] for j in kept], [grad_views[j] for j in kept], piece_buffers,
              [r if a else None for r, a in zip(scratch, adapt)], adapt,
              lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
              weight_decay=group["weight_decay"], nesterov=group["nesterov"],
@@ -296,9 +297,10 @@ class LARS(Optimizer):
                     # First step: the pieces' new buffers (d itself) go into one buffer shaped like
                     # the tensor, which the engines checkpoint and re-partition as their own.
                     flat = torch.zeros_like(tensor, memory_format=torch.contiguous_format)
-                    for p, buf in zip(pieces, piece_buffers):
-                        if p.tensor == t_index:
-                            view([flat], p._replace(tensor=0)).copy_(buf)
+                    flat_views = layout.views([flat if k == t_index else None for k in range(len(tensors))])
+                    for j, buf in zip(kept, piece_buffers):
+                        if flat_views[j] is not None:
+                            flat_views[j].copy_(buf)
                     self.state[tensor]["momentum_buffer"] = flat
 
 
