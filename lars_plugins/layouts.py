@@ -297,6 +297,9 @@ def _zero12_layout(tensors: list[Tensor], candidates: list[Tensor], where: str) 
     layers, pieces, groups = [], [], {}
     for index, param in enumerate(candidates):
         layers.append(Layer(param, layer_shape(param)))
+        if hasattr(param, "_hp_mapping") and not hasattr(param, "_dp_group"):
+            raise ValueError(f"{where}this DeepSpeed does not record the data-parallel group of its partitions "
+                             "(_dp_group), which whole-parameter norms need; use deepspeed >= 0.19")
         group = getattr(param, "_dp_group", None)
         groups.setdefault(id(group), (group, []))[1].append(index)
         mapping = getattr(param, "_hp_mapping", None)

@@ -42,3 +42,17 @@ def test_finetune_quick(tmp_path):
     assert {r["method"] for r in rows} == {"AdamW lr 5e-5", "AdamW lr 2e-4", "LARS", "LARS + layer decay 0.8"}
     assert all(0.0 <= float(r["test_acc"]) <= 1.0 for r in rows)
     assert "| LARS + layer decay 0.8 |" in out
+
+
+def test_sharded_step_quick(tmp_path):
+    pytest.importorskip("deepspeed")
+    out = run_script("sharded_step.py", "--engines", "ddp", "fsdp1-flat", "zero2", "--blocks", "2", "--reps", "2",
+                     "--warmup", "1", "--csv", str(tmp_path / "sharded.csv"))
+    rows = {r["engine"]: r for r in csv.DictReader((tmp_path / "sharded.csv").open())}
+    assert list(rows) == ["ddp", "fsdp1-flat", "zero2"]
+    # LARS's collectives per step: none under DDP, one for the adapted group under the sharded engines.
+    assert [float(rows[e]["lars_all_reduce"]) for e in rows] == [0.0, 1.0, 1.0]
+    for row in rows.values():
+        assert float(row["lars_max_dw"]) < 1e-5  # the same parameters as one process ("nan" fails too)
+        assert float(row["lars_opt_ms"]) > 0 and float(row["sgd_opt_ms"]) > 0
+    assert "| zero2 |" in out and "x SGD" in out

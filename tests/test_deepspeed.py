@@ -80,12 +80,15 @@ def full_params(model, stage):
         return {n: p.detach().clone().float() for n, p in model.named_parameters()}
 
 
-def bf16_steps(stage, rank):
+def bf16_steps(stage, rank, **extra):
     """Master weights after each bf16 step equal Eq. 6 applied in float64 to DeepSpeed's own full
     fp32 weights and gradients of that step (gathered with its public safe_get_full_* API)."""
     from deepspeed.utils import safe_get_full_fp32_param, safe_get_full_grad
 
-    model, optimizer, engine = engine_for(stage, bf16={"enabled": True}, gradient_clipping=0.0)
+    model, optimizer, engine = engine_for(stage, bf16={"enabled": True}, gradient_clipping=0.0, **extra)
+    assert type(engine.optimizer).__name__ == ("BF16_Optimizer" if extra else
+                                               "DeepSpeedZeroOptimizer_Stage3" if stage == 3 else
+                                               "DeepSpeedZeroOptimizer")
     names = [n for n, _ in model.named_parameters()]
     adapted = {n for g in optimizer.param_groups if not g["lars_exclude"] for n in g["param_names"]}
     lr, m, wd, eta = (LARS_KWARGS[k] for k in ("lr", "momentum", "weight_decay", "trust_coefficient"))
@@ -149,8 +152,10 @@ def worker(rank, port, stage, checkpoint, out):
     train(engine, rank, data[3:])
     result.update(resumed=full_params(model, stage), monitor=monitor.history.to_rows(), monitor_steps=monitor.step)
 
-    # 3. bf16.
+    # 3. bf16; under ZeRO-1 with fp32 gradient accumulation DeepSpeed uses its BF16_Optimizer instead.
     result["bf16_error"] = bf16_steps(stage, rank)
+    if stage == 1:
+        result["bf16_optimizer_error"] = bf16_steps(stage, rank, data_types={"grad_accum_dtype": "fp32"})
 
     # 4. ZeRO-Offload: the optimizer steps partitions held in CPU memory (DeepSpeed wants its own
     # CPU Adam there unless told otherwise).
@@ -215,6 +220,7 @@ def test_bf16_master_weights_follow_eq6_on_full_parameters(zero):
     _, result = zero
     # Relative to the size of the step: a per-partition norm would be off by tens of percent.
     assert result["bf16_error"] < 1e-5
+    assert result.get("bf16_optimizer_error", 0.0) < 1e-5
 
 
 # --- through the frameworks ----------------------------------------------------------------------------

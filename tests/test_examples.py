@@ -8,6 +8,8 @@ from pathlib import Path
 
 import pytest
 
+import lars_plugins
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 
@@ -68,3 +70,16 @@ def test_lightning_example_trains_logs_and_plots(tmp_path):
     (metrics,) = (tmp_path / "run").rglob("metrics.csv")
     header = metrics.read_text().splitlines()[0]
     assert "trust_ratio/net.0.weight" in header and "train_loss" in header
+
+
+@pytest.mark.parametrize("engine", ["fsdp1-flat", "zero3"])
+def test_sharded_example_trains_and_reports_whole_parameter_ratios(engine, tmp_path):
+    pytest.importorskip("sklearn")
+    if engine.startswith("zero"):
+        pytest.importorskip("deepspeed")
+    out = run_example("sharded_large_batch.py", "--engine", engine, "--epochs", "7", "--out-dir", "run", cwd=tmp_path)
+    accuracies = [float(line.split()[-1]) for line in out.splitlines() if line.startswith("epoch")]
+    assert len(accuracies) == 7 and accuracies[-1] > 0.6  # 10 classes: chance is 0.1
+    assert f"{engine}: trust ratios of 4 adapted layers" in out
+    history = lars_plugins.TrustRatioHistory.from_csv(tmp_path / "run" / "trust_ratios.csv")
+    assert history.layers("trust_ratio") == ["0.weight", "3.weight", "7.weight", "12.weight"]
