@@ -188,8 +188,8 @@ def test_parameters_equal_one_process(engine, torch_engines):
     assert "trust_ratio/0.bias" not in result["monitor"] and "grad_norm/0.bias" in result["monitor"]
 
 
-@pytest.mark.parametrize("script", ["lightning_fsdp2.py", "lightning_fsdp1.py"])
-def test_lightning_sharded_strategies(script, tmp_path):
+@pytest.mark.parametrize("engine", ["fsdp2", "fsdp1"])
+def test_lightning_sharded_strategies(engine, tmp_path):
     """Through Lightning's ModelParallelStrategy (FSDP2) and FSDPStrategy (FSDP1, use_orig_params),
     2 CPU processes, Lightning's own script launcher, TrustRatioCallback and CSVLogger."""
     import csv
@@ -198,8 +198,9 @@ def test_lightning_sharded_strategies(script, tmp_path):
     from pathlib import Path
 
     pytest.importorskip("lightning")
-    path = Path(__file__).parent / "scripts" / script
-    result = subprocess.run([sys.executable, str(path), str(tmp_path)], capture_output=True, text=True, timeout=600)
+    path = Path(__file__).parent / "scripts" / "lightning_sharded.py"
+    result = subprocess.run([sys.executable, str(path), engine, str(tmp_path)], capture_output=True, text=True,
+                            timeout=600)
     assert result.returncode == 0, result.stderr[-3000:]
     params = torch.load(tmp_path / "params.pt", weights_only=True)
     expected, weight_norms = reference()

@@ -1,8 +1,11 @@
-"""Run by tests/test_distributed.py: LARS through ``configure_lars`` under Lightning's FSDPStrategy
-(FSDP1, ``use_orig_params=True`` as Lightning sets it), 2 CPU processes, with TrustRatioCallback.
+"""Run by tests/test_distributed.py: LARS under a Lightning sharded strategy, 2 CPU processes, with
+TrustRatioCallback and CSVLogger.
+
+* ``fsdp2``: ModelParallelStrategy, ``fully_shard`` in ``configure_model``, LARS built directly;
+* ``fsdp1``: FSDPStrategy (FSDP1, ``use_orig_params=True`` as Lightning sets it), ``configure_lars``.
 
 Lightning relaunches this script for rank 1 (its subprocess launcher), so it must be a file of its own.
-Usage: python lightning_fsdp1.py OUT_DIR
+Usage: python lightning_sharded.py {fsdp1,fsdp2} OUT_DIR
 """
 
 import sys
@@ -20,7 +23,10 @@ import lars_plugins.lightning  # noqa: E402
 from lars_plugins.lightning import TrustRatioCallback  # noqa: E402
 
 sys.path.insert(0, __file__.rsplit("/", 2)[0])  # tests/, for test_distributed's model and data
-from test_distributed import STEPS, batches, finish, make_model  # noqa: E402
+from test_distributed import STEPS, batches, finish, make_model, make_opt  # noqa: E402
+
+ENGINE = sys.argv[1]
+
 
 # Lightning allows FSDPStrategy on CUDA only (it checks the exact class, so a subclass runs on CPU),
 # and FSDP1 without GPUs needs device_id=cpu, which Lightning does not pass (it passes the root
@@ -44,6 +50,16 @@ class Net(pl.LightningModule):
         super().__init__()
         self.model = make_model()
 
+    def configure_model(self):
+        if ENGINE != "fsdp2":
+            return
+        from torch.distributed.fsdp import fully_shard
+
+        mesh = self.device_mesh["data_parallel"]
+        for layer in (self.model[0], self.model[3]):
+            fully_shard(layer, mesh=mesh)
+        fully_shard(self.model, mesh=mesh)
+
     def training_step(self, batch, batch_idx):
         x, y = batch
         loss = nn.functional.cross_entropy(self.model(x), y)
@@ -51,6 +67,8 @@ class Net(pl.LightningModule):
         return loss
 
     def configure_optimizers(self):
+        if ENGINE == "fsdp2":
+            return make_opt(lars_plugins.param_groups(self.model, weight_decay=1e-4))
         # A constant schedule, so that the one-process reference is test_distributed's make_opt.
         return lars_plugins.lightning.configure_lars(self, lr=2.0, weight_decay=1e-4, momentum=0.9, nesterov=True,
                                                      trust_coefficient=0.01, decay="constant")
@@ -62,17 +80,26 @@ class Net(pl.LightningModule):
         return torch.utils.data.DataLoader(data, batch_size=None)
 
 
+def full_parameters(trainer, module):
+    if ENGINE == "fsdp2":
+        return {n: p.full_tensor().detach() for n, p in module.model.named_parameters()}
+    with FullyShardedDataParallel.summon_full_params(trainer.strategy.model):
+        return {n.replace("_fsdp_wrapped_module.", ""): p.detach().clone() for n, p in module.model.named_parameters()}
+
+
 if __name__ == "__main__":
-    out = sys.argv[1]
-    strategy = CPUFSDPStrategy(auto_wrap_policy={nn.Linear})
+    out = sys.argv[2]
+    if ENGINE == "fsdp2":
+        strategy = pl.strategies.ModelParallelStrategy(data_parallel_size=2, tensor_parallel_size=1)
+    else:
+        strategy = CPUFSDPStrategy(auto_wrap_policy={nn.Linear})
     trainer = pl.Trainer(accelerator="cpu", devices=2, strategy=strategy, max_steps=STEPS, log_every_n_steps=2,
                          logger=pl.loggers.CSVLogger(out, name="logs"), callbacks=[TrustRatioCallback()],
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          use_distributed_sampler=False)
     module = Net()
     trainer.fit(module)
-    with FullyShardedDataParallel.summon_full_params(trainer.strategy.model):
-        params = {n.replace("_fsdp_wrapped_module.", ""): p.detach().clone() for n, p in module.model.named_parameters()}
+    params = full_parameters(trainer, module)
     if trainer.global_rank == 0:
         torch.save(params, f"{out}/params.pt")
     finish()
