@@ -64,15 +64,17 @@ class FlatLayout:
     pieces: list[Piece]
     reductions: list[tuple[Any, list[int]]]
     calls_per_step: int = 1  # step() calls per optimizer step (ZeRO-3: one per sub-group)
-    _index: dict[Any, Tensor] = field(default_factory=dict, repr=False)
-    _plans: dict[Any, Any] = field(default_factory=dict, repr=False)
+    _constants: dict[Any, Tensor] = field(default_factory=dict, repr=False)  # constant(): tensors made once
+    _plans: dict[Any, Any] = field(default_factory=dict, repr=False)  # views(): split plans per tensor
 
-    def constant(self, values: Sequence[Any], device: torch.device) -> Tensor:
-        """``torch.tensor(values)`` on ``device``, made once per distinct ``values`` (no copy per step)."""
-        key = ("constant", device, tuple(values))
-        tensor = self._index.get(key)
+    def constant(self, values: Sequence[Any], device: torch.device, dtype: Optional[torch.dtype] = None) -> Tensor:
+        """``torch.tensor(values)`` on ``device``, made once per distinct ``values`` (no copy per step).
+
+        ``values`` are of one type; the type is part of the key, since ``(True, False) == (1, 0)``."""
+        key = (device, dtype, type(values[0]) if values else None, tuple(values))
+        tensor = self._constants.get(key)
         if tensor is None:
-            tensor = self._index[key] = torch.tensor(values, device=device)
+            tensor = self._constants[key] = torch.tensor(values, dtype=dtype, device=device)
         return tensor
 
     def views(self, tensors: Sequence[Optional[Tensor]]) -> list[Optional[Tensor]]:
@@ -88,31 +90,31 @@ class FlatLayout:
             plan = self._split_plan(t_index, tensor.numel())
             if plan is None:
                 continue
-            sizes, slots = plan
-            parts = tensor.view(-1).split_with_sizes(sizes)
-            for part, (j, slot) in zip(parts, slots):
+            sizes, owners = plan
+            for part, j in zip(tensor.view(-1).split_with_sizes(sizes), owners):
                 if j >= 0:
                     out[j] = part
         return out
 
-    def _split_plan(self, t_index: int, numel: int) -> Optional[tuple[list[int], list[tuple[int, int]]]]:
-        key = ("split", t_index, numel)
+    def _split_plan(self, t_index: int, numel: int) -> Optional[tuple[list[int], list[int]]]:
+        """Sizes of the consecutive parts of tensor ``t_index`` and the piece each part is (-1: a gap)."""
+        key = (t_index, numel)
         if key not in self._plans:
             sizes: list[int] = []
-            slots: list[tuple[int, int]] = []  # (piece index or -1 for a gap, position)
+            owners: list[int] = []
             end = 0
             mine = sorted((p.start, j) for j, p in enumerate(self.pieces) if p.tensor == t_index)
             for start, j in mine:
                 if start > end:
                     sizes.append(start - end)
-                    slots.append((-1, len(slots)))
+                    owners.append(-1)
                 sizes.append(self.pieces[j].numel)
-                slots.append((j, len(slots)))
+                owners.append(j)
                 end = start + self.pieces[j].numel
             if end < numel:
                 sizes.append(numel - end)
-                slots.append((-1, len(slots)))
-            self._plans[key] = (sizes, slots) if mine else None
+                owners.append(-1)
+            self._plans[key] = (sizes, owners) if mine else None
         return self._plans[key]
 
     def norms(self, *piece_sets: Sequence[Optional[Tensor]], dtype: torch.dtype,
@@ -127,15 +129,9 @@ class FlatLayout:
             kept = [j for j, piece in enumerate(self.pieces) if piece.numel and (pieces is None or pieces[j] is not None)]
             if not kept:
                 continue
-            key = (device, tuple(kept))
-            index = self._index.get(key)
-            if index is None:
-                index = self._index[key] = torch.tensor([self.pieces[j].layer for j in kept], device=device)
+            index = self.constant([self.pieces[j].layer for j in kept], device)
             if pieces is None:
-                local = self._index.get((key, dtype))
-                if local is None:
-                    numels = [float(self.pieces[j].numel) for j in kept]
-                    local = self._index[(key, dtype)] = torch.tensor(numels, dtype=dtype, device=device)
+                local = self.constant([float(self.pieces[j].numel) for j in kept], device, dtype)
             else:
                 local = torch.stack(torch._foreach_norm([pieces[j] for j in kept], 2, dtype=dtype)).square()
             squared.index_add_(0, index + k * n, local)
@@ -242,7 +238,7 @@ class LayoutResolver:
         """``id(flat parameter or original parameter) -> (handle, index or None)``, found once.
 
         FSDP1 keeps no link from a parameter to its ``FlatParamHandle``; the handles are found
-        among live objects, once per optimizer (a fraction of a second even for large programs).
+        among live objects, once per optimizer (0.14 s with 458k live objects: docs/distributed.md).
         """
         if self._fsdp1 is None:
             found: dict[int, Any] = {}

@@ -244,10 +244,12 @@ class TrustRatioMonitor:
             for k, layer in enumerate(layout.layers):
                 if not members[k]:
                     continue
-                order, name = self._names.get(layer.key, (None, None))
-                if name is None:  # an FSDP1 flat parameter's layer: named by the flat parameter's place
-                    flat_name = self._flat_names.get(id(layer.key[0]), "") if isinstance(layer.key, tuple) else ""
-                    order, name = unnamed + len(entries), flat_name + (layer.name or f"layer{k}")
+                if isinstance(layer.key, tuple):  # an FSDP1 flat parameter's layer: named and ordered by the flat's place
+                    flat_order = self._names.get(layer.key[0], (unnamed, ""))[0]
+                    order = flat_order + k / (len(layout.layers) + 1)
+                    name = self._flat_names.get(id(layer.key[0]), "") + str(layer.name)
+                else:
+                    order, name = self._names.get(layer.key, (unnamed + len(entries), layer.name or f"layer{k}"))
                 ratio = None
                 if ratios is not None and optimizer.is_adapted(group, layer.shape):  # type: ignore[attr-defined]
                     ratio = ratios[k]

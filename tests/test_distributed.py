@@ -284,3 +284,13 @@ def test_param_groups_keep_a_flat_parameter_whole_and_refuse_name_rules_for_it()
     assert flat_group["lars_exclude"] is None and flat_group["weight_decay"] == 1e-4
     with pytest.raises(ValueError, match="flat parameter.*use_orig_params=True"):
         lars_plugins.param_groups(model, weight_decay=1e-4, exclude=["*.bias"])
+
+
+def test_layout_constants_of_equal_values_but_other_types_are_distinct():
+    """A mask (True, False) and an index (1, 0) compare equal as tuples; each keeps its own tensor."""
+    from lars_plugins.layouts import FlatLayout
+
+    layout = FlatLayout("test", [], [], [])
+    mask, index = layout.constant([True, False], torch.device("cpu")), layout.constant([1, 0], torch.device("cpu"))
+    assert mask.dtype == torch.bool and index.dtype == torch.int64
+    assert layout.constant([True, False], torch.device("cpu")) is mask  # made once
