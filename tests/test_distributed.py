@@ -144,10 +144,44 @@ def worker(rank, port, engines, out):
                 calls.append(counter.calls)
         params = full_params(wrapped if engine.startswith("fsdp1") else model)
         results[engine] = {"params": params, "calls": calls, "monitor": monitor.latest}
+        if engine in RESUMED:
+            results[engine]["resumed"] = resumed(engine, rank, f"{out}.{engine}.checkpoint")
         dist.barrier()
     if rank == 0:
         torch.save(results, out)
     finish()
+
+
+def resumed(engine, rank, path):
+    """Train 3 steps, save a distributed checkpoint (torch's own recipe: get_state_dict, dcp.save),
+    load it into a new model and optimizer (dcp.load, set_state_dict), train the rest: the whole
+    parameters at the end."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    def train(wrapped, opt, steps):
+        for x, y in steps:
+            half = slice(rank * 8, (rank + 1) * 8)
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(wrapped(x[half]), y[half]).backward()
+            opt.step()
+
+    def build():
+        wrapped, model = wrap(make_model(), engine)
+        return wrapped, model, make_opt(lars_plugins.param_groups(model, weight_decay=1e-4))
+
+    data = batches()
+    wrapped, model, opt = build()
+    train(wrapped, opt, data[:3])
+    model_state, optim_state = get_state_dict(wrapped, opt)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+    wrapped, model, opt = build()
+    model_state, optim_state = get_state_dict(wrapped, opt)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(wrapped, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    train(wrapped, opt, data[3:])
+    return full_params(wrapped if engine.startswith("fsdp1") else model)
 
 
 def run(engines, tmp_path):
@@ -161,6 +195,7 @@ TORCH_ENGINES = ["ddp", "fsdp2", "fsdp2-default-mesh", "fsdp2-two-meshes", "fsdp
 # all_reduce calls in one LARS step (the adapted group's whole-parameter norms), and on the monitor's
 # recording steps two more (weight norms before the step, gradient norms after it).
 COLLECTIVES = {"ddp": 0, "fsdp2-two-meshes": 2}
+RESUMED = ["fsdp2", "fsdp1-orig-full", "fsdp1-flat-full"]  # also interrupted by a checkpoint and resumed
 MONITOR_COLLECTIVES = {"ddp": 0, "fsdp2-two-meshes": 3}  # the norm layers sit on a third (default) mesh
 
 
@@ -168,6 +203,13 @@ MONITOR_COLLECTIVES = {"ddp": 0, "fsdp2-two-meshes": 3}  # the norm layers sit o
 def torch_engines(tmp_path_factory):
     """All torch engines in one pair of processes (a process pair costs seconds to start)."""
     return run(TORCH_ENGINES, tmp_path_factory.mktemp("engines"))
+
+
+@pytest.mark.parametrize("engine", RESUMED)
+def test_resume_from_a_distributed_checkpoint_equals_the_uninterrupted_run(engine, torch_engines):
+    result = torch_engines[engine]
+    for name, value in result["params"].items():
+        torch.testing.assert_close(result["resumed"][name], value, rtol=1e-6, atol=1e-7, msg=name)
 
 
 @pytest.mark.parametrize("engine", TORCH_ENGINES)
