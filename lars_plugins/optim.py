@@ -131,6 +131,9 @@ class LARS(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
+        # Not pickled (torch pickles defaults, state and groups): rebuilt from the groups.
+        self._layouts = LayoutResolver([p for group in self.param_groups for p in group["params"]])
+        self._flat_ratios = {}
         for group in self.param_groups:
             for key, value in (("lars_exclude", None), ("exclude_bias_and_norm", True), ("maximize", False),
                                ("foreach", None), ("trust_clip", False), ("nesterov", False)):

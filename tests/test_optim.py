@@ -439,6 +439,11 @@ def test_is_a_real_optimizer():
     opt = LARS([nn.Parameter(torch.randn(2))])
     assert isinstance(opt, torch.optim.Optimizer)
     assert copy.deepcopy(opt).param_groups[0]["trust_coefficient"] == 1e-3
+    twin = copy.deepcopy(opt)  # a copy steps its own (copied) parameters
+    twin.param_groups[0]["params"][0].grad = torch.ones(2)
+    before = twin.param_groups[0]["params"][0].detach().clone()
+    twin.step()
+    assert not torch.equal(twin.param_groups[0]["params"][0], before)
     hook_calls = []
     opt.register_step_post_hook(lambda *a: hook_calls.append(1))
     opt.step()
