@@ -164,6 +164,18 @@ def worker(rank, port, stage, checkpoint, out):
                                                      "offload_optimizer": {"device": "cpu"}})
     train(engine, rank, data)
     result["offload"] = full_params(model, stage)
+
+    # 5. The monitor over another optimizer (AdamW): whole-parameter norms from the model's own layout.
+    import deepspeed
+
+    model = make_model()
+    engine, _, _, _ = deepspeed.initialize(model=model, optimizer=torch.optim.AdamW(model.parameters(), lr=1e-3),
+                                           config=config(stage))
+    monitor = lars_plugins.TrustRatioMonitor(model, engine.optimizer, every_n_steps=1)
+    train(engine, rank, data[:1])
+    before = full_params(model, stage)["0.weight"].norm().item()
+    train(engine, rank, data[1:2])
+    result["adamw"] = {"steps": monitor.step, "record": monitor.latest, "norm_before": before}
     if rank == 0:
         torch.save(result, out)
     finish()
@@ -310,3 +322,14 @@ def test_hf_trainer_with_deepspeed_config_equals_one_process(tmp_path):
     for log in logged:
         assert log["weight_norm/classifier.weight"] == pytest.approx(norms[log["step"] - 1], rel=1e-5)
         assert 0 < log["trust_ratio/classifier.weight"] < 1 and "trust_ratio/classifier.bias" not in log
+
+
+def test_monitor_over_adamw_reports_whole_parameters(zero):
+    _, result = zero
+    adamw = result["adamw"]
+    assert adamw["steps"] == 2  # optimizer steps, not step() calls
+    assert adamw["record"]["weight_norm/0.weight"] == pytest.approx(adamw["norm_before"], rel=1e-5)
+    # Table-2 ratio ‖w‖/‖g‖ for every layer, biases too: AdamW has no notion of excluded layers.
+    assert adamw["record"]["trust_ratio/0.weight"] == pytest.approx(
+        adamw["record"]["weight_norm/0.weight"] / adamw["record"]["grad_norm/0.weight"])
+    assert adamw["record"]["grad_norm/1.bias"] > 0
