@@ -131,9 +131,12 @@ class LARS(Optimizer):
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        # Not pickled (torch pickles defaults, state and groups): rebuilt from the groups.
-        self._layouts = LayoutResolver([p for group in self.param_groups for p in group["params"]])
-        self._flat_ratios = {}
+        # load_state_dict() comes through here too, and must keep the tensors the optimizer was built
+        # with (DeepSpeed has swapped its partitions into the groups by then). Only an unpickled copy
+        # (torch pickles defaults, state and groups alone) rebuilds them from its groups.
+        if not hasattr(self, "_layouts"):
+            self._layouts = LayoutResolver([p for group in self.param_groups for p in group["params"]])
+            self._flat_ratios: dict[int, Tensor] = {}
         for group in self.param_groups:
             for key, value in (("lars_exclude", None), ("exclude_bias_and_norm", True), ("maximize", False),
                                ("foreach", None), ("trust_clip", False), ("nesterov", False)):

@@ -301,6 +301,11 @@ def test_a_tensor_swapped_into_the_groups_without_a_layout_is_refused_at_step():
     opt.param_groups[0]["params"] = [flat]
     with pytest.raises(ValueError, match="not built with.*no engine layout"):
         opt.step()
+    # Loading a state dict (as DeepSpeed does on resume, after its swap) does not make the swapped
+    # tensor one the optimizer was built with.
+    opt.load_state_dict(opt.state_dict())
+    with pytest.raises(ValueError, match="not built with.*no engine layout"):
+        opt.step()
 
 
 def test_fsdp1_parameters_without_their_handle_or_mixed_with_others_are_refused():
