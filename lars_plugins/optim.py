@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import difflib
 import math
+import numbers
 from typing import Any, Callable, Iterable, Optional, Sequence, Union
 
 import torch
@@ -115,6 +117,7 @@ class LARS(Optimizer):
             foreach=foreach,
         )
         _validate_group(defaults, explicit=defaults, where="")
+        _to_python_numbers(defaults)
         # The tensors the optimizer was built with, in an order every rank shares: the layers of
         # flat layouts (DeepSpeed swaps its partitions into the groups after construction).
         self._layouts = LayoutResolver([])
@@ -122,11 +125,15 @@ class LARS(Optimizer):
         super().__init__(params, defaults)
 
     def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group; every LARS key may be overridden per group and is validated here."""
+        """Add a group; every LARS key may be overridden per group and is validated here, before the
+        group is added: a refused group leaves the optimizer as it was."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         explicit = dict(param_group)
+        where = f"param group {len(self.param_groups)}: "
+        _validate_group({**self.defaults, **explicit}, explicit=explicit, where=where)
+        _to_python_numbers(param_group)
         super().add_param_group(param_group)
-        where = f"param group {len(self.param_groups) - 1}: "
-        _validate_group(self.param_groups[-1], explicit=explicit, where=where)
         self._layouts = LayoutResolver([*self._layouts.candidates, *self.param_groups[-1]["params"]])
 
     def __setstate__(self, state: dict[str, Any]) -> None:
@@ -161,6 +168,11 @@ class LARS(Optimizer):
                 if key != "params":
                     saved.setdefault(key, value)
             groups.append(saved)
+        # The constructor's checks, on what is loaded: a checkpoint must not bring in what the
+        # constructor refuses (trust_coefficient=0, lr=-1, lars_exclude="yes", momentum=nan).
+        for index, group in enumerate(groups):
+            _validate_group(group, explicit=group, where=f"loaded param group {index}: ", loaded=True)
+            _to_python_numbers(group)
         # A length mismatch is left to torch, which explains it.
         groups += state_dict["param_groups"][len(groups):]
         super().load_state_dict({**state_dict, "param_groups": groups})
@@ -310,16 +322,36 @@ class LARS(Optimizer):
                     self.state[tensor]["momentum_buffer"] = flat
 
 
-def _validate_group(group: dict[str, Any], *, explicit: dict[str, Any], where: str) -> None:
+# Keys torch and the integrations put on groups besides ours; a key close to one of ours is a typo.
+_LARS_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "trust_coefficient", "eps", "trust_clip",
+              "lars_exclude", "exclude_bias_and_norm", "maximize", "foreach")
+_NUMBERS = ("lr", "momentum", "dampening", "weight_decay", "eps", "trust_coefficient")
+
+
+def _to_python_numbers(group: dict[str, Any]) -> None:
+    """NumPy and other ``numbers.Real`` scalars become Python floats (as torch's SGD accepts them)."""
+    for key in _NUMBERS:
+        value = group.get(key)
+        if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
+            group[key] = float(value)
+
+
+def _validate_group(group: dict[str, Any], *, explicit: dict[str, Any], where: str, loaded: bool = False) -> None:
     """Raise ``ValueError``/``TypeError`` naming the first bad hyperparameter of ``group``."""
     for foreign, ours in _FOREIGN_KEYS.items():
-        if foreign in explicit:
+        if foreign in explicit and not loaded:
             raise TypeError(f"{where}unknown LARS key {foreign!r}; lars_plugins.LARS calls it {ours!r}")
+    for key in explicit:
+        if isinstance(key, str) and key not in _LARS_KEYS:
+            close = difflib.get_close_matches(key, _LARS_KEYS, n=1, cutoff=0.85)
+            if close:
+                raise TypeError(f"{where}unknown LARS key {key!r}; did you mean {close[0]!r}?")
 
     lr = group["lr"]
     if isinstance(lr, Tensor):
-        if lr.numel() != 1:
-            raise ValueError(f"{where}lr must be a number or a one-element tensor, got shape {tuple(lr.shape)}")
+        if lr.ndim != 0:
+            raise ValueError(f"{where}lr must be a number or a 0-d tensor, got shape {tuple(lr.shape)}; "
+                             "pass lr.reshape(()) for a one-element tensor")
         _number(where, "lr", float(lr), low=0.0)  # reading it here, at construction, costs no step a sync
     else:
         _number(where, "lr", lr, low=0.0)
@@ -347,10 +379,11 @@ def _validate_group(group: dict[str, Any], *, explicit: dict[str, Any], where: s
 
 
 def _number(where: str, name: str, value: Any, *, low: float, high: float = math.inf, low_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, float)):
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
         raise TypeError(f"{where}{name} must be a real number, got {type(value).__name__} {value!r}")
+    value = float(value)
     too_low = value <= low if low_open else value < low
-    if too_low or value > high or math.isnan(value):
+    if too_low or value > high or not math.isfinite(value):
         low_text = f"> {low}" if low_open else f">= {low}"
-        high_text = "" if high == math.inf else f" and <= {high}"
+        high_text = " and finite" if high == math.inf else f" and <= {high}"
         raise ValueError(f"{where}{name} must be {low_text}{high_text}, got {value}")

@@ -403,6 +403,15 @@ BAD = [
     (dict(momentum=0.9, dampening=0.1, nesterov=True), ValueError, "nesterov"),
     (dict(trust_clip=1), TypeError, "trust_clip"),
     (dict(weight_decay=float("nan")), ValueError, "weight_decay"),
+    # inf: NaN weights (lr, weight_decay, trust_coefficient) or silently no update (eps).
+    (dict(lr=float("inf")), ValueError, "lr"),
+    (dict(lr=torch.tensor(float("inf"))), ValueError, "lr"),
+    (dict(momentum=float("inf")), ValueError, "momentum"),
+    (dict(weight_decay=float("inf")), ValueError, "weight_decay"),
+    (dict(eps=float("inf")), ValueError, "eps"),
+    (dict(trust_coefficient=float("inf")), ValueError, "trust_coefficient"),
+    # A one-element lr of shape (1,) failed at step on some paths: a 0-d tensor is asked for.
+    (dict(lr=torch.ones(1)), ValueError, "lr"),
 ]
 
 
@@ -424,6 +433,55 @@ def test_group_conflicts_and_foreign_keys_are_refused():
         LARS([{"params": [p], "trust_coeff": 0.01}])
     with pytest.raises(TypeError, match="lars_exclude"):
         LARS([{"params": [p], "lars_exclude": "yes"}])
+
+
+def test_a_refused_group_leaves_the_optimizer_unchanged():
+    a, b = nn.Parameter(torch.randn(2, 2)), nn.Parameter(torch.randn(2, 2))
+    opt = LARS([a], lr=1.0)
+    with pytest.raises(ValueError, match="param group 1: lr"):
+        opt.add_param_group({"params": [b], "lr": -1.0})
+    assert len(opt.param_groups) == 1
+    opt.add_param_group({"params": [b], "lr": 0.5})  # the corrected retry
+    a.grad, b.grad = torch.ones(2, 2), torch.ones(2, 2)
+    opt.step()  # and the optimizer still steps
+    assert [g["lr"] for g in opt.param_groups] == [1.0, 0.5]
+
+
+def test_a_misspelt_lars_key_is_refused_with_the_right_name():
+    p = nn.Parameter(torch.randn(2, 2))
+    with pytest.raises(TypeError, match="'lars_exclud'.*did you mean 'lars_exclude'"):
+        LARS([{"params": [p], "lars_exclud": True}])
+    with pytest.raises(TypeError, match="did you mean 'trust_coefficient'"):
+        LARS([{"params": [p], "trust_coeficient": 0.01}])
+    LARS([{"params": [p], "lr_scale": 0.5, "layer_id": 3, "param_names": ["p"]}])  # other keys are welcome
+
+
+def test_numpy_scalars_are_taken_as_numbers():
+    np = pytest.importorskip("numpy")
+    p = nn.Parameter(torch.ones(2, 2))
+    opt = LARS([p], lr=np.float32(0.5), momentum=np.float64(0.9), weight_decay=np.float32(1e-4))
+    p.grad = torch.ones(2, 2)
+    opt.step()
+    reference = torch.optim.SGD([nn.Parameter(torch.ones(2))], lr=np.float32(0.5))  # torch takes them too
+    assert reference.param_groups[0]["lr"] == 0.5
+    assert type(opt.param_groups[0]["lr"]) is float and torch.isfinite(p).all()
+
+
+@pytest.mark.parametrize("bad,message", [
+    ({"trust_coefficient": 0.0}, "loaded param group 0: trust_coefficient"),
+    ({"lr": -1.0}, "loaded param group 0: lr"),
+    ({"lars_exclude": "yes"}, "loaded param group 0: lars_exclude"),
+    ({"momentum": float("nan")}, "loaded param group 0: momentum"),
+    ({"nesterov": 1}, "loaded param group 0: nesterov"),
+])
+def test_loaded_groups_are_validated(bad, message):
+    p = nn.Parameter(torch.randn(2, 2))
+    opt = LARS([p], lr=1.0)
+    saved = opt.state_dict()
+    saved["param_groups"][0].update(bad)
+    with pytest.raises((ValueError, TypeError), match=message):
+        opt.load_state_dict(saved)
+    assert opt.param_groups[0]["lr"] == 1.0  # nothing was loaded
 
 
 @pytest.mark.parametrize("foreach", FOREACH)
