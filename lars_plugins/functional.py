@@ -49,10 +49,15 @@ def trust_ratio(
     SGD step ``lr·η·g``. That is small (``lr·η`` is about 0.01 in the paper's settings) where the
     common fallback ``ratio = 1`` would apply the raw LARS learning rate (often 10 or more), and it
     is not zero, so a zero tensor is not frozen: after one step it has a norm and Eq. 6 takes over.
+    Where a norm is NaN or inf (a NaN or inf gradient), the ratio is NaN: that layer's update is NaN
+    as its gradient is, and the monitor shows NaN rather than a plausible ratio.
     """
     denominator = g_norm + weight_decay * w_norm + eps
     defined = (w_norm > 0) & (denominator > 0)
     ratio = torch.where(defined, trust_coefficient * w_norm / denominator, trust_coefficient)
+    # A NaN or inf in the weights or gradients: the ratio is NaN, so that what happened is recorded
+    # (the comparisons above would otherwise hand it the healthy-looking η).
+    ratio = torch.where(torch.isfinite(w_norm) & torch.isfinite(g_norm), ratio, torch.nan)
     if trust_clip:
         # LARC clip mode: the adapted rate lr·ratio never exceeds lr.
         ratio = torch.clamp(ratio / lr, max=1.0)

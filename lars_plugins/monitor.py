@@ -10,6 +10,7 @@ that round-trips through CSV (the wide format Lightning's ``CSVLogger`` also wri
 from __future__ import annotations
 
 import csv
+import io
 import math
 import re
 import statistics
@@ -400,12 +401,14 @@ class TrustRatioHistory:
 
     Columns keep the order in which they first appeared (model order). Saved as a wide CSV with a
     ``step`` column, the format Lightning's ``CSVLogger`` writes, so :meth:`from_csv` reads either.
+    A value that was recorded as NaN (a NaN gradient's ratio) stays NaN, distinct from a cell where
+    nothing was recorded: an empty CSV cell or a Parquet null.
     """
 
     def __init__(self) -> None:
         self.steps: list[int] = []
         self.columns: dict[str, int] = {}  # key -> column index, in order of first appearance
-        self._rows: list[list[float]] = []
+        self._rows: list[list[Optional[float]]] = []  # None: not recorded
         self._row_of_step: dict[int, int] = {}
 
     def __len__(self) -> int:
@@ -422,7 +425,7 @@ class TrustRatioHistory:
         for key, value in record.items():
             col = self.columns.setdefault(key, len(self.columns))
             if len(row) <= col:
-                row.extend([math.nan] * (col + 1 - len(row)))
+                row.extend([None] * (col + 1 - len(row)))
             row[col] = float(value)
 
     def metrics(self) -> list[str]:
@@ -436,23 +439,25 @@ class TrustRatioHistory:
         return [key[len(prefix):] for key in self.columns if key.startswith(prefix)]
 
     def matrix(self, metric: str) -> tuple[list[int], list[str], list[list[float]]]:
-        """``(steps, layers, values)`` with ``values[layer][step]`` (NaN where not recorded),
-        steps sorted, and steps at which no layer of ``metric`` was recorded left out."""
+        """``(steps, layers, values)`` with ``values[layer][step]`` (NaN where not recorded, or
+        recorded as NaN), steps sorted, and steps at which no layer of ``metric`` was recorded left out."""
         layers = self.layers(metric)
         cols = [self.columns[f"{metric}/{name}"] for name in layers]
         order = sorted(range(len(self.steps)), key=self.steps.__getitem__)
-        kept = [i for i in order if any(_cell(self._rows[i], c) == _cell(self._rows[i], c) for c in cols)]
-        values = [[_cell(self._rows[i], c) for i in kept] for c in cols]
+        kept = [i for i in order if any(_cell(self._rows[i], c) is not None for c in cols)]
+        values = [[_value(_cell(self._rows[i], c)) for i in kept] for c in cols]
         return [self.steps[i] for i in kept], layers, values
 
     def latest(self, metric: str) -> dict[str, float]:
-        """The last recorded value of each layer of ``metric``."""
-        steps, layers, values = self.matrix(metric)
+        """The newest recorded value of each layer of ``metric`` (NaN if that is what was recorded)."""
+        layers = self.layers(metric)
+        order = sorted(range(len(self.steps)), key=self.steps.__getitem__, reverse=True)
         out = {}
-        for name, row in zip(layers, values):
-            recorded = [v for v in row if v == v]
-            if recorded:
-                out[name] = recorded[-1]
+        for name in layers:
+            col = self.columns[f"{metric}/{name}"]
+            newest = next((_cell(self._rows[i], col) for i in order if _cell(self._rows[i], col) is not None), None)
+            if newest is not None:
+                out[name] = newest
         return out
 
     def _check_metric(self, metric: str) -> None:
@@ -465,7 +470,7 @@ class TrustRatioHistory:
     # --- files ---------------------------------------------------------------------------------
 
     def to_rows(self) -> tuple[list[str], list[list[Any]]]:
-        """Header and rows (step first), as written to CSV."""
+        """Header and rows (step first), as written to CSV; ``None`` where nothing was recorded."""
         header = ["step", *self.columns]
         rows = [[step, *(_cell(row, c) for c in range(len(self.columns)))] for step, row in zip(self.steps, self._rows)]
         return header, rows
@@ -478,27 +483,34 @@ class TrustRatioHistory:
             writer = csv.writer(f)
             writer.writerow(header)
             for row in rows:
-                writer.writerow(["" if isinstance(v, float) and math.isnan(v) else repr(v) for v in row])
+                writer.writerow(["" if v is None else repr(v) for v in row])
         return path
 
     @classmethod
     def from_csv(cls, path: PathLike) -> "TrustRatioHistory":
         """Read a wide CSV with a ``step`` column: this class's own files, Lightning's ``CSVLogger``
         ``metrics.csv`` or the HF integration's. Keys without a ``/`` (loss, epoch) are ignored;
-        several rows of one step are merged."""
+        several rows of one step are merged. A file cut off (no final newline, or a row with fewer
+        fields than the header) or a cell that is no number is refused, naming the file and line."""
         path = Path(path)
-        with path.open(newline="") as f:
-            reader = csv.DictReader(f)
-            if reader.fieldnames is None or "step" not in reader.fieldnames:
-                raise ValueError(f"{path}: no 'step' column (columns: {reader.fieldnames})")
-            history = cls()
-            for line in reader:
-                record = {}
-                for key, text in line.items():
-                    if key and "/" in key and text not in ("", None):
-                        record[key] = float(text)
-                if record and line["step"] not in ("", None):
-                    history.append(int(float(line["step"])), record)
+        text = path.read_text()
+        if text and not text.endswith("\n"):
+            raise ValueError(f"{path}: the file ends without a newline, so its last row is cut off; "
+                             "the file was truncated while it was written")
+        reader = csv.DictReader(io.StringIO(text, newline=""))
+        if reader.fieldnames is None or "step" not in reader.fieldnames:
+            raise ValueError(f"{path}: no 'step' column (columns: {reader.fieldnames})")
+        history = cls()
+        for line in reader:
+            if None in line or any(value is None for value in line.values()):
+                raise ValueError(f"{path}, line {reader.line_num}: {len([v for v in line.values() if v is not None])} "
+                                 f"fields where the header has {len(reader.fieldnames)}: the row is cut off or malformed")
+            record = {}
+            for key, cell in line.items():
+                if key and "/" in key and cell != "":
+                    record[key] = _parse(cell, path, reader.line_num, key)
+            if record and line["step"] != "":
+                history.append(int(_parse(line["step"], path, reader.line_num, "step")), record)
         if not history.steps:
             raise ValueError(f"{path}: no recorded metrics (no 'metric/layer' column with a value)")
         keys = list(history.columns)
@@ -531,7 +543,9 @@ class TrustRatioHistory:
         history = cls()
         keys = [k for k in columns if "/" in k]
         for i, step in enumerate(columns["step"]):
-            history.append(int(step), {k: columns[k][i] for k in keys if columns[k][i] == columns[k][i]})
+            if step is None:
+                raise ValueError(f"{path}, row {i}: the step is null")
+            history.append(int(step), {k: columns[k][i] for k in keys if columns[k][i] is not None})
         return history
 
     @classmethod
@@ -545,8 +559,19 @@ def _natural_key(key: str) -> list[Any]:
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", key)]
 
 
-def _cell(row: list[float], col: int) -> float:
-    return row[col] if col < len(row) else math.nan
+def _cell(row: list[Optional[float]], col: int) -> Optional[float]:
+    return row[col] if col < len(row) else None
+
+
+def _value(cell: Optional[float]) -> float:
+    return math.nan if cell is None else cell
+
+
+def _parse(cell: str, path: Path, line: int, key: str) -> float:
+    try:
+        return float(cell)
+    except ValueError:
+        raise ValueError(f"{path}, line {line}: {key} is {cell!r}, not a number") from None
 
 
 def _pyarrow() -> tuple[Any, Any]:

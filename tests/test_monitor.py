@@ -323,3 +323,67 @@ def test_history_errors_are_clear(tmp_path):
     nothing.write_text("step,loss\n0,1.0\n")
     with pytest.raises(ValueError, match="no recorded metrics"):
         TrustRatioHistory.from_csv(nothing)
+
+
+# --- what went wrong stays visible ------------------------------------------------------------------
+
+
+def test_a_nan_gradient_is_recorded_as_nan_and_survives_the_files(tmp_path):
+    pytest.importorskip("pyarrow")
+    model = make_model()
+    opt = lars_for(model)
+    monitor = TrustRatioMonitor(model, opt, every_n_steps=1)
+    backward(model)
+    opt.step()
+    healthy = monitor.latest["trust_ratio/0.weight"]
+    backward(model, seed=2)
+    model[0].weight.grad[0, 0, 0, 0] = math.nan
+    opt.step()
+    assert math.isfinite(healthy) and math.isnan(monitor.latest["trust_ratio/0.weight"])
+    assert math.isfinite(monitor.latest["trust_ratio/4.weight"])  # the other layer is untouched
+    # latest() is the newest value, not the last finite one; NaN survives CSV and Parquet.
+    for history in (monitor.history, TrustRatioHistory.from_csv(monitor.history.to_csv(tmp_path / "h.csv")),
+                    TrustRatioHistory.from_parquet(monitor.history.to_parquet(tmp_path / "h.parquet"))):
+        latest = history.latest("trust_ratio")
+        assert math.isnan(latest["0.weight"]) and latest["4.weight"] == monitor.latest["trust_ratio/4.weight"]
+        assert history.layers("trust_ratio") == ["0.weight", "4.weight"]
+
+
+def test_a_column_of_nan_only_does_not_vanish(tmp_path):
+    history = TrustRatioHistory()
+    history.append(0, {"trust_ratio/a": math.nan, "trust_ratio/b": 0.5})
+    history.append(1, {"trust_ratio/b": 0.25})  # nothing recorded for a at step 1
+    back = TrustRatioHistory.from_csv(history.to_csv(tmp_path / "h.csv"))
+    assert back.layers("trust_ratio") == ["a", "b"]
+    steps, layers, values = back.matrix("trust_ratio")
+    assert steps == [0, 1] and math.isnan(values[0][0]) and math.isnan(values[0][1]) and values[1] == [0.5, 0.25]
+    assert math.isnan(back.latest("trust_ratio")["a"])  # recorded NaN at step 0 is the newest record of a
+
+
+def test_cut_off_and_malformed_csv_files_are_refused_with_file_and_line(tmp_path):
+    history = TrustRatioHistory()
+    for step in range(3):
+        history.append(step, {"trust_ratio/a": 0.25 + step, "trust_ratio/b": 0.5})
+    text = history.to_csv(tmp_path / "h.csv").read_text()
+    cut = tmp_path / "cut.csv"
+    cut.write_text(text[:-3])  # the writer died mid-row: "...,0.5" became "...,0"
+    with pytest.raises(ValueError, match="cut.csv: the file ends without a newline"):
+        TrustRatioHistory.from_csv(cut)
+    short = tmp_path / "short.csv"
+    short.write_text(text + "3,0.75\n")  # a row with a field missing
+    with pytest.raises(ValueError, match="short.csv, line 5: 2 fields where the header has 3"):
+        TrustRatioHistory.from_csv(short)
+    bad = tmp_path / "bad.csv"
+    bad.write_text(text.replace("0.5", "O.5", 1))
+    with pytest.raises(ValueError, match="bad.csv, line 2: trust_ratio/b is 'O.5', not a number"):
+        TrustRatioHistory.from_csv(bad)
+
+
+def test_parquet_null_cells_are_cells_not_recorded(tmp_path):
+    pa = pytest.importorskip("pyarrow")
+    import pyarrow.parquet as pq
+
+    table = pa.table({"step": [0, 1], "trust_ratio/a": [0.5, None], "trust_ratio/b": [None, 0.25]})
+    pq.write_table(table, str(tmp_path / "h.parquet"))
+    history = TrustRatioHistory.from_parquet(tmp_path / "h.parquet")
+    assert history.latest("trust_ratio") == {"a": 0.5, "b": 0.25}

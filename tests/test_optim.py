@@ -54,9 +54,16 @@ class ReferenceLARS:
             if h["maximize"]:
                 g = -g
             if self.adapt[i]:
+                # From the documented rule, not the implementation's comparisons: a non-finite norm
+                # gives NaN; ‖w‖ = 0 or a zero denominator gives η; else Eq. 6.
                 wn, gn = w.norm().item(), g.norm().item()
                 denom = gn + h["wd"] * wn + h["eps"]
-                ratio = h["eta"] * wn / denom if wn > 0 and denom > 0 else h["eta"]
+                if not (math.isfinite(wn) and math.isfinite(gn)):
+                    ratio = math.nan
+                elif wn == 0 or denom == 0:
+                    ratio = h["eta"]
+                else:
+                    ratio = h["eta"] * wn / denom
                 if h["clip"]:
                     ratio = min(ratio / h["lr"], 1.0)
                 self.ratios[i] = ratio
@@ -433,6 +440,23 @@ def test_group_conflicts_and_foreign_keys_are_refused():
         LARS([{"params": [p], "trust_coeff": 0.01}])
     with pytest.raises(TypeError, match="lars_exclude"):
         LARS([{"params": [p], "lars_exclude": "yes"}])
+
+
+@pytest.mark.parametrize("foreach", FOREACH)
+@pytest.mark.parametrize("bad", [float("nan"), float("inf")])
+def test_a_non_finite_gradient_gives_a_nan_ratio_and_leaves_other_layers_alone(foreach, bad):
+    params = make_params()
+    grads = grad_sequence(SHAPES, 1)
+    grads[0][2][0, 0, 0, 0] = bad  # one element of one adapted layer
+    opt = LARS(params, lr=1.0, momentum=0.9, weight_decay=1e-4, foreach=foreach)
+    ref = ReferenceLARS(params, [len(s) > 1 for s in SHAPES], lr=1.0, momentum=0.9, weight_decay=1e-4)
+    got = run(opt, params, grads)
+    ref.step(grads[0])
+    assert math.isnan(opt.state[params[2]]["trust_ratio"].item()) and math.isnan(ref.ratios[2])
+    for i in (0, 1, 3, 4):  # every other layer exactly as the reference
+        torch.testing.assert_close(got[i].double(), ref.w[i], rtol=1e-5, atol=1e-6)
+        if ref.ratios[i] is not None:
+            assert opt.state[params[i]]["trust_ratio"].item() == pytest.approx(ref.ratios[i], rel=1e-5)
 
 
 def test_a_refused_group_leaves_the_optimizer_unchanged():
