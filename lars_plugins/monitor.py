@@ -269,6 +269,7 @@ class TrustRatioMonitor:
             return {}
         entries.sort(key=lambda entry: entry[0])
         _, names, devices, w_norms, g_norms, lrs, ratios = (list(column) for column in zip(*entries))
+        names = _unique(names)  # a parameter the model does not name may take a fallback name that it does
         w_host, g_host, r_host, lr_host = _to_host(devices, w_norms, g_norms, ratios, lrs)
 
         is_lars = any(r is not None for r in ratios)
@@ -390,7 +391,34 @@ def _parameter_names(
             for j, p in enumerate(group["params"])
         ]
     # Names as in the unwrapped model (FSDP1 and activation checkpointing insert wrapper modules).
-    return {p: (i, _WRAPPER_PREFIX.sub("", name)) for i, (name, p) in enumerate(named)}
+    names: dict[Tensor, tuple[int, str]] = {}
+    seen: dict[str, int] = {}
+    for i, (name, p) in enumerate(named):
+        name = _WRAPPER_PREFIX.sub("", name)
+        if name in seen:
+            raise ValueError(f"two parameters are both named {name!r} (positions {seen[name]} and {i}); "
+                             "the monitor would report one layer for both: give each a name of its own")
+        seen[name] = i
+        names[p] = (i, name)
+    return names
+
+
+def _unique(names: list[str]) -> list[str]:
+    """Names with repeats made distinct (``name#2``...): a layer is never reported over another."""
+    taken = set(names)
+    count: dict[str, int] = {}
+    out = []
+    for name in names:
+        count[name] = count.get(name, 0) + 1
+        if count[name] == 1:
+            out.append(name)
+            continue
+        k = count[name]
+        while f"{name}#{k}" in taken:
+            k += 1
+        taken.add(f"{name}#{k}")
+        out.append(f"{name}#{k}")
+    return out
 
 
 _WRAPPER_PREFIX = re.compile(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")

@@ -387,3 +387,17 @@ def test_parquet_null_cells_are_cells_not_recorded(tmp_path):
     pq.write_table(table, str(tmp_path / "h.parquet"))
     history = TrustRatioHistory.from_parquet(tmp_path / "h.parquet")
     assert history.latest("trust_ratio") == {"a": 0.5, "b": 0.25}
+
+
+def test_two_parameters_of_one_name_are_refused_and_fallback_names_never_overwrite():
+    a, b = nn.Parameter(torch.ones(2, 2)), nn.Parameter(torch.ones(2, 2))
+    opt = LARS([a, b], lr=1.0)
+    with pytest.raises(ValueError, match="both named 'w'"):
+        TrustRatioMonitor([("w", a), ("w", b)], opt)
+    # b is not named by the model, and its fallback name (param1, its place among the layers) is
+    # a's real name: both layers are still reported.
+    monitor = TrustRatioMonitor([("param1", a)], opt, every_n_steps=1)
+    a.grad, b.grad = torch.ones(2, 2), torch.full((2, 2), 2.0)
+    opt.step()
+    grad_norms = {k: v for k, v in monitor.latest.items() if k.startswith("grad_norm/")}
+    assert sorted(grad_norms.values()) == pytest.approx([2.0, 4.0])
