@@ -18,6 +18,7 @@ with ``class MyConfig(LarsArgsMixin, SFTConfig)`` (both decorated ``@dataclass``
 from __future__ import annotations
 
 import inspect
+import math
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Optional, Union, get_args, get_origin
@@ -227,7 +228,12 @@ class _ArmOnLoggingSteps(TrainerCallback):
             return
         upcoming = state.global_step + 1
         strategy = _optim_name(args.logging_strategy)
-        logging_steps = args.logging_steps if args.logging_steps >= 1 else max(1, int(args.logging_steps * state.max_steps))
+        # The interval the Trainer itself resolved (a fraction of max_steps, rounded up by the Trainer).
+        logging_steps = getattr(state, "logging_steps", None)
+        if not isinstance(logging_steps, int) or logging_steps < 1:
+            logging_steps = args.logging_steps
+            if logging_steps < 1:
+                logging_steps = max(1, math.ceil(logging_steps * state.max_steps))
         if strategy == "steps" and (upcoming % logging_steps == 0 or (args.logging_first_step and upcoming == 1)):
             monitor.record_next_step(step=upcoming)
         else:

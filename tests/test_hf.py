@@ -307,3 +307,13 @@ def test_mixins_compose_with_other_trainer_and_args_subclasses(tmp_path):
     assert trainer.other_calls == 2 and type(trainer.optimizer.optimizer) is LARS
     assert trainer.optimizer.optimizer.param_groups[0]["nesterov"] is True
     assert "trust_ratio_stats/median" in trainer.state.log_history[0]
+
+
+def test_fractional_logging_steps_arm_the_steps_the_trainer_logs(tmp_path):
+    # 0.1 of 25 steps: the Trainer logs every ceil(2.5) = 3 steps; every one of those lines has ratios.
+    args = make_args(tmp_path, max_steps=25, logging_steps=0.1, per_device_train_batch_size=4)
+    trainer = LarsTrainer(model=tiny_bert(), args=args, train_dataset=Tokens())
+    trainer.train()
+    logged = [log for log in trainer.state.log_history if "loss" in log]
+    assert [log["step"] for log in logged] == [3, 6, 9, 12, 15, 18, 21, 24]
+    assert all("trust_ratio_stats/median" in log for log in logged)
