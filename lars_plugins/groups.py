@@ -106,8 +106,9 @@ def param_groups(
 
     With ``layer_decay`` (in ``(0, 1]``, fine-tuning): each group gets ``lr = lr·layer_decay**(D-d)``
     for depth ``d`` of ``D`` (:func:`block_ids`, or your ``layer_id(name) -> int``), so the head
-    keeps ``lr`` and shallow layers get less. The scale is also stored as ``lr_scale``; since the
-    scaled ``lr`` is on the group itself, every torch LR scheduler keeps the ratios.
+    keeps ``lr`` and shallow layers get less. The scale is also stored as ``applied_lr_scale``; since
+    the scaled ``lr`` is on the group itself, every torch LR scheduler keeps the ratios, and timm's
+    schedulers (which multiply a group's ``lr_scale`` in) do not apply it a second time.
     """
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
         raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
@@ -152,6 +153,6 @@ def param_groups(
             }
             if layer_decay is not None:
                 scale = float(layer_decay) ** (deepest - d)
-                group.update(lr=float(lr) * scale, lr_scale=scale, layer_id=d)
+                group.update(lr=float(lr) * scale, applied_lr_scale=scale, layer_id=d)
         group["params"].append((name, param))
     return [groups[k] for k in sorted(groups, key=lambda k: (k[1], -1 if k[0] is None else int(k[0])))]

@@ -109,7 +109,7 @@ def test_layer_decay_sets_group_lrs_by_depth():
     assert lr_of["blocks.0.0.weight"] == 0.125
     assert lr_of["embed.weight"] == 0.0625
     for g in groups:
-        assert g["lr"] == pytest.approx(g["lr_scale"] * 1.0)
+        assert g["lr"] == pytest.approx(g["applied_lr_scale"] * 1.0) and "lr_scale" not in g
 
 
 def test_layer_decay_ratios_survive_torch_schedulers():
@@ -153,3 +153,18 @@ def test_no_trainable_parameters():
     net = Net().requires_grad_(False)
     with pytest.raises(ValueError, match="no trainable"):
         param_groups(net)
+
+
+def test_layer_decay_is_applied_once_under_a_timm_scheduler():
+    pytest.importorskip("timm")
+    from timm.scheduler import CosineLRScheduler
+
+    groups = param_groups(vit_like(), lr=0.5, layer_decay=0.5)
+    opt = LARS(groups, lr=0.5)
+    depth_lrs = sorted({g["lr"] for g in opt.param_groups})
+    assert depth_lrs[0] == pytest.approx(0.5 * 0.5 ** 4)  # the shallowest depth, before any scheduler
+    scheduler = CosineLRScheduler(opt, t_initial=10, lr_min=0.0)
+    scheduler.step(0)  # at t=0 the cosine factor is 1: every group at its own lr, scaled once
+    assert sorted({g["lr"] for g in opt.param_groups}) == pytest.approx(depth_lrs)
+    scheduler.step(5)  # half way: every group at half its lr, the depth ratios kept
+    assert sorted({g["lr"] for g in opt.param_groups}) == pytest.approx([lr / 2 for lr in depth_lrs])

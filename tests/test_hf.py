@@ -155,9 +155,9 @@ def test_layer_decay_groups_and_scheduler_keep_ratios(tmp_path):
     trainer = LarsTrainer(model=tiny_bert(), args=args, train_dataset=Tokens())
     trainer.train()
     groups = trainer.optimizer.param_groups
-    scales = {g["layer_id"]: g["lr_scale"] for g in groups}
+    scales = {g["layer_id"]: g["applied_lr_scale"] for g in groups}
     assert scales[max(scales)] == 1.0 and scales[0] == pytest.approx(0.5 ** max(scales))
-    lrs = {round(g["lr"] / g["lr_scale"], 9) for g in groups}
+    lrs = {round(g["lr"] / g["applied_lr_scale"], 9) for g in groups}
     assert len(lrs) == 1  # every group at the same point of the schedule: the ratios held
 
 
