@@ -12,7 +12,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     parser = argparse.ArgumentParser(prog="lars-plugins", description="LARS for PyTorch, timm, HF and Lightning.")
     parser.add_argument("--version", action="version", version=f"lars_plugins {__version__}")
-    sub = parser.add_subparsers(dest="command", required=True)
+    sub = parser.add_subparsers(dest="command")
     demo_parser = sub.add_parser(
         "demo", help="large-batch training on bundled real digits: LARS beside linearly scaled SGD",
         description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -44,13 +44,19 @@ def _plot(args: argparse.Namespace) -> None:
         raise SystemExit(f"lars-plugins plot: no such file: {args.metrics}")
     try:
         path = save_plot(args.metrics, args.output, kind=args.kind, metric=args.metric, title=args.title)
-    except ValueError as err:  # unknown metric, empty file: say so, no traceback
+    except ValueError as err:  # unknown metric, empty or malformed file, unknown image format
         raise SystemExit(f"lars-plugins plot: {err}") from err
+    except OSError as err:  # an output that cannot be written
+        raise SystemExit(f"lars-plugins plot: cannot write {args.output}: {err.strerror or err}") from err
     print(f"wrote {path}")
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:  # bare `lars-plugins`: what it can do
+        parser.print_help()
+        return 0
     args.run(args)
     return 0
 

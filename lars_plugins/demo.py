@@ -10,6 +10,7 @@ every step and drawn as a heatmap at the end.
 from __future__ import annotations
 
 import argparse
+import math
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -110,6 +111,7 @@ def run_demo(
     torch.manual_seed(seed)
     data = load_digits(seed=seed)
     n = len(data.y_train)
+    asked, batch_size = batch_size, min(batch_size, n)  # the batch really used
     steps_per_epoch = -(-n // batch_size)
     init = small_cnn()
     runs: dict[str, tuple[nn.Module, torch.optim.Optimizer, torch.optim.lr_scheduler.LRScheduler]] = {}
@@ -126,8 +128,9 @@ def run_demo(
                                 "weight_norm", "grad_norm"))
 
     sgd_lr = runs["SGD"][1].param_groups[0]["lr"]
+    whole = f" (the whole training set; {asked} was asked)" if asked > n else ""
     log(f"digits: {n} training / {len(data.y_test)} test images (scikit-learn's bundled set), "
-        f"batch {batch_size} ({steps_per_epoch} steps/epoch), {epochs} epochs, poly(2) decay, no warm-up")
+        f"batch {batch_size}{whole} ({steps_per_epoch} steps/epoch), {epochs} epochs, poly(2) decay, no warm-up")
     log(f"  LARS: lr {lars_lr}, trust coefficient {trust_coefficient}, momentum 0.9, weight decay {weight_decay}")
     log(f"  SGD : lr {sgd_lr:g} (= {BASE_SGD_LR} x {batch_size}/{BASE_BATCH}, linear scaling), momentum 0.9, "
         f"weight decay {weight_decay}")
@@ -178,12 +181,28 @@ def _write_trust_ratios(history: TrustRatioHistory, output_dir: Path, batch_size
     log(f"  data {csv_path}; full report: lars-plugins plot {csv_path} -o trust_ratio_report.png")
 
 
+def _checked(kind: type, low: float, open_low: bool) -> Callable[[str], float]:
+    """An argparse ``type`` that parses ``kind`` and refuses values below ``low`` (or equal, if open)."""
+    def parse(text: str) -> float:
+        try:
+            value = kind(text)
+        except ValueError:
+            raise argparse.ArgumentTypeError(f"{text!r} is not {'an integer' if kind is int else 'a number'}") from None
+        if not math.isfinite(value) or value < low or (open_low and value == low):
+            raise argparse.ArgumentTypeError(f"must be {'>' if open_low else '>='} {low:g} and finite, got {text}")
+        return value
+    return parse
+
+
 def add_arguments(parser: argparse.ArgumentParser) -> None:
-    parser.add_argument("--batch-size", type=int, default=1024, help="training batch size (default 1024)")
-    parser.add_argument("--epochs", type=int, default=30, help="epochs (default 30)")
-    parser.add_argument("--lars-lr", type=float, default=16.0, help="LARS global learning rate (default 16)")
-    parser.add_argument("--trust-coefficient", type=float, default=0.001, help="LARS trust coefficient η (default 0.001, the paper's)")
-    parser.add_argument("--weight-decay", type=float, default=5e-4, help="weight decay for both (default 5e-4)")
+    positive_int, positive, non_negative = _checked(int, 1, False), _checked(float, 0, True), _checked(float, 0, False)
+    parser.add_argument("--batch-size", type=positive_int, default=1024,
+                        help="training batch size (default 1024; at most the 1,347 training images are used)")
+    parser.add_argument("--epochs", type=positive_int, default=30, help="epochs (default 30)")
+    parser.add_argument("--lars-lr", type=positive, default=16.0, help="LARS global learning rate (default 16)")
+    parser.add_argument("--trust-coefficient", type=positive, default=0.001,
+                        help="LARS trust coefficient η (default 0.001, the paper's)")
+    parser.add_argument("--weight-decay", type=non_negative, default=5e-4, help="weight decay for both (default 5e-4)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--no-progress", action="store_true", help="no progress bar")
     parser.add_argument("--output-dir", type=Path, default=Path("lars_demo_output"),
@@ -195,8 +214,13 @@ def main(args: Optional[argparse.Namespace] = None) -> dict[str, list[float]]:
         parser = argparse.ArgumentParser()
         add_arguments(parser)
         args = parser.parse_args()
-    if args.batch_size < 1 or args.epochs < 1:
-        raise SystemExit("--batch-size and --epochs must be >= 1")
+    if args.output_dir is not None:
+        # Before training, not after it: a run must not end by losing what it recorded.
+        try:
+            args.output_dir.mkdir(parents=True, exist_ok=True)
+        except OSError as err:
+            raise SystemExit(f"lars-plugins demo: error: argument --output-dir: cannot use {args.output_dir}: "
+                             f"{err.strerror or err}") from err
     return run_demo(batch_size=args.batch_size, epochs=args.epochs, lars_lr=args.lars_lr,
                     trust_coefficient=args.trust_coefficient, weight_decay=args.weight_decay, seed=args.seed,
                     progress=not args.no_progress, output_dir=args.output_dir)

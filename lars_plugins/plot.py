@@ -191,7 +191,8 @@ def plot_report(history: HistoryLike, metric: str = "trust_ratio", *, title: Opt
 
 def save_plot(history: HistoryLike, path: Union[str, Path], *, kind: str = "report", metric: str = "trust_ratio",
               title: Optional[str] = None, dpi: int = 110) -> Path:
-    """Draw ``kind`` (one of :data:`KINDS`) of ``metric`` and write it to ``path`` (PNG, SVG, PDF…)."""
+    """Draw ``kind`` (one of :data:`KINDS`) of ``metric`` and write it to ``path`` (PNG, SVG, PDF…;
+    ``.png`` is added to a path without a suffix). Returns the path written."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
     history = _history(history)
@@ -203,6 +204,8 @@ def save_plot(history: HistoryLike, path: Union[str, Path], *, kind: str = "repo
         if title:
             ax.set_title(title)
     path = Path(path)
+    if not path.suffix:  # matplotlib would append its default format's suffix; say where it really went
+        path = path.with_suffix(".png")
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=dpi)
     return path

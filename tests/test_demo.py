@@ -44,6 +44,55 @@ def test_cli_runs_the_demo_and_writes_the_heatmap(capsys, tmp_path):
     assert history.layers("trust_ratio") == ["0.weight", "3.weight", "7.weight", "12.weight"]
 
 
-def test_cli_refuses_bad_demo_arguments():
-    with pytest.raises(SystemExit):
-        cli.main(["demo", "--epochs", "0"])
+@pytest.mark.parametrize("argv,message", [
+    (["--epochs", "0"], "argument --epochs: must be >= 1"),
+    (["--batch-size", "-5"], "argument --batch-size: must be >= 1"),
+    (["--batch-size", "many"], "argument --batch-size: 'many' is not an integer"),
+    (["--lars-lr", "-1"], "argument --lars-lr: must be > 0"),
+    (["--trust-coefficient", "0"], "argument --trust-coefficient: must be > 0"),
+    (["--weight-decay", "-1"], "argument --weight-decay: must be >= 0"),
+    (["--lars-lr", "inf"], "argument --lars-lr: must be > 0 and finite"),
+])
+def test_cli_refuses_bad_demo_arguments_before_training(argv, message, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["demo", *argv])
+    assert exit_info.value.code == 2  # argparse's usage error, not a traceback
+    captured = capsys.readouterr()
+    assert message in captured.err and "LARS test acc" not in captured.out
+
+
+def test_an_output_dir_that_is_a_file_is_refused_before_training(tmp_path, capsys):
+    taken = tmp_path / "taken"
+    taken.write_text("a file")
+    with pytest.raises(SystemExit, match="argument --output-dir: cannot use .*taken"):
+        cli.main(["demo", "--epochs", "1", "--no-progress", "--output-dir", str(taken)])
+    assert "LARS test acc" not in capsys.readouterr().out  # no training happened
+    assert taken.read_text() == "a file"
+
+
+def test_a_batch_larger_than_the_data_is_reported_as_the_batch_used(tmp_path):
+    lines = []
+    demo.run_demo(batch_size=100000, epochs=1, progress=False, log=lines.append, output_dir=None)
+    assert "batch 1347 (the whole training set; 100000 was asked) (1 steps/epoch)" in lines[0]
+    assert lines[-1].startswith("final test accuracy after 1 epochs at batch 1347")
+
+
+def test_bare_command_prints_the_help(capsys):
+    assert cli.main([]) == 0
+    out = capsys.readouterr().out
+    assert "usage: lars-plugins" in out and "demo" in out and "plot" in out
+
+
+def test_plot_reports_the_file_it_wrote_and_refuses_an_unwritable_one(tmp_path, capsys):
+    pytest.importorskip("matplotlib")
+    history = TrustRatioHistory()
+    for step in range(3):
+        history.append(step, {"trust_ratio/a": 0.1 * (step + 1), "trust_ratio/b": 0.2})
+    csv_path = history.to_csv(tmp_path / "h.csv")
+    assert cli.main(["plot", str(csv_path), "-o", str(tmp_path / "out_noext"), "--kind", "heatmap"]) == 0
+    written = tmp_path / "out_noext.png"
+    assert f"wrote {written}" in capsys.readouterr().out and written.read_bytes()[:4] == b"\x89PNG"
+    blocked = tmp_path / "a_file"
+    blocked.write_text("x")
+    with pytest.raises(SystemExit, match="lars-plugins plot: cannot write"):
+        cli.main(["plot", str(csv_path), "-o", str(blocked / "out.png"), "--kind", "heatmap"])
