@@ -37,7 +37,9 @@ METHODS = {
 }
 
 
-def run(method: str, seed: int, train: list, test: list, tokenizer, out_dir: Path, batch_size: int) -> float:
+def run(method: str, seed: int, train: list, test: list, tokenizer, out_dir: Path,
+        batch_size: int) -> tuple[float, float]:
+    """(test accuracy, mean training loss) of one fine-tuning run."""
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
     args = LarsTrainingArguments(
@@ -46,9 +48,9 @@ def run(method: str, seed: int, train: list, test: list, tokenizer, out_dir: Pat
         save_strategy="no", report_to="none", use_cpu=True, seed=seed, data_seed=seed, disable_tqdm=True,
         lars_monitor="off", **METHODS[method])
     trainer = LarsTrainer(model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(tokenizer))
-    trainer.train()
+    train_loss = trainer.train().training_loss
     pred = trainer.predict(test)
-    return float((pred.predictions.argmax(-1) == pred.label_ids).mean())
+    return float((pred.predictions.argmax(-1) == pred.label_ids).mean()), float(train_loss)
 
 
 def main() -> None:
@@ -69,8 +71,9 @@ def main() -> None:
     start, rows = time.perf_counter(), []
     for method in METHODS:
         for seed in seeds:
-            acc = run(method, seed, train, test, tokenizer, args.out, batch_size=32 if args.quick else 64)
-            rows.append({"method": method, "seed": seed, "train_sentences": max_train, "test_acc": acc})
+            acc, loss = run(method, seed, train, test, tokenizer, args.out, batch_size=32 if args.quick else 64)
+            rows.append({"method": method, "seed": seed, "train_sentences": max_train, "test_acc": acc,
+                         "train_loss": loss})
             print(f"{method:<24} seed {seed}: {acc:.1%}  [{time.perf_counter() - start:.0f} s]", flush=True)
     with (args.out / "finetune.csv").open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))

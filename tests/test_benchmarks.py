@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import subprocess
 import sys
 from pathlib import Path
@@ -26,7 +27,10 @@ def test_large_batch_quick(tmp_path):
     rows = list(csv.DictReader((tmp_path / "results.csv").open()))
     assert {r["method"] for r in rows} == {"SGD", "SGD + warm-up", "LARS", "LARS + warm-up"}
     assert {int(r["batch_size"]) for r in rows} == {64, 1347}
-    assert all(0.0 <= float(r["test_acc"]) <= 1.0 for r in rows)
+    assert all(math.isfinite(float(r["test_acc"])) for r in rows)  # "nan" is no accuracy
+    # Two epochs at batch 64 (42 steps) learn, for every method: far above chance (10%), where a
+    # diverged run stays. Batch 1347 has had 2 steps: near chance is all it can show.
+    assert all(float(r["test_acc"]) > 0.4 for r in rows if int(r["batch_size"]) == 64)
     summary = list(csv.DictReader((tmp_path / "summary.csv").open()))
     assert len(summary) == 8 and len(list(csv.DictReader((tmp_path / "eta.csv").open()))) == 3
     for png in ("accuracy_vs_batch.png", "accuracy_vs_eta.png", "trust_ratio_heatmap.png"):
@@ -41,6 +45,9 @@ def test_finetune_quick(tmp_path):
     rows = list(csv.DictReader((tmp_path / "finetune.csv").open()))
     assert {r["method"] for r in rows} == {"AdamW lr 5e-5", "AdamW lr 2e-4", "LARS", "LARS + layer decay 0.8"}
     assert all(0.0 <= float(r["test_acc"]) <= 1.0 for r in rows)
+    # Two steps on 64 sentences cannot show learning in test accuracy; a diverged run shows in its
+    # loss: finite and near ln 2 = 0.69 (binary cross-entropy of an untrained head), not NaN or huge.
+    assert all(math.isfinite(float(r["train_loss"])) and float(r["train_loss"]) < 1.5 for r in rows)
     assert "| LARS + layer decay 0.8 |" in out
 
 

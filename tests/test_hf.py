@@ -189,10 +189,11 @@ def test_plain_trainer_with_optimizer_cls_and_kwargs(tmp_path):
     trainer.train()
     opt = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
     assert type(opt) is LARS
-    # HF's groups: [decay, no-decay]; LARS's ndim rule keeps biases and LayerNorm weights unadapted.
-    for group in opt.param_groups:
-        for p in group["params"]:
-            assert LARS.is_adapted(group, p) == (p.ndim > 1)
+    # HF's groups: [decay, no-decay]. Which tensors LARS adapted (they carry a trust ratio after the
+    # steps) are exactly those HF's own split decays: biases and LayerNorm weights are not adapted.
+    decay = set(trainer.get_decay_parameter_names(trainer.model))
+    adapted = {name for name, p in trainer.model.named_parameters() if "trust_ratio" in opt.state.get(p, {})}
+    assert adapted == decay and len(decay) > 0
 
 
 def test_tensorboard_event_file_has_the_trust_ratios(tmp_path):

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import math
 import warnings
 from pathlib import Path
 
@@ -91,8 +92,16 @@ def test_manual_optimization_with_two_optimizers(ns, tmp_path):
     t = trainer(ns, tmp_path, callbacks=[plugin.TrustRatioCallback()], max_steps=4)
     t.fit(TwoOptimizers(), models.digits_loader())
     row = next(r for r in read_csv(t) if r.get("trust_ratio/body.0.weight"))
-    assert row["trust_ratio/head.weight"]  # SGD: ‖w‖/‖g‖
-    assert row["trust_ratio_stats/median"] and row["trust_ratio_stats_opt1/median"]
+    values = {key: float(row[key]) for key in ("trust_ratio/body.0.weight", "trust_ratio/head.weight",
+                                                 "trust_ratio_stats/median", "trust_ratio_stats_opt1/median")}
+    assert all(math.isfinite(v) and v > 0 for v in values.values()), values  # "nan" is not a value
+    # SGD's head: ‖w‖/‖g‖. LARS's body (η = 0.001, no weight decay): Eq. 6 on the same norms.
+    norms = {layer: (float(row[f"weight_norm/{layer}"]), float(row[f"grad_norm/{layer}"]))
+             for layer in ("head.weight", "body.0.weight")}
+    assert values["trust_ratio/head.weight"] == pytest.approx(norms["head.weight"][0] / norms["head.weight"][1],
+                                                              rel=1e-5)
+    w, g = norms["body.0.weight"]
+    assert values["trust_ratio/body.0.weight"] == pytest.approx(1e-3 * w / (g + 1e-8), rel=1e-5)
 
 
 def test_configure_lars_schedule_per_step(tmp_path):

@@ -94,16 +94,20 @@ def test_other_optimizers_get_w_over_g(make_opt):
 def test_summaries_are_min_median_max_over_layers():
     model = make_model()
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
-    monitor = TrustRatioMonitor(model, opt, every_n_steps=1)
+    monitor = TrustRatioMonitor(model, opt, every_n_steps=1, per_layer=False)
     backward(model)
+    # The expectations, from the model itself before the step (float64), not from the monitor's record.
+    w = [p.detach().double().norm().item() for p in model.parameters()]
+    g = [p.grad.double().norm().item() for p in model.parameters()]
+    expected = {"weight_norm": w, "grad_norm": g, "trust_ratio": [a / b for a, b in zip(w, g)]}
     opt.step()
     rec = monitor.latest
-    for metric in ("trust_ratio", "grad_norm", "weight_norm"):
-        values = [v for k, v in rec.items() if k.startswith(metric + "/")]
+    assert not any("/" in k and "_stats/" not in k for k in rec)  # summaries only
+    for metric, values in expected.items():
         assert len(values) == 6
-        assert rec[f"{metric}_stats/min"] == pytest.approx(min(values))
-        assert rec[f"{metric}_stats/median"] == pytest.approx(statistics.median(values))
-        assert rec[f"{metric}_stats/max"] == pytest.approx(max(values))
+        assert rec[f"{metric}_stats/min"] == pytest.approx(min(values), rel=1e-5)
+        assert rec[f"{metric}_stats/median"] == pytest.approx(statistics.median(values), rel=1e-5)
+        assert rec[f"{metric}_stats/max"] == pytest.approx(max(values), rel=1e-5)
 
 
 def test_summaries_only_and_per_layer_only():

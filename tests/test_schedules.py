@@ -55,9 +55,17 @@ def test_layer_decay_ratios_survive_and_state_loads_weights_only():
     torch.save(sched.state_dict(), buffer)
     buffer.seek(0)
     state = torch.load(buffer, weights_only=True)
-    fresh = WarmupDecayLR(opt, total_steps=10, warmup_steps=2)
+    # Resume into a new optimizer at its initial LRs: the schedule goes on from step 5, not from 0.
+    resumed_opt = LARS([{"params": [torch.nn.Parameter(torch.ones(2, 2))], "lr": 1.0},
+                        {"params": [torch.nn.Parameter(torch.ones(2, 2))], "lr": 0.25}], lr=1.0)
+    fresh = WarmupDecayLR(resumed_opt, total_steps=10, warmup_steps=2)
     fresh.load_state_dict(state)
     assert fresh.last_epoch == 5
+    resumed_opt.step()
+    fresh.step()  # step 6 of 10 after 2 warm-up steps: cosine half way, 0.5 of each group's LR
+    cosine = 0.5 * (1 + math.cos(math.pi * (6 - 2) / (10 - 2)))
+    assert [g["lr"] for g in resumed_opt.param_groups] == pytest.approx([1.0 * cosine, 0.25 * cosine])
+    assert cosine == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("kw,word", [

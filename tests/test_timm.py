@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import copy
 import inspect
 import io
 import logging
@@ -189,8 +190,19 @@ def test_timm_lars_checkpoint_loads_into_ours():
         assert g["trust_coefficient"] == 0.005 and g["lr"] == 1.5 and "trust_coeff" not in g
     for p in model.parameters():
         torch.testing.assert_close(ours.state[p]["momentum_buffer"], theirs.state[p]["momentum_buffer"])
+    # And it trains on as timm's Lars would from the same checkpoint: one more step each, same gradients.
+    twin = copy.deepcopy(model)
+    theirs_again = timm.optim.Lars(timm.optim.param_groups_weight_decay(twin, weight_decay=1e-4), lr=0.1,
+                                   momentum=0.9, trust_coeff=0.1)
+    theirs_again.load_state_dict(copy.deepcopy(saved))  # torch's loading keeps the tensors: no shared buffers
+    ours.zero_grad()
     nn.functional.cross_entropy(model(x), y).backward()
-    ours.step()  # and it trains on
+    for p, q in zip(model.parameters(), twin.parameters()):
+        q.grad = p.grad.clone()
+    ours.step()
+    theirs_again.step()
+    for (name, p), q in zip(model.named_parameters(), twin.parameters()):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_fallback_groups():
