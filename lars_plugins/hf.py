@@ -228,12 +228,9 @@ class _ArmOnLoggingSteps(TrainerCallback):
             return
         upcoming = state.global_step + 1
         strategy = _optim_name(args.logging_strategy)
-        # The interval the Trainer itself resolved (a fraction of max_steps, rounded up by the Trainer).
-        logging_steps = getattr(state, "logging_steps", None)
-        if not isinstance(logging_steps, int) or logging_steps < 1:
-            logging_steps = args.logging_steps
-            if logging_steps < 1:
-                logging_steps = max(1, math.ceil(logging_steps * state.max_steps))
+        logging_steps = args.logging_steps
+        if logging_steps < 1:  # a fraction of max_steps, resolved as TrainerState.compute_steps does: rounded up
+            logging_steps = max(1, math.ceil(state.max_steps * logging_steps))
         if strategy == "steps" and (upcoming % logging_steps == 0 or (args.logging_first_step and upcoming == 1)):
             monitor.record_next_step(step=upcoming)
         else:
