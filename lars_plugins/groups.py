@@ -8,7 +8,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 
 from torch import nn
 
-__all__ = ["param_groups", "is_bias_or_norm", "block_ids", "NORM_TYPES"]
+__all__ = ["param_groups", "default_exclude", "is_bias_or_norm", "block_ids", "NORM_TYPES"]
 
 # Modules whose parameters are normalisation scales and shifts: LARS leaves them unadapted and
 # undecayed, as the paper's successors (MLPerf, SimCLR, BYOL, MoCo v3) do.
@@ -31,18 +31,52 @@ ExcludeT = Union[None, Callable[[str, nn.Parameter, nn.Module], bool], Sequence[
 
 
 def is_bias_or_norm(name: str, param: nn.Parameter, module: nn.Module) -> bool:
-    """Default exclusion rule: biases and every parameter of a normalisation module.
-
-    Decided by the owning module's type and the parameter's name, never by ``ndim``, so it is right
-    for flattened or sharded parameters too.
+    """Exclusion by name and module alone: biases, every parameter of a normalisation module, and the
+    1-D parameters of a module whose class name says "norm" (a custom RMSNorm) -- not its 2-D
+    weights (a ``Normalizer.proj``). Never by ``ndim`` alone, so a flattened 1-D weight stays adapted.
     """
     leaf = name.rsplit(".", 1)[-1]
-    return leaf == "bias" or isinstance(module, NORM_TYPES) or bool(_NORM_NAME.search(type(module).__name__))
+    if leaf == "bias" or isinstance(module, NORM_TYPES):
+        return True
+    return param.ndim <= 1 and bool(_NORM_NAME.search(type(module).__name__))
 
 
-def _exclusion_rule(exclude: ExcludeT) -> Callable[[str, nn.Parameter, nn.Module], bool]:
+def default_exclude(model: nn.Module) -> Callable[[str, nn.Parameter, nn.Module], bool]:
+    """The exclusion rule of the model's own framework: what it leaves without weight decay.
+
+    * A transformers model (a ``PreTrainedModel``): the HF Trainer's split
+      (``Trainer.get_decay_parameter_names``: ``nn.LayerNorm`` parameters and names with ``bias`` or a
+      ``norm`` part), so that LARS adapts exactly what the Trainer would decay.
+    * Any other model: timm's (``param_groups_weight_decay``): every tensor with ``ndim <= 1``
+      (biases, norm scales, EVA's ``q_bias``/``v_bias``, LayerScale ``gamma``), names ending in
+      ``.bias``, and the names the model lists in ``no_weight_decay()`` (``pos_embed``,
+      ``cls_token``...), as timm's ``create_optimizer_v2`` reads them. Parameters of normalisation
+      modules are excluded whatever their shape.
+    """
+    if any(cls.__name__ == "PreTrainedModel" for cls in type(model).__mro__):
+        decay = set(_hf_decay_parameter_names(model))
+        return lambda name, param, module: name not in decay
+    no_decay = getattr(model, "no_weight_decay", None)
+    patterns = set(no_decay()) if callable(no_decay) else set()
+    return lambda name, param, module: (
+        param.ndim <= 1 or name.endswith(".bias") or name == "bias" or isinstance(module, NORM_TYPES)
+        or any(fnmatch.fnmatchcase(_WRAPPERS.sub("", name), pattern) for pattern in patterns))
+
+
+# Modules that wrappers insert into parameter names (FSDP1, activation checkpointing, torch.compile).
+_WRAPPERS = re.compile(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
+
+
+def _hf_decay_parameter_names(model: nn.Module) -> list[str]:
+    """The HF Trainer's own decay split (it needs the model alone, not a Trainer)."""
+    from transformers import Trainer
+
+    return Trainer.get_decay_parameter_names(None, model)  # type: ignore[arg-type]
+
+
+def _exclusion_rule(exclude: ExcludeT, model: nn.Module) -> Callable[[str, nn.Parameter, nn.Module], bool]:
     if exclude is None:
-        return is_bias_or_norm
+        return default_exclude(model)
     if callable(exclude):
         return exclude
     if isinstance(exclude, str):
@@ -95,8 +129,9 @@ def param_groups(
 ) -> list[dict[str, Any]]:
     """Parameter groups for :class:`lars_plugins.LARS` (or any torch optimizer).
 
-    Parameters chosen by ``exclude`` (default :func:`is_bias_or_norm`: biases and BatchNorm/
-    LayerNorm/GroupNorm/RMSNorm weights) go to groups with ``lars_exclude=True, weight_decay=0``;
+    Parameters chosen by ``exclude`` (default :func:`default_exclude`: what the model's own framework
+    leaves without weight decay -- timm's rule, or the HF Trainer's for a transformers model) go to
+    groups with ``lars_exclude=True, weight_decay=0``;
     the rest to groups with ``lars_exclude=False, weight_decay=weight_decay``. Every group carries
     ``(name, parameter)`` pairs, so ``group["param_names"]`` is filled in by torch.
     Frozen parameters (``requires_grad=False``) are left out.
@@ -119,7 +154,7 @@ def param_groups(
             raise ValueError(f"layer_decay needs the base learning rate: lr must be a number >= 0, got {lr!r}")
     elif lr is not None:
         raise ValueError("lr is only used with layer_decay; pass the learning rate to the optimizer instead")
-    rule = _exclusion_rule(exclude)
+    rule = _exclusion_rule(exclude, model)
 
     modules = dict(model.named_modules())
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]

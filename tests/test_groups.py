@@ -40,26 +40,35 @@ def names_by_exclusion(groups):
     return out
 
 
-def test_default_exclusion_is_by_type_and_name():
+def test_default_exclusion_is_timms_for_a_plain_model():
     groups = param_groups(Net(), weight_decay=1e-4)
     by = names_by_exclusion(groups)
-    assert by[False] == {"conv.weight", "fc.weight", "scale_1d"}
+    # timm's rule: every tensor with ndim <= 1 (scale_1d too, like LayerScale's gamma), names in .bias
+    assert by[False] == {"conv.weight", "fc.weight"}
     assert by[True] == {"conv.bias", "bn.weight", "bn.bias", "gn.weight", "gn.bias", "ln.weight", "ln.bias",
-                        "rms.weight", "mine.scale", "fc.bias"}
+                        "rms.weight", "mine.scale", "fc.bias", "scale_1d"}
     for g in groups:
         assert g["weight_decay"] == (0.0 if g["lars_exclude"] else 1e-4)
 
 
-def test_exclusion_does_not_depend_on_ndim():
-    """A flattened conv weight (1-D) stays adapted; ndim would have excluded it."""
+def test_name_rule_does_not_depend_on_ndim_nor_over_match_class_names():
+    """is_bias_or_norm: a flattened weight (1-D) stays adapted; a 2-D weight inside a module whose
+    class name says "norm" is adapted, its 1-D scale is not."""
+    from lars_plugins import is_bias_or_norm
+
+    class Normalizer(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.proj = nn.Linear(4, 4, bias=False)
+            self.scale = nn.Parameter(torch.ones(4))
+
     model = nn.Module()
     model.flat = nn.Linear(4, 4)
     model.flat.weight = nn.Parameter(torch.randn(16))
-    by = names_by_exclusion(param_groups(model))
-    assert "flat.weight" in by[False]
-    opt = LARS(param_groups(model))
-    group = next(g for g in opt.param_groups if not g["lars_exclude"])
-    assert LARS.is_adapted(group, model.flat.weight)
+    model.normalizer = Normalizer()
+    by = names_by_exclusion(param_groups(model, exclude=is_bias_or_norm))
+    assert by[False] == {"flat.weight", "normalizer.proj.weight"}
+    assert by[True] == {"flat.bias", "normalizer.scale"}
 
 
 def test_patterns_and_callables():
