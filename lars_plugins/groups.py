@@ -6,7 +6,10 @@ import fnmatch
 import re
 from typing import Any, Callable, Optional, Sequence, Union
 
+import torch
 from torch import nn
+
+from .layouts import LayoutResolver, is_fsdp1, layer_shape
 
 __all__ = ["param_groups", "default_exclude", "is_bias_or_norm", "block_ids", "NORM_TYPES"]
 
@@ -58,9 +61,22 @@ def default_exclude(model: nn.Module) -> Callable[[str, nn.Parameter, nn.Module]
         return lambda name, param, module: name not in decay
     no_decay = getattr(model, "no_weight_decay", None)
     patterns = set(no_decay()) if callable(no_decay) else set()
+    shapes = _original_shapes(model)
     return lambda name, param, module: (
-        param.ndim <= 1 or name.endswith(".bias") or name == "bias" or isinstance(module, NORM_TYPES)
-        or any(fnmatch.fnmatchcase(_WRAPPERS.sub("", name), pattern) for pattern in patterns))
+        len(shapes.get(id(param), layer_shape(param))) <= 1 or name.endswith(".bias") or name == "bias"
+        or isinstance(module, NORM_TYPES) or any(fnmatch.fnmatchcase(_WRAPPERS.sub("", name), p) for p in patterns))
+
+
+def _original_shapes(model: nn.Module) -> dict[int, torch.Size]:
+    """Shapes of FSDP1 ``use_orig_params`` parameters, which are 1-D views of their shard: the timm
+    rule must see the original shape (ZeRO-3's ``ds_shape`` is read by :func:`layer_shape`)."""
+    if not any(is_fsdp1(p) and not hasattr(p, "_shard_param_infos") for p in model.parameters()):
+        return {}
+    shapes = {}
+    for key, (handle, index) in LayoutResolver([])._fsdp1_handles().items():
+        if index is not None:
+            shapes[key] = torch.Size(handle.flat_param._shapes[index])
+    return shapes
 
 
 # Modules that wrappers insert into parameter names (FSDP1, activation checkpointing, torch.compile).
