@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -16,9 +17,14 @@ BLOCK = re.compile(r"^```python\n(.*?)^```", re.S | re.M)
 def test_python_snippets_run(path, tmp_path, monkeypatch):
     blocks = BLOCK.findall(path.read_text())
     monkeypatch.chdir(tmp_path)  # snippets that write files write them here
+    environment = dict(os.environ)  # and what they set in the environment is undone after them
     namespace: dict = {"__name__": "__docs__"}
-    for i, block in enumerate(blocks):
-        try:
-            exec(compile(block, f"{path.name}[block {i}]", "exec"), namespace)
-        except Exception as err:  # pragma: no cover - the message is the point
-            raise AssertionError(f"{path.name}, python block {i} failed: {err!r}\n{block}") from err
+    try:
+        for i, block in enumerate(blocks):
+            try:
+                exec(compile(block, f"{path.name}[block {i}]", "exec"), namespace)
+            except Exception as err:  # pragma: no cover - the message is the point
+                raise AssertionError(f"{path.name}, python block {i} failed: {err!r}\n{block}") from err
+    finally:
+        os.environ.clear()
+        os.environ.update(environment)
