@@ -9,7 +9,7 @@ from typing import Any, Callable, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from .layouts import LayoutResolver, is_fsdp1, layer_shape
+from .layouts import find_fsdp1_handles, is_fsdp1, layer_shape
 
 __all__ = ["param_groups", "default_exclude", "is_bias_or_norm", "block_ids", "NORM_TYPES"]
 
@@ -64,7 +64,7 @@ def default_exclude(model: nn.Module) -> Callable[[str, nn.Parameter, nn.Module]
     shapes = _original_shapes(model)
     return lambda name, param, module: (
         len(shapes.get(id(param), layer_shape(param))) <= 1 or name.endswith(".bias") or name == "bias"
-        or isinstance(module, NORM_TYPES) or any(fnmatch.fnmatchcase(_WRAPPERS.sub("", name), p) for p in patterns))
+        or isinstance(module, NORM_TYPES) or any(fnmatch.fnmatchcase(unwrapped_name(name), p) for p in patterns))
 
 
 def _original_shapes(model: nn.Module) -> dict[int, torch.Size]:
@@ -73,7 +73,7 @@ def _original_shapes(model: nn.Module) -> dict[int, torch.Size]:
     if not any(is_fsdp1(p) and not hasattr(p, "_shard_param_infos") for p in model.parameters()):
         return {}
     shapes = {}
-    for key, (handle, index) in LayoutResolver([])._fsdp1_handles().items():
+    for key, (handle, index) in find_fsdp1_handles().items():
         if index is not None:
             shapes[key] = torch.Size(handle.flat_param._shapes[index])
     return shapes
@@ -81,6 +81,11 @@ def _original_shapes(model: nn.Module) -> dict[int, torch.Size]:
 
 # Modules that wrappers insert into parameter names (FSDP1, activation checkpointing, torch.compile).
 _WRAPPERS = re.compile(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
+
+
+def unwrapped_name(name: str) -> str:
+    """A parameter's name as in the unwrapped model (without FSDP1/checkpointing/compile wrappers)."""
+    return _WRAPPERS.sub("", name)
 
 
 def _hf_decay_parameter_names(model: nn.Module) -> list[str]:

@@ -30,7 +30,9 @@ from typing import Any, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["Layer", "Piece", "FlatLayout", "LayoutResolver", "merge", "is_fsdp1", "layer_shape"]
+from .distributed import is_dtensor
+
+__all__ = ["Layer", "Piece", "FlatLayout", "LayoutResolver", "merge", "is_fsdp1", "layer_shape", "find_fsdp1_handles"]
 
 
 class Layer(NamedTuple):
@@ -175,17 +177,13 @@ def _all_reduce(squared: Tensor, reductions: list[tuple[Any, list[int]]], n: int
 
 def is_fsdp1(tensor: Tensor) -> bool:
     """Whether ``tensor`` is an FSDP1 ``FlatParameter`` or an FSDP1 ``use_orig_params`` view."""
-    return bool(getattr(tensor, "_fsdp_flattened", False)) and not _is_dtensor(tensor)
+    return bool(getattr(tensor, "_fsdp_flattened", False)) and not is_dtensor(tensor)
 
 
 def layer_shape(param: Tensor) -> torch.Size:
     """The shape of the whole parameter (ZeRO-3 keeps it in ``ds_shape``: the tensor itself is empty)."""
     shape = getattr(param, "ds_shape", None)
     return torch.Size(shape) if shape is not None else param.shape
-
-
-def _is_dtensor(tensor: Tensor) -> bool:
-    return type(tensor).__name__ == "DTensor" and hasattr(tensor, "placements")
 
 
 def _is_flat_parameter(tensor: Tensor) -> bool:
@@ -235,21 +233,8 @@ class LayoutResolver:
     # --- FSDP1 ---------------------------------------------------------------------------------
 
     def _fsdp1_handles(self) -> dict[int, Any]:
-        """``id(flat parameter or original parameter) -> (handle, index or None)``, found once.
-
-        FSDP1 keeps no link from a parameter to its ``FlatParamHandle``; the handles are found
-        among live objects, once per optimizer (0.14 s with 458k live objects: docs/distributed.md).
-        """
-        if self._fsdp1 is None:
-            found: dict[int, Any] = {}
-            for obj in gc.get_objects():
-                if type(obj).__name__ != "FlatParamHandle" or not hasattr(obj, "flat_param"):
-                    continue
-                flat = obj.flat_param
-                found[id(flat)] = (obj, None)
-                for i, param in enumerate(getattr(flat, "_params", None) or []):
-                    found[id(param)] = (obj, i)
-            self._fsdp1 = found
+        if self._fsdp1 is None:  # once per optimizer
+            self._fsdp1 = find_fsdp1_handles()
         return self._fsdp1
 
     def _fsdp1_layout(self, tensors: list[Tensor], where: str) -> FlatLayout:
@@ -278,6 +263,23 @@ class LayoutResolver:
                 reduce_into.append(len(layers))
                 layers.append(Layer((tensor, i), torch.Size(flat._shapes[i]), flat._fqns[i]))
         return FlatLayout("FSDP1", layers, pieces, list(groups.values()))
+
+
+def find_fsdp1_handles() -> dict[int, Any]:
+    """``id(flat parameter or original parameter) -> (FlatParamHandle, index or None)``.
+
+    FSDP1 keeps no link from a parameter to its ``FlatParamHandle``; the handles are found among
+    live objects (0.14 s with 458k live objects: docs/distributed.md). Call it once, not per step.
+    """
+    found: dict[int, Any] = {}
+    for obj in gc.get_objects():
+        if type(obj).__name__ != "FlatParamHandle" or not hasattr(obj, "flat_param"):
+            continue
+        flat = obj.flat_param
+        found[id(flat)] = (obj, None)
+        for i, param in enumerate(getattr(flat, "_params", None) or []):
+            found[id(param)] = (obj, i)
+    return found
 
 
 # --- DeepSpeed ZeRO ---------------------------------------------------------------------------------

@@ -24,6 +24,7 @@ from torch.optim import Optimizer
 
 from .distributed import ShardedNorms, is_dtensor, to_local
 from .functional import ratio_dtype
+from .groups import unwrapped_name
 from .layouts import FlatLayout, LayoutResolver, merge
 
 __all__ = ["TrustRatioMonitor", "TrustRatioHistory", "METRICS", "STATS", "unwrap_optimizer"]
@@ -212,6 +213,8 @@ class TrustRatioMonitor:
         once per param group (showing it that group alone), ZeRO-3 once per sub-group."""
         if len(optimizer.param_groups) < self._n_groups:
             return self._n_groups
+        if any(len(group["params"]) > 1 for group in optimizer.param_groups):
+            return 1  # ZeRO-3 shows one flat partition at a time: no layout lookup on ordinary steps
         layouts = [self._layout(optimizer, group) for group in optimizer.param_groups]
         return max((layout.calls_per_step for layout in layouts if layout is not None), default=1)
 
@@ -394,7 +397,7 @@ def _parameter_names(
     names: dict[Tensor, tuple[int, str]] = {}
     seen: dict[str, int] = {}
     for i, (name, p) in enumerate(named):
-        name = _WRAPPER_PREFIX.sub("", name)
+        name = unwrapped_name(name)
         if name in seen:
             raise ValueError(f"two parameters are both named {name!r} (positions {seen[name]} and {i}); "
                              "the monitor would report one layer for both: give each a name of its own")
@@ -420,8 +423,6 @@ def _unique(names: list[str]) -> list[str]:
         out.append(f"{name}#{k}")
     return out
 
-
-_WRAPPER_PREFIX = re.compile(r"(_fsdp_wrapped_module|_checkpoint_wrapped_module|_orig_mod)\.")
 
 
 class TrustRatioHistory:

@@ -195,7 +195,7 @@ class LARS(Optimizer):
     def layer_trust_ratios(self, group: dict[str, Any]) -> Optional[tuple[FlatLayout, Tensor]]:
         """For a group stepped through a flat layout (FSDP1, DeepSpeed ZeRO): the layout and the
         ratio of each of its layers at the last step (NaN for excluded layers); else ``None``."""
-        layout = self._layouts(group["params"])
+        layout = self.layout(group)
         if layout is None or id(layout) not in self._flat_ratios:
             return None
         return layout, self._flat_ratios[id(layout)]
