@@ -1,4 +1,4 @@
-"""The ``lars-plugins`` command line: ``demo`` (large-batch training on real digits) and ``plot``."""
+"""The ``lars-plugins`` command line: ``demo`` (large-batch training on real images) and ``plot``."""
 
 from __future__ import annotations
 
@@ -14,7 +14,7 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--version", action="version", version=f"lars_plugins {__version__}")
     sub = parser.add_subparsers(dest="command")
     demo_parser = sub.add_parser(
-        "demo", help="large-batch training on bundled real digits: LARS beside linearly scaled SGD",
+        "demo", help="large-batch training on real images (Fashion-MNIST, else bundled digits): LARS beside SGD",
         description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
     )
     demo.add_arguments(demo_parser)
