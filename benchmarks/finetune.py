@@ -43,8 +43,8 @@ from lars_plugins.hf import LarsTrainer, LarsTrainingArguments  # noqa: E402
 ETA = 1e-3
 LAYER_DECAY = 0.8
 ADAMW_LRS = [1e-4, 2.5e-4, 6e-4, 1.5e-3]
-LARS_PRODUCTS = [2e-3, 5e-3, 1.25e-2, 3e-2]  # γ·η
-DEPTH_PRODUCT = 1.25e-2  # γ·η of the recorded depth-study runs
+LARS_PRODUCTS = [2.5e-4, 5e-4, 1e-3, 2e-3, 5e-3]  # γ·η
+DEPTH_PRODUCT = 1e-3  # γ·η of the recorded depth-study runs
 
 
 def method_args(family: str, value: float) -> dict:

@@ -66,7 +66,7 @@ def test_finetune_quick(tmp_path):
     assert {int(r["depth"]) for r in depth} == set(range(8))  # embeddings, 6 layers, pooler + head
     first = min(int(r["step"]) for r in depth)
     at_first = {(r["setting"], int(r["depth"])): r for r in depth if int(r["step"]) == first}
-    gamma_eta = 1.25e-2
+    gamma_eta = 1e-3  # finetune.DEPTH_PRODUCT
     for d in range(8):
         plain, decayed = at_first["LARS", d], at_first["LARS + layer decay", d]
         # The same weights and batch at the first step: layer decay scales depth d's LR by 0.8^(7 - d).
