@@ -18,6 +18,7 @@ then torch.optim.SGD's momentum (first buffer = ``d``, dampening, Nesterov) and 
 from __future__ import annotations
 
 import functools
+import math
 from collections import defaultdict
 from typing import Callable, Optional, Sequence, Union
 
@@ -193,10 +194,41 @@ def _single_tensor_lars(
 ) -> None:
     # The direction is d = a·g + b·w with per-tensor coefficients a = ±ratio and b = ratio·wd
     # (a = ±1, no b for excluded tensors). d is never materialised: the coefficients are folded into
-    # fused addcmul_/add_ calls, which saves two passes over memory per tensor, and every scaled
-    # coefficient is one vector op per bucket rather than one scalar op per tensor.
+    # fused add_/addcmul_ calls, which saves two passes over memory per tensor.
     n = len(params)
     sign = -1.0 if maximize else 1.0
+    if _host_scalars(params[0].device) and norms is None:
+        # On the CPU a host read costs nothing (there is no device to wait for). Each tensor's norms,
+        # ratio and update run back to back, while w and g are still in cache from the norms: the
+        # update then reads memory no more than SGD's does. Coefficients are Python floats.
+        lr = lr.item() if isinstance(lr, Tensor) else lr
+        for i, (w, g) in enumerate(zip(params, grads)):
+            ratio, decay = 1.0, 0.0  # excluded: d = ±g
+            if trust_ratios is not None:
+                ratio = _host_trust_ratio(_host_norm(w), _host_norm(g), trust_coefficient=trust_coefficient,
+                                          weight_decay=weight_decay, eps=eps, lr=lr, trust_clip=trust_clip)
+                trust_ratios[i].fill_(ratio)
+                decay = weight_decay
+            buf = momentum_buffers[i]
+            if not nesterov and (momentum == 0 or buf is not None) and _cpu_fused_sgd(w.dtype) \
+                    and _same_dense_layout(w, g, buf):
+                # torch's fused SGD kernel (one pass over w, g and buf) computes d' = ±g + decay·w and
+                # buf = m·buf + (1 - dampening')·d', w -= lr'·(buf or d'). With dampening' =
+                # 1 - (1 - dampening)·ratio, or lr' = lr·ratio without momentum, that is LARS exactly.
+                torch._fused_sgd_([w], [g], [buf] if momentum != 0 else [], weight_decay=decay,
+                                  momentum=momentum, lr=lr if momentum != 0 else lr * ratio,
+                                  dampening=1.0 - (1.0 - dampening) * ratio, nesterov=False, maximize=maximize,
+                                  is_first_step=False)
+                continue
+            a, b = sign * ratio, (ratio * decay if decay != 0 else None)
+            damped = 1.0 - dampening
+            _update_tensor_(i, w, g, momentum_buffers, a=a, b=b, a_damped=a * damped,
+                            b_damped=None if b is None else b * damped, step_a=-lr * a,
+                            keep=None if b is None else 1.0 - lr * b, neg_lr=-lr, momentum=momentum,
+                            nesterov=nesterov)
+        return
+    # Elsewhere (and while torch.compile traces) the coefficients stay 0-d tensors: no sync, no
+    # graph break. Every scaled coefficient is one vector op per bucket, not one per tensor.
     if trust_ratios is not None:
         ratios, _ = _ratios(
             params,
@@ -222,35 +254,91 @@ def _single_tensor_lars(
 
     neg_lr = -lr
     a, b = scaled_a(1.0), scaled_b(1.0)
-    if nesterov or momentum == 0:
-        # w -= lr·(a·g + b·w [+ m·buf]): shrink w by (1 - lr·b) first, then add the rest.
-        step_a, keep = scaled_a(neg_lr), scaled_b(neg_lr, offset=1.0)
-    if momentum != 0:
-        a_damped, b_damped = (scaled_a(1.0 - dampening), scaled_b(1.0 - dampening)) if dampening else (a, b)
-        for i, (w, g) in enumerate(zip(params, grads)):
-            buf = momentum_buffers[i]
-            if buf is None:
-                # torch.optim.SGD convention: the first buffer is d itself, undamped. Clone, then
-                # scale only by a factor other than 1: torch.compile (inductor) folds g·1.0, even
-                # clone(g)·1.0, into an alias of p.grad, and the buffer would then follow the grad.
-                buf = torch.clone(g)
-                _scale_(buf, a[i])
-                _axpy_(buf, w, b[i])
-                momentum_buffers[i] = buf
-            else:
-                buf.mul_(momentum)
-                _axpy_(buf, g, a_damped[i])
-                _axpy_(buf, w, b_damped[i])
-            if nesterov:
-                _scale_(w, keep[i])
-                _axpy_(w, g, step_a[i])
-                _axpy_(w, buf, neg_lr * momentum)
-            else:
-                _axpy_(w, buf, neg_lr)
+    step_a, keep = (scaled_a(neg_lr), scaled_b(neg_lr, offset=1.0)) if nesterov or momentum == 0 else (a, b)
+    a_damped, b_damped = (scaled_a(1.0 - dampening), scaled_b(1.0 - dampening)) if dampening else (a, b)
+    for i, (w, g) in enumerate(zip(params, grads)):
+        _update_tensor_(i, w, g, momentum_buffers, a=a[i], b=b[i], a_damped=a_damped[i], b_damped=b_damped[i],
+                        step_a=step_a[i], keep=keep[i], neg_lr=neg_lr, momentum=momentum, nesterov=nesterov)
+
+
+def _update_tensor_(i: int, w: Tensor, g: Tensor, momentum_buffers: list[Optional[Tensor]], *, a: Scalar,
+                    b: Optional[Scalar], a_damped: Scalar, b_damped: Optional[Scalar], step_a: Scalar,
+                    keep: Optional[Scalar], neg_lr: Scalar, momentum: float, nesterov: bool) -> None:
+    """Tensor i's update with d = a·g + b·w: torch.optim.SGD's momentum (first buffer = d, damped
+    ``a_damped``/``b_damped`` later, Nesterov) and ``w -= lr·d``. ``step_a = -lr·a`` and
+    ``keep = 1 - lr·b`` serve Nesterov and momentum 0."""
+    if momentum == 0:
+        # w -= lr·(a·g + b·w): shrink w by (1 - lr·b) first, then add the rest.
+        _scale_(w, keep)
+        _axpy_(w, g, step_a)
+        return
+    buf = momentum_buffers[i]
+    if buf is None:
+        # torch.optim.SGD convention: the first buffer is d itself, undamped. Clone, then scale only
+        # by a factor other than 1: torch.compile (inductor) folds g·1.0, even clone(g)·1.0, into an
+        # alias of p.grad, and the buffer would then follow the grad.
+        buf = torch.clone(g)
+        _scale_(buf, a)
+        _axpy_(buf, w, b)
+        momentum_buffers[i] = buf
     else:
-        for i, (w, g) in enumerate(zip(params, grads)):
-            _scale_(w, keep[i])
-            _axpy_(w, g, step_a[i])
+        buf.mul_(momentum)
+        _axpy_(buf, g, a_damped)
+        _axpy_(buf, w, b_damped)
+    if nesterov:
+        # w -= lr·(a·g + b·w + m·buf)
+        _scale_(w, keep)
+        _axpy_(w, g, step_a)
+        _axpy_(w, buf, neg_lr * momentum)
+    else:
+        _axpy_(w, buf, neg_lr)
+
+
+def _host_trust_ratio(w_norm: float, g_norm: float, *, trust_coefficient: float, weight_decay: float, eps: float,
+                      lr: float, trust_clip: bool) -> float:
+    """:func:`trust_ratio` for one layer's norms as Python floats (the CPU path): the same rule,
+    the same fallbacks."""
+    if not (math.isfinite(w_norm) and math.isfinite(g_norm)):
+        ratio = math.nan
+    else:
+        denominator = g_norm + weight_decay * w_norm + eps
+        ratio = trust_coefficient * w_norm / denominator if w_norm > 0 and denominator > 0 else trust_coefficient
+    return min(ratio / lr, 1.0) if trust_clip and not math.isnan(ratio) else ratio
+
+
+def _host_norm(t: Tensor) -> float:
+    """‖t‖ as a Python float, in at least float32. BLAS's dot is both faster than vector_norm on the
+    CPU (it reads memory at the speed of a sum) and, with its blocked accumulation, more accurate
+    for large float32 tensors."""
+    if t.dtype in (torch.float32, torch.float64) and t.is_contiguous():
+        flat = t.view(-1)
+        return math.sqrt(torch.dot(flat, flat).item())
+    return torch.linalg.vector_norm(t, dtype=ratio_dtype(t.dtype)).item()
+
+
+def _same_dense_layout(w: Tensor, g: Tensor, buf: Optional[Tensor]) -> bool:
+    """Whether the fused kernel, which walks the three tensors' memory in step, sees matching elements."""
+    dense = w.is_contiguous() or w.is_contiguous(memory_format=torch.channels_last)
+    return dense and g.stride() == w.stride() and (buf is None or buf.stride() == w.stride())
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_fused_sgd(dtype: torch.dtype) -> bool:
+    """Whether this torch has the fused SGD kernel for CPU tensors of ``dtype`` (probed once)."""
+    if dtype not in (torch.float32, torch.float64):
+        return False
+    try:
+        w, g, buf = torch.ones(2, dtype=dtype), torch.ones(2, dtype=dtype), torch.zeros(2, dtype=dtype)
+        torch._fused_sgd_([w], [g], [buf], weight_decay=0.0, momentum=0.5, lr=1.0, dampening=0.0, nesterov=False,
+                          maximize=False, is_first_step=False)
+    except (AttributeError, RuntimeError, TypeError, NotImplementedError):
+        return False
+    return bool(torch.equal(w, torch.zeros(2, dtype=dtype)) and torch.equal(buf, torch.ones(2, dtype=dtype)))
+
+
+def _host_scalars(device: torch.device) -> bool:
+    """Whether a step may read its norms on the host: on the CPU (free there), not while compiling."""
+    return device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _axpy_(y: Tensor, x: Tensor, alpha: Optional[Scalar]) -> None:

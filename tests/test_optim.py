@@ -10,7 +10,7 @@ import pytest
 import torch
 from torch import nn
 
-from lars_plugins import LARS
+from lars_plugins import LARS, functional
 
 SHAPES = [(16, 8), (8,), (4, 3, 3, 3), (5,), (32, 16)]
 FOREACH = [False, True]
@@ -109,6 +109,26 @@ def test_matches_reference_formula(cfg, foreach):
                 assert ratio.item() == pytest.approx(ref.ratios[i], rel=1e-5)
             else:
                 assert "trust_ratio" not in opt.state[p]
+
+
+BIG_SHAPES = [(300, 301), (70_000,), (128, 64, 3, 3)]
+
+
+@pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_large_and_channels_last_tensors_match_reference_formula(cfg):
+    """Tensors large enough for multi-threaded kernels, one of them channels_last, with an excluded
+    group beside an adapted one."""
+    params = make_params(shapes=BIG_SHAPES)
+    params[2] = nn.Parameter(params[2].detach().to(memory_format=torch.channels_last))
+    adapt = [True, False, True]
+    ref = ReferenceLARS(params, adapt, **cfg)
+    groups = [{"params": [params[0], params[2]]}, {"params": [params[1]], "lars_exclude": True}]
+    opt = LARS(groups, foreach=False, **cfg)
+    for step_grads in grad_sequence(BIG_SHAPES, steps=3):
+        ref.step(step_grads)
+        run(opt, params, [step_grads])
+    for i, p in enumerate(params):
+        torch.testing.assert_close(p.detach().double(), ref.w[i], rtol=1e-5, atol=1e-6)
 
 
 def test_weight_decay_zero_is_not_sgd():
@@ -322,7 +342,11 @@ def test_tensor_lr_equals_float_lr(foreach):
 
 @pytest.mark.parametrize("foreach", FOREACH)
 def test_step_reads_no_tensor_on_host(foreach, monkeypatch):
-    """No .item(), bool(tensor), float(tensor) or .tolist() inside step(): each would sync a GPU."""
+    """No .item(), bool(tensor), float(tensor) or .tolist() inside step(): each would sync a GPU.
+
+    On the CPU the single-tensor path reads its coefficients on purpose (nothing to wait for there);
+    the accelerator path, run here on CPU tensors, must not."""
+    monkeypatch.setattr(functional, "_host_scalars", lambda device: False)
     params = make_params()
     opt = LARS(params, lr=torch.tensor(2.0), momentum=0.9, weight_decay=1e-4, trust_clip=True,
                nesterov=True, foreach=foreach)
