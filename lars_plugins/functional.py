@@ -1,10 +1,11 @@
 """The LARS update as plain functions over lists of tensors (no framework, no optimizer state).
 
 Layout follows ``torch/optim/sgd.py``: :func:`lars` dispatches to ``_single_tensor_lars`` (one tensor
-at a time, fused in-place ops that keep a tensor's data in cache between passes: fastest on CPU)
-or ``_multi_tensor_lars`` (``torch._foreach_*`` over a device/dtype bucket: fewest kernel launches
-on accelerators). Both paths do the same arithmetic and neither reads a tensor value on the host,
-so a step never forces a device synchronisation.
+at a time: the CPU default) or ``_multi_tensor_lars`` (``torch._foreach_*`` over a device/dtype
+bucket: fewest kernel launches on accelerators). On accelerators neither path reads a tensor value
+on the host, so a step never forces a device synchronisation. On the CPU, where a host read costs
+nothing, the single-tensor path takes each tensor's norms, ratio (a Python float) and update back to
+back, the update through torch's fused SGD kernel where it can (see docs/performance.md).
 
 For every parameter ``w`` with gradient ``g`` (``g`` negated under ``maximize``):
 

@@ -62,8 +62,9 @@ class LARS(Optimizer):
 
     The ratio used at the last step is kept as a 0-d tensor (float32, or float64 for float64 params)
     on the parameter's device in
-    ``state[p]["trust_ratio"]`` (adapted parameters only). ``step()`` never reads a tensor on the
-    host. ``lr`` may be a tensor (place it on the parameters' device for a sync-free step).
+    ``state[p]["trust_ratio"]`` (adapted parameters only). On accelerators ``step()`` never reads a
+    tensor on the host (on the CPU, where that costs nothing, it reads its norms to run faster).
+    ``lr`` may be a tensor (place it on the parameters' device for a sync-free step).
 
     Sharded training: under DDP every rank holds whole parameters; under FSDP2/tensor parallelism
     (DTensor), FSDP1 (flat parameters or ``use_orig_params``) and DeepSpeed ZeRO-1/2/3 (flat
