@@ -440,3 +440,149 @@ def _foreach_axpy_(ys: list[Tensor], xs: list[Tensor], alphas: Optional[Sequence
         torch._foreach_add_(ys, torch._foreach_mul(xs, alpha.to(ys[0].device)))
     else:
         torch._foreach_add_(ys, xs, alpha=alpha)
+
+
+# --- LAMB ------------------------------------------------------------------------------------------
+
+def lamb_trust_ratio(
+    w_norm: Tensor,
+    u_norm: Tensor,
+    *,
+    weight_norm_bounds: Optional[tuple[float, float]] = None,
+    trust_clip: bool = False,
+) -> Tensor:
+    """LAMB's ratio (You et al. 2019, Algorithm 2) on (stacked) norms: ``φ(‖w‖) / ‖u‖``, elementwise.
+
+    ``φ`` is the identity, or ``min(max(‖w‖, low), high)`` with ``weight_norm_bounds=(low, high)``.
+    Where ``‖w‖ = 0`` (a zero-initialised tensor) or ``‖u‖ = 0`` the ratio is 1: the tensor takes the
+    plain AdamW step ``lr·u``, an already normalised step of about ``lr`` per element -- LAMB's
+    counterpart of LARS's ``η`` fallback, small and never frozen. A NaN or inf norm gives NaN, as in
+    :func:`trust_ratio`. ``trust_clip`` caps the ratio at 1 (timm's ``lambc``).
+    """
+    phi = w_norm if weight_norm_bounds is None else w_norm.clamp(min=weight_norm_bounds[0], max=weight_norm_bounds[1])
+    defined = (w_norm > 0) & (u_norm > 0)
+    ratio = torch.where(defined, phi / torch.where(defined, u_norm, 1.0), 1.0)
+    ratio = torch.where(torch.isfinite(w_norm) & torch.isfinite(u_norm), ratio, torch.nan)
+    if trust_clip:
+        ratio = torch.clamp(ratio, max=1.0)
+    return ratio
+
+
+def lamb(
+    params: Sequence[Tensor],
+    grads: Sequence[Tensor],
+    exp_avgs: Sequence[Tensor],
+    exp_avg_sqs: Sequence[Tensor],
+    trust_ratios: Sequence[Optional[Tensor]],
+    adapt: Sequence[bool],
+    *,
+    step: Scalar,
+    lr: Scalar,
+    beta1: float,
+    beta2: float,
+    eps: float,
+    weight_decay: float,
+    bias_correction: bool = True,
+    weight_norm_bounds: Optional[tuple[float, float]] = None,
+    trust_clip: bool = False,
+    maximize: bool = False,
+    foreach: Optional[bool] = None,
+) -> None:
+    """One LAMB step over one parameter group, in place (Algorithm 2 of You et al. 2019).
+
+    For every parameter ``w`` with gradient ``g`` (negated under ``maximize``), at step ``t = step``
+    (counting from 1; a Python number or a 0-d tensor, so no host read is needed):
+
+    * ``m = β1·m + (1-β1)·g``, ``v = β2·v + (1-β2)·g²``; with ``bias_correction``
+      ``m̂ = m / (1-β1^t)``, ``v̂ = v / (1-β2^t)``;
+    * adapted: ``u = m̂ / (√v̂ + ε) + wd·w``, ``w -= lr · ratio · u`` with :func:`lamb_trust_ratio`;
+    * excluded: ``u = m̂ / (√v̂ + ε)`` (no weight decay, no ratio): the AdamW step without decay.
+
+    ``trust_ratios[i]`` receives the ratio of adapted parameter ``i`` (``None`` for excluded ones).
+    Neither path reads a tensor value on the host.
+    """
+    for g in grads:
+        if g.is_sparse:
+            raise RuntimeError("LAMB does not support sparse gradients; use dense gradients")
+    if not params:
+        return
+    for (device, _), indices in _buckets(params).items():
+        use_foreach = foreach if foreach is not None else device.type != "cpu"
+        for adapted in (True, False):
+            idx = [i for i in indices if adapt[i] == adapted]
+            if not idx:
+                continue
+            _lamb_bucket([params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
+                         [exp_avg_sqs[i] for i in idx], [trust_ratios[i] for i in idx] if adapted else None,
+                         step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                         weight_decay=weight_decay if adapted else 0.0, bias_correction=bias_correction,
+                         weight_norm_bounds=weight_norm_bounds, trust_clip=trust_clip, maximize=maximize,
+                         use_foreach=use_foreach)
+
+
+def _lamb_bucket(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
+                 trust_ratios: Optional[list[Tensor]], *, step: Scalar, lr: Scalar, beta1: float, beta2: float,
+                 eps: float, weight_decay: float, bias_correction: bool,
+                 weight_norm_bounds: Optional[tuple[float, float]], trust_clip: bool, maximize: bool,
+                 use_foreach: bool) -> None:
+    """One device/dtype bucket, all adapted or all excluded. ``u`` is materialised: its norm is needed
+    before the update (as torch's Adam materialises its denominator)."""
+    if maximize:
+        grads = list(torch._foreach_neg(grads)) if use_foreach else [torch.neg(g) for g in grads]
+    if bias_correction:
+        correction1, correction2 = _one_minus_power(beta1, step), _one_minus_power(beta2, step)
+    else:
+        correction1, correction2 = 1.0, 1.0
+    if use_foreach:
+        torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
+        torch._foreach_mul_(exp_avg_sqs, beta2)
+        torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
+        denom = torch._foreach_sqrt(exp_avg_sqs)
+        torch._foreach_div_(denom, _sqrt(correction2))
+        torch._foreach_add_(denom, eps)
+        u = torch._foreach_div(exp_avgs, denom)
+        torch._foreach_div_(u, correction1)
+        if weight_decay != 0:
+            torch._foreach_add_(u, params, alpha=weight_decay)
+    else:
+        u = []
+        for w, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+            m.lerp_(g, 1 - beta1)
+            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+            direction = (v.sqrt() / _sqrt(correction2)).add_(eps)
+            direction = torch.div(m, direction).div_(correction1)
+            if weight_decay != 0:
+                direction.add_(w, alpha=weight_decay)
+            u.append(direction)
+    if trust_ratios is None:
+        _foreach_or_loop_axpy_(params, u, None, -lr, use_foreach)
+        return
+    dtype = ratio_dtype(params[0].dtype)
+    w_norms = torch.stack(torch._foreach_norm(params, 2, dtype=dtype))
+    u_norms = torch.stack(torch._foreach_norm(u, 2, dtype=dtype))
+    ratios = lamb_trust_ratio(w_norms, u_norms, weight_norm_bounds=weight_norm_bounds, trust_clip=trust_clip)
+    torch._foreach_copy_(list(trust_ratios), list(ratios.unbind()))
+    _foreach_or_loop_axpy_(params, u, (ratios * -lr).unbind(), -lr, use_foreach)
+
+
+def _one_minus_power(beta: float, step: Scalar) -> Scalar:
+    """``1 - beta**step``. For a tensor step, as ``-expm1(step·ln beta)``: in float32 the plain form
+    loses about half its digits to cancellation (1 - 0.999² has a relative error of 3e-5)."""
+    if beta == 0:
+        return 1.0
+    if isinstance(step, Tensor):
+        return -torch.expm1(step * math.log(beta))
+    return 1 - beta ** step
+
+
+def _sqrt(x: Scalar) -> Scalar:
+    return x.sqrt() if isinstance(x, Tensor) else math.sqrt(x)
+
+
+def _foreach_or_loop_axpy_(ys: list[Tensor], xs: list[Tensor], alphas: Optional[Sequence[Tensor]], alpha: Scalar,
+                           use_foreach: bool) -> None:
+    if use_foreach:
+        _foreach_axpy_(ys, xs, alphas, alpha)
+        return
+    for i, (y, x) in enumerate(zip(ys, xs)):
+        _axpy_(y, x, alphas[i] if alphas is not None else alpha)
