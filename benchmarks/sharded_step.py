@@ -32,12 +32,13 @@ import statistics
 import sys
 import time
 import warnings
-from pathlib import Path
 
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
+
+from lars_plugins.distributed import remove_deepspeed_shm_buffers
 
 ENGINES = ["ddp", "fsdp2", "fsdp1-orig", "fsdp1-flat", "zero1", "zero2", "zero3"]
 
@@ -242,14 +243,7 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(worker, args=(2, port, args), nprocs=2)
-    remove_deepspeed_shm(port)
-
-
-def remove_deepspeed_shm(port: int) -> None:
-    """DeepSpeed's CPU all-reduce leaves its shared-memory buffers (about 70 MB per rank) in /dev/shm
-    when the processes end; remove those of this run."""
-    for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-        leftover.unlink(missing_ok=True)
+    remove_deepspeed_shm_buffers(port)  # DeepSpeed's CPU all-reduce leaves them in /dev/shm
 
 
 if __name__ == "__main__":

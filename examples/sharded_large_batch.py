@@ -28,6 +28,7 @@ from torch import nn
 
 import lars_plugins
 from lars_plugins.demo import load_digits, small_cnn
+from lars_plugins.distributed import remove_deepspeed_shm_buffers
 
 ENGINES = ["ddp", "fsdp1", "fsdp1-flat", "fsdp2", "zero1", "zero2", "zero3"]
 
@@ -134,14 +135,7 @@ def main() -> None:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     mp.spawn(worker, args=(args, port), nprocs=args.processes)
-    remove_deepspeed_shm(port)
-
-
-def remove_deepspeed_shm(port: int) -> None:
-    """DeepSpeed's CPU all-reduce leaves its shared-memory buffers (about 70 MB per rank) in /dev/shm
-    when the processes end; remove those of this run."""
-    for leftover in Path("/dev/shm").glob(f"deepspeed_allreduce_buffer_*_{port}_*"):
-        leftover.unlink(missing_ok=True)
+    remove_deepspeed_shm_buffers(port)  # DeepSpeed's CPU all-reduce leaves them in /dev/shm
 
 
 if __name__ == "__main__":

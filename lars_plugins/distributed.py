@@ -9,17 +9,37 @@ Meshes that are equal (same ranks, same layout: what ``fully_shard`` builds on e
 ``mesh``) are one mesh; parameters on truly different meshes are reduced per mesh.
 
 Flat layouts (FSDP1, DeepSpeed ZeRO) are in :mod:`lars_plugins.layouts`.
+:func:`deepspeed_shm_buffers` finds what DeepSpeed's CPU all-reduce leaves in ``/dev/shm``.
 """
 
 from __future__ import annotations
 
 import math
-from typing import Any, Sequence
+from pathlib import Path
+from typing import Any, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-__all__ = ["is_dtensor", "ShardedNorms", "to_local", "like_param"]
+__all__ = ["is_dtensor", "ShardedNorms", "to_local", "like_param", "deepspeed_shm_buffers",
+           "remove_deepspeed_shm_buffers"]
+
+SHM = Path("/dev/shm")
+
+
+def deepspeed_shm_buffers(port: Optional[int] = None) -> set[Path]:
+    """The shared-memory buffers DeepSpeed's CPU all-reduce left in ``/dev/shm`` (about 70 MB per
+    rank, never removed when its processes end): those of the run on ``port``, or all of them."""
+    if not SHM.is_dir():
+        return set()
+    return set(SHM.glob("deepspeed_allreduce_buffer_*" + (f"_{port}_*" if port is not None else "")))
+
+
+def remove_deepspeed_shm_buffers(port: int) -> None:
+    """Remove the buffers of the DeepSpeed run whose rendezvous used ``port``; call it once its
+    processes have ended."""
+    for leftover in deepspeed_shm_buffers(port):
+        leftover.unlink(missing_ok=True)
 
 
 def is_dtensor(tensor: Tensor) -> bool:

@@ -6,17 +6,12 @@ from pathlib import Path
 
 import pytest
 
-SHM = Path("/dev/shm")
-PATTERN = "deepspeed_allreduce_buffer_*"
-
-
-def _buffers() -> set[Path]:
-    return set(SHM.glob(PATTERN)) if SHM.is_dir() else set()
+from lars_plugins.distributed import deepspeed_shm_buffers
 
 
 @pytest.fixture(scope="session")
 def shm_before_session() -> set[Path]:
-    return _buffers()
+    return deepspeed_shm_buffers()
 
 
 @pytest.fixture(autouse=True)
@@ -26,5 +21,5 @@ def remove_deepspeed_shm_buffers(shm_before_session):
     each test, what runs of this session left there is removed (module-scoped fixtures' runs too);
     a mapping still open in this process stays valid when its name is unlinked."""
     yield
-    for leftover in _buffers() - shm_before_session:
+    for leftover in deepspeed_shm_buffers() - shm_before_session:
         leftover.unlink(missing_ok=True)

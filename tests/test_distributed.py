@@ -14,6 +14,7 @@ from torch import nn
 
 import lars_plugins
 from lars_plugins import LARS
+from lars_plugins import distributed as lars_distributed
 
 pytestmark = pytest.mark.skipif(not dist.is_available(), reason="torch.distributed is not available")
 
@@ -341,3 +342,14 @@ def test_layout_constants_of_equal_values_but_other_types_are_distinct():
     mask, index = layout.constant([True, False], torch.device("cpu")), layout.constant([1, 0], torch.device("cpu"))
     assert mask.dtype == torch.bool and index.dtype == torch.int64
     assert layout.constant([True, False], torch.device("cpu")) is mask  # made once
+
+
+def test_deepspeed_shm_buffers_of_one_run_are_found_and_removed(tmp_path, monkeypatch):
+    monkeypatch.setattr(lars_distributed, "SHM", tmp_path)
+    names = ["deepspeed_allreduce_buffer_0_127.0.0.1_29500_0", "deepspeed_allreduce_buffer_0_127.0.0.1_29500_1",
+             "deepspeed_allreduce_buffer_0_127.0.0.1_295001_0", "torch_shm_other"]
+    for name in names:
+        (tmp_path / name).write_bytes(b"x")
+    assert lars_distributed.deepspeed_shm_buffers() == {tmp_path / n for n in names[:3]}
+    lars_distributed.remove_deepspeed_shm_buffers(29500)
+    assert sorted(p.name for p in tmp_path.iterdir()) == names[2:]  # another port's run and others stay

@@ -9,6 +9,7 @@ from pathlib import Path
 import pytest
 
 import lars_plugins
+from lars_plugins.distributed import deepspeed_shm_buffers
 
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
@@ -77,7 +78,9 @@ def test_sharded_example_trains_and_reports_whole_parameter_ratios(engine, tmp_p
     pytest.importorskip("sklearn")
     if engine.startswith("zero"):
         pytest.importorskip("deepspeed")
+    shm_before = deepspeed_shm_buffers()
     out = run_example("sharded_large_batch.py", "--engine", engine, "--epochs", "7", "--out-dir", "run", cwd=tmp_path)
+    assert deepspeed_shm_buffers() <= shm_before  # the example removed what DeepSpeed left in /dev/shm
     accuracies = [float(line.split()[-1]) for line in out.splitlines() if line.startswith("epoch")]
     assert len(accuracies) == 7 and accuracies[-1] > 0.6  # 10 classes: chance is 0.1
     assert f"{engine}: trust ratios of 4 adapted layers" in out
