@@ -533,12 +533,13 @@ def _lamb_bucket(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
         correction1, correction2 = _one_minus_power(beta1, step), _one_minus_power(beta2, step)
     else:
         correction1, correction2 = 1.0, 1.0
+    root2 = _sqrt(correction2)  # once per bucket: for a tensor step it is a tensor op
     if use_foreach:
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
         denom = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denom, _sqrt(correction2))
+        torch._foreach_div_(denom, root2)
         torch._foreach_add_(denom, eps)
         u = torch._foreach_div(exp_avgs, denom)
         torch._foreach_div_(u, correction1)
@@ -549,8 +550,7 @@ def _lamb_bucket(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tenso
         for w, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
             m.lerp_(g, 1 - beta1)
             v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            direction = (v.sqrt() / _sqrt(correction2)).add_(eps)
-            direction = torch.div(m, direction).div_(correction1)
+            direction = torch.div(m, v.sqrt().div_(root2).add_(eps)).div_(correction1)
             if weight_decay != 0:
                 direction.add_(w, alpha=weight_decay)
             u.append(direction)
