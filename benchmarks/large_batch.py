@@ -95,12 +95,22 @@ def load(data_dir: Optional[Path], download: bool, subset: Optional[int]) -> Dat
     return Data(x, y, x[val], y[val], x[fit], y[fit], split.x_test, split.y_test, split.source)
 
 
-def run(recipe: Recipe, x: torch.Tensor, y: torch.Tensor, eval_set: tuple, batch: int, seed: int, epochs: int,
-        on_start: Optional[Callable] = None) -> float:
+def run(recipe: Recipe, x: torch.Tensor, y: torch.Tensor, eval_set: tuple, batch: int, seed: int, epochs: int) -> float:
     torch.manual_seed(seed)  # the same initial weights for every method at a seed
     model = mlp_bn()
-    return train(model, recipe, x, y, batch_size=batch, epochs=epochs, seed=seed, eval_set=eval_set,
-                 on_start=on_start).accuracy
+    return train(model, recipe, x, y, batch_size=batch, epochs=epochs, seed=seed, eval_set=eval_set).accuracy
+
+
+def recorded_run(recipe: Recipe, x: torch.Tensor, y: torch.Tensor, batch: int, seed: int,
+                 epochs: int) -> TrustRatioHistory:
+    """One run like :func:`run`, with the effective LR and both norms of every layer at every step."""
+    torch.manual_seed(seed)
+    model = mlp_bn()
+    monitors: list[TrustRatioMonitor] = []
+    train(model, recipe, x, y, batch_size=batch, epochs=epochs, seed=seed,
+          on_start=lambda optimizer: monitors.append(TrustRatioMonitor(
+              model, optimizer, every_n_steps=1, metrics=("effective_lr", "weight_norm", "grad_norm"))))
+    return monitors[0].history
 
 
 def mean_std(values: list[float]) -> tuple[float, float]:
@@ -186,22 +196,9 @@ def batch_study(data: Data, batches: list[int], seeds: list[int], epochs: int, g
 def heatmaps(data: Data, batch: int, epochs: int, out: Path, clock: Clock) -> None:
     """The four runs of table 3 at one batch size, seed 0, every step recorded: effective LR and
     relative step per layer, side by side on shared colour scales."""
-    histories = {}
-    for method in METHODS:
-        if method.name == TUNED:
-            continue
-        holder: dict = {}
-
-        def attach(optimizer: torch.optim.Optimizer, holder: dict = holder) -> None:
-            model = holder["model"]
-            holder["monitor"] = TrustRatioMonitor(model, optimizer, every_n_steps=1,
-                                                  metrics=("effective_lr", "weight_norm", "grad_norm"))
-
-        torch.manual_seed(0)
-        holder["model"] = mlp_bn()
-        train(holder["model"], method.recipe(batch), data.x_train, data.y_train, batch_size=batch, epochs=epochs,
-              seed=0, on_start=attach)
-        histories[method.name] = relative_steps(holder["monitor"].history)
+    histories = {method.name: relative_steps(recorded_run(method.recipe(batch), data.x_train, data.y_train, batch,
+                                                          0, epochs))
+                 for method in METHODS if method.name != TUNED}
     write_csv(out / "heatmap_runs.csv", [{"method": name, "step": step, "layer": layer, "effective_lr": lr,
                                           "relative_step": rel}
                                          for name, h in histories.items() for step, layer, lr, rel in h.rows()])
