@@ -28,7 +28,7 @@ OPTIMIZERS = ("sgd", "nesterov", "lars")
 
 def sgd_linear_lr(batch_size: int) -> float:
     """SGD's LR for :func:`mlp_bn` on Fashion-MNIST by the linear scaling rule: 0.05 at batch 128
-    (the best SGD LR there to within 0.3 points), times B/128."""
+    (within 0.1 points of the best LR of the tuning grid there; docs/results.md), times B/128."""
     return 0.05 * batch_size / 128
 
 

@@ -91,3 +91,11 @@ def test_sharded_step_quick(tmp_path):
         assert float(row["lars_max_dw"]) < 1e-5  # the same parameters as one process ("nan" fails too)
         assert float(row["lars_opt_ms"]) > 0 and float(row["sgd_opt_ms"]) > 0
     assert "| zero2 |" in out and "x SGD" in out
+
+
+def test_norm_paths_reports_both_paths_with_finite_errors():
+    out = run_script("norm_paths.py", "--numel", "100000", "--reps", "3")
+    assert "vector_norm" in out and "sqrt(dot)" in out
+    errors = [float(part.split()[-1]) for line in out.splitlines() if "elements:" in line
+              for part in line.split(":", 1)[1].split(",")]
+    assert len(errors) == 6 and all(math.isfinite(e) and 0 <= e < 1e-2 for e in errors)
