@@ -90,6 +90,39 @@ def make_classes(pl):
     return Net, CLINet, TwoOptimizers
 
 
+def make_clean_exit_ddp_spawn(pl):
+    """A ``ddp_spawn`` strategy class whose workers leave without interpreter teardown, once fit is
+    done, rank 0 has queued its results and every rank has passed a barrier. At teardown gloo's
+    still-joinable communication thread makes the C++ runtime abort a finished worker now and then
+    ("terminate called without an active exception"): the workers of test_distributed leave the
+    same way for the same reason."""
+    import os
+    import sys
+
+    import torch.distributed as dist
+
+    launchers = __import__(f"{pl.__name__}.strategies.launchers.multiprocessing", fromlist=["_"])
+
+    class CleanExitLauncher(launchers._MultiProcessingLauncher):
+        def _wrapping_function(self, *args, **kwargs):
+            super()._wrapping_function(*args, **kwargs)
+            if dist.is_initialized():
+                dist.barrier()
+            sys.stdout.flush()
+            sys.stderr.flush()
+            os._exit(0)
+
+    class CleanExitDDPSpawn(pl.strategies.DDPStrategy):
+        def __init__(self, **kwargs):
+            super().__init__(start_method="spawn", **kwargs)
+
+        def _configure_launcher(self):
+            super()._configure_launcher()
+            self._launcher = CleanExitLauncher(self, start_method=self._start_method)
+
+    return CleanExitLauncher, CleanExitDDPSpawn
+
+
 import lars_plugins.lightning  # noqa: E402
 import lars_plugins.pytorch_lightning  # noqa: E402
 
@@ -97,8 +130,9 @@ try:
     import lightning.pytorch as _L
 
     Net, CLINet, TwoOptimizers = make_classes(_L)
-    for _c in (Net, CLINet, TwoOptimizers):
-        _c.__qualname__ = _c.__name__
+    CleanExitLauncher, CleanExitDDPSpawn = make_clean_exit_ddp_spawn(_L)
+    for _c in (Net, CLINet, TwoOptimizers, CleanExitLauncher, CleanExitDDPSpawn):
+        _c.__module__, _c.__qualname__ = __name__, _c.__name__
 except ImportError:  # pragma: no cover
     pass
 

@@ -148,7 +148,7 @@ def test_ddp_logs_the_same_ratios_as_one_process(tmp_path):
     single = trainer("lightning.pytorch", tmp_path / "single", callbacks=[lars_l.TrustRatioCallback()])
     single.fit(models.Net(batch_size=32))
     ddp = trainer("lightning.pytorch", tmp_path / "ddp", callbacks=[lars_l.TrustRatioCallback()],
-                  strategy="ddp_spawn", devices=2, use_distributed_sampler=False)
+                  strategy=models.CleanExitDDPSpawn(), devices=2, use_distributed_sampler=False)
     ddp.fit(models.Net(batch_size=16))
     a, b = read_csv(single), read_csv(ddp)
     keys = [k for k in a[0] if k.startswith("trust_ratio/")]
