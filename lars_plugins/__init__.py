@@ -8,9 +8,11 @@ only when they are imported themselves. ``lars_plugins.plot`` needs matplotlib (
 from .functional import lars, trust_ratio
 from .groups import block_ids, default_exclude, is_bias_or_norm, param_groups
 from .monitor import TrustRatioHistory, TrustRatioMonitor
+from .lamb import LAMB
 from .optim import LARS
 from .schedules import WarmupDecayLR
+from .wrapper import Layerwise, centralize_gradients_
 
 __version__ = "0.1.0"
 
-__all__ = ["LARS", "WarmupDecayLR", "TrustRatioMonitor", "TrustRatioHistory", "param_groups", "default_exclude", "is_bias_or_norm", "block_ids", "lars", "trust_ratio", "__version__"]
+__all__ = ["LARS", "LAMB", "Layerwise", "centralize_gradients_", "WarmupDecayLR", "TrustRatioMonitor", "TrustRatioHistory", "param_groups", "default_exclude", "is_bias_or_norm", "block_ids", "lars", "trust_ratio", "__version__"]

@@ -120,8 +120,6 @@ def load_fashion_mnist(root: Optional[Union[str, Path]] = None, *, download: boo
 
     Raises ``FileNotFoundError`` naming the places searched and how to get the data.
     """
-    import torch
-
     folder = find_fashion_mnist(Path(root) if root is not None else None)
     if folder is None and download:
         if root is None:

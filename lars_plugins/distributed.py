@@ -14,7 +14,6 @@ Flat layouts (FSDP1, DeepSpeed ZeRO) are in :mod:`lars_plugins.layouts`.
 
 from __future__ import annotations
 
-import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -94,14 +93,23 @@ class ShardedNorms:
     def __call__(self, indices: Sequence[int], local_params: Sequence[Tensor], local_grads: Sequence[Tensor],
                  dtype: torch.dtype) -> tuple[Tensor, Tensor]:
         """Norms of ``local_params``/``local_grads``, the shards of the group's parameters ``indices``."""
+        n = len(local_params)
+        local = torch.stack(torch._foreach_norm([*local_params, *local_grads], 2, dtype=dtype)).square()
+        if not local_grads:
+            return self.reduce(indices, [local])[0], local[n:]
+        w_norms, g_norms = self.reduce(indices, [local[:n], local[n:]])
+        return w_norms, g_norms
+
+    def reduce(self, indices: Sequence[int], squares: Sequence[Tensor]) -> list[Tensor]:
+        """Whole-parameter norms from the squared norms of the local shards (one vector per set,
+        aligned with ``indices``), summed over each mesh with one collective per mesh dimension."""
         import torch.distributed as dist
 
-        n = len(local_params)
-        local = torch.stack(torch._foreach_norm([*local_params, *local_grads], 2, dtype=dtype))
-        sets = 2 if local_grads else 1
+        local = torch.cat(list(squares))
+        sets = len(squares)
         replication = [self.replication[i] for i in indices]
-        divisor = torch.tensor(replication * sets, dtype=dtype, device=local.device)
-        squared = local.square() / divisor
+        divisor = torch.tensor(replication * sets, dtype=local.dtype, device=local.device)
+        squared = local / divisor
         mesh_of = [self.mesh_of[i] for i in indices] * sets
         for k in sorted(set(mesh_of) - {-1}):
             mesh = self.meshes[k]
@@ -112,5 +120,4 @@ class ShardedNorms:
                 dist.all_reduce(part, op=dist.ReduceOp.SUM, group=mesh.get_group(dim))
             if index is not None:
                 squared[index] = part
-        norms = squared.sqrt()
-        return norms[:n], norms[n:]
+        return list(squared.sqrt().split(len(indices)))

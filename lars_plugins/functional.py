@@ -26,7 +26,7 @@ from typing import Callable, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-__all__ = ["lars", "trust_ratio", "ratio_dtype"]
+__all__ = ["lars", "trust_ratio", "ratio_dtype", "lamb", "lamb_trust_ratio", "lamb_directions"]
 
 Scalar = Union[float, Tensor]
 # (params, grads, dtype) -> (weight norms, grad norms), for one bucket; NormsFn also takes the bucket's indices.
@@ -487,6 +487,7 @@ def lamb(
     trust_clip: bool = False,
     maximize: bool = False,
     foreach: Optional[bool] = None,
+    norms: Optional[NormsFn] = None,
 ) -> None:
     """One LAMB step over one parameter group, in place (Algorithm 2 of You et al. 2019).
 
@@ -499,70 +500,72 @@ def lamb(
     * excluded: ``u = m̂ / (√v̂ + ε)`` (no weight decay, no ratio): the AdamW step without decay.
 
     ``trust_ratios[i]`` receives the ratio of adapted parameter ``i`` (``None`` for excluded ones).
+    ``norms(indices, params, directions, dtype) -> (w_norms, u_norms)`` replaces the local norms
+    (sharded training: :class:`lars_plugins.distributed.ShardedNorms`, the same as for LARS).
     Neither path reads a tensor value on the host.
     """
     for g in grads:
         if g.is_sparse:
             raise RuntimeError("LAMB does not support sparse gradients; use dense gradients")
-    if not params:
-        return
     for (device, _), indices in _buckets(params).items():
         use_foreach = foreach if foreach is not None else device.type != "cpu"
         for adapted in (True, False):
             idx = [i for i in indices if adapt[i] == adapted]
             if not idx:
                 continue
-            _lamb_bucket([params[i] for i in idx], [grads[i] for i in idx], [exp_avgs[i] for i in idx],
-                         [exp_avg_sqs[i] for i in idx], [trust_ratios[i] for i in idx] if adapted else None,
-                         step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                         weight_decay=weight_decay if adapted else 0.0, bias_correction=bias_correction,
-                         weight_norm_bounds=weight_norm_bounds, trust_clip=trust_clip, maximize=maximize,
-                         use_foreach=use_foreach)
+            bucket = [params[i] for i in idx]
+            u = lamb_directions(bucket, [grads[i] for i in idx], [exp_avgs[i] for i in idx],
+                                [exp_avg_sqs[i] for i in idx], step=step, beta1=beta1, beta2=beta2, eps=eps,
+                                weight_decay=weight_decay if adapted else 0.0, bias_correction=bias_correction,
+                                maximize=maximize, foreach=use_foreach)
+            if not adapted:
+                _foreach_or_loop_axpy_(bucket, u, None, -lr, use_foreach)
+                continue
+            dtype = ratio_dtype(bucket[0].dtype)
+            if norms is not None:
+                w_norms, u_norms = norms(idx, bucket, u, dtype)
+            else:
+                w_norms = torch.stack(torch._foreach_norm(bucket, 2, dtype=dtype))
+                u_norms = torch.stack(torch._foreach_norm(u, 2, dtype=dtype))
+            ratios = lamb_trust_ratio(w_norms, u_norms, weight_norm_bounds=weight_norm_bounds, trust_clip=trust_clip)
+            torch._foreach_copy_([trust_ratios[i] for i in idx], list(ratios.unbind()))
+            _foreach_or_loop_axpy_(bucket, u, (ratios * -lr).unbind(), -lr, use_foreach)
 
 
-def _lamb_bucket(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor],
-                 trust_ratios: Optional[list[Tensor]], *, step: Scalar, lr: Scalar, beta1: float, beta2: float,
-                 eps: float, weight_decay: float, bias_correction: bool,
-                 weight_norm_bounds: Optional[tuple[float, float]], trust_clip: bool, maximize: bool,
-                 use_foreach: bool) -> None:
-    """One device/dtype bucket, all adapted or all excluded. ``u`` is materialised: its norm is needed
-    before the update (as torch's Adam materialises its denominator)."""
+def lamb_directions(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], *,
+                    step: Scalar, beta1: float, beta2: float, eps: float, weight_decay: float, bias_correction: bool,
+                    maximize: bool, foreach: bool) -> list[Tensor]:
+    """Update Adam's moments in place and return ``u = m̂/(√v̂ + ε) + wd·w`` for tensors of one
+    device and dtype. ``u`` is materialised: its norm is needed before the update (as torch's Adam
+    materialises its denominator)."""
     if maximize:
-        grads = list(torch._foreach_neg(grads)) if use_foreach else [torch.neg(g) for g in grads]
+        grads = list(torch._foreach_neg(grads)) if foreach else [torch.neg(g) for g in grads]
     if bias_correction:
         correction1, correction2 = _one_minus_power(beta1, step), _one_minus_power(beta2, step)
     else:
         correction1, correction2 = 1.0, 1.0
     root2 = _sqrt(correction2)  # once per bucket: for a tensor step it is a tensor op
-    if use_foreach:
+    if foreach:
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
         denom = torch._foreach_sqrt(exp_avg_sqs)
         torch._foreach_div_(denom, root2)
         torch._foreach_add_(denom, eps)
-        u = torch._foreach_div(exp_avgs, denom)
+        u = list(torch._foreach_div(exp_avgs, denom))
         torch._foreach_div_(u, correction1)
         if weight_decay != 0:
             torch._foreach_add_(u, params, alpha=weight_decay)
-    else:
-        u = []
-        for w, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
-            m.lerp_(g, 1 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-            direction = torch.div(m, v.sqrt().div_(root2).add_(eps)).div_(correction1)
-            if weight_decay != 0:
-                direction.add_(w, alpha=weight_decay)
-            u.append(direction)
-    if trust_ratios is None:
-        _foreach_or_loop_axpy_(params, u, None, -lr, use_foreach)
-        return
-    dtype = ratio_dtype(params[0].dtype)
-    w_norms = torch.stack(torch._foreach_norm(params, 2, dtype=dtype))
-    u_norms = torch.stack(torch._foreach_norm(u, 2, dtype=dtype))
-    ratios = lamb_trust_ratio(w_norms, u_norms, weight_norm_bounds=weight_norm_bounds, trust_clip=trust_clip)
-    torch._foreach_copy_(list(trust_ratios), list(ratios.unbind()))
-    _foreach_or_loop_axpy_(params, u, (ratios * -lr).unbind(), -lr, use_foreach)
+        return u
+    u = []
+    for w, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        direction = torch.div(m, v.sqrt().div_(root2).add_(eps)).div_(correction1)
+        if weight_decay != 0:
+            direction.add_(w, alpha=weight_decay)
+        u.append(direction)
+    return u
 
 
 def _one_minus_power(beta: float, step: Scalar) -> Scalar:

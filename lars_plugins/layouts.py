@@ -125,19 +125,30 @@ class FlatLayout:
         :attr:`pieces`; ``None`` counts as zero), then the number of elements of each layer found
         on all ranks (0 for a layer these tensors do not hold). One ``all_reduce`` per process group
         for everything together."""
+        return self.reduce([self.piece_squares(pieces, dtype=dtype, device=device) for pieces in piece_sets],
+                           dtype=dtype, device=device)
+
+    def piece_squares(self, pieces: Sequence[Optional[Tensor]], *, dtype: torch.dtype, device: torch.device) -> Tensor:
+        """The squared L2 norm of each piece (aligned with :attr:`pieces`; 0 where ``None``), on this rank."""
+        squares = torch.zeros(len(self.pieces), dtype=dtype, device=device)
+        kept = [j for j, piece in enumerate(self.pieces) if piece.numel and pieces[j] is not None]
+        if kept:
+            local = torch.stack(torch._foreach_norm([pieces[j] for j in kept], 2, dtype=dtype)).square()
+            squares.index_copy_(0, self.constant(kept, device), local)
+        return squares
+
+    def reduce(self, squares: Sequence[Tensor], *, dtype: torch.dtype, device: torch.device) -> list[Tensor]:
+        """:meth:`norms` from per-piece squared norms (:meth:`piece_squares`, taken when convenient:
+        a wrapper takes ``‖w‖`` before its base optimizer's step and ``‖Δw‖`` after it)."""
         n = len(self.layers)
-        squared = torch.zeros((len(piece_sets) + 1) * n, dtype=dtype, device=device)
-        for k, pieces in enumerate((*piece_sets, None)):
-            kept = [j for j, piece in enumerate(self.pieces) if piece.numel and (pieces is None or pieces[j] is not None)]
-            if not kept:
-                continue
-            index = self.constant([self.pieces[j].layer for j in kept], device)
-            if pieces is None:
-                local = self.constant([float(self.pieces[j].numel) for j in kept], device, dtype)
-            else:
-                local = torch.stack(torch._foreach_norm([pieces[j] for j in kept], 2, dtype=dtype)).square()
-            squared.index_add_(0, index + k * n, local)
-        _all_reduce(squared, self.reductions, n, len(piece_sets) + 1)
+        squared = torch.zeros((len(squares) + 1) * n, dtype=dtype, device=device)
+        if self.pieces:
+            layer_of = self.constant([piece.layer for piece in self.pieces], device)
+            for k, piece_squares in enumerate(squares):
+                squared.index_add_(0, layer_of + k * n, piece_squares)
+            counts = self.constant([float(piece.numel) for piece in self.pieces], device, dtype)
+            squared.index_add_(0, layer_of + len(squares) * n, counts)
+        _all_reduce(squared, self.reductions, n, len(squares) + 1)
         *norms, counts = squared.split(n)
         return [norm.sqrt() for norm in norms] + [counts]
 

@@ -2,18 +2,15 @@
 
 from __future__ import annotations
 
-import difflib
-import math
-import numbers
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
-from torch.optim import Optimizer
 
+from .base import LayerwiseOptimizer, ParamsT, flag, learning_rate, real
 from .distributed import ShardedNorms, is_dtensor, like_param, to_local
 from .functional import lars, ratio_dtype, trust_ratio
-from .layouts import FlatLayout, LayoutResolver, layer_shape
+from .layouts import FlatLayout
 
 __all__ = ["LARS", "VARIANTS"]
 
@@ -25,8 +22,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "nlars": {"nesterov": True},
     "nlarc": {"nesterov": True, "trust_clip": True},
 }
-
-ParamsT = Union[Iterable[Tensor], Iterable[dict[str, Any]], Iterable[tuple[str, Tensor]]]
 
 # Names other LARS implementations use for our group keys: a group that carries one of them would
 # otherwise be silently ignored, so it is refused with the right name.
@@ -40,7 +35,7 @@ _FOREIGN_KEYS = {
 }
 
 
-class LARS(Optimizer):
+class LARS(LayerwiseOptimizer):
     r"""LARS (You, Gitman & Ginsburg 2017, arXiv:1708.03888) with torch.optim.SGD's momentum.
 
     For every parameter ``w`` with gradient ``g``:
@@ -88,6 +83,24 @@ class LARS(Optimizer):
         foreach: ``True`` multi-tensor, ``False`` single-tensor, ``None`` chooses by device.
     """
 
+    NAME = "LARS"
+    KEYS = {
+        "lr": learning_rate(),
+        "momentum": real(),
+        "dampening": real(0.0, 1.0),
+        "weight_decay": real(),
+        "nesterov": flag(),
+        "trust_coefficient": real(low_open=True),
+        "eps": real(),
+        "trust_clip": flag(),
+        "lars_exclude": flag(optional=True),
+        "exclude_bias_and_norm": flag(),
+        "maximize": flag(),
+        "foreach": flag(optional=True),
+    }
+    FOREIGN_KEYS = _FOREIGN_KEYS
+    LOADED_DEFAULTS = {**LayerwiseOptimizer.LOADED_DEFAULTS, "nesterov": False}
+
     def __init__(
         self,
         params: ParamsT,
@@ -117,160 +130,74 @@ class LARS(Optimizer):
             maximize=maximize,
             foreach=foreach,
         )
-        _validate_group(defaults, explicit=defaults, where="")
-        _to_python_numbers(defaults)
-        # The tensors the optimizer was built with, in an order every rank shares: the layers of
-        # flat layouts (DeepSpeed swaps its partitions into the groups after construction).
-        self._layouts = LayoutResolver([])
-        self._flat_ratios: dict[int, Tensor] = {}
         super().__init__(params, defaults)
 
-    def add_param_group(self, param_group: dict[str, Any]) -> None:
-        """Add a group; every LARS key may be overridden per group and is validated here, before the
-        group is added: a refused group leaves the optimizer as it was."""
-        if not isinstance(param_group, dict):
-            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        explicit = dict(param_group)
-        where = f"param group {len(self.param_groups)}: "
-        _validate_group({**self.defaults, **explicit}, explicit=explicit, where=where)
-        _to_python_numbers(param_group)
-        super().add_param_group(param_group)
-        self._layouts = LayoutResolver([*self._layouts.candidates, *self.param_groups[-1]["params"]])
-
-    def __setstate__(self, state: dict[str, Any]) -> None:
-        super().__setstate__(state)
-        # load_state_dict() comes through here too, and must keep the tensors the optimizer was built
-        # with (DeepSpeed has swapped its partitions into the groups by then). Only an unpickled copy
-        # (torch pickles defaults, state and groups alone) rebuilds them from its groups.
-        if not hasattr(self, "_layouts"):
-            self._layouts = LayoutResolver([p for group in self.param_groups for p in group["params"]])
-            self._flat_ratios: dict[int, Tensor] = {}
-        for group in self.param_groups:
-            for key, value in (("lars_exclude", None), ("exclude_bias_and_norm", True), ("maximize", False),
-                               ("foreach", None), ("trust_clip", False), ("nesterov", False)):
-                group.setdefault(key, value)
-
-    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
-        """Load a state dict, ours or one saved by timm's ``Lars`` (same ``momentum_buffer`` state).
-
-        Hyperparameters come from the checkpoint, as in torch; a timm checkpoint's ``trust_coeff`` is
+    def _translate_loaded(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """A timm ``Lars`` checkpoint (same ``momentum_buffer`` state) loads too: its ``trust_coeff`` is
         read as ``trust_coefficient``, and its ``always_adapt`` is dropped: which tensors are adapted
-        stays as this optimizer's groups say (timm adapted only groups with weight decay).
-        LARS keys the checkpoint lacks are kept from this optimizer's groups. Trust ratios keep their
-        float32 precision under half-precision parameters.
-        """
-        groups = []
-        for saved, current in zip(state_dict["param_groups"], self.param_groups):
-            saved = dict(saved)
-            if "trust_coeff" in saved:
-                saved.setdefault("trust_coefficient", saved.pop("trust_coeff"))
-            saved.pop("always_adapt", None)
-            for key, value in current.items():
-                if key != "params":
-                    saved.setdefault(key, value)
-            groups.append(saved)
-        # The constructor's checks, on what is loaded: a checkpoint must not bring in what the
-        # constructor refuses (trust_coefficient=0, lr=-1, lars_exclude="yes", momentum=nan).
-        for index, group in enumerate(groups):
-            _validate_group(group, explicit=group, where=f"loaded param group {index}: ", loaded=True)
-            _to_python_numbers(group)
-        # A length mismatch is left to torch, which explains it.
-        groups += state_dict["param_groups"][len(groups):]
-        super().load_state_dict({**state_dict, "param_groups": groups})
-        # torch casts every state tensor to its parameter's dtype; a ratio is a statistic, not a weight.
-        for p, state in self.state.items():
-            if "trust_ratio" in state:
-                state["trust_ratio"] = state["trust_ratio"].to(ratio_dtype(p.dtype))
+        stays as this optimizer's groups say (timm adapted only groups with weight decay)."""
+        if "trust_coeff" in saved:
+            saved.setdefault("trust_coefficient", saved.pop("trust_coeff"))
+        saved.pop("always_adapt", None)
+        return saved
 
-    @staticmethod
-    def is_adapted(group: dict[str, Any], param: Union[Tensor, torch.Size]) -> bool:
-        """Whether ``param`` in ``group`` gets the layer-wise rate (else: plain SGD, no weight decay).
-
-        ``param`` may be a parameter (its whole shape counts: ZeRO-3's ``ds_shape``) or a layer's shape.
-        """
-        if group["lars_exclude"] is not None:
-            return not group["lars_exclude"]
-        shape = param if isinstance(param, torch.Size) else layer_shape(param)
-        return not (group["exclude_bias_and_norm"] and len(shape) <= 1)
-
-    def layer_trust_ratios(self, group: dict[str, Any]) -> Optional[tuple[FlatLayout, Tensor]]:
-        """For a group stepped through a flat layout (FSDP1, DeepSpeed ZeRO): the layout and the
-        ratio of each of its layers at the last step (NaN for excluded layers); else ``None``."""
-        layout = self.layout(group)
-        if layout is None or id(layout) not in self._flat_ratios:
-            return None
-        return layout, self._flat_ratios[id(layout)]
-
-    def layout(self, group: dict[str, Any]) -> Optional[FlatLayout]:
-        """The flat layout (FSDP1, DeepSpeed ZeRO) of ``group``'s current tensors, or ``None``."""
-        return self._layouts(group["params"])
-
-    @torch.no_grad()
-    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
-        """Perform one step; ``closure`` (re-evaluating the loss) is called first and its loss returned."""
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-
-        for index, group in enumerate(self.param_groups):
-            layout = self._layouts(group["params"], f"param group {index}: ")
-            if layout is not None:
-                self._flat_step(group, layout)
-                continue
-            params: list[Tensor] = []
-            grads: list[Tensor] = []
-            buffers: list[Optional[Tensor]] = []
-            ratios: list[Optional[Tensor]] = []
-            adapt: list[bool] = []
-            for p in group["params"]:
-                grad = p.grad
-                if grad is None:
-                    continue
-                state = self.state[p]
-                adapted = self.is_adapted(group, p)
-                if adapted and "trust_ratio" not in state:
-                    state["trust_ratio"] = torch.zeros((), dtype=ratio_dtype(p.dtype), device=p.device)
-                params.append(p)
-                grads.append(grad)
-                buffers.append(state.get("momentum_buffer"))
-                ratios.append(state["trust_ratio"] if adapted else None)
-                adapt.append(adapted)
-            if not params:
-                continue
-            # Sharded parameters (FSDP2, tensor parallel): the update runs on the local shards, the
-            # norms of whole parameters come from one all_reduce per bucket and mesh dimension.
-            owners, norms = params, None
-            if any(is_dtensor(p) for p in params):
-                norms = ShardedNorms(params, where=f"param group {index}: ")
-                params, grads = [to_local(p) for p in params], [to_local(g) for g in grads]
-                buffers = [None if b is None else to_local(b) for b in buffers]
-            new_buffer = [b is None for b in buffers]
-            lars(
-                params,
-                grads,
-                buffers,
-                ratios,
-                adapt,
-                lr=group["lr"],
-                momentum=group["momentum"],
-                dampening=group["dampening"],
-                weight_decay=group["weight_decay"],
-                nesterov=group["nesterov"],
-                trust_coefficient=group["trust_coefficient"],
-                eps=group["eps"],
-                trust_clip=group["trust_clip"],
-                maximize=group["maximize"],
-                foreach=group["foreach"],
-                norms=norms,
+    def _check_group(self, group: dict[str, Any], *, explicit: dict[str, Any], where: str) -> None:
+        if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
+            raise ValueError(
+                f"{where}nesterov=True needs momentum > 0 and dampening == 0, "
+                f"got momentum={group['momentum']} and dampening={group['dampening']}"
             )
-            if group["momentum"] != 0:
-                for p, buf, new in zip(owners, buffers, new_buffer):
-                    if new:  # an existing buffer was updated in place (a DTensor's local shard too)
-                        self.state[p]["momentum_buffer"] = like_param(buf, p)
-        return loss
+        super()._check_group(group, explicit=explicit, where=where)
 
-    def _flat_step(self, group: dict[str, Any], layout: FlatLayout) -> None:
+    def _step_group(self, group: dict[str, Any], where: str) -> None:
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        buffers: list[Optional[Tensor]] = []
+        ratios: list[Optional[Tensor]] = []
+        adapt: list[bool] = []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            adapted = self.is_adapted(group, p)
+            params.append(p)
+            grads.append(p.grad)
+            buffers.append(self.state[p].get("momentum_buffer"))
+            ratios.append(self._trust_ratio_slot(p) if adapted else None)
+            adapt.append(adapted)
+        if not params:
+            return
+        # Sharded parameters (FSDP2, tensor parallel): the update runs on the local shards, the
+        # norms of whole parameters come from one all_reduce per bucket and mesh dimension.
+        owners, norms = params, None
+        if any(is_dtensor(p) for p in params):
+            norms = ShardedNorms(params, where=where)
+            params, grads = [to_local(p) for p in params], [to_local(g) for g in grads]
+            buffers = [None if b is None else to_local(b) for b in buffers]
+        new_buffer = [b is None for b in buffers]
+        lars(
+            params,
+            grads,
+            buffers,
+            ratios,
+            adapt,
+            lr=group["lr"],
+            momentum=group["momentum"],
+            dampening=group["dampening"],
+            weight_decay=group["weight_decay"],
+            nesterov=group["nesterov"],
+            trust_coefficient=group["trust_coefficient"],
+            eps=group["eps"],
+            trust_clip=group["trust_clip"],
+            maximize=group["maximize"],
+            foreach=group["foreach"],
+            norms=norms,
+        )
+        if group["momentum"] != 0:
+            for p, buf, new in zip(owners, buffers, new_buffer):
+                if new:  # an existing buffer was updated in place (a DTensor's local shard too)
+                    self.state[p]["momentum_buffer"] = like_param(buf, p)
+
+    def _step_flat(self, group: dict[str, Any], layout: FlatLayout) -> None:
         """One step of a group whose tensors hold pieces of layers (FSDP1, DeepSpeed ZeRO).
 
         Whole-layer norms come first, for every layer of the layout, in one collective that every
@@ -286,7 +213,7 @@ class LARS(Optimizer):
             ratios = trust_ratio(w_norms, g_norms, trust_coefficient=group["trust_coefficient"],
                                  weight_decay=group["weight_decay"], eps=group["eps"], lr=group["lr"],
                                  trust_clip=group["trust_clip"])
-            self._flat_ratios[id(layout)] = torch.where(layout.constant(adapted, device), ratios, torch.nan)
+            self._keep_flat_ratios(layout, ratios, adapted)
         kept = [j for j, p in enumerate(layout.pieces) if p.numel and grad_views[j] is not None]
         if not kept:
             return
@@ -321,70 +248,3 @@ class LARS(Optimizer):
                         if flat_views[j] is not None:
                             flat_views[j].copy_(buf)
                     self.state[tensor]["momentum_buffer"] = flat
-
-
-# Keys torch and the integrations put on groups besides ours; a key close to one of ours is a typo.
-_LARS_KEYS = ("lr", "momentum", "dampening", "weight_decay", "nesterov", "trust_coefficient", "eps", "trust_clip",
-              "lars_exclude", "exclude_bias_and_norm", "maximize", "foreach")
-_NUMBERS = ("lr", "momentum", "dampening", "weight_decay", "eps", "trust_coefficient")
-
-
-def _to_python_numbers(group: dict[str, Any]) -> None:
-    """NumPy and other ``numbers.Real`` scalars become Python floats (as torch's SGD accepts them)."""
-    for key in _NUMBERS:
-        value = group.get(key)
-        if isinstance(value, numbers.Real) and not isinstance(value, (bool, int, float)):
-            group[key] = float(value)
-
-
-def _validate_group(group: dict[str, Any], *, explicit: dict[str, Any], where: str, loaded: bool = False) -> None:
-    """Raise ``ValueError``/``TypeError`` naming the first bad hyperparameter of ``group``."""
-    for foreign, ours in _FOREIGN_KEYS.items():
-        if foreign in explicit and not loaded:
-            raise TypeError(f"{where}unknown LARS key {foreign!r}; lars_plugins.LARS calls it {ours!r}")
-    for key in explicit:
-        if isinstance(key, str) and key not in _LARS_KEYS:
-            close = difflib.get_close_matches(key, _LARS_KEYS, n=1, cutoff=0.85)
-            if close:
-                raise TypeError(f"{where}unknown LARS key {key!r}; did you mean {close[0]!r}?")
-
-    lr = group["lr"]
-    if isinstance(lr, Tensor):
-        if lr.ndim != 0:
-            raise ValueError(f"{where}lr must be a number or a 0-d tensor, got shape {tuple(lr.shape)}; "
-                             "pass lr.reshape(()) for a one-element tensor")
-        _number(where, "lr", float(lr), low=0.0)  # reading it here, at construction, costs no step a sync
-    else:
-        _number(where, "lr", lr, low=0.0)
-    _number(where, "momentum", group["momentum"], low=0.0)
-    _number(where, "dampening", group["dampening"], low=0.0, high=1.0)
-    _number(where, "weight_decay", group["weight_decay"], low=0.0)
-    _number(where, "eps", group["eps"], low=0.0)
-    _number(where, "trust_coefficient", group["trust_coefficient"], low=0.0, low_open=True)
-    for key in ("nesterov", "trust_clip", "exclude_bias_and_norm", "maximize"):
-        if not isinstance(group[key], bool):
-            raise TypeError(f"{where}{key} must be a bool, got {group[key]!r}")
-    for key in ("lars_exclude", "foreach"):
-        if group[key] is not None and not isinstance(group[key], bool):
-            raise TypeError(f"{where}{key} must be True, False or None, got {group[key]!r}")
-    if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
-        raise ValueError(
-            f"{where}nesterov=True needs momentum > 0 and dampening == 0, "
-            f"got momentum={group['momentum']} and dampening={group['dampening']}"
-        )
-    if explicit.get("lars_exclude") is True and explicit.get("weight_decay", 0) != 0:
-        raise ValueError(
-            f"{where}lars_exclude=True with weight_decay={explicit['weight_decay']}: excluded parameters get "
-            "no weight decay (d = g), so this weight_decay would be ignored; set it to 0 or adapt the group"
-        )
-
-
-def _number(where: str, name: str, value: Any, *, low: float, high: float = math.inf, low_open: bool = False) -> None:
-    if isinstance(value, bool) or not isinstance(value, numbers.Real):
-        raise TypeError(f"{where}{name} must be a real number, got {type(value).__name__} {value!r}")
-    value = float(value)
-    too_low = value <= low if low_open else value < low
-    if too_low or value > high or not math.isfinite(value):
-        low_text = f"> {low}" if low_open else f">= {low}"
-        high_text = " and finite" if high == math.inf else f" and <= {high}"
-        raise ValueError(f"{where}{name} must be {low_text}{high_text}, got {value}")

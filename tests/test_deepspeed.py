@@ -13,7 +13,6 @@ import os
 
 import pytest
 import torch
-import torch.distributed as dist
 import torch.multiprocessing as mp
 from torch import nn
 
@@ -32,10 +31,10 @@ def batches(steps=STEPS):
     return [(torch.randn(16, 8, generator=gen), torch.randint(0, 5, (16,), generator=gen)) for _ in range(steps)]
 
 
-def reference(clip=1.0):
+def reference(clip=1.0, kind="lars"):
     """One process, the whole batch, torch's clipping: final parameters, ‖w‖ of 0.weight before each step."""
     model = make_model()
-    opt = lars_plugins.LARS(lars_plugins.param_groups(model, weight_decay=1e-4), **LARS_KWARGS)
+    opt = make_optimizer(model, kind)
     norms = []
     for x, y in batches():
         opt.zero_grad()
@@ -46,6 +45,15 @@ def reference(clip=1.0):
     return {n: p.detach() for n, p in model.named_parameters()}, norms
 
 
+def make_optimizer(model, kind="lars"):
+    groups = lars_plugins.param_groups(model, weight_decay=1e-4)
+    if kind == "lamb":
+        return lars_plugins.LAMB(groups, lr=1e-2)
+    if kind == "layerwise":  # the wrapper over AdamW: DeepSpeed steps AdamW's groups one by one through it
+        return lars_plugins.Layerwise(torch.optim.AdamW(groups, lr=1e-2), trust_coefficient=0.5)
+    return lars_plugins.LARS(groups, **LARS_KWARGS)
+
+
 def config(stage, **extra):
     # ZeRO-3: sub-groups of 100 elements a rank, so the adapted group is stepped in two calls.
     zero = {"stage": stage, **({"sub_group_size": 100} if stage == 3 else {})}
@@ -54,11 +62,11 @@ def config(stage, **extra):
             **extra}
 
 
-def engine_for(stage, **extra):
+def engine_for(stage, kind="lars", **extra):
     import deepspeed
 
     model = make_model()
-    optimizer = lars_plugins.LARS(lars_plugins.param_groups(model, weight_decay=1e-4), **LARS_KWARGS)
+    optimizer = make_optimizer(model, kind)
     engine, _, _, _ = deepspeed.initialize(model=model, optimizer=optimizer, config=config(stage, **extra))
     return model, optimizer, engine
 
@@ -176,6 +184,12 @@ def worker(rank, port, stage, checkpoint, out):
     before = full_params(model, stage)["0.weight"].norm().item()
     train(engine, rank, data[1:2])
     result["adamw"] = {"steps": monitor.step, "record": monitor.latest, "norm_before": before}
+
+    # 6. LAMB and the Layerwise wrapper over AdamW, through the same flat layouts.
+    for kind in ("lamb", "layerwise"):
+        model, _, engine = engine_for(stage, kind)
+        train(engine, rank, data)
+        result[kind] = full_params(model, stage)
     if rank == 0:
         torch.save(result, out)
     finish()
@@ -205,6 +219,14 @@ def test_zero_offload_equals_one_process(zero):
     expected, _ = reference()
     for name, value in expected.items():
         torch.testing.assert_close(result["offload"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["lamb", "layerwise"])
+def test_lamb_and_the_wrapper_equal_one_process(zero, kind):
+    _, result = zero
+    expected, _ = reference(kind=kind)
+    for name, value in expected.items():
+        torch.testing.assert_close(result[kind][name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
 def test_resume_from_checkpoint_equals_the_uninterrupted_run(zero):

@@ -38,14 +38,23 @@ def batches():
     return [(torch.randn(16, 8, generator=gen), torch.randint(0, 5, (16,), generator=gen)) for _ in range(STEPS)]
 
 
-def make_opt(params):
-    return LARS(params, lr=2.0, momentum=0.9, nesterov=True, weight_decay=1e-4, trust_coefficient=0.01)
+# The optimizers every engine is run with: LAMB and the wrapper share LARS's sharded-norm machinery.
+OPTIMIZERS = {
+    "lars": lambda params: LARS(params, lr=2.0, momentum=0.9, nesterov=True, weight_decay=1e-4,
+                                trust_coefficient=0.01),
+    "lamb": lambda params: lars_plugins.LAMB(params, lr=1e-2, trust_clip=True),
+    "layerwise": lambda params: lars_plugins.Layerwise(torch.optim.AdamW(params, lr=1e-2), trust_coefficient=0.5),
+}
 
 
-def reference():
+def make_opt(params, kind="lars"):
+    return OPTIMIZERS[kind](params)
+
+
+def reference(kind="lars"):
     """One process, the whole batch: final parameters, and ‖w‖ of 0.weight before each step."""
     model = make_model()
-    opt = make_opt(lars_plugins.param_groups(model, weight_decay=1e-4))
+    opt = make_opt(lars_plugins.param_groups(model, weight_decay=1e-4), kind)
     norms = []
     for x, y in batches():
         opt.zero_grad()
@@ -128,10 +137,12 @@ def worker(rank, port, engines, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     results = {}
-    for engine in engines:
+    for key in engines:
+        engine, _, kind = key.partition("/")
+        kind = kind or "lars"
         wrapped, model = wrap(make_model(), engine)
         groups = lars_plugins.param_groups(model, weight_decay=1e-4)
-        opt = make_opt(groups)
+        opt = make_opt(groups, kind)
         monitor = lars_plugins.TrustRatioMonitor(model, opt, every_n_steps=2)
         calls = []
         with CollectiveCounter() as counter:
@@ -144,16 +155,16 @@ def worker(rank, port, engines, out):
                 counter.counting = False
                 calls.append(counter.calls)
         params = full_params(wrapped if engine.startswith("fsdp1") else model)
-        results[engine] = {"params": params, "calls": calls, "monitor": monitor.latest}
-        if engine in RESUMED:
-            results[engine]["resumed"] = resumed(engine, rank, f"{out}.{engine}.checkpoint")
+        results[key] = {"params": params, "calls": calls, "monitor": monitor.latest}
+        if key in RESUMED:
+            results[key]["resumed"] = resumed(engine, kind, rank, f"{out}.{key.replace('/', '-')}.checkpoint")
         dist.barrier()
     if rank == 0:
         torch.save(results, out)
     finish()
 
 
-def resumed(engine, rank, path):
+def resumed(engine, kind, rank, path):
     """Train 3 steps, save a distributed checkpoint (torch's own recipe: get_state_dict, dcp.save),
     load it into a new model and optimizer (dcp.load, set_state_dict), train the rest: the whole
     parameters at the end."""
@@ -169,7 +180,7 @@ def resumed(engine, rank, path):
 
     def build():
         wrapped, model = wrap(make_model(), engine)
-        return wrapped, model, make_opt(lars_plugins.param_groups(model, weight_decay=1e-4))
+        return wrapped, model, make_opt(lars_plugins.param_groups(model, weight_decay=1e-4), kind)
 
     data = batches()
     wrapped, model, opt = build()
@@ -196,14 +207,17 @@ TORCH_ENGINES = ["ddp", "fsdp2", "fsdp2-default-mesh", "fsdp2-two-meshes", "fsdp
 # all_reduce calls in one LARS step (the adapted group's whole-parameter norms), and on the monitor's
 # recording steps two more (weight norms before the step, gradient norms after it).
 COLLECTIVES = {"ddp": 0, "fsdp2-two-meshes": 2}
-RESUMED = ["fsdp2", "fsdp1-orig-full", "fsdp1-flat-full"]  # also interrupted by a checkpoint and resumed
+# LAMB and the wrapper over AdamW ("engine/optimizer"), on every kind of layout: DTensor, FSDP1 views, flat.
+OTHER_OPTIMIZERS = [f"{engine}/{kind}" for kind in ("lamb", "layerwise")
+                    for engine in ("ddp", "fsdp2-two-meshes", "fsdp1-orig-full", "fsdp1-flat-gradop")]
+RESUMED = ["fsdp2", "fsdp1-orig-full", "fsdp1-flat-full", "fsdp2-two-meshes/lamb", "fsdp1-flat-gradop/layerwise"]
 MONITOR_COLLECTIVES = {"ddp": 0, "fsdp2-two-meshes": 3}  # the norm layers sit on a third (default) mesh
 
 
 @pytest.fixture(scope="module")
 def torch_engines(tmp_path_factory):
     """All torch engines in one pair of processes (a process pair costs seconds to start)."""
-    return run(TORCH_ENGINES, tmp_path_factory.mktemp("engines"))
+    return run(TORCH_ENGINES + OTHER_OPTIMIZERS, tmp_path_factory.mktemp("engines"))
 
 
 @pytest.mark.parametrize("engine", RESUMED)
@@ -213,10 +227,11 @@ def test_resume_from_a_distributed_checkpoint_equals_the_uninterrupted_run(engin
         torch.testing.assert_close(result["resumed"][name], value, rtol=1e-6, atol=1e-7, msg=name)
 
 
-@pytest.mark.parametrize("engine", TORCH_ENGINES)
+@pytest.mark.parametrize("engine", TORCH_ENGINES + OTHER_OPTIMIZERS)
 def test_parameters_equal_one_process(engine, torch_engines):
     result = torch_engines[engine]
-    expected, weight_norms = reference()
+    engine, _, kind = engine.partition("/")
+    expected, weight_norms = reference(kind or "lars")
     assert sorted(result["params"]) == sorted(expected)
     for name, value in expected.items():
         torch.testing.assert_close(result["params"][name], value, rtol=1e-5, atol=1e-6, msg=name)

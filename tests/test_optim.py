@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import copy
-import io
 import math
 
 import pytest
@@ -11,6 +10,7 @@ import torch
 from torch import nn
 
 from lars_plugins import LARS, functional
+from checkpoints import weights_only_round_trip
 
 SHAPES = [(16, 8), (8,), (4, 3, 3, 3), (5,), (32, 16)]
 FOREACH = [False, True]
@@ -265,10 +265,7 @@ def test_state_dict_round_trip_weights_only():
 
     opt = LARS(params, **cfg)
     run(opt, params, grads[:3])
-    buffer = io.BytesIO()
-    torch.save({"params": [p.detach() for p in params], "optim": opt.state_dict()}, buffer)
-    buffer.seek(0)
-    ckpt = torch.load(buffer, weights_only=True)
+    ckpt = weights_only_round_trip({"params": [p.detach() for p in params], "optim": opt.state_dict()})
     resumed = [nn.Parameter(t.clone()) for t in ckpt["params"]]
     opt2 = LARS(resumed, lr=0.1)  # hyperparameters come back from the checkpoint
     opt2.load_state_dict(ckpt["optim"])

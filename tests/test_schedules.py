@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import io
 import math
 
 import pytest
 import torch
 
 from lars_plugins import LARS, WarmupDecayLR
+from checkpoints import weights_only_round_trip
 
 
 def lrs(steps, **kw):
@@ -51,10 +51,7 @@ def test_layer_decay_ratios_survive_and_state_loads_weights_only():
         opt.step()
         sched.step()
     assert opt.param_groups[1]["lr"] == pytest.approx(0.25 * opt.param_groups[0]["lr"])
-    buffer = io.BytesIO()
-    torch.save(sched.state_dict(), buffer)
-    buffer.seek(0)
-    state = torch.load(buffer, weights_only=True)
+    state = weights_only_round_trip(sched.state_dict())
     # Resume into a new optimizer at its initial LRs: the schedule goes on from step 5, not from 0.
     resumed_opt = LARS([{"params": [torch.nn.Parameter(torch.ones(2, 2))], "lr": 1.0},
                         {"params": [torch.nn.Parameter(torch.ones(2, 2))], "lr": 0.25}], lr=1.0)

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import copy
 import inspect
-import io
 import logging
 import subprocess
 import sys
@@ -18,6 +17,7 @@ import timm.optim  # noqa: E402
 
 import lars_plugins.timm as lars_timm  # noqa: E402  (registers)
 from lars_plugins import LARS  # noqa: E402
+from checkpoints import weights_only_round_trip
 
 create = timm.optim.create_optimizer_v2
 
@@ -179,10 +179,7 @@ def test_timm_lars_checkpoint_loads_into_ours():
         theirs.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         theirs.step()
-    buffer = io.BytesIO()
-    torch.save(theirs.state_dict(), buffer)
-    buffer.seek(0)
-    saved = torch.load(buffer, weights_only=True)
+    saved = weights_only_round_trip(theirs.state_dict())
 
     ours = create(model, opt="lars", lr=0.1, weight_decay=1e-4)
     ours.load_state_dict(saved)

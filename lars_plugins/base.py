@@ -1,0 +1,269 @@
+"""What every layer-wise optimizer here shares: group keys and their checks, exclusion, the layouts
+of sharded engines, and the trust ratios they keep.
+
+:class:`LayerwiseOptimizer` is the base of :class:`~lars_plugins.LARS`, :class:`~lars_plugins.LAMB`
+and the :class:`~lars_plugins.Layerwise` wrapper. A subclass declares its group keys (a
+:data:`Check` each) and steps one group at a time; the base resolves whether a group holds whole
+parameters (plain tensors, DTensors) or pieces of flattened ones (FSDP1, DeepSpeed ZeRO), decides
+exclusion from whole-parameter shapes, and keeps the per-layer ratios of flat groups for
+:class:`~lars_plugins.TrustRatioMonitor`.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import numbers
+from typing import Any, Callable, ClassVar, Iterable, Optional, Union
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .functional import ratio_dtype
+from .layouts import FlatLayout, LayoutResolver, layer_shape
+
+__all__ = ["LayerwiseOptimizer", "Check", "real", "flag", "learning_rate", "pair", "ParamsT"]
+
+ParamsT = Union[Iterable[Tensor], Iterable[dict[str, Any]], Iterable[tuple[str, Tensor]]]
+# check(where, key, value) raises a ValueError/TypeError naming the key and what it accepts.
+Check = Callable[[str, str, Any], None]
+
+
+def real(low: float = 0.0, high: float = math.inf, *, low_open: bool = False, high_open: bool = False) -> Check:
+    """A real number in the range given (finite)."""
+
+    def check(where: str, key: str, value: Any) -> None:
+        if isinstance(value, bool) or not isinstance(value, numbers.Real):
+            raise TypeError(f"{where}{key} must be a real number, got {type(value).__name__} {value!r}")
+        value = float(value)
+        too_low = value <= low if low_open else value < low
+        too_high = value >= high if high_open else value > high
+        if too_low or too_high or not math.isfinite(value):
+            low_text = f"> {low}" if low_open else f">= {low}"
+            high_text = " and finite" if high == math.inf else f" and {'<' if high_open else '<='} {high}"
+            raise ValueError(f"{where}{key} must be {low_text}{high_text}, got {value}")
+
+    check.is_number = True  # type: ignore[attr-defined]
+    return check
+
+
+def flag(optional: bool = False) -> Check:
+    """A bool (or ``None`` where ``optional``)."""
+
+    def check(where: str, key: str, value: Any) -> None:
+        if optional and value is None:
+            return
+        if not isinstance(value, bool):
+            allowed = "True, False or None" if optional else "a bool"
+            raise TypeError(f"{where}{key} must be {allowed}, got {value!r}")
+
+    return check
+
+
+def learning_rate() -> Check:
+    """A number ``>= 0`` or a 0-d tensor holding one (read once, here, never in ``step()``)."""
+    number = real()
+
+    def check(where: str, key: str, value: Any) -> None:
+        if isinstance(value, Tensor):
+            if value.ndim != 0:
+                raise ValueError(f"{where}{key} must be a number or a 0-d tensor, got shape {tuple(value.shape)}; "
+                                 f"pass {key}.reshape(()) for a one-element tensor")
+            value = float(value)
+        number(where, key, value)
+
+    check.is_number = True  # type: ignore[attr-defined]
+    return check
+
+
+def pair(item: Check, *, optional: bool = False, ordered: bool = False) -> Check:
+    """A 2-sequence of numbers each passing ``item`` (``None`` where ``optional``; ``a <= b`` where ``ordered``)."""
+
+    def check(where: str, key: str, value: Any) -> None:
+        if optional and value is None:
+            return
+        if isinstance(value, (str, bytes)) or not hasattr(value, "__len__") or len(value) != 2:
+            raise TypeError(f"{where}{key} must be a pair of numbers{' or None' if optional else ''}, got {value!r}")
+        for k, v in enumerate(value):
+            item(where, f"{key}[{k}]", v)
+        if ordered and value[0] > value[1]:
+            raise ValueError(f"{where}{key} must have {key}[0] <= {key}[1], got {tuple(value)}")
+
+    return check
+
+
+def evaluate(closure: Optional[Callable[[], float]]) -> Optional[float]:
+    """Run a ``step()`` closure with gradients enabled (``step()`` runs under ``no_grad``); its loss."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+class LayerwiseOptimizer(Optimizer):
+    """Base of the optimizers that give each layer (whole original parameter) its own rate.
+
+    Subclasses set :attr:`KEYS` (group key -> :data:`Check`), :attr:`FOREIGN_KEYS` (other libraries'
+    names -> ours, refused with the right name) and implement :meth:`_step_group` (whole tensors,
+    DTensors included) and :meth:`_step_flat` (an FSDP1/ZeRO :class:`FlatLayout`). Exclusion:
+    a group's ``lars_exclude`` decides where it is not ``None``; else ``exclude_bias_and_norm``
+    excludes tensors whose whole shape has ``ndim <= 1``.
+    """
+
+    NAME: ClassVar[str] = "layer-wise"
+    KEYS: ClassVar[dict[str, Check]] = {}
+    FOREIGN_KEYS: ClassVar[dict[str, str]] = {}
+    # Keys older checkpoints may lack, with the value that behaves as they did.
+    LOADED_DEFAULTS: ClassVar[dict[str, Any]] = {"lars_exclude": None, "exclude_bias_and_norm": True,
+                                                 "maximize": False, "foreach": None, "trust_clip": False}
+
+    def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
+        self._validate(defaults, explicit=defaults, where="")
+        self._to_python_numbers(defaults)
+        # The tensors the optimizer was built with, in an order every rank shares: the layers of
+        # flat layouts (DeepSpeed swaps its partitions into the groups after construction).
+        self._layouts = LayoutResolver([])
+        self._flat_ratios: dict[int, Tensor] = {}
+        super().__init__(params, defaults)
+
+    # --- groups ----------------------------------------------------------------------------------
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group; every key may be overridden per group and is validated here, before the
+        group is added: a refused group leaves the optimizer as it was."""
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        explicit = dict(param_group)
+        where = f"param group {len(self.param_groups)}: "
+        self._validate({**self.defaults, **explicit}, explicit=explicit, where=where)
+        self._to_python_numbers(param_group)
+        super().add_param_group(param_group)
+        self._layouts = LayoutResolver([*self._layouts.candidates, *self.param_groups[-1]["params"]])
+
+    def _validate(self, group: dict[str, Any], *, explicit: dict[str, Any], where: str, loaded: bool = False) -> None:
+        """Raise ``ValueError``/``TypeError`` naming the first bad key of ``group``."""
+        for foreign, ours in self.FOREIGN_KEYS.items():
+            if foreign in explicit and not loaded:
+                raise TypeError(f"{where}unknown {self.NAME} key {foreign!r}; lars_plugins.{type(self).__name__} "
+                                f"calls it {ours!r}")
+        for key in explicit:
+            if isinstance(key, str) and key not in self.KEYS:
+                close = difflib.get_close_matches(key, self.KEYS, n=1, cutoff=0.85)
+                if close:
+                    raise TypeError(f"{where}unknown {self.NAME} key {key!r}; did you mean {close[0]!r}?")
+        for key, check in self.KEYS.items():
+            if key in group:
+                check(where, key, group[key])
+        self._check_group(group, explicit=explicit, where=where)
+
+    def _check_group(self, group: dict[str, Any], *, explicit: dict[str, Any], where: str) -> None:
+        """Checks across keys (after each key passed its own)."""
+        if explicit.get("lars_exclude") is True and explicit.get("weight_decay", 0) != 0:
+            raise ValueError(
+                f"{where}lars_exclude=True with weight_decay={explicit['weight_decay']}: excluded parameters get "
+                "no weight decay, so this weight_decay would be ignored; set it to 0 or adapt the group")
+
+    def _to_python_numbers(self, group: dict[str, Any]) -> None:
+        """NumPy and other ``numbers.Real`` scalars become Python floats (as torch's optimizers accept them)."""
+        for key, check in self.KEYS.items():
+            value = group.get(key)
+            if getattr(check, "is_number", False) and isinstance(value, numbers.Real) \
+                    and not isinstance(value, (bool, int, float)):
+                group[key] = float(value)
+
+    # --- state -----------------------------------------------------------------------------------
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        # load_state_dict() comes through here too, and must keep the tensors the optimizer was built
+        # with (DeepSpeed has swapped its partitions into the groups by then). Only an unpickled copy
+        # (torch pickles defaults, state and groups alone) rebuilds them from its groups.
+        if not hasattr(self, "_layouts"):
+            self._layouts = LayoutResolver([p for group in self.param_groups for p in group["params"]])
+            self._flat_ratios = {}
+        for group in self.param_groups:
+            for key, value in self.LOADED_DEFAULTS.items():
+                group.setdefault(key, value)
+
+    def _translate_loaded(self, saved: dict[str, Any]) -> dict[str, Any]:
+        """A saved group in this optimizer's keys (other libraries' checkpoints name keys otherwise)."""
+        return saved
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict. Hyperparameters come from the checkpoint, as in torch, and pass the
+        constructor's checks; keys it lacks are kept from this optimizer's groups. Trust ratios keep
+        their float32 precision under half-precision parameters."""
+        groups = []
+        for index, (saved, current) in enumerate(zip(state_dict["param_groups"], self.param_groups)):
+            saved = self._translate_loaded(dict(saved))
+            for key, value in current.items():
+                if key != "params":
+                    saved.setdefault(key, value)
+            # A checkpoint must not bring in what the constructor refuses (lr=-1, momentum=nan).
+            self._validate(saved, explicit=saved, where=f"loaded param group {index}: ", loaded=True)
+            self._to_python_numbers(saved)
+            groups.append(saved)
+        # A length mismatch is left to torch, which explains it.
+        groups += state_dict["param_groups"][len(groups):]
+        super().load_state_dict({**state_dict, "param_groups": groups})
+        # torch casts every state tensor to its parameter's dtype; a ratio is a statistic, not a weight.
+        for p, state in self.state.items():
+            if "trust_ratio" in state:
+                state["trust_ratio"] = state["trust_ratio"].to(ratio_dtype(p.dtype))
+
+    # --- layers ----------------------------------------------------------------------------------
+
+    @staticmethod
+    def is_adapted(group: dict[str, Any], param: Union[Tensor, torch.Size]) -> bool:
+        """Whether ``param`` in ``group`` gets the layer-wise rate (else: the optimizer's plain step,
+        without weight decay). ``param`` may be a parameter (its whole shape counts: ZeRO-3's
+        ``ds_shape``) or a layer's shape."""
+        if group["lars_exclude"] is not None:
+            return not group["lars_exclude"]
+        shape = param if isinstance(param, torch.Size) else layer_shape(param)
+        return not (group["exclude_bias_and_norm"] and len(shape) <= 1)
+
+    def layer_trust_ratios(self, group: dict[str, Any]) -> Optional[tuple[FlatLayout, Tensor]]:
+        """For a group stepped through a flat layout (FSDP1, DeepSpeed ZeRO): the layout and the
+        ratio of each of its layers at the last step (NaN for excluded layers); else ``None``."""
+        layout = self.layout(group)
+        if layout is None or id(layout) not in self._flat_ratios:
+            return None
+        return layout, self._flat_ratios[id(layout)]
+
+    def layout(self, group: dict[str, Any]) -> Optional[FlatLayout]:
+        """The flat layout (FSDP1, DeepSpeed ZeRO) of ``group``'s current tensors, or ``None``."""
+        return self._layouts(group["params"])
+
+    def _trust_ratio_slot(self, p: Tensor) -> Tensor:
+        """``state[p]["trust_ratio"]``, made on first use: a 0-d tensor on ``p``'s device."""
+        state = self.state[p]
+        if "trust_ratio" not in state:
+            state["trust_ratio"] = torch.zeros((), dtype=ratio_dtype(p.dtype), device=p.device)
+        return state["trust_ratio"]
+
+    def _keep_flat_ratios(self, layout: FlatLayout, ratios: Tensor, adapted: list[bool]) -> None:
+        device = ratios.device
+        self._flat_ratios[id(layout)] = torch.where(layout.constant(adapted, device), ratios, torch.nan)
+
+    # --- step ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
+        """Perform one step; ``closure`` (re-evaluating the loss) is called first and its loss returned."""
+        loss = evaluate(closure)
+        for index, group in enumerate(self.param_groups):
+            where = f"param group {index}: "
+            layout = self._layouts(group["params"], where)
+            if layout is not None:
+                self._step_flat(group, layout)
+            else:
+                self._step_group(group, where)
+        return loss
+
+    def _step_group(self, group: dict[str, Any], where: str) -> None:
+        raise NotImplementedError
+
+    def _step_flat(self, group: dict[str, Any], layout: FlatLayout) -> None:
+        raise NotImplementedError

@@ -1,0 +1,192 @@
+"""``LAMB``: layer-wise trust ratios over Adam (You et al. 2019, arXiv:1904.00962, Algorithm 2)."""
+
+from __future__ import annotations
+
+from collections import defaultdict
+from typing import Any, Optional, Union
+
+import torch
+from torch import Tensor
+
+from .base import LayerwiseOptimizer, ParamsT, flag, learning_rate, pair, real
+from .distributed import ShardedNorms, is_dtensor, to_local
+from .functional import _foreach_or_loop_axpy_, lamb, lamb_directions, lamb_trust_ratio, ratio_dtype
+from .layouts import FlatLayout
+
+__all__ = ["LAMB", "LAMB_VARIANTS"]
+
+# The names frameworks select LAMB by, with the keywords each implies. timm already registers
+# lamb, lambc, lambw and lambcw for its own Lamb, so the timm integration prefixes these with "lp".
+LAMB_VARIANTS: dict[str, dict[str, Any]] = {
+    "lamb": {},
+    "lamb_clip": {"trust_clip": True},
+}
+
+
+class LAMB(LayerwiseOptimizer):
+    r"""LAMB (You et al. 2019, "Large Batch Optimization for Deep Learning", Algorithm 2).
+
+    For every parameter ``w`` with gradient ``g`` at step ``t`` (per parameter, from 1):
+
+    * ``m = β1·m + (1-β1)·g``, ``v = β2·v + (1-β2)·g²``, bias-corrected ``m̂ = m/(1-β1^t)``,
+      ``v̂ = v/(1-β2^t)`` (``bias_correction=False``: ``m̂ = m``, ``v̂ = v``, as the paper writes it);
+    * adapted: ``u = m̂/(√v̂ + ε) + wd·w`` and ``w -= lr · φ(‖w‖)/‖u‖ · u``, with ``φ`` the
+      identity or, with ``weight_norm_bounds=(low, high)``, ``min(max(‖w‖, low), high)``;
+      ``trust_clip`` caps the ratio at 1 (timm's ``lambc``);
+    * excluded (biases and norms by default, as in LARS): ``w -= lr · m̂/(√v̂ + ε)``, no decay.
+
+    Where ``‖w‖ = 0`` or ``‖u‖ = 0`` the ratio is 1 (the plain AdamW step, about ``lr`` per
+    element: small, and a zero-initialised tensor is not frozen); a NaN or inf norm gives NaN.
+    The last ratio is in ``state[p]["trust_ratio"]``; exclusion, sharded training (DDP, FSDP2,
+    FSDP1, DeepSpeed ZeRO) and checkpoints work as for :class:`~lars_plugins.LARS`, through the
+    same machinery. ``step()`` reads no accelerator tensor on the host (the step counts are CPU
+    tensors, as in torch's Adam). ``lr`` may be a 0-d tensor.
+
+    Args:
+        params: parameters, ``(name, parameter)`` pairs, or parameter-group dicts.
+        lr: learning rate (the paper: about 1e-3 to 1e-2 for BERT at batch 32k-64k).
+        betas: ``(β1, β2)``, each in [0, 1).
+        eps: ε added to ``√v̂``.
+        weight_decay: decoupled weight decay ``wd`` inside ``u`` (adapted parameters only).
+        bias_correction: Adam's bias correction of ``m`` and ``v``.
+        weight_norm_bounds: ``(low, high)`` for ``φ``; ``None`` is the identity.
+        trust_clip: cap the ratio at 1.
+        exclude_bias_and_norm: exclude ``ndim <= 1`` tensors in groups without ``lars_exclude``.
+        maximize: maximise the objective instead of minimising it.
+        foreach: ``True`` multi-tensor, ``False`` single-tensor, ``None`` chooses by device.
+    """
+
+    NAME = "LAMB"
+    KEYS = {
+        "lr": learning_rate(),
+        "betas": pair(real(0.0, 1.0, high_open=True)),
+        "eps": real(),
+        "weight_decay": real(),
+        "bias_correction": flag(),
+        "weight_norm_bounds": pair(real(), optional=True, ordered=True),
+        "trust_clip": flag(),
+        "lars_exclude": flag(optional=True),
+        "exclude_bias_and_norm": flag(),
+        "maximize": flag(),
+        "foreach": flag(optional=True),
+    }
+    # timm's, apex's and pytorch-optimizer's names for what these keys do.
+    FOREIGN_KEYS = {"always_adapt": "lars_exclude", "exclude_from_layer_adaptation": "lars_exclude",
+                    "clamp_value": "weight_norm_bounds"}
+    LOADED_DEFAULTS = {**LayerwiseOptimizer.LOADED_DEFAULTS, "bias_correction": True, "weight_norm_bounds": None}
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: Union[float, Tensor] = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-6,
+        weight_decay: float = 0.01,
+        bias_correction: bool = True,
+        weight_norm_bounds: Optional[tuple[float, float]] = None,
+        trust_clip: bool = False,
+        exclude_bias_and_norm: bool = True,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+    ) -> None:
+        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
+                        weight_norm_bounds=weight_norm_bounds, trust_clip=trust_clip, lars_exclude=None,
+                        exclude_bias_and_norm=exclude_bias_and_norm, maximize=maximize, foreach=foreach)
+        super().__init__(params, defaults)
+
+    def _translate_loaded(self, saved: dict[str, Any]) -> dict[str, Any]:
+        # Pairs come back from a JSON or YAML round trip as lists.
+        for key in ("betas", "weight_norm_bounds"):
+            if isinstance(saved.get(key), list):
+                saved[key] = tuple(saved[key])
+        return saved
+
+    def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
+        beta1, beta2 = group["betas"]
+        return dict(beta1=beta1, beta2=beta2, eps=group["eps"], bias_correction=group["bias_correction"],
+                    maximize=group["maximize"])
+
+    def _moments(self, p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """``(step, exp_avg, exp_avg_sq)`` of ``p``, made at its first step; the count is advanced."""
+        state = self.state[p]
+        if "step" not in state:
+            state["step"] = torch.tensor(0.0)  # on the CPU, as torch's Adam keeps it: read without a sync
+            state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+            state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
+        state["step"] += 1
+        return state["step"], state["exp_avg"], state["exp_avg_sq"]
+
+    def _step_group(self, group: dict[str, Any], where: str) -> None:
+        # Parameters are bucketed by their step count (usually one bucket: all stepped together).
+        by_step: dict[float, list[int]] = defaultdict(list)
+        params, grads, exp_avgs, exp_avg_sqs, ratios, adapt = [], [], [], [], [], []
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            step, exp_avg, exp_avg_sq = self._moments(p)
+            adapted = self.is_adapted(group, p)
+            by_step[step.item()].append(len(params))
+            params.append(p)
+            grads.append(p.grad)
+            exp_avgs.append(exp_avg)
+            exp_avg_sqs.append(exp_avg_sq)
+            ratios.append(self._trust_ratio_slot(p) if adapted else None)
+            adapt.append(adapted)
+        if not params:
+            return
+        for step, idx in sorted(by_step.items()):
+            owners = [params[i] for i in idx]
+            norms = ShardedNorms(owners, where=where) if any(is_dtensor(p) for p in owners) else None
+            lamb([to_local(params[i]) for i in idx], [to_local(grads[i]) for i in idx],
+                 [to_local(exp_avgs[i]) for i in idx], [to_local(exp_avg_sqs[i]) for i in idx],
+                 [ratios[i] for i in idx], [adapt[i] for i in idx], step=step, lr=group["lr"],
+                 weight_decay=group["weight_decay"], weight_norm_bounds=group["weight_norm_bounds"],
+                 trust_clip=group["trust_clip"], foreach=group["foreach"], norms=norms, **self._hyper(group))
+
+    def _step_flat(self, group: dict[str, Any], layout: FlatLayout) -> None:
+        """One step of a group whose tensors hold pieces of layers (FSDP1, DeepSpeed ZeRO).
+
+        The moments and ``u`` are computed on the pieces; ``‖w‖`` and ``‖u‖`` of whole layers then
+        come from one collective that every rank runs whatever pieces it holds (the same
+        :meth:`FlatLayout.norms` LARS uses); the update runs on the pieces.
+        """
+        tensors = group["params"]
+        adapted = [self.is_adapted(group, layer.shape) for layer in layout.layers]
+        stepped = [t for t in tensors if t.grad is not None]
+        moments = {id(t): self._moments(t) for t in stepped}
+        grad_views = layout.views([t.grad for t in tensors])
+        values = layout.views(tensors)
+        m_views = layout.views([moments[id(t)][1] if id(t) in moments else None for t in tensors])
+        v_views = layout.views([moments[id(t)][2] if id(t) in moments else None for t in tensors])
+        kept = [j for j, p in enumerate(layout.pieces) if p.numel and grad_views[j] is not None]
+        steps = {moments[id(t)][0].item() for t in stepped}
+        if len(steps) > 1:
+            raise ValueError("the flat tensors of one param group have different step counts; LAMB steps them together")
+        step = steps.pop() if steps else 1.0
+        use_foreach = group["foreach"] if group["foreach"] is not None else tensors[0].device.type != "cpu"
+        directions: list[Optional[Tensor]] = [None] * len(layout.pieces)
+        for adapted_part in (True, False):
+            part = [j for j in kept if adapted[layout.pieces[j].layer] == adapted_part]
+            if part:
+                u = lamb_directions([values[j] for j in part], [grad_views[j] for j in part],
+                                    [m_views[j] for j in part], [v_views[j] for j in part], step=step,
+                                    weight_decay=group["weight_decay"] if adapted_part else 0.0,
+                                    foreach=use_foreach, **self._hyper(group))
+                for j, direction in zip(part, u):
+                    directions[j] = direction
+        device = tensors[0].device
+        ratios = None
+        if any(adapted):  # decided by the layout alone: every rank takes part in the collective
+            w_norms, u_norms, _ = layout.norms(values, directions, dtype=ratio_dtype(tensors[0].dtype), device=device)
+            ratios = lamb_trust_ratio(w_norms, u_norms, weight_norm_bounds=group["weight_norm_bounds"],
+                                      trust_clip=group["trust_clip"])
+            self._keep_flat_ratios(layout, ratios, adapted)
+        if not kept:
+            return
+        lr = group["lr"]
+        scale: Optional[list[Tensor]] = None
+        if ratios is not None:
+            per_piece = torch.where(layout.constant([adapted[layout.pieces[j].layer] for j in kept], device),
+                                    ratios[layout.constant([layout.pieces[j].layer for j in kept], device)], 1.0)
+            scale = list((per_piece * -lr).unbind())
+        _foreach_or_loop_axpy_([values[j] for j in kept], [directions[j] for j in kept], scale, -lr, use_foreach)

@@ -1,0 +1,268 @@
+"""``Layerwise``: LARS's trust ratio over the update of any torch optimizer (RAdam, AdamW, SGD…).
+
+The base optimizer computes its step; the wrapper then rescales each layer's update ``Δw`` so that
+
+    ``Δw ← r·Δw``,  ``r = η·‖w‖ / (‖Δw‖/lr + ε)``  (``‖w‖`` before the step)
+
+that is :func:`lars_plugins.trust_ratio` applied to the base's direction ``d = Δw/lr`` in place of
+the gradient (and weight decay 0: the base's own decay is already inside ``d``), with the same
+zero-norm and non-finite rules. So ``‖Δw‖ ≈ lr·η·‖w‖``: every layer moves by the same fraction
+``lr·η`` of its norm per step whatever the base's scale. Over SGD without momentum and decay this
+is LARS exactly; over AdamW with ``η = 1, ε = 0`` it is LAMB exactly.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, Optional
+
+import torch
+from torch import Tensor
+from torch.optim import Optimizer
+
+from .base import LayerwiseOptimizer, evaluate, flag, real
+from .distributed import ShardedNorms, is_dtensor, to_local
+from .functional import _buckets, ratio_dtype, trust_ratio
+from .layouts import FlatLayout, layer_shape
+
+__all__ = ["Layerwise", "centralize_gradients_"]
+
+
+def centralize_gradients_(grads: list[Tensor]) -> None:
+    """Gradient Centralization (Yong et al. 2020, arXiv:2004.01461), in place: every gradient with
+    more than one dimension loses its mean over all dimensions but the first (one mean per output
+    unit). Vectors (biases, norm weights) are left alone, as in the paper."""
+    for g in grads:
+        if g.ndim > 1:
+            g.sub_(g.mean(dim=tuple(range(1, g.ndim)), keepdim=True))
+
+
+class Layerwise(LayerwiseOptimizer):
+    r"""Layer-wise trust ratios over any torch optimizer: ``Layerwise(torch.optim.RAdam(...))``.
+
+    Each step: (optionally) centralise the gradients, run ``base.step()``, then rescale the update
+    of every adapted layer, ``Δw ← r·Δw`` with ``r = η·‖w‖/(‖Δw‖/lr + ε)`` (``lr`` the group's,
+    ``‖w‖`` before the step), so that ``‖Δw‖ ≈ lr·η·‖w‖``. ``trust_clip`` caps ``r`` at ``lr``
+    (the step never grows beyond the base's). Excluded layers (biases and norms by default, or
+    ``lars_exclude``) keep the base's update. See docs/optimizers.md for the rule and its reasons.
+
+    It is an optimizer in its own right: its ``param_groups`` and ``state`` are the base's (a
+    scheduler on it schedules the base; new group keys go to the base's groups), its checkpoints
+    are the base's (``state_dict()`` is ``base.state_dict()``, and ratios are in ``state[p]``),
+    and ``Lookahead`` may go around it (``Lookahead(Layerwise(RAdam))``, the "LARS + Ranger"
+    recipe) or inside it. A closure is evaluated once, before the base's step.
+
+    Memory: during ``step()`` one copy of the adapted parameters that have gradients (in their
+    dtype), freed when the step ends; nothing between steps; no copy when no layer is adapted.
+    Sharded training works as for :class:`~lars_plugins.LARS` (DDP, FSDP2, FSDP1, DeepSpeed ZeRO).
+
+    Args:
+        base: the optimizer whose updates are rescaled (not a LARS or LAMB: they scale already).
+        trust_coefficient: η; ``lr·η`` is the fraction of its norm a layer moves per step.
+        trust_eps: ε in the ratio's denominator (in units of the base's direction ``Δw/lr``).
+        trust_clip: cap ``r`` at ``lr``: the wrapper only ever shrinks the base's update.
+        exclude_bias_and_norm: exclude ``ndim <= 1`` tensors in groups without ``lars_exclude``.
+        centralize_gradients: Gradient Centralization of ``p.grad`` (in place) before the base's step.
+    """
+
+    NAME = "Layerwise"
+    KEYS = {
+        "trust_coefficient": real(low_open=True),
+        "trust_eps": real(),
+        "trust_clip": flag(),
+        "lars_exclude": flag(optional=True),
+        "exclude_bias_and_norm": flag(),
+        "centralize_gradients": flag(),
+    }
+    LOADED_DEFAULTS = {"lars_exclude": None, "exclude_bias_and_norm": True, "trust_clip": False,
+                       "centralize_gradients": False}
+
+    def __init__(
+        self,
+        base: Optimizer,
+        trust_coefficient: float = 0.001,
+        trust_eps: float = 1e-8,
+        trust_clip: bool = False,
+        exclude_bias_and_norm: bool = True,
+        centralize_gradients: bool = False,
+    ) -> None:
+        if not isinstance(base, Optimizer):
+            raise TypeError(f"base must be a torch.optim.Optimizer, got {type(base).__name__}")
+        if isinstance(base, LayerwiseOptimizer):
+            raise ValueError(f"base is a {type(base).__name__}, which applies layer-wise ratios itself; wrapping it "
+                             "would apply them twice. Wrap its plain counterpart (SGD, AdamW) instead")
+        defaults = dict(trust_coefficient=trust_coefficient, trust_eps=trust_eps, trust_clip=trust_clip,
+                        lars_exclude=None, exclude_bias_and_norm=exclude_bias_and_norm,
+                        centralize_gradients=centralize_gradients)
+        groups = base.param_groups
+        for index, group in enumerate(groups):
+            self._validate({**defaults, **group}, explicit=group, where=f"param group {index}: ")
+        self.base = base
+        # torch's constructor adds every group of the base (the same dicts: our keys land in them),
+        # then the wrapper takes the base's list and state themselves, so the two never diverge.
+        super().__init__(groups, defaults)
+        self.param_groups = base.param_groups
+        self.state = base.state
+
+    def _validate(self, group: dict[str, Any], *, explicit: dict[str, Any], where: str, loaded: bool = False) -> None:
+        # The base's keys (lr, betas, eps…) are the base's to check; only ours are checked here.
+        ours = {k: v for k, v in explicit.items() if isinstance(k, str) and k.startswith(("trust", "lars", "exclude",
+                                                                                            "centraliz"))}
+        super()._validate(group, explicit=ours, where=where, loaded=loaded)
+
+    def _check_group(self, group: dict[str, Any], *, explicit: dict[str, Any], where: str) -> None:
+        pass  # the base's weight decay applies to excluded layers too: nothing to reconcile
+
+    def add_param_group(self, param_group: dict[str, Any]) -> None:
+        """Add a group to the base (which checks its own keys) with the wrapper's keys."""
+        if "base" not in self.__dict__ or len(self.param_groups) < len(self.base.param_groups):
+            super().add_param_group(param_group)  # the constructor, re-adding the base's groups
+            return
+        if not isinstance(param_group, dict):
+            raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
+        self._validate({**self.defaults, **param_group}, explicit=param_group,
+                       where=f"param group {len(self.param_groups)}: ")
+        self.base.add_param_group(param_group)
+        added = self.base.param_groups[-1]
+        for key, value in self.defaults.items():
+            added.setdefault(key, value)
+        self._layouts = type(self._layouts)([*self._layouts.candidates, *added["params"]])
+
+    def state_dict(self) -> dict[str, Any]:
+        """The base's state dict (the wrapper's keys ride in its groups): it loads into the bare base too."""
+        return self.base.state_dict()
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict of the wrapper or of the bare base (then the wrapper's keys stay as they are)."""
+        current = [{k: group[k] for k in self.defaults} for group in self.param_groups]
+        groups = []
+        for index, saved in enumerate(state_dict["param_groups"]):
+            saved = {**(current[index] if index < len(current) else {}), **saved}
+            self._validate(saved, explicit=saved, where=f"loaded param group {index}: ", loaded=True)
+            groups.append(saved)
+        self.base.load_state_dict({**state_dict, "param_groups": groups})
+        self.param_groups = self.base.param_groups
+        self.state = self.base.state
+        for p, state in self.state.items():
+            if "trust_ratio" in state:
+                state["trust_ratio"] = state["trust_ratio"].to(ratio_dtype(p.dtype))
+
+    def __setstate__(self, state: dict[str, Any]) -> None:
+        super().__setstate__(state)
+        if "base" in self.__dict__:
+            self.param_groups, self.state = self.base.param_groups, self.base.state
+
+    def __repr__(self) -> str:
+        return f"Layerwise({self.base!r})"
+
+    # --- step ------------------------------------------------------------------------------------
+
+    @torch.no_grad()
+    def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
+        """Centralise (optionally), step the base, rescale each adapted layer's update."""
+        loss = evaluate(closure)
+        base_groups = self.base.param_groups
+        # DeepSpeed ZeRO-1/2 step one group at a time by swapping the optimizer's group list: the
+        # base must see the same list.
+        self.base.param_groups = self.param_groups
+        try:
+            plans = [self._before(group, index) for index, group in enumerate(self.param_groups)]
+            self.base.step()
+            for group, plan in zip(self.param_groups, plans):
+                if plan is not None:
+                    plan(group)
+        finally:
+            self.base.param_groups = base_groups
+        return loss
+
+    def _before(self, group: dict[str, Any], index: int) -> Optional[Callable[[dict[str, Any]], None]]:
+        """Take what the rescaling needs before the base's step; return the rescaling."""
+        where = f"param group {index}: "
+        layout = self._layouts(group["params"], where)
+        if group["centralize_gradients"]:
+            self._centralize(group, layout, where)
+        if layout is not None:
+            return self._before_flat(group, layout)
+        params = [p for p in group["params"] if p.grad is not None and self.is_adapted(group, p)]
+        if not params:
+            return None
+        norms = ShardedNorms(params, where=where) if any(is_dtensor(p) for p in params) else None
+        local = [to_local(p) for p in params]
+        dtype = ratio_dtype(local[0].dtype)
+        old = [t.clone() for t in local]  # the one copy
+        w_squares = _squares(local, dtype)
+
+        def rescale(group: dict[str, Any]) -> None:
+            torch._foreach_sub_(old, local)  # old ← w_old - w_new = -Δw
+            squares = [w_squares, _squares(old, dtype)]
+            w_norms, delta_norms = norms.reduce(range(len(params)), squares) if norms else [s.sqrt() for s in squares]
+            ratios = self._ratios(group, w_norms, delta_norms)
+            for p, ratio in zip(params, ratios.unbind()):
+                self._trust_ratio_slot(p).copy_(ratio)
+            _add_scaled_(local, old, 1.0 - ratios)  # w ← w_new + (1 - r)·(w_old - w_new) = w_old + r·Δw
+
+        return rescale
+
+    def _before_flat(self, group: dict[str, Any], layout: FlatLayout) -> Optional[Callable[[dict[str, Any]], None]]:
+        """The same on the pieces of a flat layout (FSDP1, DeepSpeed ZeRO): whole-layer norms from
+        one collective, which every rank runs whatever pieces it holds."""
+        adapted = [self.is_adapted(group, layer.shape) for layer in layout.layers]
+        if not any(adapted):  # decided by the layout alone: the same on every rank
+            return None
+        tensors = group["params"]
+        dtype, device = ratio_dtype(tensors[0].dtype), tensors[0].device
+        stepped = [t.grad is not None for t in tensors]
+        old = [t.clone() if s else None for t, s in zip(tensors, stepped)]
+        w_squares = layout.piece_squares(layout.views(old), dtype=dtype, device=device)
+
+        def rescale(group: dict[str, Any]) -> None:
+            for o, t in zip(old, tensors):
+                if o is not None:
+                    o.sub_(t)
+            old_views, values = layout.views(old), layout.views(tensors)
+            delta_squares = layout.piece_squares(old_views, dtype=dtype, device=device)
+            w_norms, delta_norms, _ = layout.reduce([w_squares, delta_squares], dtype=dtype, device=device)
+            ratios = self._ratios(group, w_norms, delta_norms)
+            self._keep_flat_ratios(layout, ratios, adapted)
+            kept = [j for j, piece in enumerate(layout.pieces)
+                    if piece.numel and old_views[j] is not None and adapted[piece.layer]]
+            if kept:
+                piece_ratios = ratios[layout.constant([layout.pieces[j].layer for j in kept], device)]
+                _add_scaled_([values[j] for j in kept], [old_views[j] for j in kept], 1.0 - piece_ratios)
+
+        return rescale
+
+    def _ratios(self, group: dict[str, Any], w_norms: Tensor, delta_norms: Tensor) -> Tensor:
+        """:func:`trust_ratio` of ``‖w‖`` and the base's direction ``‖Δw‖/lr`` (a layer the base did
+        not move has direction 0 whatever ``lr``, even 0)."""
+        lr = group["lr"]
+        d_norms = torch.where(delta_norms == 0, 0.0, delta_norms / lr)
+        return trust_ratio(w_norms, d_norms, trust_coefficient=group["trust_coefficient"], weight_decay=0.0,
+                           eps=group["trust_eps"], lr=lr, trust_clip=group["trust_clip"])
+
+    def _centralize(self, group: dict[str, Any], layout: Optional[FlatLayout], where: str) -> None:
+        if layout is not None:
+            raise ValueError(f"{where}centralize_gradients needs whole gradients, but {layout.engine} hands the "
+                             "optimizer flattened pieces of layers. Centralise in a hook before the engine flattens "
+                             "(or use FSDP2, whose row-sharded gradients centralise locally)")
+        grads = []
+        for p in group["params"]:
+            if p.grad is None or len(layer_shape(p)) <= 1:
+                continue
+            if is_dtensor(p) and any(not (pl.is_replicate() or (pl.is_shard() and pl.dim == 0))
+                                     for pl in p.placements):  # type: ignore[attr-defined]
+                raise ValueError(f"{where}centralize_gradients needs each gradient's rows whole on a rank; a "
+                                 f"parameter has placements {p.placements}")  # type: ignore[attr-defined]
+            grads.append(to_local(p.grad))
+        centralize_gradients_(grads)
+
+
+def _squares(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
+    return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)).square()
+
+
+def _add_scaled_(ys: list[Tensor], xs: list[Tensor], scales: Tensor) -> None:
+    """``y += s·x`` per pair with ``s`` from the vector ``scales``, one foreach call per device/dtype bucket."""
+    for (_, dtype), idx in _buckets(ys).items():
+        factors = scales.to(dtype) if dtype != scales.dtype else scales
+        torch._foreach_addcmul_([ys[i] for i in idx], [xs[i] for i in idx],
+                                list(factors[torch.tensor(idx, device=scales.device)].unbind()))

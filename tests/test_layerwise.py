@@ -1,0 +1,216 @@
+"""The Layerwise wrapper against the rule written here in float64 over torch's own optimizers, against
+LARS and LAMB where the rules coincide, and with Lookahead, schedulers and checkpoints."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch import nn
+
+from lars_plugins import LAMB, LARS, Layerwise, TrustRatioMonitor, centralize_gradients_
+from checkpoints import weights_only_round_trip
+
+SHAPES = [(16, 8), (16,), (4, 3, 3), (4,)]  # weights are adapted, vectors excluded
+
+
+def make_params(seed=0, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(seed)
+    return [nn.Parameter(torch.randn(s, generator=gen, dtype=dtype)) for s in SHAPES]
+
+
+def grads_at(step, dtype=torch.float64):
+    gen = torch.Generator().manual_seed(100 + step)
+    return [torch.randn(s, generator=gen, dtype=dtype) for s in SHAPES]
+
+
+def run(opt, params, steps, first=0):
+    for t in range(first, first + steps):
+        for p, g in zip(params, grads_at(t, params[0].dtype)):
+            p.grad = g
+        opt.step()
+    return [p.detach().clone() for p in params]
+
+
+def reference(make_base, steps, eta, eps=1e-8, clip=False, centralize=False):
+    """The documented rule, in plain torch: the base steps, then each adapted layer's update Δ
+    becomes r·Δ with r = η‖w‖/(‖Δ‖/lr + ε) (min(r/lr, 1) clipped), ‖w‖ taken before the step."""
+    params = make_params()
+    base = make_base(params)
+    ratios = []
+    for t in range(steps):
+        grads = grads_at(t)
+        if centralize:
+            grads = [g - g.mean(dim=tuple(range(1, g.ndim)), keepdim=True) if g.ndim > 1 else g for g in grads]
+        for p, g in zip(params, grads):
+            p.grad = g
+        old = [p.detach().clone() for p in params]
+        base.step()
+        lr = base.param_groups[0]["lr"]
+        ratios = []
+        with torch.no_grad():
+            for p, w in zip(params, old):
+                if p.ndim <= 1:
+                    ratios.append(None)
+                    continue
+                delta = p - w
+                w_norm, d_norm = w.norm().item(), delta.norm().item() / lr
+                r = eta * w_norm / (d_norm + eps) if w_norm > 0 and d_norm + eps > 0 else eta
+                if clip:
+                    r = min(r / lr, 1.0)
+                p.copy_(w + r * delta)
+                ratios.append(r)
+    return [p.detach() for p in params], ratios
+
+
+BASES = {
+    "sgd": lambda ps: torch.optim.SGD(ps, lr=0.5, momentum=0.9, weight_decay=1e-3),
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.05),
+    "radam": lambda ps: torch.optim.RAdam(ps, lr=1e-2),
+    "adafactor": lambda ps: torch.optim.Adafactor(ps, lr=1e-2),
+}
+
+
+@pytest.mark.parametrize("clip", [False, True])
+@pytest.mark.parametrize("name", list(BASES))
+def test_rescales_each_base_update_as_documented(name, clip):
+    expected, expected_ratios = reference(BASES[name], 4, eta=0.02, clip=clip)
+    params = make_params()
+    opt = Layerwise(BASES[name](params), trust_coefficient=0.02, trust_clip=clip)
+    for a, b in zip(run(opt, params, 4), expected):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+    for p, r in zip(params, expected_ratios):
+        assert (r is None) == ("trust_ratio" not in opt.state[p])
+        if r is not None:
+            assert opt.state[p]["trust_ratio"].item() == pytest.approx(r, rel=1e-9)
+
+
+def test_over_plain_sgd_is_lars():
+    """SGD without momentum or decay: the base's direction is the gradient, so r is LARS's Eq. 6."""
+    a_params, b_params = make_params(), make_params()
+    a = run(Layerwise(torch.optim.SGD(a_params, lr=3.0, momentum=0.0), trust_coefficient=0.01), a_params, 5)
+    b = run(LARS(b_params, lr=3.0, momentum=0.0, trust_coefficient=0.01), b_params, 5)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
+
+
+def test_over_adamw_with_unit_coefficient_is_lamb():
+    """AdamW's update is lr·(m̂/(√v̂+ε) + wd·w) = lr·u: with η = 1 and no ε the ratio is ‖w‖/‖u‖."""
+    a_params, b_params = make_params(), make_params()
+    adamw = torch.optim.AdamW([{"params": a_params[0::2], "weight_decay": 0.05},
+                               {"params": a_params[1::2], "weight_decay": 0.0}], lr=1e-2, eps=1e-6)
+    a = run(Layerwise(adamw, trust_coefficient=1.0, trust_eps=0.0), a_params, 5)
+    b = run(LAMB(b_params, lr=1e-2, eps=1e-6, weight_decay=0.05), b_params, 5)
+    for x, y in zip(a, b):
+        torch.testing.assert_close(x, y, rtol=1e-10, atol=1e-12)
+
+
+def test_gradient_centralization_is_the_paper_rule_and_composes():
+    g = torch.randn(6, 3, 2, dtype=torch.float64)
+    expected = g - g.mean(dim=(1, 2), keepdim=True)
+    bias = torch.randn(6, dtype=torch.float64)
+    bias_before = bias.clone()
+    centralize_gradients_([g, bias])
+    torch.testing.assert_close(g, expected)
+    assert torch.equal(bias, bias_before) and g.sum(dim=(1, 2)).abs().max() < 1e-12
+    expected_params, _ = reference(BASES["radam"], 3, eta=0.02, centralize=True)
+    params = make_params()
+    got = run(Layerwise(BASES["radam"](params), trust_coefficient=0.02, centralize_gradients=True), params, 3)
+    for a, b in zip(got, expected_params):
+        torch.testing.assert_close(a, b, rtol=1e-9, atol=1e-12)
+
+
+def test_a_scheduler_sees_one_optimizer_and_schedules_the_base():
+    params = make_params()
+    opt = Layerwise(torch.optim.AdamW(params, lr=1e-2), trust_coefficient=1.0)
+    assert opt.param_groups is opt.base.param_groups and opt.state is opt.base.state
+    sched = torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)
+    run(opt, params, 1)
+    sched.step()
+    assert opt.base.param_groups[0]["lr"] == pytest.approx(5e-3)
+
+
+def lookahead(optimizer):
+    timm_optim = pytest.importorskip("timm.optim")
+    return timm_optim.Lookahead(optimizer, alpha=0.5, k=2)
+
+
+@pytest.mark.parametrize("arrangement", ["lookahead_outside", "lookahead_inside"])
+def test_lookahead_either_side_resumes_from_a_weights_only_checkpoint(arrangement):
+    def build(params):
+        radam = torch.optim.RAdam(params, lr=1e-2, weight_decay=1e-3)
+        if arrangement == "lookahead_outside":  # "LARS + Ranger": Lookahead(Layerwise(RAdam))
+            return lookahead(Layerwise(radam, trust_coefficient=0.05, centralize_gradients=True))
+        return Layerwise(lookahead(radam), trust_coefficient=0.05, centralize_gradients=True)
+
+    straight_params = make_params()
+    straight = run(build(straight_params), straight_params, 6)
+    params = make_params()
+    opt = build(params)
+    run(opt, params, 3)
+    ckpt = weights_only_round_trip({"params": [p.detach() for p in params], "optim": opt.state_dict()})
+    resumed = [nn.Parameter(t.clone()) for t in ckpt["params"]]
+    opt2 = build(resumed)
+    opt2.load_state_dict(ckpt["optim"])
+    for a, b in zip(run(opt2, resumed, 3, first=3), straight):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    # Lookahead around the wrapper leaves the step to it: the ratios of the last step are there.
+    if arrangement == "lookahead_outside":
+        assert all(("trust_ratio" in opt2._base_optimizer.state[p]) == (p.ndim > 1) for p in resumed)
+
+
+def test_checkpoints_are_the_bare_base_s_both_ways():
+    params = make_params()
+    wrapped = Layerwise(torch.optim.AdamW(params, lr=1e-2), trust_coefficient=1.0)
+    run(wrapped, params, 2)
+    bare = torch.optim.AdamW(make_params(), lr=1e-3)
+    bare.load_state_dict(wrapped.state_dict())
+    assert bare.param_groups[0]["lr"] == 1e-2 and bare.state[bare.param_groups[0]["params"][0]]["step"] == 2
+    again = Layerwise(torch.optim.AdamW(make_params(), lr=1e-3), trust_coefficient=0.3)
+    again.load_state_dict(torch.optim.AdamW(make_params(), lr=1e-4).state_dict())  # a bare base's checkpoint
+    assert again.param_groups[0]["trust_coefficient"] == 0.3 and again.param_groups[0]["lr"] == 1e-4
+
+
+def test_new_groups_go_to_the_base_with_the_wrapper_s_keys():
+    params = make_params()
+    opt = Layerwise(torch.optim.SGD(params[:2], lr=0.1), trust_coefficient=0.02)
+    opt.add_param_group({"params": params[2:], "lars_exclude": True})
+    assert len(opt.base.param_groups) == 2 and opt.base.param_groups[1]["trust_coefficient"] == 0.02
+    run(opt, params, 1)
+    assert "trust_ratio" not in opt.state[params[2]] and "trust_ratio" in opt.state[params[0]]
+
+
+def test_a_zero_initialised_layer_takes_eta_times_the_base_step_and_moves():
+    w = nn.Parameter(torch.zeros(4, 4, dtype=torch.float64))
+    opt = Layerwise(torch.optim.SGD([w], lr=1.0), trust_coefficient=0.01)
+    w.grad = torch.ones(4, 4, dtype=torch.float64)
+    opt.step()
+    torch.testing.assert_close(w.detach(), torch.full((4, 4), -0.01, dtype=torch.float64))
+    assert opt.state[w]["trust_ratio"].item() == pytest.approx(0.01)
+
+
+def test_monitor_records_the_wrapper_s_ratios():
+    model = nn.Sequential(nn.Linear(4, 8), nn.ReLU(), nn.Linear(8, 2))
+    opt = Layerwise(torch.optim.AdamW(model.parameters(), lr=1e-2), trust_coefficient=1.0)
+    monitor = TrustRatioMonitor(model, opt, every_n_steps=1)
+    model(torch.randn(3, 4)).sum().backward()
+    opt.step()
+    ratios = {k for k in monitor.latest if k.startswith("trust_ratio/")}
+    assert ratios == {"trust_ratio/0.weight", "trust_ratio/2.weight"}
+    assert monitor.latest["trust_ratio/0.weight"] == pytest.approx(opt.state[model[0].weight]["trust_ratio"].item())
+
+
+def test_bad_bases_and_keys_are_refused():
+    params = make_params()
+    with pytest.raises(TypeError, match="base must be a torch.optim.Optimizer"):
+        Layerwise(params)
+    with pytest.raises(ValueError, match="apply them twice"):
+        Layerwise(LARS(params, lr=1.0))
+    with pytest.raises(ValueError, match="trust_coefficient must be > 0"):
+        Layerwise(torch.optim.SGD(params, lr=0.1), trust_coefficient=0.0)
+    with pytest.raises(TypeError, match="did you mean 'trust_clip'"):
+        Layerwise(torch.optim.SGD([{"params": params, "trust_clips": True}], lr=0.1))
+    with pytest.raises(TypeError, match="centralize_gradients must be a bool"):
+        Layerwise(torch.optim.SGD(params, lr=0.1), centralize_gradients=1)
+    assert math.isfinite(Layerwise(torch.optim.SGD(params, lr=0.1)).param_groups[0]["trust_eps"])
