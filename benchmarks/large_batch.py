@@ -3,7 +3,8 @@ about it, how it compares with a tuned Nesterov baseline, and how sensitive it i
 
     python benchmarks/large_batch.py batch     # table 1 (accuracy vs batch, 5 methods) and table 3 + heatmaps
     python benchmarks/large_batch.py eta       # table 2 (η and γ·η sweeps at two batch sizes)
-    python benchmarks/large_batch.py all       # both
+    python benchmarks/large_batch.py ranger    # table 7 (LARS + Ranger vs LARS vs Ranger, tuned baselines)
+    python benchmarks/large_batch.py all       # all three
     add --quick for a smoke run (minutes; what the tests run)
 
 Data: Fashion-MNIST from a local copy (Debian's dataset-fashion-mnist, or torchvision's layout under
@@ -21,7 +22,14 @@ The LR rule of every method (B = batch size):
 * LARS: η = 0.001, γ = 2 · √(B/128) (square-root scaling), no warm-up;
 * LARS + warm-up: the same with warm-up.
 
-Tuning and the η sweeps use the held-out split only; the test set is used for table 1 alone.
+Table 7 (the Ranger lineage), without warm-up, at two large batch sizes:
+
+* Ranger: Lookahead(RAdam) with Gradient Centralization, RAdam's LR tuned per B on held-out data;
+* LARS + Ranger: Lookahead(Layerwise(RAdam)) with Gradient Centralization, η = 0.001, γ·η tuned the same way;
+* LARS: the rule above (η = 0.001, γ = 2·√(B/128));
+* Nesterov + warm-up, tuned: as in table 1 (the tuned baseline of the regime).
+
+Tuning and the η sweeps use the held-out split only; the test set is used for tables 1 and 7 alone.
 """
 
 from __future__ import annotations
@@ -49,6 +57,8 @@ WARMUP_EPOCHS = 1.0
 TUNING_GRID = [0.0125 * 2**k for k in range(9)]
 ETAS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 PRODUCTS = [1e-3 * 2**k for k in range(-2, 6)]  # γ·η from 2.5e-4 to 3.2e-2
+RANGER_LRS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]  # RAdam's LR
+LARS_RANGER_PRODUCTS = [2.5e-3, 5e-3, 1e-2, 2e-2, 4e-2]  # γ·η of LARS + Ranger
 
 
 @dataclass(frozen=True)
@@ -323,6 +333,52 @@ def eta_study(data: Data, batches: list[int], seeds: list[int], epochs: int, eta
     plot_eta(rows, batches, len(seeds), epochs, out)
 
 
+# --- table 7: the Ranger lineage -------------------------------------------------------------------
+
+def ranger_study(data: Data, batches: list[int], seeds: list[int], epochs: int, grids: dict[str, list[float]],
+                 out: Path, clock: Clock) -> None:
+    """Ranger, LARS + Ranger and Nesterov + warm-up each tuned per batch size on the held-out split
+    (seed 0), LARS by its rule; then every method on the test set over ``seeds``."""
+    tuned = {  # name -> batch -> recipe of a given LR
+        "Ranger": lambda lr: Recipe("ranger", lr),
+        "LARS + Ranger": lambda product: Recipe("lars_ranger", product / 1e-3, trust_coefficient=1e-3),
+        TUNED: lambda lr: Recipe("nesterov", lr, WARMUP_EPOCHS),
+    }
+    tuning_rows, rows = [], []
+    for batch in batches:
+        recipes = {"LARS": Recipe("lars", lars_sqrt_lr(batch))}
+        for name, make in tuned.items():
+            scores = {value: run(make(value), data.x_fit, data.y_fit, (data.x_val, data.y_val), batch, 0, epochs)
+                      for value in grids[name]}
+            tuning_rows += [{"method": name, "batch_size": batch, "value": v, "val_acc": a} for v, a in scores.items()]
+            best = max(scores, key=lambda v: scores[v])
+            recipes[name] = make(best)
+            print(f"tuning {name} at batch {batch}: " + ", ".join(f"{v:g}: {a:.1%}" for v, a in scores.items())
+                  + f" -> {best:g} {clock}", flush=True)
+        for name, recipe in recipes.items():
+            for seed in seeds:
+                acc = run(recipe, data.x_train, data.y_train, (data.x_test, data.y_test), batch, seed, epochs)
+                rows.append({"method": name, "batch_size": batch, "seed": seed, "epochs": epochs, "lr": recipe.lr,
+                             "trust_coefficient": recipe.trust_coefficient, "test_acc": acc})
+                print(f"{name:<26} batch {batch:>5} seed {seed} lr {recipe.lr:<7.4g}: {acc:.1%} {clock}", flush=True)
+    write_csv(out / "ranger_tuning.csv", tuning_rows)
+    write_csv(out / "ranger.csv", rows)
+    names = ["Ranger", "LARS + Ranger", "LARS", TUNED]
+    print(f"\nTable 7: test accuracy, mean ± std of {len(seeds)} seeds, {epochs} epochs, no warm-up but for {TUNED}")
+    print("\n| batch | " + " | ".join(names) + " |\n|---:|" + "---:|" * len(names))
+    for batch in batches:
+        cells = []
+        for name in names:
+            picked = [r for r in rows if r["method"] == name and r["batch_size"] == batch]
+            mean, std = mean_std([r["test_acc"] for r in picked])
+            setting = (f"γ·η {picked[0]['lr'] * picked[0]['trust_coefficient']:g}" if name == "LARS + Ranger"
+                       else f"lr {picked[0]['lr']:g}")
+            cells.append(f"{mean:.1%} ± {std:.1%} ({setting})")
+        print(f"| {batch} | " + " | ".join(cells) + " |")
+    print("\nTuning grids (held-out accuracy, seed 0): " + "; ".join(f"{n}: {', '.join(f'{v:g}' for v in g)}"
+                                                                  for n, g in grids.items()))
+
+
 def plot_eta(rows: list[dict], batches: list[int], seeds: int, epochs: int, out: Path) -> None:
     from matplotlib.figure import Figure
 
@@ -346,7 +402,7 @@ def plot_eta(rows: list[dict], batches: list[int], seeds: int, epochs: int, out:
 
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("study", choices=("batch", "eta", "all"), nargs="?", default="all")
+    parser.add_argument("study", choices=("batch", "eta", "ranger", "all"), nargs="?", default="all")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 12,000 images, 2 batch sizes, 1 seed")
     parser.add_argument("--epochs", type=int, default=None, help=f"epochs at every batch size (default {EPOCHS})")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3)")
@@ -375,6 +431,12 @@ def main(argv: Optional[list[str]] = None) -> None:
         etas = ETAS[1::3] if args.quick else ETAS
         products = PRODUCTS[1::3] if args.quick else PRODUCTS
         eta_study(data, batches, seeds, epochs, etas, products, args.out, clock)
+    if args.study in ("ranger", "all"):
+        batches = [4096] if args.quick else [1024, 8192]
+        grids = {"Ranger": RANGER_LRS, "LARS + Ranger": LARS_RANGER_PRODUCTS, TUNED: TUNING_GRID}
+        if args.quick:
+            grids = {name: grid[1::3] for name, grid in grids.items()}
+        ranger_study(data, batches, seeds, epochs, grids, args.out, clock)
     print(f"\nmachine: {machine()}; took {time.perf_counter() - clock.start:.0f} s; wrote {args.out}")
 
 

@@ -1,9 +1,12 @@
-"""Time one optimizer step: lars_plugins.LARS against every torch.optim.SGD path and timm's Lars and Lamb.
+"""Time one optimizer step: lars_plugins.LARS against every torch.optim.SGD path and timm's Lars, and
+lars_plugins.LAMB and the Layerwise wrapper against torch's AdamW and timm's Lamb.
 
 Builds the parameter sets of ResNet-50 and ViT-B/16 (random init, real shapes), gives every optimizer
 its own copy with identical gradients, and interleaves the optimizers step by step (so drift in
 machine load hits all of them alike). Prints median step times and ratios to the fastest torch SGD
-path of the run (the least of foreach, single-tensor and, where this torch has it, fused).
+path of the run (the least of foreach, single-tensor and, where this torch has it, fused), then the
+Adam family against the fastest AdamW path, then the peak memory one step allocates beyond the
+optimizer's state (torch's profiler on the CPU, the allocator's peak on a GPU).
 
     python benchmarks/step_time.py                      # CPU, both models
     python benchmarks/step_time.py --device cuda        # on a GPU (adds summed kernel time)
@@ -61,11 +64,49 @@ def optimizers(weight_decay: float) -> dict[str, Callable[[list[dict]], torch.op
         runners["timm Lars(foreach)"] = lambda g: timm.optim.Lars(plain(g), lr=0.1, momentum=0.9, foreach=True)
     else:  # older timm: one path, the per-parameter loop
         runners["timm Lars(loop)"] = lambda g: timm.optim.Lars(plain(g), lr=0.1, momentum=0.9)
-    runners["timm Lamb"] = lambda g: timm.optim.Lamb(plain(g), lr=1e-3)
+    # timm's Lamb clips the global gradient norm inside step() by default; ours does not: off here.
+    runners["timm Lamb"] = lambda g: timm.optim.Lamb(plain(g), lr=1e-3, max_grad_norm=None)
+    runners.update({
+        "AdamW(foreach)": lambda g: torch.optim.AdamW(plain(g), lr=1e-3, foreach=True),
+        "AdamW(single)": lambda g: torch.optim.AdamW(plain(g), lr=1e-3, foreach=False),
+        "AdamW(fused)": lambda g: torch.optim.AdamW(plain(g), lr=1e-3, fused=True),
+        "LAMB(auto)": lambda g: lars_plugins.LAMB(g, lr=1e-3),
+        "LAMB(single)": lambda g: lars_plugins.LAMB(g, lr=1e-3, foreach=False),
+        "LAMB(foreach)": lambda g: lars_plugins.LAMB(g, lr=1e-3, foreach=True),
+        "Layerwise(AdamW)": lambda g: lars_plugins.Layerwise(torch.optim.AdamW(g, lr=1e-3), trust_coefficient=1.0),
+        "Layerwise(SGD)": lambda g: lars_plugins.Layerwise(torch.optim.SGD(g, lr=0.1, momentum=0.9)),
+    })
     return runners
 
 
 SGD_PATHS = ("SGD(foreach)", "SGD(single)", "SGD(fused)")
+ADAMW_PATHS = ("AdamW(foreach)", "AdamW(single)", "AdamW(fused)")
+ADAM_FAMILY = (*ADAMW_PATHS, "LAMB(auto)", "LAMB(single)", "LAMB(foreach)", "timm Lamb", "Layerwise(AdamW)")
+# Peak memory one step allocates, for these (the wrapper's copy of the parameters shows here).
+MEMORY = ("SGD(foreach)", "LARS(auto)", "Layerwise(SGD)", "AdamW(foreach)", "LAMB(auto)", "timm Lamb",
+          "Layerwise(AdamW)")
+
+
+def step_peak_mb(step: Callable[[], object], device: torch.device) -> float:
+    """Peak memory one call of ``step`` allocates above what it started with, in MB."""
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+        start = torch.cuda.memory_allocated()
+        torch.cuda.reset_peak_memory_stats()
+        step()
+        torch.cuda.synchronize()
+        return (torch.cuda.max_memory_allocated() - start) / 1e6
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    current = peak = 0
+    for event in events:  # allocations are positive, frees negative
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak / 1e6
 
 
 def kernel_ms(step: Callable[[], object], reps: int = 5) -> float:
@@ -86,8 +127,9 @@ def bench_model(name: str, device: torch.device, reps: int, warmup: int, weight_
     torch.manual_seed(0)
     reference = build_model(name).to(device)
     grads = {n: torch.randn_like(p) * 1e-2 for n, p in reference.named_parameters()}
+    always = (*SGD_PATHS, "LARS(auto)", "timm Lars(loop)", *ADAMW_PATHS)
     makers = {label: make for label, make in optimizers(weight_decay).items()
-              if only is None or label in only or label in SGD_PATHS or label in ("LARS(auto)", "timm Lars(loop)")}
+              if only is None or label in only or label in always}
     if compile_steps:
         for label in ("SGD(foreach)", "LARS(auto)"):
             makers[label.split("(")[0] + "(compiled)"] = makers[label]
@@ -127,11 +169,28 @@ def bench_model(name: str, device: torch.device, reps: int, warmup: int, weight_
     header = f"{'optimizer':<20}{'median ms':>12}{'x fastest SGD':>15}{'x best timm Lars':>18}"
     print(header + (f"{'GPU kernel ms':>15}{'x fastest SGD':>15}" if gpu else ""))
     for label, median in medians.items():
+        if label in ADAM_FAMILY:
+            continue
         row = f"{label:<20}{median * 1e3:>12.2f}{median / base:>15.2f}{median / best_timm:>18.2f}"
         if gpu:
             row += f"{gpu[label]:>15.3f}{gpu[label] / gpu_base:>15.2f}"
         print(row)
+    adam = {label: medians[label] for label in ADAM_FAMILY if label in medians}
+    fastest_adamw = min((label for label in adam if label in ADAMW_PATHS), key=adam.__getitem__)
+    timm_lamb = adam.get("timm Lamb")
+    print(f"\nAdam family; fastest torch AdamW path here: {fastest_adamw}")
+    print(f"{'optimizer':<20}{'median ms':>12}{'x fastest AdamW':>17}{'x timm Lamb':>13}"
+          + (f"{'GPU kernel ms':>15}" if gpu else ""))
+    for label, median in adam.items():
+        row = f"{label:<20}{median * 1e3:>12.2f}{median / adam[fastest_adamw]:>17.2f}"
+        row += f"{median / timm_lamb:>13.2f}" if timm_lamb else f"{'-':>13}"
+        print(row + (f"{gpu[label]:>15.3f}" if gpu else ""))
+    print(f"\npeak memory one step allocates (MB; the parameters take {n_params * 4 / 1e6:.0f} MB in float32)")
+    for label in MEMORY:
+        if label in steps:
+            print(f"  {label:<20}{step_peak_mb(steps[label], device):>10.1f}")
     medians["fastest SGD"] = base
+    medians["fastest AdamW"] = adam[fastest_adamw]
     return medians
 
 
@@ -161,6 +220,10 @@ def main() -> None:
         vs_fused = f", {medians['LARS(auto)'] / medians['SGD(fused)']:.2f}x SGD(fused)" if "SGD(fused)" in medians else ""
         verdict = "met" if ratio <= limit and vs_timm < 1.0 else "NOT met"
         print(f"  {model}: {ratio:.2f}x the faster unfused SGD, {vs_timm:.2f}x best timm Lars -> {verdict}{vs_fused}")
+        if "LAMB(auto)" in medians:
+            lamb = medians["LAMB(auto)"]
+            vs_lamb = f", {lamb / medians['timm Lamb']:.2f}x timm Lamb" if "timm Lamb" in medians else ""
+            print(f"  {model}: LAMB(auto) {lamb / medians['fastest AdamW']:.2f}x the fastest AdamW{vs_lamb}")
 
 if __name__ == "__main__":
     main()

@@ -13,7 +13,7 @@ from torch import nn
 
 from .groups import ExcludeT, param_groups
 from .monitor import METRICS, STATS_SUFFIX, TrustRatioMonitor, check_options
-from .optim import LARS
+from .names import optimizer_by_name
 from .schedules import WarmupDecayLR
 
 __all__ = ["configure_lars", "TrustRatioCallbackLogic", "build"]
@@ -24,8 +24,7 @@ def configure_lars(
     lr: float,
     weight_decay: float = 0.0,
     *,
-    momentum: float = 0.9,
-    trust_coefficient: float = 0.001,
+    optimizer: str = "lars",
     warmup_steps: int = 0,
     decay: str = "cosine",
     power: float = 2.0,
@@ -33,10 +32,13 @@ def configure_lars(
     total_steps: Optional[int] = None,
     layer_decay: Optional[float] = None,
     exclude: ExcludeT = None,
-    **lars_kwargs: Any,
+    **optimizer_kwargs: Any,
 ) -> dict[str, Any]:
-    """What ``LightningModule.configure_optimizers`` returns for LARS with a per-step LR schedule.
+    """What ``LightningModule.configure_optimizers`` returns for LARS (or LAMB) with a per-step LR schedule.
 
+    ``optimizer`` is one of :data:`lars_plugins.names.OPTIMIZERS` (``lars``, ``larc``, ``nlars``,
+    ``nlarc``, ``lamb``, ``lamb_clip``); ``optimizer_kwargs`` go to its class (LARS: ``momentum``,
+    ``trust_coefficient``…; LAMB: ``betas``, ``eps``…, their defaults otherwise).
     Groups from :func:`lars_plugins.param_groups` (biases and norms not adapted, not decayed;
     optional ``layer_decay``), then :class:`~lars_plugins.schedules.WarmupDecayLR`: linear warm-up
     over ``warmup_steps``, then ``decay`` (``cosine``, ``poly`` -- the paper's ``(1 - t/T)^power`` --,
@@ -52,12 +54,13 @@ def configure_lars(
         if estimated == float("inf"):
             raise ValueError("the Trainer has no finite length (max_steps=-1 and max_epochs=-1): pass total_steps")
         total_steps = int(estimated)
+    cls, implied = optimizer_by_name(optimizer)
     groups = param_groups(module, weight_decay=weight_decay, exclude=exclude, layer_decay=layer_decay,
                           lr=lr if layer_decay is not None else None)
-    optimizer = LARS(groups, lr=lr, momentum=momentum, trust_coefficient=trust_coefficient, **lars_kwargs)
-    scheduler = WarmupDecayLR(optimizer, total_steps=total_steps, warmup_steps=warmup_steps, decay=decay,
+    built = cls(groups, lr=lr, **{**implied, **optimizer_kwargs})
+    scheduler = WarmupDecayLR(built, total_steps=total_steps, warmup_steps=warmup_steps, decay=decay,
                               power=power, min_lr_ratio=min_lr_ratio)
-    return {"optimizer": optimizer, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
+    return {"optimizer": built, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
 
 class TrustRatioCallbackLogic:

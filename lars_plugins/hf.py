@@ -1,15 +1,18 @@
-"""Hugging Face Trainer integration: ``optim="lars"`` and per-layer trust ratios in the Trainer's logs.
+"""Hugging Face Trainer integration: ``optim="lars"`` or ``"lamb"``, and per-layer trust ratios in the logs.
 
 transformers validates ``TrainingArguments.optim`` against a closed enum and has no public optimizer
 registry, so the integration is two mixins (and ready-made classes built from them):
 
 * :class:`LarsArgsMixin` / :class:`LarsTrainingArguments`: ``optim`` accepts ``lars``, ``larc``,
-  ``nlars``, ``nlarc`` besides transformers' names (also ``--optim lars`` through ``HfArgumentParser``),
-  with ``optim_args`` such as ``trust_coefficient=0.02,momentum=0.9`` converted to LARS's types, plus
-  ``lars_layer_decay`` and ``lars_monitor``;
-* :class:`LarsTrainerMixin` / :class:`LarsTrainer`: builds LARS with bias/norm exclusion and the
-  weight decay of ``args.weight_decay``, and merges trust-ratio metrics into the Trainer's own
-  ``log()`` on logging steps, so they reach ``state.log_history`` and every reporting integration.
+  ``nlars``, ``nlarc`` (:class:`~lars_plugins.LARS`) and ``lamb``, ``lamb_clip``
+  (:class:`~lars_plugins.LAMB`) besides transformers' names (also ``--optim lamb`` through
+  ``HfArgumentParser``), with ``optim_args`` such as ``trust_coefficient=0.02,momentum=0.9``
+  converted to the optimizer's types, plus ``lars_layer_decay`` and ``lars_monitor``;
+* :class:`LarsTrainerMixin` / :class:`LarsTrainer`: builds the optimizer with bias/norm exclusion,
+  the weight decay of ``args.weight_decay`` (and for LAMB ``adam_beta1``, ``adam_beta2``,
+  ``adam_epsilon``, as transformers does for every Adam-family optimizer), and merges trust-ratio
+  metrics into the Trainer's own ``log()`` on logging steps, so they reach ``state.log_history``
+  and every reporting integration.
 
 The mixins compose with other Trainer subclasses: ``class MyTrainer(LarsTrainerMixin, SFTTrainer)``
 with ``class MyConfig(LarsArgsMixin, SFTConfig)`` (both decorated ``@dataclass`` for the config).
@@ -27,8 +30,9 @@ import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .groups import param_groups
+from .lamb import LAMB
 from .monitor import TrustRatioMonitor
-from .optim import LARS, VARIANTS
+from .names import OPTIMIZERS, optimizer_by_name
 
 __all__ = [
     "LarsArgsMixin",
@@ -41,8 +45,6 @@ __all__ = [
 ]
 
 MONITOR_MODES = ("off", "summary", "per_layer", "all")
-# Set by the Trainer from its own arguments; refused in optim_args so that they are not given twice.
-_FROM_ARGS = {"lr": "learning_rate", "weight_decay": "weight_decay", "params": None}
 _HF_DEFAULT_OPTIM = TrainingArguments.__dataclass_fields__["optim"].default
 
 
@@ -50,23 +52,23 @@ def _optim_name(optim: Any) -> str:
     return str(getattr(optim, "value", optim)).lower()
 
 
-def is_lars(optim: Any) -> bool:
-    """Whether ``optim`` (a ``TrainingArguments.optim`` value) names one of our LARS variants."""
-    return _optim_name(optim) in VARIANTS
+def is_ours(optim: Any) -> bool:
+    """Whether ``optim`` (a ``TrainingArguments.optim`` value) names one of our optimizers."""
+    return _optim_name(optim) in OPTIMIZERS
 
 
 @dataclass
 class LarsArgsMixin:
-    """``TrainingArguments`` fields for LARS. Put it first: ``class A(LarsArgsMixin, TrainingArguments)``."""
+    """``TrainingArguments`` fields for LARS and LAMB. Put it first: ``class A(LarsArgsMixin, TrainingArguments)``."""
 
     optim: str = field(
         default=_HF_DEFAULT_OPTIM,
-        metadata={"help": f"The optimizer: {', '.join(VARIANTS)} (lars_plugins.LARS) or any of transformers' "
-                          "OptimizerNames."},
+        metadata={"help": f"The optimizer: {', '.join(OPTIMIZERS)} (lars_plugins.LARS, LAMB) or any of "
+                          "transformers' OptimizerNames."},
     )
     lars_layer_decay: Optional[float] = field(
         default=None,
-        metadata={"help": "LARS only: layer-wise LR decay in (0, 1] for fine-tuning (embeddings and lower blocks "
+        metadata={"help": "lars_plugins' optimizers only: layer-wise LR decay in (0, 1] for fine-tuning (embeddings and lower blocks "
                           "get smaller LRs); None: off."},
     )
     lars_monitor: str = field(
@@ -77,14 +79,14 @@ class LarsArgsMixin:
 
     def __post_init__(self) -> None:
         name = _optim_name(self.optim)
-        ours = name in VARIANTS
+        ours = name in OPTIMIZERS
         if not ours:
             from transformers.training_args import OptimizerNames
 
             known = [o.value for o in OptimizerNames]
             if name not in known:
                 raise ValueError(f"optim={self.optim!r} is not an optimizer name. lars_plugins adds "
-                                 f"{', '.join(VARIANTS)}; transformers knows {', '.join(known)}")
+                                 f"{', '.join(OPTIMIZERS)}; transformers knows {', '.join(known)}")
         if self.lars_monitor not in MONITOR_MODES:
             raise ValueError(f"lars_monitor must be one of {', '.join(MONITOR_MODES)}, got {self.lars_monitor!r}")
         if self.lars_layer_decay is not None and not 0 < self.lars_layer_decay <= 1:
@@ -100,16 +102,24 @@ class LarsArgsMixin:
 
 @dataclass
 class LarsTrainingArguments(LarsArgsMixin, TrainingArguments):
-    """``TrainingArguments`` whose ``optim`` also accepts ``lars``, ``larc``, ``nlars`` and ``nlarc``."""
+    """``TrainingArguments`` whose ``optim`` also accepts ``lars``, ``larc``, ``nlars``, ``nlarc``, ``lamb``
+    and ``lamb_clip``."""
 
 
 def _convert(key: str, text: str, annotation: Any) -> Any:
-    """``text`` as the type of LARS's ``key`` argument (float, bool, Optional[bool])."""
+    """``text`` as the type of the optimizer's ``key`` argument (float, bool, a pair ``low:high``,
+    each possibly Optional)."""
     options = [a for a in get_args(annotation) if a is not type(None)] if get_origin(annotation) is Union else [annotation]
     optional = get_origin(annotation) is Union and type(None) in get_args(annotation)
     low = text.strip().lower()
     if optional and low in ("none", "null"):
         return None
+    if any(get_origin(option) is tuple for option in options):
+        # optim_args separates keys with commas, so a pair is written low:high
+        parts = text.split(":")
+        if len(parts) != 2:
+            raise ValueError(f"optim_args: {key} must be two numbers written low:high, got {text!r}")
+        return tuple(_convert(key, part, float) for part in parts)
     if bool in options:
         if low in ("true", "1", "yes"):
             return True
@@ -122,16 +132,29 @@ def _convert(key: str, text: str, annotation: Any) -> Any:
         raise ValueError(f"optim_args: {key} must be a number, got {text!r}") from None
 
 
+def _set_by_trainer(cls: type) -> dict[str, str]:
+    """The optimizer's keywords the Trainer sets from its own arguments, and which argument sets each
+    (refused in optim_args, so that they are not given twice)."""
+    from_args = {"lr": "learning_rate", "weight_decay": "weight_decay", "params": ""}
+    if cls is LAMB:
+        from_args.update(betas="adam_beta1 and --adam_beta2", eps="adam_epsilon")
+    return from_args
+
+
 def parse_optim_args(optim_args: Optional[str], optim: str = "lars") -> dict[str, Any]:
-    """``"k=v,k=v"`` (``TrainingArguments.optim_args``) as LARS keyword arguments of the right types.
+    """``"k=v,k=v"`` (``TrainingArguments.optim_args``) as keyword arguments of the right types for
+    the optimizer ``optim`` names (a pair as ``low:high``).
 
     Unknown keys and keys the Trainer sets from its own arguments (``lr``: ``learning_rate``;
-    ``weight_decay``) are refused with the list of what is valid.
+    ``weight_decay``; for LAMB ``betas`` and ``eps``: ``adam_beta1/2``, ``adam_epsilon``) are
+    refused with the list of what is valid.
     """
     if not optim_args:
         return {}
-    hints = typing.get_type_hints(LARS.__init__)  # resolved: optim.py postpones its annotations
-    allowed = [k for k in inspect.signature(LARS.__init__).parameters if k in hints and k not in _FROM_ARGS]
+    cls, _ = optimizer_by_name(optim)
+    from_args = _set_by_trainer(cls)
+    hints = typing.get_type_hints(cls.__init__)  # resolved: the modules postpone their annotations
+    allowed = [k for k in inspect.signature(cls.__init__).parameters if k in hints and k not in from_args]
     out: dict[str, Any] = {}
     for item in optim_args.split(","):
         if not item.strip():
@@ -140,8 +163,8 @@ def parse_optim_args(optim_args: Optional[str], optim: str = "lars") -> dict[str
         key = key.strip()
         if not sep:
             raise ValueError(f"optim_args: expected key=value, got {item!r}")
-        if key in _FROM_ARGS:
-            raise ValueError(f"optim_args: set {key} with --{_FROM_ARGS[key]}, not in optim_args")
+        if key in from_args:
+            raise ValueError(f"optim_args: set {key} with --{from_args[key]}, not in optim_args")
         if key not in allowed:
             raise ValueError(f"optim_args: unknown key {key!r} for {optim}; valid keys: {', '.join(allowed)}")
         out[key] = _convert(key, value, hints[key])
@@ -149,7 +172,8 @@ def parse_optim_args(optim_args: Optional[str], optim: str = "lars") -> dict[str
 
 
 def lars_optimizer_kwargs(args: TrainingArguments, model: torch.nn.Module) -> dict[str, Any]:
-    """Keyword arguments (``params`` included) for ``LARS`` from a Trainer's arguments.
+    """Keyword arguments (``params`` included) for the optimizer ``args.optim`` names (``LARS`` or
+    ``LAMB``: :func:`optimizer_class`) from a Trainer's arguments.
 
     Groups come from :func:`lars_plugins.param_groups`: biases and norm weights not adapted and not
     decayed (HF's own decay/no-decay split, by module type and name), the rest decayed by
@@ -160,11 +184,20 @@ def lars_optimizer_kwargs(args: TrainingArguments, model: torch.nn.Module) -> di
     layer_decay = getattr(args, "lars_layer_decay", None)
     groups = param_groups(model, weight_decay=args.weight_decay, layer_decay=layer_decay,
                           lr=args.learning_rate if layer_decay is not None else None)
-    return {"params": groups, "lr": args.learning_rate, **VARIANTS[name], **parse_optim_args(args.optim_args, name)}
+    cls, implied = optimizer_by_name(name)
+    kwargs = {"params": groups, "lr": args.learning_rate, **implied, **parse_optim_args(args.optim_args, name)}
+    if cls is LAMB:
+        kwargs.update(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
+    return kwargs
+
+
+def optimizer_class(args: TrainingArguments) -> type:
+    """The class of the optimizer ``args.optim`` names (one of ours)."""
+    return optimizer_by_name(_optim_name(args.optim))[0]
 
 
 class LarsTrainerMixin:
-    """Trainer mixin: LARS for ``optim`` in ``lars``/``larc``/``nlars``/``nlarc``, trust ratios in the logs.
+    """Trainer mixin: LARS or LAMB for ``optim`` in :data:`lars_plugins.names.OPTIMIZERS`, trust ratios in the logs.
 
     Put it first: ``class MyTrainer(LarsTrainerMixin, Trainer)``. Other ``optim`` values go to the
     Trainer unchanged.
@@ -178,9 +211,9 @@ class LarsTrainerMixin:
 
     def create_optimizer(self, model: Optional[torch.nn.Module] = None) -> torch.optim.Optimizer:
         args = self.args  # type: ignore[attr-defined]
-        if self.optimizer is None and is_lars(args.optim) and self.optimizer_cls_and_kwargs is None:  # type: ignore[attr-defined]
+        if self.optimizer is None and is_ours(args.optim) and self.optimizer_cls_and_kwargs is None:  # type: ignore[attr-defined]
             opt_model = self.model if model is None else model  # type: ignore[attr-defined]
-            self.optimizer = LARS(**lars_optimizer_kwargs(args, opt_model))
+            self.optimizer = optimizer_class(args)(**lars_optimizer_kwargs(args, opt_model))
         optimizer = super().create_optimizer(model)  # type: ignore[misc]
         mode = getattr(args, "lars_monitor", "summary")
         if mode != "off" and self.lars_trust_monitor is None:
@@ -238,4 +271,4 @@ class _ArmOnLoggingSteps(TrainerCallback):
 
 
 class LarsTrainer(LarsTrainerMixin, Trainer):
-    """``transformers.Trainer`` with ``optim="lars"`` (and variants) and trust ratios in its logs."""
+    """``transformers.Trainer`` with ``optim="lars"`` or ``"lamb"`` (and variants) and trust ratios in its logs."""

@@ -1,7 +1,8 @@
 """Large-batch image classification in plain PyTorch: the model, optimizers and training loop that
 ``lars-plugins demo`` and ``benchmarks/large_batch.py`` share.
 
-A :class:`Recipe` names one optimizer setting (SGD, Nesterov or LARS; its LR; warm-up or not).
+A :class:`Recipe` names one optimizer setting (SGD, Nesterov, LARS, Ranger or LARS + Ranger; its LR;
+warm-up or not).
 :func:`train` runs it for a fixed budget of epochs from a seed, so two recipes compared at one batch
 size see the same initial weights and the same batches. Framework-free: only torch.
 """
@@ -19,11 +20,16 @@ from torch import Tensor, nn
 from .groups import param_groups
 from .optim import LARS
 from .schedules import WarmupDecayLR
+from .wrapper import Layerwise, centralize_gradients_
 
-__all__ = ["OPTIMIZERS", "Recipe", "RunResult", "mlp_bn", "build_optimizer", "train", "evaluate", "sgd_linear_lr",
+__all__ = ["RECIPE_OPTIMIZERS", "Recipe", "RunResult", "mlp_bn", "build_optimizer", "train", "evaluate", "sgd_linear_lr",
            "lars_sqrt_lr"]
 
-OPTIMIZERS = ("sgd", "nesterov", "lars")
+RECIPE_OPTIMIZERS = ("sgd", "nesterov", "lars", "ranger", "lars_ranger")
+# Ranger's settings (Wright 2019): RAdam with β1 = 0.95, Lookahead every 6 steps halfway back, and
+# Gradient Centralization.
+RANGER_BETAS = (0.95, 0.999)
+LOOKAHEAD_K, LOOKAHEAD_ALPHA = 6, 0.5
 
 
 def sgd_linear_lr(batch_size: int) -> float:
@@ -40,8 +46,9 @@ def lars_sqrt_lr(batch_size: int) -> float:
 
 @dataclass(frozen=True)
 class Recipe:
-    """One optimizer setting. ``lr`` is the peak LR (γ for LARS); ``warmup_epochs`` of linear warm-up
-    from ~0, then the paper's poly(2) decay to 0 at the end of the budget, per step."""
+    """One optimizer setting. ``lr`` is the peak LR (γ for LARS and LARS + Ranger, RAdam's LR for
+    Ranger); ``warmup_epochs`` of linear warm-up from ~0, then the paper's poly(2) decay to 0 at the
+    end of the budget, per step."""
 
     optimizer: str
     lr: float
@@ -51,8 +58,8 @@ class Recipe:
     weight_decay: float = 5e-4
 
     def __post_init__(self) -> None:
-        if self.optimizer not in OPTIMIZERS:
-            raise ValueError(f"optimizer must be one of {', '.join(OPTIMIZERS)}, got {self.optimizer!r}")
+        if self.optimizer not in RECIPE_OPTIMIZERS:
+            raise ValueError(f"optimizer must be one of {', '.join(RECIPE_OPTIMIZERS)}, got {self.optimizer!r}")
         for name in ("lr", "trust_coefficient"):
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
@@ -84,12 +91,35 @@ def mlp_bn(in_features: int = 784, width: int = 512, num_classes: int = 10) -> n
 
 def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     """The recipe's optimizer. Weight decay goes on weight matrices only, for every optimizer, and
-    LARS adapts only those (biases and BatchNorm take the plain LR γ, as in the paper's recipes)."""
+    LARS adapts only those (biases and BatchNorm take the plain LR γ, as in the paper's recipes).
+
+    ``ranger``: ``Lookahead(RAdam)`` with Gradient Centralization; ``lars_ranger``:
+    ``Lookahead(Layerwise(RAdam, η, centralize_gradients=True))``, the trust ratio on RAdam's update
+    (Lookahead from timm)."""
     groups = param_groups(model, weight_decay=recipe.weight_decay)
     if recipe.optimizer == "lars":
         return LARS(groups, lr=recipe.lr, momentum=recipe.momentum, trust_coefficient=recipe.trust_coefficient)
     plain = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups]
+    if recipe.optimizer in ("ranger", "lars_ranger"):
+        radam = torch.optim.RAdam(plain, lr=recipe.lr, betas=RANGER_BETAS)
+        if recipe.optimizer == "lars_ranger":
+            inner: torch.optim.Optimizer = Layerwise(radam, trust_coefficient=recipe.trust_coefficient,
+                                                     centralize_gradients=True)
+        else:
+            # Gradient Centralization as a step pre-hook: the same step composes with any optimizer.
+            radam.register_step_pre_hook(lambda optimizer, *_: centralize_gradients_(
+                [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]))
+            inner = radam
+        return _lookahead(inner)
     return torch.optim.SGD(plain, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.optimizer == "nesterov")
+
+
+def _lookahead(optimizer: torch.optim.Optimizer) -> torch.optim.Optimizer:
+    try:
+        from timm.optim import Lookahead
+    except ImportError as err:
+        raise ImportError('the Ranger recipes use timm\'s Lookahead: pip install "lars_plugins[timm]"') from err
+    return Lookahead(optimizer, alpha=LOOKAHEAD_ALPHA, k=LOOKAHEAD_K)
 
 
 @torch.no_grad()

@@ -3,7 +3,9 @@
 ``import lars_plugins.timm`` registers :class:`lars_plugins.LARS` in timm's optimizer registry under
 timm's own names -- ``lars``, ``larc`` (trust clip), ``nlars`` (Nesterov), ``nlarc`` -- replacing
 timm's ``Lars`` for them, and under names that never collide with timm's built-ins -- ``lplars``,
-``lplarc``, ``lpnlars``, ``lpnlarc`` -- for side-by-side use. ``register()`` does the same explicitly
+``lplarc``, ``lpnlars``, ``lpnlarc`` -- for side-by-side use. :class:`lars_plugins.LAMB` is
+registered as ``lplamb`` and ``lplambc`` (trust clip) only: timm's own ``lamb``, ``lambc``,
+``lambw`` and ``lambcw`` stay timm's. ``register()`` does the same explicitly
 (``override_builtin=False`` registers only the ``lp`` names); ``unregister()`` restores timm's.
 Plain ``import lars_plugins`` registers nothing: it must not import timm.
 
@@ -19,13 +21,16 @@ from typing import Any, Iterable, Optional
 
 from torch.optim import Optimizer
 
+from .lamb import LAMB
 from .optim import LARS, VARIANTS
 
-__all__ = ["register", "unregister", "create_lars", "apply_lr_scale", "TIMM_NAMES", "PLUGIN_NAMES"]
+__all__ = ["register", "unregister", "create_lars", "create_lamb", "apply_lr_scale", "TIMM_NAMES", "PLUGIN_NAMES",
+           "LAMB_NAMES"]
 
 # name -> LARS keyword defaults. Names must not contain "_": timm keeps only the part after the last one.
 TIMM_NAMES: dict[str, dict[str, Any]] = VARIANTS
 PLUGIN_NAMES: dict[str, dict[str, Any]] = {"lp" + name: defaults for name, defaults in TIMM_NAMES.items()}
+LAMB_NAMES: dict[str, dict[str, Any]] = {"lplamb": {}, "lplambc": {"trust_clip": True}}
 
 MIN_TIMM = "1.0.12"  # the first timm with an optimizer registry (OptimInfo)
 _replaced: dict[str, Any] = {}  # timm's own entries that register() replaced, for unregister()
@@ -58,6 +63,27 @@ def create_lars(
     return LARS(_fallback_groups(params), **kwargs)
 
 
+def create_lamb(
+    params: Iterable[Any],
+    *,
+    always_adapt: Optional[bool] = None,
+    max_grad_norm: Optional[float] = None,
+    **kwargs: Any,
+) -> LAMB:
+    """Build :class:`LAMB` from the arguments timm's factory passes (``lr``, ``weight_decay``,
+    ``betas``, ``eps``…). ``always_adapt`` is read as for :func:`create_lars`; ``max_grad_norm``
+    (timm's ``Lamb`` clips the global gradient norm inside the optimizer) is refused unless ``None``:
+    clip with ``train.py --clip-grad`` instead, which clips before every optimizer alike."""
+    if max_grad_norm is not None:
+        raise ValueError(f"max_grad_norm={max_grad_norm}: lars_plugins.LAMB does not clip gradients inside the "
+                         "optimizer; clip before step() (timm train.py: --clip-grad)")
+    if always_adapt is not None:
+        if not isinstance(always_adapt, bool):
+            raise TypeError(f"always_adapt must be a bool, got {always_adapt!r}")
+        kwargs.setdefault("exclude_bias_and_norm", not always_adapt)
+    return LAMB(_fallback_groups(params), **kwargs)
+
+
 def _fallback_groups(params: Iterable[Any]) -> list[Any]:
     """timm's ``use_fallback`` groups (hybrid optimizers' second optimizer) become excluded groups."""
     params = list(params)
@@ -65,8 +91,9 @@ def _fallback_groups(params: Iterable[Any]) -> list[Any]:
         if isinstance(group, dict) and group.get("use_fallback"):
             if group.get("weight_decay", 0) != 0:
                 raise ValueError(
-                    f"param group {i}: timm marked it use_fallback with weight_decay={group['weight_decay']}; LARS's "
-                    "fallback is plain SGD without weight decay, so that decay would be lost. Pass "
+                    f"param group {i}: timm marked it use_fallback with weight_decay={group['weight_decay']}; the "
+                    "fallback of lars_plugins' optimizers (their excluded step) has no weight decay, so that decay "
+                    "would be lost. Pass "
                     "fallback_no_weight_decay=True or leave fallback_list empty"
                 )
             params[i] = {**group, "lars_exclude": True}
@@ -110,6 +137,11 @@ def _registry() -> Any:
 
 def _info(name: str, defaults: dict[str, Any]) -> Any:
     variant = ", ".join(f"{k}={v}" for k, v in defaults.items()) or "plain"
+    if name in LAMB_NAMES:
+        return _timm_optim().OptimInfo(
+            name=name, opt_class=create_lamb, has_eps=True, has_betas=True, defaults=dict(defaults) or None,
+            description=f"lars_plugins.LAMB ({variant}): layer-wise trust ratios over Adam (Algorithm 2), "
+                        "biases and norms not adapted")
     return _timm_optim().OptimInfo(
         name=name,
         opt_class=create_lars,
@@ -121,6 +153,9 @@ def _info(name: str, defaults: dict[str, Any]) -> Any:
     )
 
 
+_OURS = (create_lars, create_lamb)
+
+
 def register(override_builtin: bool = True) -> list[str]:
     """Register LARS in timm's registry; return the names registered. Idempotent and quiet.
 
@@ -129,10 +164,10 @@ def register(override_builtin: bool = True) -> list[str]:
     """
     _timm_optim()
     registry = _registry()
-    names = {**PLUGIN_NAMES, **(TIMM_NAMES if override_builtin else {})}
+    names = {**PLUGIN_NAMES, **LAMB_NAMES, **(TIMM_NAMES if override_builtin else {})}
     for name, defaults in names.items():
         current = registry._optimizers.get(name)
-        if current is not None and current.opt_class is create_lars:
+        if current is not None and current.opt_class in _OURS:
             continue  # already ours: nothing to do, nothing to log
         if current is not None:
             _replaced.setdefault(name, current)
@@ -145,9 +180,9 @@ def register(override_builtin: bool = True) -> list[str]:
 def unregister() -> None:
     """Remove our names from timm's registry and give timm's own ``lars`` family back."""
     registry = _registry()
-    for name in [*TIMM_NAMES, *PLUGIN_NAMES]:
+    for name in [*TIMM_NAMES, *PLUGIN_NAMES, *LAMB_NAMES]:
         current = registry._optimizers.get(name)
-        if current is not None and current.opt_class is create_lars:
+        if current is not None and current.opt_class in _OURS:
             del registry._optimizers[name]
     for name, info in _replaced.items():
         registry._optimizers[name] = info

@@ -47,6 +47,13 @@ def test_large_batch_quick(tmp_path):
     assert all(float(r["gamma_eta"]) == pytest.approx(float(r["gamma"]) * float(r["eta"])) for r in eta)
     for png in ("accuracy_vs_batch.png", "accuracy_vs_eta.png", "warmup_vs_lars_heatmaps.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+    ranger = list(csv.DictReader((tmp_path / "ranger.csv").open()))
+    assert {r["method"] for r in ranger} == {"Ranger", "LARS + Ranger", "LARS", "Nesterov + warm-up, tuned"}
+    # Two epochs at batch 4096 on 12,000 images is 6 steps: finite accuracies, none at a diverged 0.
+    assert all(0.1 < float(r["test_acc"]) <= 1 for r in ranger)
+    picked = {r["method"]: float(r["lr"]) for r in ranger}
+    grid = {float(r["value"]) for r in csv.DictReader((tmp_path / "ranger_tuning.csv").open()) if r["method"] == "Ranger"}
+    assert picked["Ranger"] in grid and "Table 7" in out
     assert "| batch | SGD | SGD + warm-up | Nesterov + warm-up, tuned | LARS | LARS + warm-up | tuned lr |" in out
     assert "Table 2" in out and "Table 3" in out and "machine: " in out
 
@@ -76,7 +83,10 @@ def test_finetune_quick(tmp_path):
     head = list(csv.DictReader((tmp_path / "finetune_head.csv").open()))
     assert [r["method"] for r in head] == ["LARS, head not adapted"]
     assert math.isfinite(float(head[0]["train_loss"]))
-    assert "Table 4" in out and "Table 5" in out and "Table 6" in out
+    lamb = list(csv.DictReader((tmp_path / "finetune_lamb.csv").open()))
+    assert [r["method"] for r in lamb] == ["AdamW", "LAMB", "LARS"]
+    assert all(math.isfinite(float(r["train_loss"])) and float(r["train_loss"]) < 1.5 for r in lamb)
+    assert "Table 4" in out and "Table 5" in out and "Table 6" in out and "Table 8" in out
 
 
 def test_sharded_step_quick(tmp_path):

@@ -11,7 +11,7 @@ import torch
 transformers = pytest.importorskip("transformers")
 from transformers import BertConfig, BertForSequenceClassification, HfArgumentParser, Trainer, TrainerCallback  # noqa: E402
 
-from lars_plugins import LARS  # noqa: E402
+from lars_plugins import LAMB, LARS  # noqa: E402
 from lars_plugins.hf import LarsTrainer, LarsTrainingArguments, parse_optim_args  # noqa: E402
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -81,7 +81,7 @@ def test_command_line_parsing(tmp_path):
          "--lars_layer_decay", "0.8", "--report_to", "none"])
     assert args.optim == "lars" and args.lars_layer_decay == 0.8
     assert parse_optim_args(args.optim_args) == {"trust_coefficient": 0.02, "momentum": 0.9}
-    with pytest.raises(ValueError, match="lars_plugins adds lars, larc, nlars, nlarc"):
+    with pytest.raises(ValueError, match="lars_plugins adds lars, larc, nlars, nlarc, lamb, lamb_clip"):
         parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--optim", "larz"])
     # transformers' own names still work
     (adam,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--optim", "adamw_torch"])
@@ -99,6 +99,57 @@ def test_command_line_parsing(tmp_path):
 def test_bad_optim_args_are_explained(tmp_path, optim_args, match):
     with pytest.raises(ValueError, match=match):
         make_args(tmp_path, optim_args=optim_args)
+
+
+@pytest.mark.parametrize("name,clip", [("lamb", False), ("lamb_clip", True)])
+def test_lamb_names_take_the_trainer_s_adam_arguments(tmp_path, name, clip):
+    args = make_args(tmp_path, optim=name, learning_rate=3e-3, weight_decay=0.01, adam_beta1=0.8, adam_beta2=0.99,
+                     adam_epsilon=1e-7, optim_args="weight_norm_bounds=0.01:10,bias_correction=false")
+    opt = LarsTrainer(model=tiny_bert(), args=args, train_dataset=Tokens()).create_optimizer()
+    assert type(opt) is LAMB
+    for g in opt.param_groups:
+        assert g["betas"] == (0.8, 0.99) and g["eps"] == 1e-7 and g["lr"] == 3e-3
+        assert g["weight_norm_bounds"] == (0.01, 10.0) and g["bias_correction"] is False and g["trust_clip"] is clip
+        assert g["weight_decay"] == (0.0 if g["lars_exclude"] else 0.01)
+
+
+@pytest.mark.parametrize("optim_args,match", [
+    ("betas=0.9", "adam_beta1"),
+    ("eps=1e-8", "adam_epsilon"),
+    ("weight_norm_bounds=3", "low:high"),
+    ("momentum=0.9", "unknown key 'momentum' for lamb"),
+])
+def test_bad_lamb_optim_args_are_explained(tmp_path, optim_args, match):
+    with pytest.raises(ValueError, match=match):
+        make_args(tmp_path, optim="lamb", optim_args=optim_args)
+
+
+def test_lamb_trains_and_its_first_ratio_is_algorithm_2(tmp_path):
+    """At step 1 with bias correction u = g/(|g| + ε) + wd·w exactly, so the logged ratio ‖w‖/‖u‖
+    can be computed here from the captured weight and gradient."""
+    model = tiny_bert()
+    args = make_args(tmp_path, optim="lamb", learning_rate=0.03, weight_decay=0.01, adam_epsilon=1e-6,
+                     lars_monitor="per_layer", logging_first_step=True, max_steps=60, logging_steps=20,
+                     lr_scheduler_type="constant")
+    capture = CaptureTensors(model.classifier.weight)
+    trainer = LarsTrainer(model=model, args=args, train_dataset=Tokens(), callbacks=[capture])
+    trainer.train()
+    w, g = capture.seen[1]
+    u = g / (g.abs() + 1e-6) + 0.01 * w
+    first = next(h for h in trainer.state.log_history if h.get("step") == 1 and "loss" in h)
+    assert first["trust_ratio/classifier.weight"] == pytest.approx((w.norm() / u.norm()).item(), rel=1e-4)
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    assert losses[-1] < 0.5 * losses[0], losses  # 0.69 (chance) to about 0.25
+
+
+class CaptureTensors(TrainerCallback):
+    """Independent record, in the test: one tensor and its gradient (float64) before each optimizer step."""
+
+    def __init__(self, param):
+        self.param, self.seen = param, {}
+
+    def on_pre_optimizer_step(self, args, state, control, **kwargs):
+        self.seen[state.global_step + 1] = (self.param.detach().double().clone(), self.param.grad.double().clone())
 
 
 class CaptureNorms(TrainerCallback):

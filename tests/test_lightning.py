@@ -185,6 +185,37 @@ def test_lightning_cli_with_lars(ns, tmp_path):
         assert any(isinstance(c, plugin.TrustRatioCallback) for c in cli.trainer.callbacks)
 
 
+@pytest.mark.parametrize("ns", NAMESPACES)
+def test_lightning_cli_with_lamb_and_its_ratios_in_the_logs(ns, tmp_path):
+    pl, plugin, _, _ = NAMESPACES[ns]
+    model_class = "lightning_models.CLINet" if ns == "lightning.pytorch" else "lightning_models.PLCLINet"
+    cli = plugin.LarsCLI(pl.LightningModule, subclass_mode_model=True, run=False, args=[
+        "--model", model_class, "--trainer.max_steps", "4", "--trainer.accelerator", "cpu", "--trainer.devices", "1",
+        "--trainer.log_every_n_steps", "2", "--trainer.enable_progress_bar", "false",
+        "--trainer.default_root_dir", str(tmp_path), "--trainer.enable_checkpointing", "false",
+        "--trainer.callbacks", f"{plugin.__name__}.TrustRatioCallback",
+        "--trainer.logger", f"{pl.__name__}.loggers.CSVLogger", "--trainer.logger.init_args.save_dir", str(tmp_path),
+        "--optimizer", "lars_plugins.LAMB", "--optimizer.lr", "0.01", "--optimizer.betas", "[0.8, 0.99]",
+        "--optimizer.weight_norm_bounds", "[0.0, 10.0]"])
+    cli.trainer.fit(cli.model)
+    opt = cli.trainer.optimizers[0]
+    assert type(opt) is lars_plugins.LAMB and tuple(opt.param_groups[0]["betas"]) == (0.8, 0.99)
+    rows = rows_with(read_csv(cli.trainer), "trust_ratio/net.0.weight")
+    assert sorted(rows) == [1, 3]
+    assert all(0 < ratio < 10 for ratio in rows.values())
+
+
+def test_configure_lars_builds_lamb_by_name(tmp_path):
+    module = models.Net()
+    built = lars_plugins.lightning.configure_lars(module, lr=1e-2, weight_decay=0.01, optimizer="lamb_clip",
+                                                  total_steps=10, betas=(0.8, 0.9))
+    opt = built["optimizer"]
+    assert type(opt) is lars_plugins.LAMB
+    assert all(g["trust_clip"] and g["betas"] == (0.8, 0.9) for g in opt.param_groups)
+    with pytest.raises(ValueError, match="did you mean 'lamb'"):
+        lars_plugins.lightning.configure_lars(module, lr=1e-2, optimizer="lanb", total_steps=10)
+
+
 def test_callback_arguments_are_checked():
     with pytest.raises(ValueError, match="metrics"):
         lars_l.TrustRatioCallback(metrics=["ratio"])

@@ -16,7 +16,7 @@ timm = pytest.importorskip("timm")
 import timm.optim  # noqa: E402
 
 import lars_plugins.timm as lars_timm  # noqa: E402  (registers)
-from lars_plugins import LARS  # noqa: E402
+from lars_plugins import LAMB, LARS  # noqa: E402
 from checkpoints import weights_only_round_trip
 
 create = timm.optim.create_optimizer_v2
@@ -55,6 +55,34 @@ def test_names_build_our_lars(name, nesterov, clip):
     group = opt.param_groups[-1]
     assert group["nesterov"] is nesterov and group["trust_clip"] is clip
     assert group["momentum"] == 0.9 and group["lr"] == 2.0
+
+
+@pytest.mark.parametrize("name,clip", [("lplamb", False), ("lplambc", True)])
+def test_lamb_names_build_our_lamb_beside_timm_s_own(name, clip):
+    opt = create(resnet(), opt=name, lr=2e-3, weight_decay=0.02, betas=(0.8, 0.99), eps=1e-7)  # as train.py passes them
+    assert type(opt) is LAMB
+    decayed = [g for g in opt.param_groups if g["weight_decay"]]
+    assert decayed and all(g["weight_decay"] == 0.02 for g in decayed)
+    for group in opt.param_groups:
+        assert group["betas"] == (0.8, 0.99) and group["eps"] == 1e-7 and group["trust_clip"] is clip
+    for timm_name in ("lamb", "lambc", "lambw", "lambcw"):  # timm's family is left alone
+        assert type(create(resnet(), opt=timm_name)) is timm.optim.Lamb
+    with pytest.raises(ValueError, match="--clip-grad"):
+        lars_timm.create_lamb(resnet().parameters(), max_grad_norm=1.0)
+
+
+def test_lplamb_trains_a_resnet():
+    model = resnet()
+    opt = create(model, opt="lplamb", lr=1e-2, weight_decay=1e-4)
+    x, y = images()
+    losses = []
+    for _ in range(15):
+        opt.zero_grad()
+        loss = torch.nn.functional.cross_entropy(model(x), y)
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0], losses
 
 
 def test_register_is_idempotent_quiet_and_reversible(caplog):
