@@ -304,7 +304,9 @@ def _host_trust_ratio(w_norm: float, g_norm: float, *, trust_coefficient: float,
     else:
         denominator = g_norm + weight_decay * w_norm + eps
         ratio = trust_coefficient * w_norm / denominator if w_norm > 0 and denominator > 0 else trust_coefficient
-    return min(ratio / lr, 1.0) if trust_clip and not math.isnan(ratio) else ratio
+    if not trust_clip or math.isnan(ratio):
+        return ratio
+    return min(ratio / lr, 1.0) if lr > 0 else 1.0  # ratio/0 is inf, clipped to 1, as in trust_ratio
 
 
 def _host_norm(t: Tensor) -> float:

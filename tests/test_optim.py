@@ -294,6 +294,20 @@ def test_lr_scheduler_and_zero_grad_and_grad_untouched():
     opt.step()  # a step with no gradients at all is a no-op, not an error
 
 
+@pytest.mark.parametrize("host", [True, False])
+def test_a_zero_lr_with_trust_clip_is_a_no_op_with_ratio_one(host, monkeypatch):
+    """A schedule reaches lr = 0 (warm-up from 0, decay to 0): LARC's ratio/lr is then inf, clipped to 1."""
+    if not host:
+        monkeypatch.setattr(functional, "_host_scalars", lambda device: False)
+    params = make_params()
+    before = [p.detach().clone() for p in params]
+    opt = LARS(params, lr=0.0, momentum=0.9, weight_decay=1e-4, trust_clip=True)
+    run(opt, params, grad_sequence(SHAPES, steps=2))
+    for p, b in zip(params, before):
+        assert torch.equal(p.detach(), b)
+    assert opt.state[params[0]]["trust_ratio"].item() == 1.0
+
+
 def test_lr_schedule_changes_update():
     params = make_params(shapes=[(8, 8)])
     grads = grad_sequence([(8, 8)], steps=4)
