@@ -57,8 +57,8 @@ WARMUP_EPOCHS = 1.0
 TUNING_GRID = [0.0125 * 2**k for k in range(9)]
 ETAS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 PRODUCTS = [1e-3 * 2**k for k in range(-2, 6)]  # γ·η from 2.5e-4 to 3.2e-2
-RANGER_LRS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1]  # RAdam's LR
-LARS_RANGER_PRODUCTS = [2.5e-3, 5e-3, 1e-2, 2e-2, 4e-2]  # γ·η of LARS + Ranger
+RANGER_LRS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]  # RAdam's LR
+LARS_RANGER_PRODUCTS = [2.5e-3, 5e-3, 1e-2, 2e-2, 4e-2, 8e-2]  # γ·η of LARS + Ranger
 
 
 @dataclass(frozen=True)
@@ -353,8 +353,9 @@ def ranger_study(data: Data, batches: list[int], seeds: list[int], epochs: int, 
             tuning_rows += [{"method": name, "batch_size": batch, "value": v, "val_acc": a} for v, a in scores.items()]
             best = max(scores, key=lambda v: scores[v])
             recipes[name] = make(best)
+            edge = " (at the edge of the grid: widen it)" if best in (min(scores), max(scores)) else ""
             print(f"tuning {name} at batch {batch}: " + ", ".join(f"{v:g}: {a:.1%}" for v, a in scores.items())
-                  + f" -> {best:g} {clock}", flush=True)
+                  + f" -> {best:g}{edge} {clock}", flush=True)
         for name, recipe in recipes.items():
             for seed in seeds:
                 acc = run(recipe, data.x_train, data.y_train, (data.x_test, data.y_test), batch, seed, epochs)

@@ -516,6 +516,12 @@ def lamb(
             if not idx:
                 continue
             bucket = [params[i] for i in idx]
+            if not use_foreach and norms is None and _host_scalars(device):
+                _host_lamb([(bucket[k], grads[i], exp_avgs[i], exp_avg_sqs[i], trust_ratios[i] if adapted else None)
+                            for k, i in enumerate(idx)], step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                           weight_decay=weight_decay if adapted else 0.0, bias_correction=bias_correction,
+                           weight_norm_bounds=weight_norm_bounds, trust_clip=trust_clip, maximize=maximize)
+                continue
             u = lamb_directions(bucket, [grads[i] for i in idx], [exp_avgs[i] for i in idx],
                                 [exp_avg_sqs[i] for i in idx], step=step, beta1=beta1, beta2=beta2, eps=eps,
                                 weight_decay=weight_decay if adapted else 0.0, bias_correction=bias_correction,
@@ -532,6 +538,44 @@ def lamb(
             ratios = lamb_trust_ratio(w_norms, u_norms, weight_norm_bounds=weight_norm_bounds, trust_clip=trust_clip)
             torch._foreach_copy_([trust_ratios[i] for i in idx], list(ratios.unbind()))
             _foreach_or_loop_axpy_(bucket, u, (ratios * -lr).unbind(), -lr, use_foreach)
+
+
+def _host_lamb(tensors: list[tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]], *, step: Scalar, lr: Scalar,
+               beta1: float, beta2: float, eps: float, weight_decay: float, bias_correction: bool,
+               weight_norm_bounds: Optional[tuple[float, float]], trust_clip: bool, maximize: bool) -> None:
+    """The CPU path: each tensor's moments, ``u``, norms, ratio (a Python float) and update back to
+    back, while its memory is still in cache, with ``u`` for one tensor at a time (not a copy of
+    every parameter). ``(w, g, m, v, ratio slot or None)`` per tensor."""
+    lr = lr.item() if isinstance(lr, Tensor) else lr
+    step = step.item() if isinstance(step, Tensor) else step
+    correction1, correction2 = (_one_minus_power(beta1, step), _one_minus_power(beta2, step)) if bias_correction \
+        else (1.0, 1.0)
+    root2 = math.sqrt(correction2)
+    for w, g, m, v, slot in tensors:
+        if maximize:
+            g = torch.neg(g)
+        m.lerp_(g, 1 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
+        u = v.sqrt().div_(root2).add_(eps)
+        torch.div(m, u, out=u).div_(correction1)
+        if weight_decay != 0:
+            u.add_(w, alpha=weight_decay)
+        ratio = 1.0
+        if slot is not None:
+            ratio = _host_lamb_ratio(_host_norm(w), _host_norm(u), weight_norm_bounds=weight_norm_bounds,
+                                     trust_clip=trust_clip)
+            slot.fill_(ratio)
+        w.add_(u, alpha=-lr * ratio)
+
+
+def _host_lamb_ratio(w_norm: float, u_norm: float, *, weight_norm_bounds: Optional[tuple[float, float]],
+                     trust_clip: bool) -> float:
+    """:func:`lamb_trust_ratio` for one layer's norms as Python floats (the CPU path): the same rule."""
+    if not (math.isfinite(w_norm) and math.isfinite(u_norm)):
+        return math.nan
+    phi = w_norm if weight_norm_bounds is None else min(max(w_norm, weight_norm_bounds[0]), weight_norm_bounds[1])
+    ratio = phi / u_norm if w_norm > 0 and u_norm > 0 else 1.0
+    return min(ratio, 1.0) if trust_clip else ratio
 
 
 def lamb_directions(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], *,

@@ -11,6 +11,7 @@ from checkpoints import weights_only_round_trip
 from torch import nn
 
 from lars_plugins import LAMB
+from lars_plugins import functional
 from lars_plugins.functional import lamb, lamb_trust_ratio
 
 SHAPES = [(16, 8), (8,), (4, 3, 3, 3), (32, 16)]
@@ -68,10 +69,23 @@ CONFIGS = [
 ]
 
 
-@pytest.mark.parametrize("foreach", [False, True])
+# "cpu": the CPU path (one tensor at a time, norms read on the host); "single": the single-tensor
+# path accelerators take (no host reads), forced here on CPU tensors; "foreach": multi-tensor.
+PATHS = ["cpu", "single", "foreach"]
+
+
+def use_path(path, monkeypatch):
+    """The ``foreach`` argument for ``path``; "single" also turns the CPU path off."""
+    if path == "single":
+        monkeypatch.setattr(functional, "_host_scalars", lambda device: False)
+    return path == "foreach"
+
+
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("tensor_step", [False, True])
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
-def test_matches_algorithm_2(cfg, foreach, tensor_step):
+def test_matches_algorithm_2(cfg, path, tensor_step, monkeypatch):
+    foreach = use_path(path, monkeypatch)
     params = tensors(0)
     adapt = [len(s) > 1 for s in SHAPES]
     ref = ReferenceLAMB(params, adapt, **cfg)
@@ -151,9 +165,10 @@ def run(opt, params, steps, first=1):
     return [p.detach().clone() for p in params]
 
 
-@pytest.mark.parametrize("foreach", [False, True])
+@pytest.mark.parametrize("path", PATHS)
 @pytest.mark.parametrize("cfg", CONFIGS, ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
-def test_optimizer_matches_algorithm_2_with_biases_excluded(cfg, foreach):
+def test_optimizer_matches_algorithm_2_with_biases_excluded(cfg, path, monkeypatch):
+    foreach = use_path(path, monkeypatch)
     params = make_params()
     ref = ReferenceLAMB(params, [len(s) > 1 for s in MODEL_SHAPES], **cfg)
     opt = LAMB(params, foreach=foreach, **cfg)
@@ -232,6 +247,8 @@ def test_resume_from_a_weights_only_checkpoint_equals_the_uninterrupted_run():
 
 @pytest.mark.parametrize("foreach", [False, True])
 def test_step_reads_nothing_on_the_host_but_its_cpu_step_counts(foreach, monkeypatch):
+    """The accelerator paths, run here on CPU tensors (the CPU path reads its norms on purpose)."""
+    monkeypatch.setattr(functional, "_host_scalars", lambda device: False)
     params = make_params()
     opt = LAMB(params, lr=torch.tensor(1e-2), trust_clip=True, weight_norm_bounds=(0.0, 5.0), foreach=foreach)
 
@@ -288,3 +305,18 @@ def test_trains_a_real_model_and_excludes_biases_and_norms():
     assert loss.item() < 0.3 * first
     adapted = {n for n, p in model.named_parameters() if "trust_ratio" in opt.state[p]}
     assert adapted == {"0.weight", "3.weight"}
+
+
+@pytest.mark.parametrize("path", PATHS)
+def test_a_nan_gradient_gives_that_layer_a_nan_ratio_and_leaves_the_others_alone(path, monkeypatch):
+    foreach = use_path(path, monkeypatch)
+    params = make_params()
+    opt = LAMB(params, lr=1e-2, foreach=foreach)
+    grads = tensors(5, MODEL_SHAPES)
+    grads[0][0, 0] = math.nan
+    for p, g in zip(params, grads):
+        p.grad = g
+    opt.step()
+    assert math.isnan(opt.state[params[0]]["trust_ratio"].item())
+    healthy = opt.state[params[2]]["trust_ratio"].item()
+    assert math.isfinite(healthy) and healthy > 0 and torch.isfinite(params[2]).all()
