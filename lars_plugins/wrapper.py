@@ -13,6 +13,8 @@ is LARS exactly; over AdamW with ``η = 1, ε = 0`` it is LAMB exactly.
 
 from __future__ import annotations
 
+import functools
+import math
 from typing import Any, Callable, Optional
 
 import torch
@@ -21,7 +23,7 @@ from torch.optim import Optimizer
 
 from .base import LayerwiseOptimizer, evaluate, flag, real
 from .distributed import ShardedNorms, is_dtensor, to_local
-from .functional import _buckets, ratio_dtype, trust_ratio
+from .functional import _buckets, _host_norm, _host_scalars, _host_trust_ratio, ratio_dtype, trust_ratio
 from .layouts import FlatLayout, layer_shape
 
 __all__ = ["Layerwise", "centralize_gradients_"]
@@ -189,6 +191,8 @@ class Layerwise(LayerwiseOptimizer):
         local = [to_local(p) for p in params]
         dtype = ratio_dtype(local[0].dtype)
         old = [t.clone() for t in local]  # the one copy
+        if norms is None and all(_host_scalars(t.device) for t in local):
+            return functools.partial(self._rescale_on_host, params, old)
         w_squares = _squares(local, dtype)
 
         def rescale(group: dict[str, Any]) -> None:
@@ -201,6 +205,20 @@ class Layerwise(LayerwiseOptimizer):
             _add_scaled_(local, old, 1.0 - ratios)  # w ← w_new + (1 - r)·(w_old - w_new) = w_old + r·Δw
 
         return rescale
+
+    def _rescale_on_host(self, params: list[Tensor], old: list[Tensor], group: dict[str, Any]) -> None:
+        """The CPU path of the rescaling: each tensor's norms, ratio (a Python float) and update back
+        to back, while its memory is in cache (on the CPU a host read costs nothing)."""
+        lr = group["lr"].item() if isinstance(group["lr"], Tensor) else group["lr"]
+        for p, o in zip(params, old):
+            w_norm = _host_norm(o)
+            o.sub_(p)  # w_old - w_new = -Δw
+            delta_norm = _host_norm(o)
+            d_norm = 0.0 if delta_norm == 0 else (delta_norm / lr if lr > 0 else math.inf)
+            ratio = _host_trust_ratio(w_norm, d_norm, trust_coefficient=group["trust_coefficient"], weight_decay=0.0,
+                                      eps=group["trust_eps"], lr=lr, trust_clip=group["trust_clip"])
+            self._trust_ratio_slot(p).fill_(ratio)
+            p.add_(o, alpha=1.0 - ratio)  # w_old + r·Δw
 
     def _before_flat(self, group: dict[str, Any], layout: FlatLayout) -> Optional[Callable[[dict[str, Any]], None]]:
         """The same on the pieces of a flat layout (FSDP1, DeepSpeed ZeRO): whole-layer norms from

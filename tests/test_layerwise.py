@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lars_plugins import LAMB, LARS, Layerwise, TrustRatioMonitor, centralize_gradients_
+from lars_plugins import LAMB, LARS, Layerwise, TrustRatioMonitor, centralize_gradients_, functional
 from checkpoints import weights_only_round_trip
 
 SHAPES = [(16, 8), (16,), (4, 3, 3), (4,)]  # weights are adapted, vectors excluded
@@ -64,6 +64,15 @@ def reference(make_base, steps, eta, eps=1e-8, clip=False, centralize=False):
     return [p.detach() for p in params], ratios
 
 
+@pytest.fixture(params=["cpu", "tensor"])
+def path(request, monkeypatch):
+    """"cpu": norms and ratios as Python floats, one tensor at a time (the CPU path); "tensor": the
+    accelerator path (0-d tensors, no host reads), forced here on CPU tensors."""
+    if request.param == "tensor":
+        monkeypatch.setattr(functional, "_host_scalars", lambda device: False)
+    return request.param
+
+
 BASES = {
     "sgd": lambda ps: torch.optim.SGD(ps, lr=0.5, momentum=0.9, weight_decay=1e-3),
     "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.05),
@@ -74,7 +83,7 @@ BASES = {
 
 @pytest.mark.parametrize("clip", [False, True])
 @pytest.mark.parametrize("name", list(BASES))
-def test_rescales_each_base_update_as_documented(name, clip):
+def test_rescales_each_base_update_as_documented(name, clip, path):
     expected, expected_ratios = reference(BASES[name], 4, eta=0.02, clip=clip)
     params = make_params()
     opt = Layerwise(BASES[name](params), trust_coefficient=0.02, trust_clip=clip)
@@ -86,7 +95,7 @@ def test_rescales_each_base_update_as_documented(name, clip):
             assert opt.state[p]["trust_ratio"].item() == pytest.approx(r, rel=1e-9)
 
 
-def test_over_plain_sgd_is_lars():
+def test_over_plain_sgd_is_lars(path):
     """SGD without momentum or decay: the base's direction is the gradient, so r is LARS's Eq. 6."""
     a_params, b_params = make_params(), make_params()
     a = run(Layerwise(torch.optim.SGD(a_params, lr=3.0, momentum=0.0), trust_coefficient=0.01), a_params, 5)
@@ -95,7 +104,7 @@ def test_over_plain_sgd_is_lars():
         torch.testing.assert_close(x, y, rtol=1e-12, atol=1e-12)
 
 
-def test_over_adamw_with_unit_coefficient_is_lamb():
+def test_over_adamw_with_unit_coefficient_is_lamb(path):
     """AdamW's update is lr·(m̂/(√v̂+ε) + wd·w) = lr·u: with η = 1 and no ε the ratio is ‖w‖/‖u‖."""
     a_params, b_params = make_params(), make_params()
     adamw = torch.optim.AdamW([{"params": a_params[0::2], "weight_decay": 0.05},
@@ -181,7 +190,7 @@ def test_new_groups_go_to_the_base_with_the_wrapper_s_keys():
     assert "trust_ratio" not in opt.state[params[2]] and "trust_ratio" in opt.state[params[0]]
 
 
-def test_a_zero_initialised_layer_takes_eta_times_the_base_step_and_moves():
+def test_a_zero_initialised_layer_takes_eta_times_the_base_step_and_moves(path):
     w = nn.Parameter(torch.zeros(4, 4, dtype=torch.float64))
     opt = Layerwise(torch.optim.SGD([w], lr=1.0), trust_coefficient=0.01)
     w.grad = torch.ones(4, 4, dtype=torch.float64)
