@@ -279,8 +279,8 @@ def _squares(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
 
 
 def _add_scaled_(ys: list[Tensor], xs: list[Tensor], scales: Tensor) -> None:
-    """``y += s·x`` per pair with ``s`` from the vector ``scales``, one foreach call per device/dtype bucket."""
-    for (_, dtype), idx in _buckets(ys).items():
-        factors = scales.to(dtype) if dtype != scales.dtype else scales
-        torch._foreach_addcmul_([ys[i] for i in idx], [xs[i] for i in idx],
-                                list(factors[torch.tensor(idx, device=scales.device)].unbind()))
+    """``y += s·x`` per pair with ``s`` from the vector ``scales`` (0-d views, no host read, no index
+    tensor), one foreach call per device/dtype bucket."""
+    factors = scales.unbind()
+    for idx in _buckets(ys).values():
+        torch._foreach_addcmul_([ys[i] for i in idx], [xs[i] for i in idx], [factors[i] for i in idx])

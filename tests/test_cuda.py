@@ -71,6 +71,48 @@ def test_step_never_syncs_and_matches_cpu(cfg, tensor_lr, dtype, foreach):
             torch.testing.assert_close(ratio.cpu(), cpu_opt.state[q]["trust_ratio"], rtol=ratio_tol, atol=0)
 
 
+def run_without_syncs(opt, params, device_grads):
+    for device_step in device_grads:
+        for p, g in zip(params, device_step):
+            p.grad = g
+        torch.cuda.set_sync_debug_mode("error")
+        try:
+            opt.step()
+        finally:
+            torch.cuda.set_sync_debug_mode("default")
+
+
+@pytest.mark.parametrize("foreach", [None, False, True])
+@pytest.mark.parametrize("tensor_lr", [False, True])
+@pytest.mark.parametrize("kind", ["lamb", "layerwise"])
+def test_lamb_and_the_wrapper_never_sync_and_match_cpu(kind, tensor_lr, foreach):
+    from lars_plugins import LAMB, Layerwise
+
+    device = torch.device("cuda")
+
+    def build(params, lr):
+        if kind == "lamb":
+            return LAMB(params, lr=lr, weight_decay=0.01, trust_clip=True, foreach=foreach)
+        return Layerwise(torch.optim.AdamW(params, lr=lr, foreach=foreach, capturable=isinstance(lr, torch.Tensor)),
+                         trust_coefficient=0.5)
+
+    params, cpu_params = make(device), make("cpu")
+    opt = build(params, torch.tensor(1e-2, device=device) if tensor_lr else 1e-2)
+    cpu_opt = build(cpu_params, 1e-2)
+    steps = grads_for(3)
+    torch.cuda.synchronize()
+    run_without_syncs(opt, params, [[g.to(device) for g in step] for step in steps])
+    for step in steps:
+        for p, g in zip(cpu_params, step):
+            p.grad = g
+        cpu_opt.step()
+    for p, q in zip(params, cpu_params):
+        torch.testing.assert_close(p.detach().cpu(), q.detach(), rtol=1e-4, atol=1e-5)
+        if "trust_ratio" in cpu_opt.state[q]:
+            torch.testing.assert_close(opt.state[p]["trust_ratio"].cpu(), cpu_opt.state[q]["trust_ratio"], rtol=1e-4,
+                                       atol=0)
+
+
 def test_monitor_syncs_once_on_recording_steps_and_never_otherwise():
     import warnings
 

@@ -223,3 +223,25 @@ def test_bad_bases_and_keys_are_refused():
     with pytest.raises(TypeError, match="centralize_gradients must be a bool"):
         Layerwise(torch.optim.SGD(params, lr=0.1), centralize_gradients=1)
     assert math.isfinite(Layerwise(torch.optim.SGD(params, lr=0.1)).param_groups[0]["trust_eps"])
+
+
+def test_one_copy_of_the_adapted_parameters_during_the_step_and_none_when_nothing_is_adapted(monkeypatch):
+    """What the wrapper allocates: a clone of each adapted parameter with a gradient, nothing else
+    (SGD without momentum allocates nothing of its own)."""
+    clones = []
+    real_clone = torch.Tensor.clone
+
+    def counted(self, *args, **kwargs):
+        clones.append(self.numel())
+        return real_clone(self, *args, **kwargs)
+
+    for excluded, expected in ((False, [p.numel() for p in make_params()]), (True, [])):
+        params = make_params()
+        opt = Layerwise(torch.optim.SGD([{"params": params, "lars_exclude": excluded}], lr=0.1))
+        for p, g in zip(params, grads_at(0)):
+            p.grad = g
+        clones.clear()
+        monkeypatch.setattr(torch.Tensor, "clone", counted)
+        opt.step()
+        monkeypatch.setattr(torch.Tensor, "clone", real_clone)
+        assert sorted(clones) == sorted(expected)
