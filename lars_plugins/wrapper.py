@@ -148,10 +148,13 @@ class Layerwise(LayerwiseOptimizer):
             if "trust_ratio" in state:
                 state["trust_ratio"] = state["trust_ratio"].to(ratio_dtype(p.dtype))
 
+    def __getstate__(self) -> dict[str, Any]:
+        # torch pickles defaults, state and groups alone; a wrapper is nothing without its base.
+        return {**super().__getstate__(), "base": self.base}
+
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
-        if "base" in self.__dict__:
-            self.param_groups, self.state = self.base.param_groups, self.base.state
+        self.param_groups, self.state = self.base.param_groups, self.base.state
 
     def __repr__(self) -> str:
         return f"Layerwise({self.base!r})"

@@ -181,6 +181,18 @@ def test_checkpoints_are_the_bare_base_s_both_ways():
     assert again.param_groups[0]["trust_coefficient"] == 0.3 and again.param_groups[0]["lr"] == 1e-4
 
 
+def test_a_deep_copy_keeps_its_base_and_steps_like_the_original():
+    import copy
+
+    params = make_params()
+    opt = Layerwise(torch.optim.AdamW(params, lr=1e-2), trust_coefficient=0.5)
+    run(opt, params, 2)
+    twin = copy.deepcopy({"params": params, "opt": opt})
+    assert twin["opt"].param_groups is twin["opt"].base.param_groups and twin["opt"].state is twin["opt"].base.state
+    for a, b in zip(run(opt, params, 2, first=2), run(twin["opt"], twin["params"], 2, first=2)):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+
+
 def test_new_groups_go_to_the_base_with_the_wrapper_s_keys():
     params = make_params()
     opt = Layerwise(torch.optim.SGD(params[:2], lr=0.1), trust_coefficient=0.02)
