@@ -46,7 +46,7 @@ ETA = 1e-3
 LAYER_DECAY = 0.8
 ADAMW_LRS = [1e-4, 2.5e-4, 6e-4, 1.5e-3]
 LARS_PRODUCTS = [2.5e-4, 5e-4, 1e-3, 2e-3, 5e-3]  # γ·η
-LAMB_LRS = [1e-3, 3e-3, 1e-2, 3e-2]  # LAMB's lr: the relative step of an adapted layer
+LAMB_LRS = [1e-3, 2e-3, 3e-3, 5e-3, 1e-2]  # LAMB's lr: the relative step of an adapted layer
 DEPTH_PRODUCT = 1e-3  # γ·η of the recorded depth-study runs
 
 

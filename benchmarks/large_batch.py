@@ -57,7 +57,7 @@ WARMUP_EPOCHS = 1.0
 TUNING_GRID = [0.0125 * 2**k for k in range(9)]
 ETAS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 PRODUCTS = [1e-3 * 2**k for k in range(-2, 6)]  # γ·η from 2.5e-4 to 3.2e-2
-RANGER_LRS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1]  # RAdam's LR
+RANGER_LRS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]  # RAdam's LR
 LARS_RANGER_PRODUCTS = [2.5e-3, 5e-3, 1e-2, 2e-2, 4e-2, 8e-2]  # γ·η of LARS + Ranger
 
 
