@@ -1,0 +1,167 @@
+"""Trust-ratio monitoring at the scale of real runs: history, files, plot, and recording cost.
+
+    python benchmarks/monitor_scale.py                       # 2,000 layers x 5,000 records, and ViT-B/16
+    python benchmarks/monitor_scale.py --layers 200 --records 500 --no-model   # a smoke run
+
+History: a synthetic run of ``--layers`` parameter tensors recorded ``--records`` times with all four
+metrics and their summaries (what ``TrustRatioMonitor`` reports with its defaults), appended to a
+``TrustRatioHistory``, written to CSV, read back, and drawn with ``lars-plugins plot``. Each phase
+runs in a process of its own, which reports its wall time and its peak resident memory.
+
+Recording cost: a ViT-B/16 (timm, random init, 152 tensors) on the CPU, one LARS step with and
+without a monitor attached, on steps it records and steps it does not (medians, interleaved).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+
+
+def synthetic_records(layers: int, records: int):
+    """``(step, record)`` of a run with ``layers`` tensors named like a transformer's, in model order."""
+    from lars_plugins.monitor import METRICS
+
+    names = [f"blocks.{i // 8}.{('attn.qkv', 'attn.proj', 'mlp.fc1', 'mlp.fc2', 'norm1', 'norm2', 'ls1', 'ls2')[i % 8]}"
+             f".weight" for i in range(layers)]
+    gen = torch.Generator().manual_seed(0)
+    base = torch.rand(len(METRICS), layers, generator=gen, dtype=torch.float64) * 3 - 4  # log10 of the values
+    for k in range(records):
+        noise = torch.randn(len(METRICS), layers, generator=gen, dtype=torch.float64) * 0.05
+        values = torch.pow(10.0, base + noise - 0.3 * math.log10(k + 1)).tolist()
+        record = {}
+        for metric, row in zip(METRICS, values):
+            record.update((f"{metric}/{name}", v) for name, v in zip(names, row))
+            ordered = sorted(row)
+            record[f"{metric}_stats/min"] = ordered[0]
+            record[f"{metric}_stats/median"] = ordered[len(ordered) // 2]
+            record[f"{metric}_stats/max"] = ordered[-1]
+        yield 10 * k, record
+
+
+def peak_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux reports KiB
+
+
+def phase_write(layers: int, records: int, path: str) -> dict:
+    from lars_plugins import TrustRatioHistory
+
+    generated = list(synthetic_records(layers, records))  # made before timing: the run's own work
+    base_mb = peak_mb()
+    history = TrustRatioHistory()
+    start = time.perf_counter()
+    for step, record in generated:
+        history.append(step, record)
+    append_s = time.perf_counter() - start
+    del generated
+    start = time.perf_counter()
+    history.to_csv(path)
+    write_s = time.perf_counter() - start
+    return {"append_s": append_s, "append_ms_per_record": 1e3 * append_s / records,
+            "history_mb": history.nbytes() / 1e6 if hasattr(history, "nbytes") else math.nan,
+            "peak_above_records_mb": peak_mb() - base_mb, "write_s": write_s,
+            "csv_mb": os.path.getsize(path) / 1e6}
+
+
+def phase_read(path: str) -> dict:
+    from lars_plugins import TrustRatioHistory
+
+    start = time.perf_counter()
+    history = TrustRatioHistory.from_csv(path)
+    return {"read_s": time.perf_counter() - start, "read_peak_mb": peak_mb(), "steps": len(history)}
+
+
+def phase_plot(path: str, out: str) -> dict:
+    from lars_plugins.cli import main
+
+    start = time.perf_counter()
+    main(["plot", path, "--output", out])
+    return {"plot_s": time.perf_counter() - start, "plot_peak_mb": peak_mb()}
+
+
+def in_child(phase: str, *args: str) -> dict:
+    result = subprocess.run([sys.executable, __file__, "--phase", phase, *args], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise SystemExit(f"phase {phase} failed:\n{result.stderr[-3000:]}")
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+def recording_cost(reps: int) -> dict:
+    import timm
+
+    from lars_plugins import LARS, TrustRatioMonitor, param_groups
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_base_patch16_224", pretrained=False)
+    for p in model.parameters():
+        p.grad = torch.randn_like(p) * 1e-2
+    plain = LARS(param_groups(model, weight_decay=1e-4), lr=0.1)
+    watched_model = timm.create_model("vit_base_patch16_224", pretrained=False)
+    watched_model.load_state_dict(model.state_dict())
+    for p, q in zip(watched_model.parameters(), model.parameters()):
+        p.grad = q.grad.clone()
+    watched = LARS(param_groups(watched_model, weight_decay=1e-4), lr=0.1)
+    monitor = TrustRatioMonitor(watched_model, watched, every_n_steps=2, keep_history=True)
+    times: dict[str, list[float]] = {"no monitor": [], "monitor, step not recorded": [], "monitor, step recorded": []}
+    for rep in range(2 + 2 * reps):
+        for label, opt in (("no monitor", plain), ("monitor", watched)):
+            recorded = opt is watched and monitor.will_record()
+            start = time.perf_counter()
+            opt.step()
+            elapsed = time.perf_counter() - start
+            if rep >= 2:
+                key = label if opt is plain else f"monitor, step {'recorded' if recorded else 'not recorded'}"
+                times[key].append(elapsed)
+    medians = {k: 1e3 * statistics.median(v) for k, v in times.items()}
+    return {"tensors": len(list(model.parameters())), **medians}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--layers", type=int, default=2000)
+    parser.add_argument("--records", type=int, default=5000)
+    parser.add_argument("--reps", type=int, default=10, help="recording-cost steps of each kind")
+    parser.add_argument("--no-model", action="store_true", help="skip the ViT-B/16 recording cost")
+    parser.add_argument("--phase", help=argparse.SUPPRESS)
+    parser.add_argument("args", nargs="*", help=argparse.SUPPRESS)
+    args = parser.parse_args()
+    if args.phase:  # a child process: one phase, its result as the last line of JSON
+        phases = {"write": lambda: phase_write(int(args.args[0]), int(args.args[1]), args.args[2]),
+                  "read": lambda: phase_read(args.args[0]), "plot": lambda: phase_plot(args.args[0], args.args[1])}
+        print(json.dumps(phases[args.phase]()))
+        return
+    print(f"torch {torch.__version__}, {os.cpu_count()} cores; {args.layers} layers x {args.records} records x 4 "
+          f"metrics (+ summaries)")
+    with tempfile.TemporaryDirectory() as tmp:
+        csv_path, png = str(Path(tmp) / "history.csv"), str(Path(tmp) / "report.png")
+        write = in_child("write", str(args.layers), str(args.records), csv_path)
+        read = in_child("read", csv_path)
+        plot = in_child("plot", csv_path, png)
+    print("\n| phase | time | memory |\n|---|---:|---:|")
+    print(f"| append {args.records} records | {write['append_s']:.1f} s ({write['append_ms_per_record']:.2f} ms each) | "
+          f"history {write['history_mb']:.0f} MB; process grew {write['peak_above_records_mb']:.0f} MB |")
+    print(f"| to_csv | {write['write_s']:.1f} s | file {write['csv_mb']:.0f} MB |")
+    print(f"| from_csv | {read['read_s']:.1f} s | peak {read['read_peak_mb']:.0f} MB |")
+    print(f"| lars-plugins plot | {plot['plot_s']:.1f} s | peak {plot['plot_peak_mb']:.0f} MB |")
+    if not args.no_model:
+        cost = recording_cost(args.reps)
+        base = cost["no monitor"]
+        print(f"\nRecording cost, ViT-B/16 ({cost['tensors']} tensors), LARS step on the CPU, median ms:")
+        print("\n| | ms | x no monitor |\n|---|---:|---:|")
+        for key in ("no monitor", "monitor, step not recorded", "monitor, step recorded"):
+            print(f"| {key} | {cost[key]:.1f} | {cost[key] / base:.2f} |")
+
+
+if __name__ == "__main__":
+    main()
