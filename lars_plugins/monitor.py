@@ -10,13 +10,12 @@ that round-trips through CSV (the wide format Lightning's ``CSVLogger`` also wri
 from __future__ import annotations
 
 import csv
-import io
 import math
 import re
 import statistics
 from collections import defaultdict
 from pathlib import Path
-from typing import Any, Callable, Iterable, Mapping, Optional, Sequence, Union
+from typing import Any, Callable, Container, Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import Tensor, nn
@@ -33,6 +32,7 @@ __all__ = ["TrustRatioMonitor", "TrustRatioHistory", "METRICS", "STATS", "unwrap
 METRICS = ("trust_ratio", "effective_lr", "weight_norm", "grad_norm")
 STATS = ("min", "median", "max")
 STATS_SUFFIX = "_stats"  # summaries go to f"{metric}_stats/{stat}", a dashboard section of three plots
+_ADAPTED_ONLY = ("trust_ratio", "effective_lr")  # for layer-wise optimizers, summarised over adapted layers
 
 PathLike = Union[str, Path]
 
@@ -74,7 +74,8 @@ class TrustRatioMonitor:
         optimizer: the optimizer, or a framework wrapper of one.
         every_n_steps: record every n-th optimizer step; ``None``: only when asked.
         per_layer: report one value per layer and metric.
-        summaries: report ``{metric}_stats/min|median|max`` over layers.
+        summaries: report ``{metric}_stats/min|median|max`` over layers (for LARS, LAMB and
+            ``Layerwise``, those of ``trust_ratio`` and ``effective_lr`` over the adapted layers only).
         metrics: which of :data:`METRICS` to report.
         keep_history: keep every record in :attr:`history`.
         on_record: called as ``on_record(step, metrics)`` after each recording step (e.g. a logger).
@@ -289,12 +290,18 @@ class TrustRatioMonitor:
                 if metric in per_metric and value is not None:
                     per_metric[metric][name] = value
 
+        # Summaries of trust_ratio and effective_lr are over the adapted layers only: an excluded
+        # tensor's effective LR is the raw group LR (often 100x the adapted ones), which would make
+        # min/median/max describe the excluded tensors rather than the layer-wise rates.
+        adapted = {name for name, ratio in zip(names, r_host) if ratio is not None} if is_lars else None
         record: dict[str, float] = {}
         for metric, layer_values in per_metric.items():
             if self.per_layer:
                 record.update((f"{metric}/{name}", value) for name, value in layer_values.items())
             if self.summaries:
-                finite = [v for v in layer_values.values() if math.isfinite(v)]
+                summarised = layer_values.values() if adapted is None or metric not in _ADAPTED_ONLY else \
+                    [v for name, v in layer_values.items() if name in adapted]
+                finite = [v for v in summarised if math.isfinite(v)]
                 if finite:
                     record[f"{metric}{STATS_SUFFIX}/min"] = min(finite)
                     record[f"{metric}{STATS_SUFFIX}/median"] = statistics.median(finite)
@@ -428,34 +435,52 @@ def _unique(names: list[str]) -> list[str]:
 class TrustRatioHistory:
     """Recorded metrics as a compact table: one row per step, one column per ``metric/layer`` key.
 
-    Columns keep the order in which they first appeared (model order). Saved as a wide CSV with a
-    ``step`` column, the format Lightning's ``CSVLogger`` writes, so :meth:`from_csv` reads either.
-    A value that was recorded as NaN (a NaN gradient's ratio) stays NaN, distinct from a cell where
-    nothing was recorded: an empty CSV cell or a Parquet null.
+    Columnar: the values live in float64 tensors of :data:`BLOCK_ROWS` rows each (8 bytes a value and
+    1 for whether it was recorded), so appending a record is one indexed copy and memory is about
+    the size of the numbers; a new key widens only the block being filled. Columns keep the order
+    in which they first appeared (model order). Saved as a wide CSV with a ``step`` column, the
+    format Lightning's ``CSVLogger`` also writes, so :meth:`from_csv` reads either. A value recorded
+    as NaN (a NaN gradient's ratio) stays NaN, distinct from a cell where nothing was recorded: an
+    empty CSV cell or a Parquet null.
     """
 
     def __init__(self) -> None:
         self.steps: list[int] = []
         self.columns: dict[str, int] = {}  # key -> column index, in order of first appearance
-        self._rows: list[list[Optional[float]]] = []  # None: not recorded
+        self._blocks: list[_Block] = []
         self._row_of_step: dict[int, int] = {}
+        self._last_keys: list[str] = []  # the previous record's keys, and their column indices
+        self._last_index: Optional[Tensor] = None
 
     def __len__(self) -> int:
         return len(self.steps)
 
+    def nbytes(self) -> int:
+        """Memory held by the table's values and masks."""
+        return sum(block.values.numel() * 9 for block in self._blocks)
+
     def append(self, step: int, record: Mapping[str, float]) -> None:
         """Add (or merge into the row of) ``step`` the values of ``record``."""
-        row_index = self._row_of_step.get(step)
-        if row_index is None:
-            row_index = self._row_of_step[step] = len(self.steps)
+        keys = list(record)
+        if keys != self._last_keys:  # a run records the same keys every time: looked up once
+            self._last_index = self._index(keys)
+            self._last_keys = keys
+        assert self._last_index is not None
+        self._append_row(step, self._last_index, torch.tensor([float(v) for v in record.values()], dtype=torch.float64))
+
+    def _index(self, keys: Sequence[str]) -> Tensor:
+        """Column indices of ``keys``, adding the new ones."""
+        return torch.tensor([self.columns.setdefault(key, len(self.columns)) for key in keys], dtype=torch.long)
+
+    def _append_row(self, step: int, index: Tensor, values: Tensor) -> None:
+        """:meth:`append` of a row whose columns are known (``index``, from :meth:`_index`)."""
+        row = self._row_of_step.get(step)
+        if row is None:
+            row = self._row_of_step[step] = len(self.steps)
             self.steps.append(step)
-            self._rows.append([])
-        row = self._rows[row_index]
-        for key, value in record.items():
-            col = self.columns.setdefault(key, len(self.columns))
-            if len(row) <= col:
-                row.extend([None] * (col + 1 - len(row)))
-            row[col] = float(value)
+            if row % BLOCK_ROWS == 0:
+                self._blocks.append(_Block(max(len(self.columns), 1)))
+        self._blocks[row // BLOCK_ROWS].put(row % BLOCK_ROWS, index, values, len(self.columns))
 
     def metrics(self) -> list[str]:
         """Metric names present (the part of each key before the first ``/``)."""
@@ -467,27 +492,69 @@ class TrustRatioHistory:
         prefix = metric + "/"
         return [key[len(prefix):] for key in self.columns if key.startswith(prefix)]
 
-    def matrix(self, metric: str) -> tuple[list[int], list[str], list[list[float]]]:
-        """``(steps, layers, values)`` with ``values[layer][step]`` (NaN where not recorded, or
-        recorded as NaN), steps sorted, and steps at which no layer of ``metric`` was recorded left out."""
+    def table(self, metric: str, dtype: torch.dtype = torch.float64) -> tuple[list[int], list[str], Tensor]:
+        """``(steps, layers, values)`` with ``values`` a tensor of layers × steps (NaN where not
+        recorded, or recorded as NaN), steps sorted, and steps at which no layer of ``metric`` was
+        recorded left out. Built a few hundred columns at a time: no full-size float64 copy is made
+        on the way to a float32 table."""
         layers = self.layers(metric)
         cols = [self.columns[f"{metric}/{name}"] for name in layers]
         order = sorted(range(len(self.steps)), key=self.steps.__getitem__)
-        kept = [i for i in order if any(_cell(self._rows[i], c) is not None for c in cols)]
-        values = [[_value(_cell(self._rows[i], c)) for i in kept] for c in cols]
-        return [self.steps[i] for i in kept], layers, values
+        chunks = [cols[k:k + _CHUNK] for k in range(0, len(cols), _CHUNK)]
+        any_recorded = torch.zeros(len(self.steps), dtype=torch.bool)
+        for chunk in chunks:
+            any_recorded |= self._gather(chunk)[1].any(dim=1)
+        rows = torch.tensor([i for i in order if any_recorded[i]], dtype=torch.long)
+        out = torch.empty(len(layers), len(rows), dtype=dtype)
+        for k, chunk in enumerate(chunks):
+            values = self._gather(chunk)[0]  # NaN where not recorded
+            out[k * _CHUNK:k * _CHUNK + len(chunk)] = values.index_select(0, rows).T
+        return [self.steps[i] for i in rows.tolist()], layers, out
+
+    def recorded_steps(self, metric: str) -> list[int]:
+        """The steps at which some layer of ``metric`` was recorded, sorted."""
+        layers = self.layers(metric)
+        cols = [self.columns[f"{metric}/{name}"] for name in layers]
+        any_recorded = torch.zeros(len(self.steps), dtype=torch.bool)
+        for k in range(0, len(cols), _CHUNK):
+            any_recorded |= self._gather(cols[k:k + _CHUNK])[1].any(dim=1)
+        return sorted(step for step, recorded in zip(self.steps, any_recorded.tolist()) if recorded)
+
+    def at_step(self, metric: str, step: int) -> dict[str, float]:
+        """The values of ``metric`` recorded at ``step``, by layer (layers not recorded there left out)."""
+        layers = self.layers(metric)
+        row = self._row_of_step.get(step)
+        if row is None:
+            return {}
+        block = self._blocks[row // BLOCK_ROWS]
+        index = torch.tensor([self.columns[f"{metric}/{name}"] for name in layers], dtype=torch.long)
+        values, recorded = block.columns(index, row % BLOCK_ROWS + 1)
+        return {name: v for name, v, m in zip(layers, values[-1].tolist(), recorded[-1].tolist()) if m}
+
+    def matrix(self, metric: str) -> tuple[list[int], list[str], list[list[float]]]:
+        """:meth:`table` with the values as lists: ``values[layer][step]``."""
+        steps, layers, data = self.table(metric)
+        return steps, layers, data.tolist()
 
     def latest(self, metric: str) -> dict[str, float]:
         """The newest recorded value of each layer of ``metric`` (NaN if that is what was recorded)."""
         layers = self.layers(metric)
-        order = sorted(range(len(self.steps)), key=self.steps.__getitem__, reverse=True)
-        out = {}
-        for name in layers:
-            col = self.columns[f"{metric}/{name}"]
-            newest = next((_cell(self._rows[i], col) for i in order if _cell(self._rows[i], col) is not None), None)
-            if newest is not None:
-                out[name] = newest
-        return out
+        values, recorded = self._gather([self.columns[f"{metric}/{name}"] for name in layers])
+        newest_first = torch.tensor(sorted(range(len(self.steps)), key=self.steps.__getitem__, reverse=True),
+                                    dtype=torch.long)
+        values, recorded = values[newest_first], recorded[newest_first]
+        first = recorded.to(torch.uint8).argmax(dim=0)  # the newest recorded row of each layer
+        picked = values.gather(0, first[None]).squeeze(0).tolist()
+        return {name: v for name, v, any_ in zip(layers, picked, recorded.any(dim=0).tolist()) if any_}
+
+    def _gather(self, cols: list[int]) -> tuple[Tensor, Tensor]:
+        """Values and recorded-masks of columns ``cols`` for every row, in row order."""
+        index = torch.tensor(cols, dtype=torch.long)
+        parts = [block.columns(index, min(BLOCK_ROWS, len(self.steps) - k * BLOCK_ROWS))
+                 for k, block in enumerate(self._blocks)]
+        if not parts:
+            return torch.empty(0, len(cols), dtype=torch.float64), torch.empty(0, len(cols), dtype=torch.bool)
+        return torch.cat([v for v, _ in parts]), torch.cat([m for _, m in parts])
 
     def _check_metric(self, metric: str) -> None:
         if not self.steps:
@@ -498,102 +565,210 @@ class TrustRatioHistory:
 
     # --- files ---------------------------------------------------------------------------------
 
+    def _row_chunks(self) -> Iterable[tuple[list[int], list[list[float]], Tensor, Tensor]]:
+        """Per block: its steps, values as lists, which rows are fully recorded, and the mask."""
+        n_cols = len(self.columns)
+        for k, block in enumerate(self._blocks):
+            n = min(BLOCK_ROWS, len(self.steps) - k * BLOCK_ROWS)
+            values, recorded = block.columns(torch.arange(n_cols), n)
+            yield self.steps[k * BLOCK_ROWS:k * BLOCK_ROWS + n], values.tolist(), recorded.all(dim=1), recorded
+
     def to_rows(self) -> tuple[list[str], list[list[Any]]]:
         """Header and rows (step first), as written to CSV; ``None`` where nothing was recorded."""
-        header = ["step", *self.columns]
-        rows = [[step, *(_cell(row, c) for c in range(len(self.columns)))] for step, row in zip(self.steps, self._rows)]
-        return header, rows
+        rows = []
+        for steps, values, full, recorded in self._row_chunks():
+            for i, (step, row) in enumerate(zip(steps, values)):
+                mask = recorded[i].tolist()
+                rows.append([step, *(v if m else None for v, m in zip(row, mask))])
+        return ["step", *self.columns], rows
 
-    def to_csv(self, path: PathLike) -> Path:
-        """Write a wide CSV: ``step`` then one column per key; empty cells where not recorded."""
+    def to_csv(self, path: PathLike, digits: int = 9) -> Path:
+        """Write a wide CSV: ``step`` then one column per key; empty cells where not recorded.
+
+        Values have ``digits`` significant digits: 9 writes every float32 exactly (the monitor's
+        norms and ratios are float32 unless the parameters are float64) and anything else to 5e-10,
+        at a third of the time of exact float64 text; ``digits=17`` is exact for float64."""
+        if not (isinstance(digits, int) and 1 <= digits <= 17):
+            raise ValueError(f"digits must be an int from 1 to 17, got {digits!r}")
         path = Path(path)
-        header, rows = self.to_rows()
+        cell = f"%.{digits}g"
+        full_format = None
         with path.open("w", newline="") as f:
-            writer = csv.writer(f)
-            writer.writerow(header)
-            for row in rows:
-                writer.writerow(["" if v is None else repr(v) for v in row])
+            csv.writer(f).writerow(["step", *self.columns])
+            for steps, values, full, recorded in self._row_chunks():
+                if full_format is None or full_format[0] != len(self.columns):
+                    full_format = (len(self.columns), "%d," + ",".join([cell] * len(self.columns)) + "\n")
+                lines = []
+                for i, (step, row) in enumerate(zip(steps, values)):
+                    if full[i]:  # one %-format of the whole row: the fastest float formatting Python has
+                        lines.append(full_format[1] % (step, *row))
+                    else:
+                        mask = recorded[i].tolist()
+                        lines.append(f"{step}," + ",".join(cell % v if m else "" for v, m in zip(row, mask)) + "\n")
+                f.write("".join(lines))
         return path
 
     @classmethod
-    def from_csv(cls, path: PathLike) -> "TrustRatioHistory":
+    def from_csv(cls, path: PathLike, metrics: Optional[Sequence[str]] = None,
+                 steps: Optional[Container[int]] = None) -> "TrustRatioHistory":
         """Read a wide CSV with a ``step`` column: this class's own files, Lightning's ``CSVLogger``
-        ``metrics.csv`` or the HF integration's. Keys without a ``/`` (loss, epoch) are ignored;
+        ``metrics.csv`` or the HF integration's. Keys without a ``/`` (loss, epoch) are ignored, and
+        with ``metrics`` given, keys of other metrics too (a plot reads only what it draws), and with
+        ``steps`` given, rows of other steps (cheaply: their numbers are not parsed);
         several rows of one step are merged. A file cut off (no final newline, or a row with fewer
         fields than the header) or a cell that is no number is refused, naming the file and line."""
         path = Path(path)
-        text = path.read_text()
-        if text and not text.endswith("\n"):
-            raise ValueError(f"{path}: the file ends without a newline, so its last row is cut off; "
-                             "the file was truncated while it was written")
-        reader = csv.DictReader(io.StringIO(text, newline=""))
-        if reader.fieldnames is None or "step" not in reader.fieldnames:
-            raise ValueError(f"{path}: no 'step' column (columns: {reader.fieldnames})")
         history = cls()
-        for line in reader:
-            if None in line or any(value is None for value in line.values()):
-                raise ValueError(f"{path}, line {reader.line_num}: {len([v for v in line.values() if v is not None])} "
-                                 f"fields where the header has {len(reader.fieldnames)}: the row is cut off or malformed")
-            record = {}
-            for key, cell in line.items():
-                if key and "/" in key and cell != "":
-                    record[key] = _parse(cell, path, reader.line_num, key)
-            if record and line["step"] != "":
-                history.append(int(_parse(line["step"], path, reader.line_num, "step")), record)
+        with path.open(newline="") as f:
+            header_line = f.readline()
+            if not header_line.endswith("\n"):
+                if header_line:
+                    raise ValueError(f"{path}: the file ends without a newline, so its last row is cut off; "
+                                     "the file was truncated while it was written")
+            header = next(csv.reader([header_line])) if header_line else None
+            if not header or "step" not in header:
+                raise ValueError(f"{path}: no 'step' column (columns: {header})")
+            step_at = header.index("step")
+            kept = [j for j, key in enumerate(header) if key and "/" in key
+                    and (metrics is None or key.split("/", 1)[0] in metrics)]
+            keys = [header[j] for j in kept]
+            every = kept == list(range(1, len(header)))
+            simple = step_at == 0 and bool(kept)  # our own files: the step first, then numbers
+            index: Optional[Tensor] = None
+            for line_num, line in enumerate(f, start=2):
+                if not line.endswith("\n"):
+                    raise ValueError(f"{path}: the file ends without a newline, so its last row is cut off; "
+                                     "the file was truncated while it was written")
+                if steps is not None and step_at == 0 and '"' not in line:
+                    head = line[:line.find(",")]
+                    if head and head.lstrip("-").isdigit() and int(head) not in steps:
+                        continue
+                cells = line.rstrip("\r\n").split(",") if '"' not in line else next(csv.reader([line]))
+                if len(cells) != len(header):
+                    raise ValueError(f"{path}, line {line_num}: {len(cells)} fields where the header has "
+                                     f"{len(header)}: the row is cut off or malformed")
+                if cells[step_at] == "":
+                    continue
+                step = int(_parse(cells[step_at], path, line_num, "step"))
+                if steps is not None and step not in steps:
+                    continue
+                if simple:
+                    picked = cells[1:] if every else [cells[j] for j in kept]
+                    if "" not in picked:
+                        try:
+                            values = torch.tensor(list(map(float, picked)), dtype=torch.float64)
+                        except ValueError:
+                            pass  # a cell that is no number: found and named below
+                        else:
+                            if index is None:
+                                index = history._index(keys)
+                            history._append_row(step, index, values)
+                            continue
+                record = {header[j]: _parse(cells[j], path, line_num, header[j]) for j in kept if cells[j] != ""}
+                if record:
+                    history.append(step, record)
         if not history.steps:
+            present = list(dict.fromkeys(key.split("/", 1)[0] for key in header if key and "/" in key))
+            if metrics is not None and present:
+                raise ValueError(f"{path}: no metric {' or '.join(map(repr, metrics))} with a value; "
+                                 f"available: {', '.join(present) or 'none'}")
             raise ValueError(f"{path}: no recorded metrics (no 'metric/layer' column with a value)")
-        keys = list(history.columns)
-        if keys == sorted(keys):
+        names = list(history.columns)
+        if names == sorted(names):
             # Lightning's CSVLogger sorts its columns as strings (net.12 before net.3); numbered layers
             # read in numeric order are back in model order for the usual names.
-            history._reorder(sorted(keys, key=_natural_key))
+            history._reorder(sorted(names, key=_natural_key))
         return history
 
     def _reorder(self, keys: list[str]) -> None:
-        old = self.columns
+        index = torch.tensor([self.columns[key] for key in keys], dtype=torch.long)
+        for k, block in enumerate(self._blocks):
+            block.reorder(index)
         self.columns = {key: i for i, key in enumerate(keys)}
-        self._rows = [[_cell(row, old[key]) for key in keys] for row in self._rows]
+        self._last_keys, self._last_index = [], None
 
     def to_parquet(self, path: PathLike) -> Path:
         """Write the table as Parquet (needs ``pyarrow``: ``pip install "lars_plugins[parquet]"``)."""
         pa, pq = _pyarrow()
-        header, rows = self.to_rows()
-        table = pa.table({name: [row[i] for row in rows] for i, name in enumerate(header)})
-        pq.write_table(table, str(path))
+        values, recorded = self._gather(list(range(len(self.columns))))
+        data, mask = values.numpy(), (~recorded).numpy()
+        arrays = {"step": pa.array(self.steps, type=pa.int64())}
+        arrays.update((key, pa.array(data[:, j], mask=mask[:, j])) for j, key in enumerate(self.columns))
+        pq.write_table(pa.table(arrays), str(path))
         return Path(path)
 
     @classmethod
-    def from_parquet(cls, path: PathLike) -> "TrustRatioHistory":
-        """Read a table written by :meth:`to_parquet`."""
+    def from_parquet(cls, path: PathLike, metrics: Optional[Sequence[str]] = None) -> "TrustRatioHistory":
+        """Read a table written by :meth:`to_parquet` (only the keys of ``metrics``, if given)."""
         _, pq = _pyarrow()
         columns = pq.read_table(str(path)).to_pydict()
         if "step" not in columns:
             raise ValueError(f"{path}: no 'step' column")
         history = cls()
-        keys = [k for k in columns if "/" in k]
+        keys = [k for k in columns if "/" in k and (metrics is None or k.split("/", 1)[0] in metrics)]
         for i, step in enumerate(columns["step"]):
             if step is None:
                 raise ValueError(f"{path}, row {i}: the step is null")
             history.append(int(step), {k: columns[k][i] for k in keys if columns[k][i] is not None})
         return history
 
+    @staticmethod
+    def file_metrics(path: PathLike) -> list[str]:
+        """The metrics a CSV or Parquet file holds columns of, from its header alone."""
+        if Path(path).suffix.lower() in (".parquet", ".pq"):
+            _, pq = _pyarrow()
+            keys = pq.read_schema(str(path)).names
+        else:
+            with Path(path).open(newline="") as f:
+                keys = next(csv.reader([f.readline()]), [])
+        return list(dict.fromkeys(key.split("/", 1)[0] for key in keys if "/" in key))
+
     @classmethod
-    def load(cls, path: PathLike) -> "TrustRatioHistory":
-        """Read CSV or Parquet, chosen by the file's suffix."""
-        return cls.from_parquet(path) if Path(path).suffix.lower() in (".parquet", ".pq") else cls.from_csv(path)
+    def load(cls, path: PathLike, metrics: Optional[Sequence[str]] = None) -> "TrustRatioHistory":
+        """Read CSV or Parquet, chosen by the file's suffix (only the keys of ``metrics``, if given)."""
+        if Path(path).suffix.lower() in (".parquet", ".pq"):
+            return cls.from_parquet(path, metrics)
+        return cls.from_csv(path, metrics)
+
+
+BLOCK_ROWS = 256  # rows per storage block of a TrustRatioHistory
+_CHUNK = 256  # columns gathered at a time when a table is built
+
+
+class _Block:
+    """``BLOCK_ROWS`` rows of a history: float64 values and a recorded-mask, widened on demand."""
+
+    def __init__(self, width: int) -> None:
+        self.values = torch.full((BLOCK_ROWS, width), math.nan, dtype=torch.float64)
+        self.recorded = torch.zeros((BLOCK_ROWS, width), dtype=torch.bool)
+
+    def put(self, row: int, index: Tensor, values: Tensor, width: int) -> None:
+        if width > self.values.shape[1]:  # a key this block has not seen: widen it (this block only)
+            grown = max(width, 2 * self.values.shape[1])
+            values_grown = torch.full((BLOCK_ROWS, grown), math.nan, dtype=torch.float64)
+            recorded_grown = torch.zeros((BLOCK_ROWS, grown), dtype=torch.bool)
+            values_grown[:, :self.values.shape[1]] = self.values
+            recorded_grown[:, :self.values.shape[1]] = self.recorded
+            self.values, self.recorded = values_grown, recorded_grown
+        self.values[row, index] = values
+        self.recorded[row, index] = True
+
+    def columns(self, index: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+        """Columns ``index`` of the first ``rows`` rows (not recorded beyond this block's width)."""
+        inside = index < self.values.shape[1]
+        safe = torch.where(inside, index, 0)
+        values = self.values[:rows].index_select(1, safe)
+        recorded = self.recorded[:rows].index_select(1, safe) & inside
+        return torch.where(recorded, values, math.nan), recorded
+
+    def reorder(self, index: Tensor) -> None:
+        values, recorded = self.columns(index, BLOCK_ROWS)
+        self.values, self.recorded = values, recorded
 
 
 def _natural_key(key: str) -> list[Any]:
     """``net.3.weight`` before ``net.12.weight``: digit runs compare as numbers."""
     return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", key)]
-
-
-def _cell(row: list[Optional[float]], col: int) -> Optional[float]:
-    return row[col] if col < len(row) else None
-
-
-def _value(cell: Optional[float]) -> float:
-    return math.nan if cell is None else cell
 
 
 def _parse(cell: str, path: Path, line: int, key: str) -> float:

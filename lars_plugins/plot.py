@@ -1,13 +1,20 @@
 """Plots of recorded trust ratios (matplotlib, the ``plot`` extra).
 
 * :func:`plot_heatmap`: layer × step on a log colour scale -- where LARS throttles, and when;
-* :func:`plot_lines`: one line per layer over steps, coloured from input to output;
+* :func:`plot_lines`: the layers over steps, coloured from input to output (grouped when there are many);
 * :func:`plot_bars`: the per-layer values at one step, with ``‖w‖`` and ``‖g‖``, as in the paper's Table 2;
 * :func:`plot_report`: the three side by side in one PNG (what ``lars-plugins plot`` writes).
 
-Every function takes a :class:`~lars_plugins.monitor.TrustRatioHistory` (or a path to a CSV/Parquet
-file it can load) and draws on a given matplotlib ``Axes`` or a new figure. No pyplot state is used,
-so the functions are safe in scripts, servers and tests.
+Made for real runs: thousands of layers, thousands of records. What a person needs to see there is
+which layers, and when, leave their usual range, so every reduction for display keeps the value
+farthest (on the log scale) from the layer's own median: steps are binned into at most
+:data:`MAX_COLUMNS` columns, layers beyond :data:`MAX_ROWS` are grouped by block, and a spike of
+one step in one layer survives both. The titles say what was reduced. Files with summaries only
+(min/median/max over layers, as Lightning users often log) draw as a band.
+
+Every function takes a :class:`~lars_plugins.monitor.TrustRatioHistory` (or a path to a file it can
+load) and draws on a given matplotlib ``Axes`` or a new figure. No pyplot state is used, so the
+functions are safe in scripts, servers and tests.
 """
 
 from __future__ import annotations
@@ -16,12 +23,17 @@ import math
 from pathlib import Path
 from typing import Any, Optional, Union
 
+from .groups import block_ids
 from .monitor import STATS_SUFFIX, TrustRatioHistory
 
-__all__ = ["plot_heatmap", "plot_lines", "plot_bars", "plot_report", "save_plot", "KINDS"]
+__all__ = ["plot_heatmap", "plot_lines", "plot_bars", "plot_report", "save_plot", "KINDS", "MAX_ROWS", "MAX_COLUMNS",
+           "MAX_LINES"]
 
 HistoryLike = Union[TrustRatioHistory, str, Path]
 KINDS = ("report", "heatmap", "lines", "bars")
+MAX_ROWS = 200  # heatmap rows; more layers are grouped by block
+MAX_COLUMNS = 600  # display columns (step bins) of the heatmap and the lines
+MAX_LINES = 12  # lines; more layers are drawn as the medians of this many groups, over a min-max band
 
 _LABELS = {
     "trust_ratio": "trust ratio",
@@ -40,20 +52,46 @@ def _matplotlib() -> Any:
     return matplotlib, Figure
 
 
-def _history(history: HistoryLike) -> TrustRatioHistory:
+def _history(history: HistoryLike, metrics: Optional[tuple[str, ...]] = None) -> TrustRatioHistory:
+    """The history, or the file's: with ``metrics`` (the metric drawn and its summaries first), only
+    those are read, and ``weight_norm``/``grad_norm`` (which annotate the bars) only at the last step
+    the metric was recorded: a plot holds what it draws, not the whole file."""
     if isinstance(history, TrustRatioHistory):
         return history
-    if isinstance(history, (str, Path)):
+    if not isinstance(history, (str, Path)):
+        raise TypeError(f"history must be a TrustRatioHistory or a path to a CSV/Parquet file, got "
+                        f"{type(history).__name__}")
+    if metrics is None:
         return TrustRatioHistory.load(history)
-    raise TypeError(f"history must be a TrustRatioHistory or a path to a CSV/Parquet file, got {type(history).__name__}")
+    present = TrustRatioHistory.file_metrics(history)
+    if present and not set(metrics[:2]) & set(present):
+        raise ValueError(f"no metric {metrics[0]!r} in {history}, per layer or summarised; available: "
+                         f"{', '.join(present)}")
+    drawn = metrics[:2]
+    loaded = TrustRatioHistory.load(history, metrics=drawn)
+    norms = tuple(m for m in metrics[2:] if m not in drawn and m in present)
+    if norms and drawn[0] in loaded.metrics() and Path(history).suffix.lower() not in (".parquet", ".pq"):
+        last = loaded.recorded_steps(drawn[0])[-1]
+        at_last = TrustRatioHistory.from_csv(history, metrics=norms, steps={last})
+        for step in at_last.steps:
+            loaded.append(step, {f"{m}/{name}": v for m in norms for name, v in at_last.at_step(m, step).items()})
+    return loaded
 
 
-def _positive(values: list[list[float]]) -> list[float]:
-    return [v for row in values for v in row if v == v and v > 0 and math.isfinite(v)]
+_NORMS = ("weight_norm", "grad_norm")
+
+
+def _label(metric: str) -> str:
+    return _LABELS.get(metric, metric)
 
 
 def _short(name: str, width: int = 28) -> str:
     return name if len(name) <= width else "…" + name[-(width - 1):]
+
+
+def _ordinal(n: int) -> str:
+    suffix = "th" if 10 <= n % 100 <= 20 else {1: "st", 2: "nd", 3: "rd"}.get(n % 10, "th")
+    return f"{n}{suffix}"
 
 
 def _axes(ax: Any, size: tuple[float, float]) -> Any:
@@ -63,127 +101,317 @@ def _axes(ax: Any, size: tuple[float, float]) -> Any:
     return Figure(figsize=size, layout="constrained").add_subplot()
 
 
-def plot_heatmap(history: HistoryLike, metric: str = "trust_ratio", *, ax: Any = None, max_labels: int = 40) -> Any:
-    """Layer (rows, input at the top) × step (columns) heatmap of ``metric`` on a log colour scale."""
+def _integer_steps(ax: Any) -> None:
+    from matplotlib.ticker import MaxNLocator
+
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+
+
+def _has_layers(history: TrustRatioHistory, metric: str) -> bool:
+    return metric in history.metrics()
+
+
+def _log_table(history: TrustRatioHistory, metric: str) -> tuple[Any, list[str], Any]:
+    """``(steps, layers, log10 values)`` as numpy (float32, NaN where not positive or not recorded)."""
+    import numpy as np
+    import torch
+
+    steps, layers, data = history.table(metric, dtype=torch.float32)
+    data[~(data > 0)] = math.nan
+    logs = data.log10_().numpy()
+    if not np.isfinite(logs).any():
+        raise ValueError(f"metric {metric!r} has no positive value to draw on a log scale")
+    return np.asarray(steps, dtype=np.int64), layers, logs
+
+
+def _deviation(logs: Any) -> Any:
+    """How far each value is from its layer's median (log scale); -1 where there is no value."""
+    import numpy as np
+
+    with np.errstate(invalid="ignore"), _quiet_nan_warnings():
+        median = np.nanmedian(logs, axis=1, keepdims=True)
+    return np.nan_to_num(np.abs(logs - median), nan=-1.0)
+
+
+class _quiet_nan_warnings:
+    """numpy warns about all-NaN slices (a layer never recorded); that is expected here."""
+
+    def __enter__(self) -> None:
+        import warnings
+
+        self._context = warnings.catch_warnings()
+        self._context.__enter__()
+        warnings.simplefilter("ignore", RuntimeWarning)
+
+    def __exit__(self, *exc: object) -> None:
+        self._context.__exit__(*exc)
+
+
+def _extremes(logs: Any, deviation: Any, starts: Any, axis: int) -> tuple[Any, Any]:
+    """Reduce consecutive runs (beginning at ``starts`` along ``axis``) to the value of each run
+    farthest from its layer's median; returns the reduced logs and deviations."""
+    import numpy as np
+
+    most = np.maximum.reduceat(deviation, starts, axis=axis)
+    counts = np.diff(np.append(starts, logs.shape[axis]))
+    candidates = np.where((deviation == np.repeat(most, counts, axis=axis)) & (deviation >= 0), logs, -np.inf)
+    picked = np.maximum.reduceat(candidates, starts, axis=axis)
+    picked[np.isneginf(picked)] = np.nan
+    return picked, most
+
+
+def _step_bins(steps: Any, max_columns: int) -> tuple[Any, Any, Any]:
+    """Uniform bins over the recorded step range: ``(edges, starts of occupied runs, their bin)``."""
+    import numpy as np
+
+    first, last = int(steps[0]), int(steps[-1])
+    n_bins = min(max_columns, last - first + 1)
+    width = (last - first + 1) / n_bins
+    which = np.minimum(((steps - first) / width).astype(np.int64), n_bins - 1)
+    starts = np.flatnonzero(np.diff(which, prepend=-1))
+    return first - 0.5 + width * np.arange(n_bins + 1), starts, which[starts]
+
+
+def _binned(steps: Any, logs: Any, deviation: Any, max_columns: int) -> tuple[Any, Any, Any, bool]:
+    """Columns for display: per recorded step while they fit, else uniform step bins that keep
+    each layer's extreme. Returns ``(edges, logs, deviation, binned)``."""
+    import numpy as np
+
+    if len(steps) <= max_columns:
+        edges = steps.astype(float)
+        if len(edges) > 1:
+            mid = (edges[1:] + edges[:-1]) / 2
+            edges = np.concatenate([[edges[0] - (mid[0] - edges[0])], mid, [edges[-1] + (edges[-1] - mid[-1])]])
+        else:
+            edges = np.array([edges[0] - 0.5, edges[0] + 0.5])
+        return edges, logs, deviation, False
+    edges, starts, bins = _step_bins(steps, max_columns)
+    reduced, most = _extremes(logs, deviation, starts, axis=1)
+    grid = np.full((logs.shape[0], len(edges) - 1), np.nan, dtype=np.float32)
+    grid_dev = np.full(grid.shape, -1.0, dtype=np.float32)
+    grid[:, bins], grid_dev[:, bins] = reduced, most
+    return edges, grid, grid_dev, True
+
+
+def _layer_groups(layers: list[str], limit: int) -> tuple[list[int], list[str]]:
+    """Consecutive layers in groups (by block where the names tell, else evenly), at most ``limit``:
+    ``(start index of each group, label)``."""
+    ids = block_ids(layers)
+    starts = [i for i, name in enumerate(layers) if i == 0 or ids[name] != ids[layers[i - 1]]]
+    if len(starts) > limit:  # more blocks than rows: merge neighbouring blocks evenly
+        starts = [starts[round(k * len(starts) / limit)] for k in range(limit)]
+    elif len(starts) <= 1:  # names tell no blocks: even chunks
+        size = math.ceil(len(layers) / limit)
+        starts = list(range(0, len(layers), size))
+    ends = starts[1:] + [len(layers)]
+    return starts, [_group_label(layers[a:b]) for a, b in zip(starts, ends)]
+
+
+def _group_label(names: list[str]) -> str:
+    """``blocks.3 (8)`` for one block, ``blocks.3 … blocks.4 (16)`` for neighbours merged."""
+    first, last = _block_of(names[0]), _block_of(names[-1])
+    span = first if first == last else f"{first} … {last}"
+    return f"{span} ({len(names)})" if len(names) > 1 else names[0]
+
+
+def _block_of(name: str) -> str:
+    parts = name.split(".")
+    numbered = next((i for i, part in enumerate(parts[:-1]) if part.isdigit()), None)
+    return ".".join(parts[:numbered + 1]) if numbered is not None else ".".join(parts[:-1]) or name
+
+
+def plot_heatmap(history: HistoryLike, metric: str = "trust_ratio", *, ax: Any = None, max_labels: int = 40,
+                 max_rows: int = MAX_ROWS, max_columns: int = MAX_COLUMNS) -> Any:
+    """Layer (rows, input at the top) × step (columns) heatmap of ``metric`` on a log colour scale.
+
+    Beyond ``max_rows`` layers, rows are blocks (each cell the block's layer farthest from its own
+    median at that time); beyond ``max_columns`` recorded steps, columns are step bins (each cell
+    the bin's value farthest from the layer's median)."""
     import numpy as np
     from matplotlib.colors import LogNorm
 
-    history = _history(history)
-    steps, layers, values = history.matrix(metric)
-    ax = _axes(ax, (10, max(3.0, min(14.0, 0.18 * len(layers) + 1.5))))
-    data = np.array(values, dtype=float)
-    data[~(data > 0)] = np.nan  # log scale: zeros and NaN are shown as blank
-    positive = _positive(values)
-    if not positive:
-        raise ValueError(f"metric {metric!r} has no positive value to draw on a log scale")
-    norm = LogNorm(vmin=min(positive), vmax=max(positive) if max(positive) > min(positive) else min(positive) * 10)
-    # Edges half-way between recorded steps, so uneven logging intervals draw honestly.
-    edges = np.array(steps, dtype=float)
-    if len(edges) > 1:
-        mid = (edges[1:] + edges[:-1]) / 2
-        edges = np.concatenate([[edges[0] - (mid[0] - edges[0])], mid, [edges[-1] + (edges[-1] - mid[-1])]])
-    else:
-        edges = np.array([edges[0] - 0.5, edges[0] + 0.5])
-    mesh = ax.pcolormesh(edges, np.arange(len(layers) + 1), data, norm=norm, cmap="viridis", shading="flat")
-    ax.invert_yaxis()
-    every = max(1, math.ceil(len(layers) / max_labels))
-    ticks = list(range(0, len(layers), every))
-    ax.set_yticks([t + 0.5 for t in ticks], [_short(layers[t]) for t in ticks], fontsize=7)
+    history = _history(history, (metric, f"{metric}{STATS_SUFFIX}"))
+    steps, layers, logs = _log_table(history, metric)
+    deviation = _deviation(logs)
+    row_labels = layers
+    grouped = len(layers) > max_rows
+    if grouped:
+        starts, row_labels = _layer_groups(layers, max_rows)
+        logs, deviation = _extremes(logs, deviation, np.asarray(starts), axis=0)
+    edges, logs, _, binned = _binned(steps, logs, deviation, max_columns)
+    ax = _axes(ax, (10, max(3.0, min(14.0, 0.18 * len(row_labels) + 1.5))))
+    finite = logs[np.isfinite(logs)]
+    low, high = float(finite.min()), float(finite.max())
+    norm = LogNorm(vmin=10 ** low, vmax=10 ** high if high > low else 10 ** low * 10)
+    mesh = ax.pcolormesh(edges, np.arange(len(row_labels) + 1), np.power(10.0, logs, dtype=np.float64),
+                         norm=norm, cmap="viridis", shading="flat", rasterized=True)
+    ax.set_ylim(len(row_labels), 0)
+    every = max(1, math.ceil(len(row_labels) / max_labels))
+    ticks = list(range(0, len(row_labels), every))
+    ax.set_yticks([t + 0.5 for t in ticks], [_short(row_labels[t], 32) for t in ticks], fontsize=7)
     ax.set_xlabel("step")
-    ax.set_title(f"{_LABELS.get(metric, metric)} by layer and step" + (f" (every {every}th layer labelled)" if every > 1 else ""))
-    ax.figure.colorbar(mesh, ax=ax, label=f"{_LABELS.get(metric, metric)} (log scale)")
+    _integer_steps(ax)
+    notes = []
+    if grouped:
+        notes.append(f"{len(layers)} layers in {len(row_labels)} blocks, each cell its most unusual layer")
+    if binned:
+        notes.append(f"{len(steps)} records in {len(edges) - 1} step bins, each keeping its extreme")
+    if every > 1:
+        notes.append(f"every {_ordinal(every)} row labelled")
+    ax.set_title(f"{_label(metric)} by layer and step" + "".join(f"\n{note}" for note in notes), fontsize=10)
+    ax.figure.colorbar(mesh, ax=ax, label=f"{_label(metric)} (log scale)", pad=0.01)
     return ax
 
 
-def plot_lines(history: HistoryLike, metric: str = "trust_ratio", *, ax: Any = None) -> Any:
-    """One line per layer over steps (log y), coloured by depth; the median in black when recorded."""
+def plot_lines(history: HistoryLike, metric: str = "trust_ratio", *, ax: Any = None, max_lines: int = MAX_LINES,
+               max_points: int = MAX_COLUMNS) -> Any:
+    """The layers of ``metric`` over steps (log y), coloured from input to output.
+
+    Up to ``max_lines`` layers: one line each. More: the median of each of ``max_lines`` groups of
+    consecutive layers (blocks), over a grey band from the lowest to the highest layer. Beyond
+    ``max_points`` recorded steps, each line keeps its extreme per step bin. A file with only the
+    summaries (``{metric}_stats/min|median|max``) draws as the median over its min-max band."""
     import numpy as np
     from matplotlib.cm import ScalarMappable
     from matplotlib.colors import Normalize
 
-    history = _history(history)
-    steps, layers, values = history.matrix(metric)
-    if not _positive(values):
-        raise ValueError(f"metric {metric!r} has no positive value to draw on a log scale")
+    history = _history(history, (metric, f"{metric}{STATS_SUFFIX}"))
     ax = _axes(ax, (8, 5))
-    # plasma without its last, pale-yellow stretch: every line stays visible on white.
-    cmap = _matplotlib()[0].colors.LinearSegmentedColormap.from_list(
-        "plasma_dark", _matplotlib()[0].colormaps["plasma"](np.linspace(0.0, 0.85, 256)))
-    depth = Normalize(vmin=0, vmax=max(1, len(layers) - 1))
-    x = np.array(steps, dtype=float)
-    for i, row in enumerate(values):
-        y = np.array(row, dtype=float)
-        y[~(y > 0)] = np.nan
-        ax.plot(x, y, color=cmap(depth(i)), linewidth=0.9, alpha=0.8)
     stats = f"{metric}{STATS_SUFFIX}"
+    if not _has_layers(history, metric):
+        return _summary_band(history, metric, ax)
+    steps, layers, logs = _log_table(history, metric)
+    deviation = _deviation(logs)
+    edges, shown, _, binned = _binned(steps, logs, deviation, max_points)
+    x = (edges[1:] + edges[:-1]) / 2 if binned else steps.astype(float)
+    matplotlib, _ = _matplotlib()
+    # plasma without its last, pale-yellow stretch: every line stays visible on white.
+    cmap = matplotlib.colors.LinearSegmentedColormap.from_list(
+        "plasma_dark", matplotlib.colormaps["plasma"](np.linspace(0.0, 0.85, 256)))
+    if len(layers) <= max_lines:
+        lines, what = shown, f"{len(layers)} layers"
+    else:
+        starts, _ = _layer_groups(layers, max_lines)
+        with _quiet_nan_warnings():
+            lines = np.stack([np.nanmedian(logs[a:b], axis=0) for a, b in zip(starts, starts[1:] + [len(layers)])])
+            low, high = np.nanmin(logs, axis=0), np.nanmax(logs, axis=0)
+        if binned:  # the band and the group medians per bin: extremes of the band, medians' extremes
+            _, bin_starts, bins = _step_bins(steps, max_points)
+            band_low = np.full(len(x), np.nan)
+            band_high = np.full(len(x), np.nan)
+            band_low[bins] = np.fmin.reduceat(low, bin_starts)
+            band_high[bins] = np.fmax.reduceat(high, bin_starts)
+            low, high = band_low, band_high
+            lines = _binned(steps, lines, _deviation(lines), max_points)[1]
+        ax.fill_between(x, 10 ** low, 10 ** high, color="0.85", linewidth=0, label="lowest to highest layer")
+        what = f"medians of {len(lines)} groups of {len(layers)} layers"
+    depth = Normalize(vmin=0, vmax=max(1, len(lines) - 1))
+    for i, row in enumerate(lines):
+        ax.plot(x, 10 ** row.astype(float), color=cmap(depth(i)), linewidth=1.0, alpha=0.85)
     if stats in history.metrics() and "median" in history.layers(stats):
-        s_steps, s_layers, s_values = history.matrix(stats)
-        ax.plot(s_steps, s_values[s_layers.index("median")], color="black", linewidth=2.2, label="median over layers")
+        s_steps, s_layers, s_values = history.table(stats)
+        ax.plot(s_steps, s_values[s_layers.index("median")].numpy(), color="black", linewidth=2.0,
+                label="median over layers")
+    if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", fontsize=8)
     ax.set_yscale("log")
     ax.set_xlabel("step")
-    ax.set_ylabel(_LABELS.get(metric, metric))
-    ax.set_title(f"{_LABELS.get(metric, metric)} per layer ({len(layers)} layers)")
+    _integer_steps(ax)
+    ax.set_ylabel(_label(metric))
+    ax.set_title(f"{_label(metric)}: {what}" + (f", {len(steps)} records in {len(x)} step bins" if binned else ""),
+                 fontsize=10)
     ax.grid(True, which="major", alpha=0.3)
-    bar = ax.figure.colorbar(ScalarMappable(norm=depth, cmap=cmap), ax=ax)
-    bar.set_label("layer index (input → output)")
+    # An inset colour bar stays next to its axes whatever the layout does to the column it sits in.
+    bar = ax.figure.colorbar(ScalarMappable(norm=depth, cmap=cmap), cax=ax.inset_axes([1.015, 0.0, 0.025, 1.0]))
+    bar.set_label("layer index (input → output)" if len(layers) <= max_lines else "layer group (input → output)")
     bar.ax.yaxis.get_major_locator().set_params(integer=True)
+    return ax
+
+
+def _summary_band(history: TrustRatioHistory, metric: str, ax: Any) -> Any:
+    stats = f"{metric}{STATS_SUFFIX}"
+    if stats not in history.metrics() or not {"min", "median", "max"} & set(history.layers(stats)):
+        raise ValueError(f"no metric {metric!r} in this history, per layer or summarised; available: "
+                         f"{', '.join(history.metrics()) or 'none'}")
+    steps, names, values = history.table(stats)
+    series = {name: values[names.index(name)].numpy() for name in ("min", "median", "max") if name in names}
+    if "min" in series and "max" in series:
+        ax.fill_between(steps, series["min"], series["max"], color="0.8", linewidth=0, label="min to max over layers")
+    if "median" in series:
+        ax.plot(steps, series["median"], color="black", linewidth=1.8, label="median over layers")
+    ax.set_yscale("log")
+    ax.set_xlabel("step")
+    _integer_steps(ax)
+    ax.set_ylabel(_label(metric))
+    ax.set_title(f"{_label(metric)} over layers (the file has summaries only)", fontsize=10)
+    ax.grid(True, which="major", alpha=0.3)
+    ax.legend(loc="best", fontsize=8)
     return ax
 
 
 def plot_bars(history: HistoryLike, metric: str = "trust_ratio", *, step: Optional[int] = None, ax: Any = None,
               max_layers: int = 40) -> Any:
     """Per-layer ``metric`` at ``step`` (default: the last recorded one) as horizontal bars on a log
-    axis, each annotated with ``‖w‖ / ‖g‖`` where recorded -- the paper's Table 2 as a picture."""
-    history = _history(history)
-    steps, layers, values = history.matrix(metric)
+    axis, each annotated with ``‖w‖ / ‖g‖`` where recorded -- the paper's Table 2 as a picture.
+    With more than ``max_layers`` layers, the lowest and the highest half of ``max_layers`` each are
+    shown (the extremes are what a bar chart of thousands of layers would hide)."""
+    history = _history(history, (metric, f"{metric}{STATS_SUFFIX}", "weight_norm", "grad_norm"))
+    steps = history.recorded_steps(metric)
     if step is None:
-        column = len(steps) - 1
-    elif step in steps:
-        column = steps.index(step)
-    else:
+        step = steps[-1]
+    elif step not in steps:
         raise ValueError(f"step {step} was not recorded for {metric!r}; recorded steps: {steps[0]}..{steps[-1]}")
-    shown = [(name, row[column]) for name, row in zip(layers, values) if row[column] == row[column] and row[column] > 0]
+    shown = [(name, v) for name, v in history.at_step(metric, step).items() if v == v and v > 0]
     if not shown:
-        raise ValueError(f"metric {metric!r} has no positive value at step {steps[column]}")
-    every = max(1, math.ceil(len(shown) / max_layers))
-    shown = shown[::every]
+        raise ValueError(f"metric {metric!r} has no positive value at step {step}")
+    total = len(shown)
+    if total > max_layers:
+        ranked = sorted(shown, key=lambda item: item[1])
+        half = max_layers // 2
+        shown = ranked[:half] + ranked[-half:]
     norms = {}
     if metric != "weight_norm" and {"weight_norm", "grad_norm"} <= set(history.metrics()):
-        for m in ("weight_norm", "grad_norm"):
-            m_steps, m_layers, m_values = history.matrix(m)
-            if steps[column] in m_steps:
-                k = m_steps.index(steps[column])
-                norms[m] = {name: row[k] for name, row in zip(m_layers, m_values)}
+        norms = {m: history.at_step(m, step) for m in ("weight_norm", "grad_norm")}
     ax = _axes(ax, (8, max(3.0, 0.28 * len(shown) + 1.5)))
     y = list(range(len(shown)))
-    ax.barh(y, [v for _, v in shown], color="#3b7dd8")
+    smallest = min(v for _, v in shown)
+    ax.barh(y, [v for _, v in shown], color="#3b7dd8", left=smallest / 4)
     ax.set_xscale("log")
+    ax.set_xlim(left=smallest / 4)  # every bar, the smallest too, starts a factor 4 left of its end
     ax.set_yticks(y, [_short(name) for name, _ in shown], fontsize=7)
-    ax.invert_yaxis()
+    ax.set_ylim(len(shown) - 0.5, -0.5)
     if norms:
         for yi, (name, v) in zip(y, shown):
-            w, g = norms["weight_norm"].get(name), norms["grad_norm"].get(name)
+            w, g = norms["weight_norm"].get(name), norms["grad_norm"].get(name)  # type: ignore[index]
             if w is not None and g is not None:
                 ax.annotate(f" ‖w‖ {w:.3g}  ‖g‖ {g:.2g}", (v, yi), va="center", fontsize=6)
-    ax.set_xlabel(_LABELS.get(metric, metric) + " (log scale)")
-    subset = f", every {every}th layer" if every > 1 else ""
-    ax.set_title(f"{_LABELS.get(metric, metric)} per layer at step {steps[column]}{subset}")
+    ax.set_xlabel(_label(metric) + " (log scale)")
+    if total > max_layers:
+        ax.axhline(max_layers // 2 - 0.5, color="0.5", linewidth=0.8, linestyle="--")
+        subset = f": the {max_layers // 2} lowest and highest of {total} layers"
+    else:
+        subset = ""
+    ax.set_title(f"{_label(metric)} per layer at step {step}{subset}", fontsize=10)
     ax.grid(True, axis="x", which="major", alpha=0.3)
     return ax
 
 
 def plot_report(history: HistoryLike, metric: str = "trust_ratio", *, title: Optional[str] = None) -> Any:
-    """One figure: the heatmap on the left, the lines and the last step's bars on the right."""
+    """One figure: the heatmap on the left, the lines and the last step's bars on the right (a file
+    with summaries only: their band)."""
     _, Figure = _matplotlib()
-    history = _history(history)
-    _, layers, _ = history.matrix(metric)
-    height = max(6.0, min(16.0, 0.16 * len(layers) + 3))
-    fig = Figure(figsize=(17, height), layout="constrained")
-    grid = fig.add_gridspec(2, 2, width_ratios=[1.25, 1])
-    plot_heatmap(history, metric, ax=fig.add_subplot(grid[:, 0]))
-    plot_lines(history, metric, ax=fig.add_subplot(grid[0, 1]))
-    plot_bars(history, metric, ax=fig.add_subplot(grid[1, 1]), max_layers=24)
+    history = _history(history, (metric, f"{metric}{STATS_SUFFIX}", "weight_norm", "grad_norm"))
+    if not _has_layers(history, metric):
+        fig = Figure(figsize=(9, 5), layout="constrained")
+        _summary_band(history, metric, fig.add_subplot())
+    else:
+        layers = history.layers(metric)
+        rows = min(len(layers), MAX_ROWS)
+        fig = Figure(figsize=(17, max(6.0, min(16.0, 0.16 * rows + 3))), layout="constrained")
+        grid = fig.add_gridspec(2, 2, width_ratios=[1.25, 1])
+        plot_heatmap(history, metric, ax=fig.add_subplot(grid[:, 0]))
+        plot_lines(history, metric, ax=fig.add_subplot(grid[0, 1]))
+        plot_bars(history, metric, ax=fig.add_subplot(grid[1, 1]), max_layers=24)
     if title:
         fig.suptitle(title)
     return fig
@@ -195,7 +423,7 @@ def save_plot(history: HistoryLike, path: Union[str, Path], *, kind: str = "repo
     ``.png`` is added to a path without a suffix). Returns the path written."""
     if kind not in KINDS:
         raise ValueError(f"kind must be one of {', '.join(KINDS)}, got {kind!r}")
-    history = _history(history)
+    history = _history(history, (metric, f"{metric}{STATS_SUFFIX}", "weight_norm", "grad_norm"))
     if kind == "report":
         fig = plot_report(history, metric, title=title)
     else:

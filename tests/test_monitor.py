@@ -110,6 +110,21 @@ def test_summaries_are_min_median_max_over_layers():
         assert rec[f"{metric}_stats/max"] == pytest.approx(max(values), rel=1e-5)
 
 
+def test_effective_lr_summaries_of_a_layer_wise_optimizer_are_over_adapted_layers_only():
+    model = make_model()
+    opt = lars_for(model)
+    monitor = TrustRatioMonitor(model, opt, every_n_steps=1)
+    backward(model)
+    opt.step()
+    rec = monitor.latest
+    adapted = [v for k, v in rec.items() if k.startswith("effective_lr/") and k.replace("effective_lr", "trust_ratio") in rec]
+    excluded = [v for k, v in rec.items() if k.startswith("effective_lr/") and k.replace("effective_lr", "trust_ratio") not in rec]
+    assert adapted and excluded and max(adapted) < min(excluded)  # the raw LR of biases and norms is far above
+    assert rec["effective_lr_stats/max"] == pytest.approx(max(adapted))
+    assert rec["effective_lr_stats/median"] == pytest.approx(statistics.median(adapted))
+    assert rec["grad_norm_stats/max"] >= max(v for k, v in rec.items() if k.startswith("grad_norm/"))  # all layers
+
+
 def test_summaries_only_and_per_layer_only():
     model = make_model()
     opt = lars_for(model)
@@ -273,13 +288,28 @@ def test_history_matrix_and_csv_round_trip(tmp_path):
     steps, layers, values = history.matrix("trust_ratio")
     assert steps == [0, 1, 2, 3] and layers == ["0.weight", "4.weight"]
     assert len(values) == 2 and all(len(row) == 4 for row in values)
+    for digits, rel in ((17, 0), (9, 5e-9)):  # 17: exact; 9 (the default): every float32 exactly
+        back = TrustRatioHistory.from_csv(history.to_csv(tmp_path / "h.csv", digits=digits))
+        assert back.steps == history.steps and list(back.columns) == list(history.columns)
+        for metric in history.metrics():
+            b, h = back.matrix(metric), history.matrix(metric)
+            assert b[:2] == h[:2]
+            for row_b, row_h in zip(b[2], h[2]):
+                assert row_b == pytest.approx(row_h, nan_ok=True, rel=rel, abs=0)
+
+
+def test_csv_with_nine_digits_writes_float32_values_exactly(tmp_path):
+    values = torch.randn(50, generator=torch.Generator().manual_seed(0)).abs().tolist()  # float32, as Python floats
+    history = TrustRatioHistory()
+    tiny = (torch.tensor(values) * 1e-30).tolist()  # float32 subnormal-free small values too
+    for step, (v, t) in enumerate(zip(values, tiny)):
+        history.append(step, {"trust_ratio/a": v, "trust_ratio/b": t})
     back = TrustRatioHistory.from_csv(history.to_csv(tmp_path / "h.csv"))
-    assert back.steps == history.steps and list(back.columns) == list(history.columns)
-    for metric in history.metrics():
-        b, h = back.matrix(metric), history.matrix(metric)
-        assert b[:2] == h[:2]
-        for row_b, row_h in zip(b[2], h[2]):
-            assert row_b == pytest.approx(row_h, nan_ok=True, rel=1e-12)
+    # Read back as float32, each value is the float32 that was recorded, bit for bit.
+    assert torch.equal(back.table("trust_ratio")[2].float(), history.table("trust_ratio")[2].float())
+    assert not torch.equal(back.table("trust_ratio")[2], history.table("trust_ratio")[2])  # not float64-exact
+    with pytest.raises(ValueError, match="digits"):
+        history.to_csv(tmp_path / "x.csv", digits=0)
 
 
 def test_history_parquet_round_trip(tmp_path):
@@ -352,7 +382,7 @@ def test_a_nan_gradient_is_recorded_as_nan_and_survives_the_files(tmp_path):
     for history in (monitor.history, TrustRatioHistory.from_csv(monitor.history.to_csv(tmp_path / "h.csv")),
                     TrustRatioHistory.from_parquet(monitor.history.to_parquet(tmp_path / "h.parquet"))):
         latest = history.latest("trust_ratio")
-        assert math.isnan(latest["0.weight"]) and latest["4.weight"] == monitor.latest["trust_ratio/4.weight"]
+        assert math.isnan(latest["0.weight"]) and latest["4.weight"] == pytest.approx(monitor.latest["trust_ratio/4.weight"], rel=1e-8)
         assert history.layers("trust_ratio") == ["0.weight", "4.weight"]
 
 

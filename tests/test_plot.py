@@ -78,3 +78,85 @@ def test_history_path_is_accepted(tmp_path):
     csv_path = recorded_history().to_csv(tmp_path / "h.csv")
     assert isinstance(TrustRatioHistory.load(csv_path), TrustRatioHistory)
     png_size(save_plot(csv_path, tmp_path / "from_path.png", kind="bars"))
+
+
+def test_a_plot_of_a_file_reads_only_what_it_draws_and_draws_weight_norms_too(tmp_path):
+    from lars_plugins.plot import _history
+
+    path = recorded_history().to_csv(tmp_path / "h.csv")
+    loaded = _history(path, ("trust_ratio", "trust_ratio_stats", "weight_norm", "grad_norm"))
+    assert set(loaded.metrics()) == {"trust_ratio", "trust_ratio_stats", "weight_norm", "grad_norm"}
+    last = loaded.recorded_steps("trust_ratio")[-1]
+    assert loaded.recorded_steps("weight_norm") == [last]  # the norms only where the bars need them
+    whole = TrustRatioHistory.from_csv(path)
+    assert loaded.at_step("weight_norm", last) == whole.at_step("weight_norm", last)
+    save_plot(path, tmp_path / "w.png", metric="weight_norm")  # a norm drawn as the metric: every step
+    assert _history(path, ("weight_norm", "weight_norm_stats", "weight_norm", "grad_norm")).recorded_steps(
+        "weight_norm") == whole.recorded_steps("weight_norm")
+
+
+def many_layers(layers=300, records=700):
+    """A run with more layers and records than the plots draw one by one; layer 123 spikes at step 4000."""
+    import math as _math
+
+    history = TrustRatioHistory()
+    for k in range(records):
+        record = {}
+        for i in range(layers):
+            value = 10 ** (-3 + 2 * i / layers) * (1 + 0.01 * _math.sin(k))
+            if i == 123 and k == 400:
+                value *= 1000  # one spike in one layer at one step
+            record[f"trust_ratio/blocks.{i // 6}.w{i % 6}.weight"] = value
+        record["trust_ratio_stats/median"] = 0.01
+        history.append(10 * k, record)
+    return history
+
+
+def test_heatmap_of_many_layers_and_records_keeps_a_one_step_spike():
+    from lars_plugins.plot import MAX_COLUMNS, MAX_ROWS, plot_heatmap
+
+    history = many_layers()
+    ax = plot_heatmap(history, max_rows=40, max_columns=100)
+    data = ax.collections[0].get_array().reshape(40, 100)
+    assert data.max() == pytest.approx(10 ** (-3 + 2 * 123 / 300) * (1 + 0.01 * __import__("math").sin(400)) * 1000,
+                                       rel=1e-4)  # the spike survived grouping and binning
+    assert "300 layers in 40 blocks" in ax.get_title() and "700 records in 100 step bins" in ax.get_title()
+    assert MAX_ROWS <= 400 and MAX_COLUMNS <= 1000
+
+
+def test_lines_of_many_layers_are_group_medians_over_a_band_and_ticks_are_whole_steps():
+    from lars_plugins.plot import plot_lines
+
+    ax = plot_lines(many_layers(layers=60, records=30), max_lines=6)
+    assert len(ax.lines) == 6 + 1  # six group medians and the recorded median
+    assert "medians of 6 groups of 60 layers" in ax.get_title()
+    assert all(float(t).is_integer() for t in ax.get_xticks())
+
+
+def test_bars_of_many_layers_show_both_extremes_and_the_smallest_bar_is_visible():
+    ax = plot_bars(many_layers(layers=100, records=3), max_layers=10)
+    labels = [t.get_text() for t in ax.get_yticklabels()]
+    assert len(labels) == 10 and "the 5 lowest and highest of 100 layers" in ax.get_title()
+    assert labels[0].endswith("blocks.0.w0.weight") and labels[-1].endswith("blocks.16.w3.weight")
+    widths = [patch.get_width() for patch in ax.patches]
+    left = ax.get_xlim()[0]
+    assert left < min(p.get_x() + p.get_width() for p in ax.patches) / 2 and min(widths) > 0
+
+
+def test_a_summaries_only_file_draws_a_band(tmp_path):
+    path = tmp_path / "metrics.csv"
+    path.write_text("epoch,step,trust_ratio_stats/max,trust_ratio_stats/median,trust_ratio_stats/min\n"
+                    "0,1,0.5,0.05,0.001\n0,3,0.4,0.04,0.002\n")
+    out = save_plot(path, tmp_path / "band.png")
+    assert out.read_bytes()[:4] == b"\x89PNG"
+    from lars_plugins.plot import plot_lines
+
+    ax = plot_lines(path)
+    assert "summaries only" in ax.get_title() and len(ax.collections) == 1  # the band
+
+
+def test_ordinals_read_right():
+    from lars_plugins.plot import _ordinal
+
+    assert [_ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22, 102, 111)] == \
+        ["1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "102nd", "111th"]
