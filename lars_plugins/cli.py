@@ -21,11 +21,14 @@ def build_parser() -> argparse.ArgumentParser:
     demo_parser.set_defaults(run=demo.main)
 
     plot_parser = sub.add_parser(
-        "plot", help="plot per-layer trust ratios from a metrics CSV/Parquet file",
+        "plot", help="plot per-layer trust ratios from what a run logged",
         description="Plot per-layer metrics recorded by lars_plugins.TrustRatioMonitor, from its own history "
-                    "files or from the metrics.csv of Lightning's CSVLogger and the HF integration.",
+                    "files, Lightning's CSVLogger metrics.csv, the HF Trainer's trainer_state.json or "
+                    "TensorBoard event files.",
     )
-    plot_parser.add_argument("metrics", type=Path, help="CSV (or .parquet) file with a 'step' column")
+    plot_parser.add_argument("metrics", type=Path,
+                             help="CSV with a 'step' column, .parquet, trainer_state.json (or a checkpoint "
+                                  "folder), or TensorBoard events (a file or a run's folder)")
     plot_parser.add_argument("-o", "--output", type=Path, default=Path("trust_ratios.png"),
                              help="image to write (default trust_ratios.png; .svg and .pdf work too)")
     plot_parser.add_argument("--metric", default="trust_ratio",
@@ -40,11 +43,11 @@ def build_parser() -> argparse.ArgumentParser:
 def _plot(args: argparse.Namespace) -> None:
     from .plot import save_plot
 
-    if not args.metrics.is_file():
+    if not args.metrics.exists():
         raise SystemExit(f"lars-plugins plot: no such file: {args.metrics}")
     try:
         path = save_plot(args.metrics, args.output, kind=args.kind, metric=args.metric, title=args.title)
-    except ValueError as err:  # unknown metric, empty or malformed file, unknown image format
+    except (ValueError, ImportError) as err:  # unknown metric, malformed file, a reader's package missing
         raise SystemExit(f"lars-plugins plot: {err}") from err
     except OSError as err:  # an output that cannot be written
         raise SystemExit(f"lars-plugins plot: cannot write {args.output}: {err.strerror or err}") from err

@@ -712,10 +712,69 @@ class TrustRatioHistory:
             history.append(int(step), {k: columns[k][i] for k in keys if columns[k][i] is not None})
         return history
 
+    @classmethod
+    def from_hf_state(cls, path: PathLike, metrics: Optional[Sequence[str]] = None) -> "TrustRatioHistory":
+        """Read the HF Trainer's ``trainer_state.json`` (its ``log_history``; a checkpoint folder
+        holding one works too): the trust ratios the HF integration merged into the Trainer's logs."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "trainer_state.json"
+        import json
+
+        with path.open() as f:
+            state = json.load(f)
+        if not isinstance(state, dict) or not isinstance(state.get("log_history"), list):
+            raise ValueError(f"{path}: no 'log_history' list; is this an HF trainer_state.json?")
+        history = cls()
+        for entry in state["log_history"]:
+            record = {k: v for k, v in entry.items() if "/" in k and isinstance(v, (int, float))
+                      and (metrics is None or k.split("/", 1)[0] in metrics)}
+            if record and "step" in entry:
+                history.append(int(entry["step"]), record)
+        if not history.steps:
+            raise ValueError(f"{path}: no recorded metrics in its log_history (train with lars_monitor on)")
+        keys = list(history.columns)
+        if keys == sorted(keys):  # the Trainer saves its state with sort_keys=True: model order is lost
+            history._reorder(sorted(keys, key=_natural_key))
+        return history
+
+    @classmethod
+    def from_tensorboard(cls, path: PathLike, metrics: Optional[Sequence[str]] = None) -> "TrustRatioHistory":
+        """Read TensorBoard event files (a file, or the folder of a run; needs ``tensorboard``): the
+        monitor's metrics among everything the run logged. Tags the HF Trainer writes as
+        ``train/<metric>/<layer>`` are read as ``<metric>/<layer>``."""
+        try:
+            from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        except ImportError as err:
+            raise ImportError("reading TensorBoard event files needs tensorboard: pip install tensorboard") from err
+        accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0})  # 0: keep every event
+        accumulator.Reload()
+        by_step: dict[int, dict[str, float]] = {}
+        known = set(METRICS) | {m + STATS_SUFFIX for m in METRICS}
+        for tag in accumulator.Tags().get("scalars", []):
+            key = tag[len("train/"):] if tag.startswith("train/") else tag
+            metric = key.split("/", 1)[0]
+            # A run's events hold everything it logged (losses, LRs...): only the monitor's metrics are read.
+            if "/" not in key or metric not in known or (metrics is not None and metric not in metrics):
+                continue
+            for event in accumulator.Scalars(tag):
+                by_step.setdefault(int(event.step), {})[key] = float(event.value)
+        history = cls()
+        for step in sorted(by_step):
+            history.append(step, by_step[step])
+        if not history.steps:
+            raise ValueError(f"{path}: no 'metric/layer' scalars in these TensorBoard events")
+        keys = list(history.columns)
+        history._reorder(sorted(keys, key=_natural_key))  # TensorBoard keeps no order of its own
+        return history
+
     @staticmethod
     def file_metrics(path: PathLike) -> list[str]:
-        """The metrics a CSV or Parquet file holds columns of, from its header alone."""
-        if Path(path).suffix.lower() in (".parquet", ".pq"):
+        """The metrics a file holds, from its header where it has one (CSV, Parquet)."""
+        kind = _file_kind(Path(path))
+        if kind in ("hf", "tensorboard"):
+            return TrustRatioHistory.load(path).metrics()
+        if kind == "parquet":
             _, pq = _pyarrow()
             keys = pq.read_schema(str(path)).names
         else:
@@ -725,9 +784,17 @@ class TrustRatioHistory:
 
     @classmethod
     def load(cls, path: PathLike, metrics: Optional[Sequence[str]] = None) -> "TrustRatioHistory":
-        """Read CSV or Parquet, chosen by the file's suffix (only the keys of ``metrics``, if given)."""
-        if Path(path).suffix.lower() in (".parquet", ".pq"):
+        """Read what a run left, chosen by its name: CSV (ours, Lightning's ``CSVLogger``), Parquet,
+        the HF Trainer's ``trainer_state.json`` (or a checkpoint folder with one), TensorBoard event
+        files (``events.out.tfevents.*``, or a folder of them). Only the keys of ``metrics``, if given."""
+        path = Path(path)
+        kind = _file_kind(path)
+        if kind == "parquet":
             return cls.from_parquet(path, metrics)
+        if kind == "hf":
+            return cls.from_hf_state(path, metrics)
+        if kind == "tensorboard":
+            return cls.from_tensorboard(path, metrics)
         return cls.from_csv(path, metrics)
 
 
@@ -764,6 +831,23 @@ class _Block:
     def reorder(self, index: Tensor) -> None:
         values, recorded = self.columns(index, BLOCK_ROWS)
         self.values, self.recorded = values, recorded
+
+
+def _file_kind(path: Path) -> str:
+    """``csv``, ``parquet``, ``hf`` (trainer_state.json) or ``tensorboard`` (event files)."""
+    if path.is_dir():
+        if (path / "trainer_state.json").is_file():
+            return "hf"
+        if any(path.glob("events.out.tfevents.*")):
+            return "tensorboard"
+        raise ValueError(f"{path}: a folder with neither a trainer_state.json nor TensorBoard event files")
+    if path.suffix.lower() in (".parquet", ".pq"):
+        return "parquet"
+    if path.suffix.lower() == ".json":
+        return "hf"
+    if path.name.startswith("events.out.tfevents."):
+        return "tensorboard"
+    return "csv"
 
 
 def _natural_key(key: str) -> list[Any]:

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from .groups import block_ids
-from .monitor import STATS_SUFFIX, TrustRatioHistory
+from .monitor import STATS_SUFFIX, TrustRatioHistory, _file_kind
 
 __all__ = ["plot_heatmap", "plot_lines", "plot_bars", "plot_report", "save_plot", "KINDS", "MAX_ROWS", "MAX_COLUMNS",
            "MAX_LINES"]
@@ -61,8 +61,8 @@ def _history(history: HistoryLike, metrics: Optional[tuple[str, ...]] = None) ->
     if not isinstance(history, (str, Path)):
         raise TypeError(f"history must be a TrustRatioHistory or a path to a CSV/Parquet file, got "
                         f"{type(history).__name__}")
-    if metrics is None:
-        return TrustRatioHistory.load(history)
+    if metrics is None or _file_kind(Path(history)) != "csv":  # only CSV is read in parts
+        return TrustRatioHistory.load(history, metrics=metrics)
     present = TrustRatioHistory.file_metrics(history)
     if present and not set(metrics[:2]) & set(present):
         raise ValueError(f"no metric {metrics[0]!r} in {history}, per layer or summarised; available: "
@@ -70,7 +70,7 @@ def _history(history: HistoryLike, metrics: Optional[tuple[str, ...]] = None) ->
     drawn = metrics[:2]
     loaded = TrustRatioHistory.load(history, metrics=drawn)
     norms = tuple(m for m in metrics[2:] if m not in drawn and m in present)
-    if norms and drawn[0] in loaded.metrics() and Path(history).suffix.lower() not in (".parquet", ".pq"):
+    if norms and drawn[0] in loaded.metrics() and _file_kind(Path(history)) == "csv":
         last = loaded.recorded_steps(drawn[0])[-1]
         at_last = TrustRatioHistory.from_csv(history, metrics=norms, steps={last})
         for step in at_last.steps:

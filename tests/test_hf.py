@@ -266,6 +266,35 @@ def test_tensorboard_event_file_has_the_trust_ratios(tmp_path):
         assert written[step] == pytest.approx(value, rel=1e-6)
 
 
+def test_the_plot_reads_trainer_state_json_and_tensorboard_events_directly(tmp_path):
+    pytest.importorskip("tensorboard")
+    pytest.importorskip("matplotlib")
+    from lars_plugins import TrustRatioHistory, cli
+
+    args = make_args(tmp_path, report_to="tensorboard", output_dir=str(tmp_path / "run"), max_steps=6,
+                     lars_monitor="all")
+    trainer = LarsTrainer(model=tiny_bert(), args=args, train_dataset=Tokens())
+    trainer.train()
+    trainer.state.save_to_json(str(tmp_path / "trainer_state.json"))
+    logged = {h["step"]: h for h in trainer.state.log_history if "loss" in h}
+    events = next((tmp_path / "run").rglob("events.out.tfevents.*")).parent
+    model_order = [k.split("/", 1)[1] for k in logged[2] if k.startswith("trust_ratio/")]
+    for source in (tmp_path / "trainer_state.json", tmp_path, events):
+        history = TrustRatioHistory.load(source)
+        assert history.steps == [2, 4, 6]
+        # Both sources keep no model order (the Trainer saves its state with sort_keys=True): numbered
+        # layers come back in numeric order, the rest by name.
+        layers = history.layers("trust_ratio")
+        assert sorted(layers) == sorted(model_order)
+        assert layers.index("bert.encoder.layer.0.output.dense.weight") < \
+            layers.index("bert.encoder.layer.1.attention.self.query.weight")
+        for step, entry in logged.items():
+            value = history.at_step("trust_ratio", step)["classifier.weight"]
+            assert value == pytest.approx(entry["trust_ratio/classifier.weight"], rel=1e-6)
+        cli.main(["plot", str(source), "-o", str(tmp_path / "p.png")])
+        assert (tmp_path / "p.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_skipped_step_does_not_carry_the_recording_over(tmp_path):
     """An fp16 overflow skips optimizer.step(): the armed recording must not fire on the next step."""
     from lars_plugins.hf import _ArmOnLoggingSteps

@@ -438,3 +438,30 @@ def test_two_parameters_of_one_name_are_refused_and_fallback_names_never_overwri
     opt.step()
     grad_norms = {k: v for k, v in monitor.latest.items() if k.startswith("grad_norm/")}
     assert sorted(grad_norms.values()) == pytest.approx([2.0, 4.0])
+
+
+def test_hf_state_and_tensorboard_sources_come_back_in_numeric_layer_order(tmp_path):
+    import json
+
+    entries = [{"loss": 0.5, "step": s, "trust_ratio/net.10.weight": 0.1 * s, "trust_ratio/net.2.weight": 0.2 * s,
+                "trust_ratio_stats/median": 0.15 * s} for s in (1, 2)]
+    state = tmp_path / "trainer_state.json"
+    state.write_text(json.dumps({"log_history": entries}, sort_keys=True))  # as the Trainer saves it
+    history = TrustRatioHistory.load(state)
+    assert history.layers("trust_ratio") == ["net.2.weight", "net.10.weight"] and history.steps == [1, 2]
+    assert history.at_step("trust_ratio", 2) == {"net.2.weight": 0.4, "net.10.weight": 0.2}
+    with pytest.raises(ValueError, match="log_history"):
+        (tmp_path / "other.json").write_text("{}")
+        TrustRatioHistory.load(tmp_path / "other.json")
+
+    pytest.importorskip("tensorboard")
+    from torch.utils.tensorboard import SummaryWriter
+
+    with SummaryWriter(str(tmp_path / "tb")) as writer:
+        for s in (1, 2):
+            writer.add_scalar("train/trust_ratio/net.10.weight", 0.1 * s, s)  # the HF Trainer's tags
+            writer.add_scalar("train/trust_ratio/net.2.weight", 0.2 * s, s)
+            writer.add_scalar("train/loss", 0.5, s)
+    events = TrustRatioHistory.load(tmp_path / "tb")
+    assert events.layers("trust_ratio") == ["net.2.weight", "net.10.weight"] and events.metrics() == ["trust_ratio"]
+    assert events.at_step("trust_ratio", 2) == pytest.approx({"net.2.weight": 0.4, "net.10.weight": 0.2})
