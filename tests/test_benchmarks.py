@@ -109,3 +109,12 @@ def test_norm_paths_reports_both_paths_with_finite_errors():
     errors = [float(part.split()[-1]) for line in out.splitlines() if "elements:" in line
               for part in line.split(":", 1)[1].split(",")]
     assert len(errors) == 6 and all(math.isfinite(e) and 0 <= e < 1e-2 for e in errors)
+
+
+def test_monitor_scale_runs_every_phase():
+    pytest.importorskip("matplotlib")
+    out = run_script("monitor_scale.py", "--layers", "60", "--records", "30", "--no-model")
+    rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ") and " s" in line}
+    assert {"append 30 records", "to_csv", "from_csv", "lars-plugins plot"} <= set(rows)
+    assert "nan" not in out.lower()
+
