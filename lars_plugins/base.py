@@ -112,6 +112,9 @@ class LayerwiseOptimizer(Optimizer):
     """
 
     NAME: ClassVar[str] = "layer-wise"
+    # Set to a dict by TrustRatioMonitor on the steps it records; an optimizer whose takes_norms()
+    # says so puts (‖w‖, ‖g‖) of those parameters there, as its step took them.
+    _norm_sink: Optional[dict[Tensor, tuple[Any, Any]]] = None
     KEYS: ClassVar[dict[str, Check]] = {}
     FOREIGN_KEYS: ClassVar[dict[str, str]] = {}
     # Keys older checkpoints may lack, with the value that behaves as they did.
@@ -235,6 +238,10 @@ class LayerwiseOptimizer(Optimizer):
     def layout(self, group: dict[str, Any]) -> Optional[FlatLayout]:
         """The flat layout (FSDP1, DeepSpeed ZeRO) of ``group``'s current tensors, or ``None``."""
         return self._layouts(group["params"])
+
+    def takes_norms(self, group: dict[str, Any], p: Tensor) -> bool:
+        """Whether a step of ``group`` hands ``‖w‖`` and ``‖g‖`` of ``p`` to a monitor (see ``_norm_sink``)."""
+        return False
 
     def _trust_ratio_slot(self, p: Tensor) -> Tensor:
         """``state[p]["trust_ratio"]``, made on first use: a 0-d tensor on ``p``'s device."""

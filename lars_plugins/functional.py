@@ -84,6 +84,7 @@ def lars(
     maximize: bool,
     foreach: Optional[bool] = None,
     norms: Optional[NormsFn] = None,
+    norms_out: Optional[list[Optional[tuple[Scalar, Scalar]]]] = None,
 ) -> None:
     """One LARS step over one parameter group, in place.
 
@@ -94,6 +95,9 @@ def lars(
     single-tensor path on CPU (see docs/performance.md for the measurements behind this).
     ``norms(indices, params, grads, dtype) -> (w_norms, g_norms)`` replaces the local norms of the
     parameters at ``indices`` (sharded training: :class:`lars_plugins.distributed.ShardedNorms`).
+    ``norms_out[i]``, where given, receives ``(‖w‖, ‖g‖)`` of adapted parameter ``i`` as this step
+    took them (Python floats on the CPU path, 0-d tensors elsewhere): a monitor then need not take
+    them again.
     """
     for g in grads:
         if g.is_sparse:
@@ -106,6 +110,7 @@ def lars(
             if not idx:
                 continue
             bufs = [momentum_buffers[i] for i in idx]
+            taken: Optional[list] = [None] * len(idx) if norms_out is not None and adapted else None
             impl(
                 [params[i] for i in idx],
                 [grads[i] for i in idx],
@@ -121,9 +126,13 @@ def lars(
                 trust_clip=trust_clip,
                 maximize=maximize,
                 norms=None if norms is None or not adapted else functools.partial(norms, idx),
+                norms_out=taken,
             )
             for i, buf in zip(idx, bufs):
                 momentum_buffers[i] = buf
+            if taken is not None:
+                for i, pair in zip(idx, taken):
+                    norms_out[i] = pair  # type: ignore[index]
 
 
 def ratio_dtype(param_dtype: torch.dtype) -> torch.dtype:
@@ -150,8 +159,10 @@ def _ratios(
     lr: Scalar,
     trust_clip: bool,
     norms: Optional[BucketNormsFn] = None,
+    norms_out: Optional[list] = None,
 ) -> tuple[Tensor, Sequence[Tensor]]:
-    """Trust ratios of one bucket as a vector and as its 0-d views; copied into ``trust_ratios``.
+    """Trust ratios of one bucket as a vector and as its 0-d views; copied into ``trust_ratios``
+    (and the norms into ``norms_out``, where given).
 
     Norms are taken in at least float32 (:func:`ratio_dtype`) whatever the parameter dtype; the
     ratio arithmetic is a handful of vector ops for the whole bucket, not a handful per parameter.
@@ -162,6 +173,8 @@ def _ratios(
     else:
         w_norms = torch.stack(torch._foreach_norm(params, 2, dtype=dtype))
         g_norms = torch.stack(torch._foreach_norm(grads, 2, dtype=dtype))
+    if norms_out is not None:
+        norms_out[:] = list(zip(w_norms.unbind(), g_norms.unbind()))
     ratios = trust_ratio(
         w_norms,
         g_norms,
@@ -192,6 +205,7 @@ def _single_tensor_lars(
     trust_clip: bool,
     maximize: bool,
     norms: Optional[BucketNormsFn] = None,
+    norms_out: Optional[list] = None,
 ) -> None:
     # The direction is d = a·g + b·w with per-tensor coefficients a = ±ratio and b = ratio·wd
     # (a = ±1, no b for excluded tensors). d is never materialised: the coefficients are folded into
@@ -206,7 +220,10 @@ def _single_tensor_lars(
         for i, (w, g) in enumerate(zip(params, grads)):
             ratio, decay = 1.0, 0.0  # excluded: d = ±g
             if trust_ratios is not None:
-                ratio = _host_trust_ratio(_host_norm(w), _host_norm(g), trust_coefficient=trust_coefficient,
+                w_norm, g_norm = _host_norm(w), _host_norm(g)
+                if norms_out is not None:
+                    norms_out[i] = (w_norm, g_norm)
+                ratio = _host_trust_ratio(w_norm, g_norm, trust_coefficient=trust_coefficient,
                                           weight_decay=weight_decay, eps=eps, lr=lr, trust_clip=trust_clip)
                 trust_ratios[i].fill_(ratio)
                 decay = weight_decay
@@ -241,6 +258,7 @@ def _single_tensor_lars(
             lr=lr,
             trust_clip=trust_clip,
             norms=norms,
+            norms_out=norms_out,
         )
         a_vec: Optional[Tensor] = ratios * sign
         b_vec: Optional[Tensor] = ratios * weight_decay if weight_decay != 0 else None
@@ -376,6 +394,7 @@ def _multi_tensor_lars(
     trust_clip: bool,
     maximize: bool,
     norms: Optional[BucketNormsFn] = None,
+    norms_out: Optional[list] = None,
 ) -> None:
     # d = r·u with u = ±g + wd·w. u is built with fast foreach ops (Python scalars); the per-tensor
     # ratio r, a list of 0-d device tensors, forces foreach onto its per-tensor fallback (one kernel
@@ -394,6 +413,7 @@ def _multi_tensor_lars(
             lr=lr,
             trust_clip=trust_clip,
             norms=norms,
+            norms_out=norms_out,
         )
         if weight_decay != 0:
             if maximize:

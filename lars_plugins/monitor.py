@@ -115,6 +115,7 @@ class TrustRatioMonitor:
         self._recording = False
         self._calls = 0  # step() calls seen in the current optimizer step
         self._weight_norms: dict[Any, Tensor] = {}
+        self._sink: Optional[dict[Tensor, tuple[Any, Any]]] = None  # norms the optimizer hands over
         self._entries: list[tuple] = []
         self._handles = [
             self.optimizer.register_step_pre_hook(self._before_step),
@@ -155,8 +156,17 @@ class TrustRatioMonitor:
         if not self._recording:
             return
         # ‖w‖ before the update. Taken for every parameter: under a closure (Lightning) the
-        # gradients of this step do not exist yet, so which parameters get one is not known.
+        # gradients of this step do not exist yet, so which parameters get one is not known. Those
+        # whose norms the optimizer takes itself (LARS's adapted parameters) are handed over by it.
         plain, flat = self._split(optimizer)
+        taken_by_step = getattr(optimizer, "takes_norms", None)
+        if callable(taken_by_step):
+            handed = {p for group in optimizer.param_groups for p in group["params"] if taken_by_step(group, p)}
+            if handed:
+                if optimizer._norm_sink is None:  # type: ignore[attr-defined]
+                    optimizer._norm_sink = {}  # type: ignore[attr-defined]
+                self._sink = optimizer._norm_sink  # type: ignore[attr-defined]  # kept: another monitor may reset it
+                plain = [p for p in plain if p not in handed]
         if plain:
             self._weight_norms.update(zip(plain, _norms(plain)))
         if flat:
@@ -196,6 +206,9 @@ class TrustRatioMonitor:
         if self._calls < self._calls_per_step(optimizer):
             return
         # The optimizer step is complete (DeepSpeed ZeRO steps the optimizer once per partition).
+        if getattr(optimizer, "_norm_sink", None) is not None:
+            optimizer._norm_sink = None  # type: ignore[attr-defined]
+        self._sink = None
         step = self._armed_step if self._armed_step is not None else self.step
         entries, recording = self._entries, self._recording
         self._weight_norms, self._entries, self._armed_step, self._calls, self._recording = {}, [], None, 0, False
@@ -260,7 +273,13 @@ class TrustRatioMonitor:
                     ratio = ratios[k]
                 entries.append((order, name, device, w_norms[k], g_norms[k], group["lr"], ratio))
         lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
-        params = [p for p in plain_params if p.grad is not None and p in self._weight_norms]
+        handed = self._sink or {}
+        for p, (w, g) in handed.items():
+            if p.grad is not None:
+                w, g = (t if isinstance(t, Tensor) else torch.tensor(t, dtype=torch.float64) for t in (w, g))
+                order, name = self._names.get(p, (unnamed + len(entries), f"param{len(entries)}"))
+                entries.append((order, name, w.device, w, g, lr_of[id(p)], optimizer.state[p].get("trust_ratio")))
+        params = [p for p in plain_params if p.grad is not None and p in self._weight_norms and p not in handed]
         if params:
             for p, g in zip(params, _norms([p.grad for p in params])):
                 order, name = self._names.get(p, (unnamed + len(entries), f"param{len(entries)}"))

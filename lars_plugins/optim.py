@@ -149,6 +149,10 @@ class LARS(LayerwiseOptimizer):
             )
         super()._check_group(group, explicit=explicit, where=where)
 
+    def takes_norms(self, group: dict[str, Any], p: Tensor) -> bool:
+        """The adapted parameters of groups of whole tensors: their norms are the ratio's own."""
+        return self.is_adapted(group, p) and self._layouts(group["params"]) is None
+
     def _step_group(self, group: dict[str, Any], where: str) -> None:
         params: list[Tensor] = []
         grads: list[Tensor] = []
@@ -174,6 +178,7 @@ class LARS(LayerwiseOptimizer):
             params, grads = [to_local(p) for p in params], [to_local(g) for g in grads]
             buffers = [None if b is None else to_local(b) for b in buffers]
         new_buffer = [b is None for b in buffers]
+        taken: Optional[list] = [None] * len(params) if self._norm_sink is not None else None
         lars(
             params,
             grads,
@@ -191,7 +196,10 @@ class LARS(LayerwiseOptimizer):
             maximize=group["maximize"],
             foreach=group["foreach"],
             norms=norms,
+            norms_out=taken,
         )
+        if taken is not None and self._norm_sink is not None:
+            self._norm_sink.update((p, pair) for p, pair in zip(owners, taken) if pair is not None)
         if group["momentum"] != 0:
             for p, buf, new in zip(owners, buffers, new_buffer):
                 if new:  # an existing buffer was updated in place (a DTensor's local shard too)

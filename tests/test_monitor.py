@@ -465,3 +465,29 @@ def test_hf_state_and_tensorboard_sources_come_back_in_numeric_layer_order(tmp_p
     events = TrustRatioHistory.load(tmp_path / "tb")
     assert events.layers("trust_ratio") == ["net.2.weight", "net.10.weight"] and events.metrics() == ["trust_ratio"]
     assert events.at_step("trust_ratio", 2) == pytest.approx({"net.2.weight": 0.4, "net.10.weight": 0.2})
+
+
+def test_lars_hands_its_own_norms_to_the_monitor_instead_of_their_being_taken_twice(monkeypatch):
+    model = make_model()
+    opt = lars_for(model)
+    monitor = TrustRatioMonitor(model, opt, every_n_steps=1)
+    adapted = {id(p) for g in opt.param_groups for p in g["params"] if LARS.is_adapted(g, p)}
+    seen = []
+    real_norm = torch._foreach_norm
+
+    def counted(tensors, *args, **kwargs):
+        seen.extend(id(t) for t in tensors)
+        return real_norm(tensors, *args, **kwargs)
+
+    monkeypatch.setattr(torch, "_foreach_norm", counted)
+    backward(model)
+    w = {n: p.detach().double().norm().item() for n, p in model.named_parameters()}  # independent, before the step
+    g = {n: p.grad.double().norm().item() for n, p in model.named_parameters()}
+    adapted_grads = {id(p.grad) for p in model.parameters() if id(p) in adapted}
+    opt.step()
+    # The monitor took norms of the excluded tensors only (LARS's CPU step takes its own with BLAS dot).
+    assert seen and not set(seen) & (adapted | adapted_grads)
+    for name in w:
+        assert monitor.latest[f"weight_norm/{name}"] == pytest.approx(w[name], rel=1e-5)
+        assert monitor.latest[f"grad_norm/{name}"] == pytest.approx(g[name], rel=1e-5)
+    assert opt._norm_sink is None  # nothing is kept once the step is recorded
