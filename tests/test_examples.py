@@ -39,6 +39,19 @@ def test_monitor_example_writes_history_and_report(tmp_path):
     assert (tmp_path / "run" / "trust_ratio_report.png").read_bytes()[:4] == b"\x89PNG"
 
 
+def test_many_layers_example_records_every_step_of_every_tensor(tmp_path):
+    pytest.importorskip("sklearn")
+    pytest.importorskip("matplotlib")
+    out = run_example("monitor_many_layers.py", "--blocks", "6", "--max-steps", "4", "--out-dir", "run", cwd=tmp_path)
+    assert "28 tensors" in out and "4 steps" in out
+    from lars_plugins import TrustRatioHistory
+
+    history = TrustRatioHistory.load(tmp_path / "run" / "trust_ratios.csv")
+    assert history.steps == [0, 1, 2, 3] and len(history.layers("grad_norm")) == 28
+    assert len(history.layers("trust_ratio")) == 8  # the weight matrices: stem, 6 blocks, head
+    assert (tmp_path / "run" / "trust_ratio_report_many_layers.png").read_bytes()[:4] == b"\x89PNG"
+
+
 def test_timm_finetune_example_from_a_local_checkpoint(tmp_path):
     pytest.importorskip("sklearn")
     pytest.importorskip("timm")
