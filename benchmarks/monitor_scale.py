@@ -75,16 +75,23 @@ def phase_write(layers: int, records: int, path: str) -> dict:
     start = time.perf_counter()
     history.to_csv(path)
     write_s = time.perf_counter() - start
-    return {"append_s": append_s, "append_ms_per_record": 1e3 * append_s / records,
-            "history_mb": held_mb, "write_s": write_s,
-            "csv_mb": os.path.getsize(path) / 1e6}
+    result = {"append_s": append_s, "append_ms_per_record": 1e3 * append_s / records,
+              "history_mb": held_mb, "write_s": write_s, "csv_mb": os.path.getsize(path) / 1e6}
+    import importlib.util
+
+    if importlib.util.find_spec("pyarrow") is None:
+        return result
+    start = time.perf_counter()
+    history.to_parquet(path + ".parquet")
+    result.update(parquet_write_s=time.perf_counter() - start, parquet_mb=os.path.getsize(path + ".parquet") / 1e6)
+    return result
 
 
 def phase_read(path: str) -> dict:
     from lars_plugins import TrustRatioHistory
 
     start = time.perf_counter()
-    history = TrustRatioHistory.from_csv(path)
+    history = TrustRatioHistory.load(path)
     return {"read_s": time.perf_counter() - start, "read_peak_mb": peak_mb(), "steps": len(history)}
 
 
@@ -153,12 +160,16 @@ def main() -> None:
         csv_path, png = str(Path(tmp) / "history.csv"), str(Path(tmp) / "report.png")
         write = in_child("write", str(args.layers), str(args.records), csv_path)
         read = in_child("read", csv_path)
+        parquet = in_child("read", csv_path + ".parquet") if "parquet_write_s" in write else None
         plot = in_child("plot", csv_path, png)
     print("\n| phase | time | memory |\n|---|---:|---:|")
     print(f"| append {args.records} records | {write['append_s']:.1f} s ({write['append_ms_per_record']:.2f} ms each) | "
           f"the history holds {write['history_mb']:.0f} MB |")
     print(f"| to_csv | {write['write_s']:.1f} s | file {write['csv_mb']:.0f} MB |")
     print(f"| from_csv | {read['read_s']:.1f} s | peak {read['read_peak_mb']:.0f} MB |")
+    if parquet is not None:
+        print(f"| to_parquet | {write['parquet_write_s']:.1f} s | file {write['parquet_mb']:.0f} MB |")
+        print(f"| from_parquet | {parquet['read_s']:.1f} s | peak {parquet['read_peak_mb']:.0f} MB |")
     print(f"| lars-plugins plot | {plot['plot_s']:.1f} s | peak {plot['plot_peak_mb']:.0f} MB |")
     if not args.no_model:
         cost = recording_cost(args.reps)

@@ -718,17 +718,37 @@ class TrustRatioHistory:
 
     @classmethod
     def from_parquet(cls, path: PathLike, metrics: Optional[Sequence[str]] = None) -> "TrustRatioHistory":
-        """Read a table written by :meth:`to_parquet` (only the keys of ``metrics``, if given)."""
+        """Read a table written by :meth:`to_parquet` (only the keys of ``metrics``, if given), a
+        column at a time into the table's blocks."""
         _, pq = _pyarrow()
-        columns = pq.read_table(str(path)).to_pydict()
-        if "step" not in columns:
+        schema = pq.read_schema(str(path))
+        if "step" not in schema.names:
             raise ValueError(f"{path}: no 'step' column")
+        keys = [k for k in schema.names if "/" in k and (metrics is None or k.split("/", 1)[0] in metrics)]
+        source = pq.ParquetFile(str(path))
+        step_column = source.read(columns=["step"]).column("step")
+        if step_column.null_count:
+            raise ValueError(f"{path}: a step is null")
         history = cls()
-        keys = [k for k in columns if "/" in k and (metrics is None or k.split("/", 1)[0] in metrics)]
-        for i, step in enumerate(columns["step"]):
-            if step is None:
-                raise ValueError(f"{path}, row {i}: the step is null")
-            history.append(int(step), {k: columns[k][i] for k in keys if columns[k][i] is not None})
+        steps = step_column.to_pylist()
+        history.steps = [int(step) for step in steps]
+        history._row_of_step = {step: row for row, step in enumerate(history.steps)}
+        history.columns = {key: j for j, key in enumerate(keys)}
+        n = len(steps)
+        history._blocks = [_Block(max(len(keys), 1)) for _ in range(-(-n // BLOCK_ROWS))]
+        for j, key in enumerate(keys):
+            if j % _CHUNK == 0:  # a few hundred columns at a time: the file is never all in memory twice
+                table = source.read(columns=keys[j:j + _CHUNK])
+            column = table.column(key).combine_chunks()
+            values = torch.from_numpy(column.to_numpy(zero_copy_only=False).astype("float64"))
+            recorded = torch.from_numpy(column.is_valid().to_numpy(zero_copy_only=False))
+            for k, block in enumerate(history._blocks):
+                rows = slice(k * BLOCK_ROWS, min(n, (k + 1) * BLOCK_ROWS))
+                count = rows.stop - rows.start
+                block.values[:count, j] = torch.where(recorded[rows], values[rows], math.nan)
+                block.recorded[:count, j] = recorded[rows]
+        if len(set(history.steps)) != n:
+            raise ValueError(f"{path}: a step appears in more than one row")
         return history
 
     @classmethod
