@@ -160,3 +160,16 @@ def test_ordinals_read_right():
 
     assert [_ordinal(n) for n in (1, 2, 3, 4, 11, 12, 13, 21, 22, 102, 111)] == \
         ["1st", "2nd", "3rd", "4th", "11th", "12th", "13th", "21st", "22nd", "102nd", "111th"]
+
+
+def test_the_lines_colour_bar_sits_next_to_its_axes_in_the_report():
+    from lars_plugins.plot import plot_report
+
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+
+    fig = plot_report(many_layers(layers=60, records=20))
+    FigureCanvasAgg(fig).draw()  # the layout is settled by drawing
+    lines_ax = next(ax for ax in fig.axes if ax.child_axes)
+    bar = lines_ax.child_axes[0]
+    gap = bar.get_position().x0 - lines_ax.get_position().x1
+    assert 0 <= gap < 0.02  # a figure-fraction hair, not a column away
