@@ -378,6 +378,7 @@ def plot_bars(history: HistoryLike, metric: str = "trust_ratio", *, step: Option
     ax.barh(y, [v for _, v in shown], color="#3b7dd8", left=smallest / 4)
     ax.set_xscale("log")
     ax.set_xlim(left=smallest / 4)  # every bar, the smallest too, starts a factor 4 left of its end
+    _log_ticks(ax, smallest / 4, max(v for _, v in shown))
     ax.set_yticks(y, [_short(name) for name, _ in shown], fontsize=7)
     ax.set_ylim(len(shown) - 0.5, -0.5)
     if norms:
@@ -394,6 +395,16 @@ def plot_bars(history: HistoryLike, metric: str = "trust_ratio", *, step: Option
     ax.set_title(f"{_label(metric)} per layer at step {step}{subset}", fontsize=10)
     ax.grid(True, axis="x", which="major", alpha=0.3)
     return ax
+
+
+def _log_ticks(ax: Any, low: float, high: float) -> None:
+    """Labelled ticks at 1, 2 and 5 per decade over a short range, at powers of ten over a long one;
+    no minor labels (matplotlib's crowd each other on a range of about one decade)."""
+    from matplotlib.ticker import LogLocator, NullFormatter
+
+    decades = math.log10(high / low) if high > low > 0 else 1.0
+    ax.xaxis.set_major_locator(LogLocator(base=10, subs=(1.0, 2.0, 5.0) if decades <= 4 else (1.0,)))
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def plot_report(history: HistoryLike, metric: str = "trust_ratio", *, title: Optional[str] = None) -> Any:
