@@ -8,8 +8,9 @@ metrics and their summaries (what ``TrustRatioMonitor`` reports with its default
 ``TrustRatioHistory``, written to CSV, read back, and drawn with ``lars-plugins plot``. Each phase
 runs in a process of its own, which reports its wall time and its peak resident memory.
 
-Recording cost: a ViT-B/16 (timm, random init, 152 tensors) on the CPU, one LARS step with and
-without a monitor attached, on steps it records and steps it does not (medians, interleaved).
+Recording cost: a ViT-B/16 (timm, random init, 152 tensors) on the CPU, one step of LARS, LAMB and
+AdamW with and without a monitor attached, on steps it records and steps it does not (medians,
+interleaved).
 """
 
 from __future__ import annotations
@@ -110,31 +111,41 @@ def in_child(phase: str, *args: str) -> dict:
     return json.loads(result.stdout.strip().splitlines()[-1])
 
 
-def recording_cost(reps: int) -> dict:
+OPTIMIZERS = {
+    "LARS": lambda groups: __import__("lars_plugins").LARS(groups, lr=0.1),
+    "LAMB": lambda groups: __import__("lars_plugins").LAMB(groups, lr=1e-3),
+    "AdamW": lambda groups: torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]}
+                                               for g in groups], lr=1e-3),
+}
+
+
+def recording_cost(reps: int, name: str) -> dict:
+    """Median step times of ``name`` on ViT-B/16 without a monitor, and with one on steps it does
+    and does not record (interleaved, identical gradients)."""
     import timm
 
-    from lars_plugins import LARS, TrustRatioMonitor, param_groups
+    from lars_plugins import TrustRatioMonitor, param_groups
 
     torch.manual_seed(0)
     model = timm.create_model("vit_base_patch16_224", pretrained=False)
     for p in model.parameters():
         p.grad = torch.randn_like(p) * 1e-2
-    plain = LARS(param_groups(model, weight_decay=1e-4), lr=0.1)
+    plain = OPTIMIZERS[name](param_groups(model, weight_decay=1e-4))
     watched_model = timm.create_model("vit_base_patch16_224", pretrained=False)
     watched_model.load_state_dict(model.state_dict())
     for p, q in zip(watched_model.parameters(), model.parameters()):
         p.grad = q.grad.clone()
-    watched = LARS(param_groups(watched_model, weight_decay=1e-4), lr=0.1)
+    watched = OPTIMIZERS[name](param_groups(watched_model, weight_decay=1e-4))
     monitor = TrustRatioMonitor(watched_model, watched, every_n_steps=2, keep_history=True)
     times: dict[str, list[float]] = {"no monitor": [], "monitor, step not recorded": [], "monitor, step recorded": []}
     for rep in range(2 + 2 * reps):
-        for label, opt in (("no monitor", plain), ("monitor", watched)):
+        for opt in (plain, watched):
             recorded = opt is watched and monitor.will_record()
             start = time.perf_counter()
             opt.step()
             elapsed = time.perf_counter() - start
             if rep >= 2:
-                key = label if opt is plain else f"monitor, step {'recorded' if recorded else 'not recorded'}"
+                key = "no monitor" if opt is plain else f"monitor, step {'recorded' if recorded else 'not recorded'}"
                 times[key].append(elapsed)
     medians = {k: 1e3 * statistics.median(v) for k, v in times.items()}
     return {"tensors": len(list(model.parameters())), **medians}
@@ -146,6 +157,8 @@ def main() -> None:
     parser.add_argument("--records", type=int, default=5000)
     parser.add_argument("--reps", type=int, default=10, help="recording-cost steps of each kind")
     parser.add_argument("--no-model", action="store_true", help="skip the ViT-B/16 recording cost")
+    parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS),
+                        help="optimizers whose recording cost is measured")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
@@ -172,12 +185,15 @@ def main() -> None:
         print(f"| from_parquet | {parquet['read_s']:.1f} s | peak {parquet['read_peak_mb']:.0f} MB |")
     print(f"| lars-plugins plot | {plot['plot_s']:.1f} s | peak {plot['plot_peak_mb']:.0f} MB |")
     if not args.no_model:
-        cost = recording_cost(args.reps)
-        base = cost["no monitor"]
-        print(f"\nRecording cost, ViT-B/16 ({cost['tensors']} tensors), LARS step on the CPU, median ms:")
-        print("\n| | ms | x no monitor |\n|---|---:|---:|")
-        for key in ("no monitor", "monitor, step not recorded", "monitor, step recorded"):
-            print(f"| {key} | {cost[key]:.1f} | {cost[key] / base:.2f} |")
+        print("\nRecording cost, ViT-B/16 (152 tensors), one optimizer step on the CPU, median ms "
+              "(x the same optimizer without a monitor):")
+        print("\n| optimizer | no monitor | step not recorded | step recorded |\n|---|---:|---:|---:|")
+        for name in args.optimizers:
+            cost = recording_cost(args.reps, name)
+            base = cost["no monitor"]
+            print(f"| {name} | {base:.1f} | {cost['monitor, step not recorded']:.1f} "
+                  f"({cost['monitor, step not recorded'] / base:.2f}x) | {cost['monitor, step recorded']:.1f} "
+                  f"({cost['monitor, step recorded'] / base:.2f}x) |", flush=True)
 
 
 if __name__ == "__main__":

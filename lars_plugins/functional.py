@@ -510,6 +510,7 @@ def lamb(
     maximize: bool = False,
     foreach: Optional[bool] = None,
     norms: Optional[NormsFn] = None,
+    weight_norms_out: Optional[list[Optional[Scalar]]] = None,
 ) -> None:
     """One LAMB step over one parameter group, in place (Algorithm 2 of You et al. 2019).
 
@@ -524,7 +525,8 @@ def lamb(
     ``trust_ratios[i]`` receives the ratio of adapted parameter ``i`` (``None`` for excluded ones).
     ``norms(indices, params, directions, dtype) -> (w_norms, u_norms)`` replaces the local norms
     (sharded training: :class:`lars_plugins.distributed.ShardedNorms`, the same as for LARS).
-    Neither path reads a tensor value on the host.
+    ``weight_norms_out[i]``, where given, receives ``‖w‖`` of adapted parameter ``i`` as the step took
+    it (for a monitor). Neither path reads a tensor value on the host.
     """
     for g in grads:
         if g.is_sparse:
@@ -537,10 +539,14 @@ def lamb(
                 continue
             bucket = [params[i] for i in idx]
             if not use_foreach and norms is None and _host_scalars(device):
-                _host_lamb([(bucket[k], grads[i], exp_avgs[i], exp_avg_sqs[i], trust_ratios[i] if adapted else None)
-                            for k, i in enumerate(idx)], step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                           weight_decay=weight_decay if adapted else 0.0, bias_correction=bias_correction,
-                           weight_norm_bounds=weight_norm_bounds, trust_clip=trust_clip, maximize=maximize)
+                taken = _host_lamb([(bucket[k], grads[i], exp_avgs[i], exp_avg_sqs[i],
+                                     trust_ratios[i] if adapted else None) for k, i in enumerate(idx)],
+                                   step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                   weight_decay=weight_decay if adapted else 0.0, bias_correction=bias_correction,
+                                   weight_norm_bounds=weight_norm_bounds, trust_clip=trust_clip, maximize=maximize)
+                if weight_norms_out is not None:
+                    for i, w_norm in zip(idx, taken):
+                        weight_norms_out[i] = w_norm
                 continue
             u = lamb_directions(bucket, [grads[i] for i in idx], [exp_avgs[i] for i in idx],
                                 [exp_avg_sqs[i] for i in idx], step=step, beta1=beta1, beta2=beta2, eps=eps,
@@ -555,6 +561,9 @@ def lamb(
             else:
                 w_norms = torch.stack(torch._foreach_norm(bucket, 2, dtype=dtype))
                 u_norms = torch.stack(torch._foreach_norm(u, 2, dtype=dtype))
+            if weight_norms_out is not None:
+                for i, w_norm in zip(idx, w_norms.unbind()):
+                    weight_norms_out[i] = w_norm
             ratios = lamb_trust_ratio(w_norms, u_norms, weight_norm_bounds=weight_norm_bounds, trust_clip=trust_clip)
             torch._foreach_copy_([trust_ratios[i] for i in idx], list(ratios.unbind()))
             _foreach_or_loop_axpy_(bucket, u, (ratios * -lr).unbind(), -lr, use_foreach)
@@ -562,15 +571,18 @@ def lamb(
 
 def _host_lamb(tensors: list[tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]], *, step: Scalar, lr: Scalar,
                beta1: float, beta2: float, eps: float, weight_decay: float, bias_correction: bool,
-               weight_norm_bounds: Optional[tuple[float, float]], trust_clip: bool, maximize: bool) -> None:
+               weight_norm_bounds: Optional[tuple[float, float]], trust_clip: bool,
+               maximize: bool) -> list[Optional[float]]:
     """The CPU path: each tensor's moments, ``u``, norms, ratio (a Python float) and update back to
     back, while its memory is still in cache, with ``u`` for one tensor at a time (not a copy of
-    every parameter). ``(w, g, m, v, ratio slot or None)`` per tensor."""
+    every parameter). ``(w, g, m, v, ratio slot or None)`` per tensor; returns ``‖w‖`` of each
+    adapted tensor (``None`` for the others)."""
     lr = lr.item() if isinstance(lr, Tensor) else lr
     step = step.item() if isinstance(step, Tensor) else step
     correction1, correction2 = (_one_minus_power(beta1, step), _one_minus_power(beta2, step)) if bias_correction \
         else (1.0, 1.0)
     root2 = math.sqrt(correction2)
+    weight_norms: list[Optional[float]] = []
     for w, g, m, v, slot in tensors:
         if maximize:
             g = torch.neg(g)
@@ -580,12 +592,15 @@ def _host_lamb(tensors: list[tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tens
         torch.div(m, u, out=u).div_(correction1)
         if weight_decay != 0:
             u.add_(w, alpha=weight_decay)
-        ratio = 1.0
+        ratio, w_norm = 1.0, None
         if slot is not None:
-            ratio = _host_lamb_ratio(_host_norm(w), _host_norm(u), weight_norm_bounds=weight_norm_bounds,
+            w_norm = _host_norm(w)
+            ratio = _host_lamb_ratio(w_norm, _host_norm(u), weight_norm_bounds=weight_norm_bounds,
                                      trust_clip=trust_clip)
             slot.fill_(ratio)
+        weight_norms.append(w_norm)
         w.add_(u, alpha=-lr * ratio)
+    return weight_norms
 
 
 def _host_lamb_ratio(w_norm: float, u_norm: float, *, weight_norm_bounds: Optional[tuple[float, float]],

@@ -116,6 +116,11 @@ class LAMB(LayerwiseOptimizer):
         state["step"] += 1
         return state["step"], state["exp_avg"], state["exp_avg_sq"]
 
+    def takes_norms(self, group: dict[str, Any], p: Tensor) -> bool:
+        """The adapted parameters of groups of whole tensors hand a monitor ``‖w‖`` (not ``‖g‖``:
+        LAMB's ratio divides by ``‖u‖``)."""
+        return self.is_adapted(group, p) and self._layouts(group["params"]) is None
+
     def _step_group(self, group: dict[str, Any], where: str) -> None:
         # Parameters are bucketed by their step count (usually one bucket: all stepped together).
         by_step: dict[float, list[int]] = defaultdict(list)
@@ -137,11 +142,15 @@ class LAMB(LayerwiseOptimizer):
         for step, idx in sorted(by_step.items()):
             owners = [params[i] for i in idx]
             norms = ShardedNorms(owners, where=where) if any(is_dtensor(p) for p in owners) else None
+            taken: Optional[list] = [None] * len(idx) if self._norm_sink is not None else None
             lamb([to_local(params[i]) for i in idx], [to_local(grads[i]) for i in idx],
                  [to_local(exp_avgs[i]) for i in idx], [to_local(exp_avg_sqs[i]) for i in idx],
                  [ratios[i] for i in idx], [adapt[i] for i in idx], step=step, lr=group["lr"],
                  weight_decay=group["weight_decay"], weight_norm_bounds=group["weight_norm_bounds"],
-                 trust_clip=group["trust_clip"], foreach=group["foreach"], norms=norms, **self._hyper(group))
+                 trust_clip=group["trust_clip"], foreach=group["foreach"], norms=norms, weight_norms_out=taken,
+                 **self._hyper(group))
+            if taken is not None and self._norm_sink is not None:
+                self._norm_sink.update((owners[k], (w, None)) for k, w in enumerate(taken) if w is not None)
 
     def _step_flat(self, group: dict[str, Any], layout: FlatLayout) -> None:
         """One step of a group whose tensors hold pieces of layers (FSDP1, DeepSpeed ZeRO).

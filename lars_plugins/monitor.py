@@ -157,7 +157,7 @@ class TrustRatioMonitor:
             return
         # ‖w‖ before the update. Taken for every parameter: under a closure (Lightning) the
         # gradients of this step do not exist yet, so which parameters get one is not known. Those
-        # whose norms the optimizer takes itself (LARS's adapted parameters) are handed over by it.
+        # whose norms the optimizer takes itself (LARS's, LAMB's adapted parameters) are handed over.
         plain, flat = self._split(optimizer)
         taken_by_step = getattr(optimizer, "takes_norms", None)
         if callable(taken_by_step):
@@ -273,18 +273,21 @@ class TrustRatioMonitor:
                     ratio = ratios[k]
                 entries.append((order, name, device, w_norms[k], g_norms[k], group["lr"], ratio))
         lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
-        handed = self._sink or {}
-        for p, (w, g) in handed.items():
-            if p.grad is not None:
-                w, g = (t if isinstance(t, Tensor) else torch.tensor(t, dtype=torch.float64) for t in (w, g))
-                order, name = self._names.get(p, (unnamed + len(entries), f"param{len(entries)}"))
-                entries.append((order, name, w.device, w, g, lr_of[id(p)], optimizer.state[p].get("trust_ratio")))
+        handed = {p: pair for p, pair in (self._sink or {}).items() if p.grad is not None}
         params = [p for p in plain_params if p.grad is not None and p in self._weight_norms and p not in handed]
-        if params:
-            for p, g in zip(params, _norms([p.grad for p in params])):
-                order, name = self._names.get(p, (unnamed + len(entries), f"param{len(entries)}"))
-                ratio = optimizer.state.get(p, {}).get("trust_ratio")
-                entries.append((order, name, p.device, self._weight_norms[p], g, lr_of[id(p)], ratio))
+        # Gradient norms the optimizer did not hand over (all of them for LAMB, whose ratio uses ‖u‖),
+        # in one reduction: under FSDP2 one collective per mesh dimension for all of them.
+        missing = [p for p, (_, g) in handed.items() if g is None] + params
+        grad_norms = dict(zip(missing, _norms([p.grad for p in missing]))) if missing else {}
+        for p, (w, g) in handed.items():
+            w, g = (t if isinstance(t, Tensor) else torch.tensor(t, dtype=torch.float64)
+                    for t in (w, grad_norms[p] if g is None else g))
+            order, name = self._names.get(p, (unnamed + len(entries), f"param{len(entries)}"))
+            entries.append((order, name, w.device, w, g, lr_of[id(p)], optimizer.state[p].get("trust_ratio")))
+        for p in params:
+            order, name = self._names.get(p, (unnamed + len(entries), f"param{len(entries)}"))
+            ratio = optimizer.state.get(p, {}).get("trust_ratio")
+            entries.append((order, name, p.device, self._weight_norms[p], grad_norms[p], lr_of[id(p)], ratio))
         return entries
 
     def _record(self, entries: list[tuple]) -> dict[str, float]:

@@ -467,11 +467,8 @@ def test_hf_state_and_tensorboard_sources_come_back_in_numeric_layer_order(tmp_p
     assert events.at_step("trust_ratio", 2) == pytest.approx({"net.2.weight": 0.4, "net.10.weight": 0.2})
 
 
-def test_lars_hands_its_own_norms_to_the_monitor_instead_of_their_being_taken_twice(monkeypatch):
-    model = make_model()
-    opt = lars_for(model)
-    monitor = TrustRatioMonitor(model, opt, every_n_steps=1)
-    adapted = {id(p) for g in opt.param_groups for p in g["params"] if LARS.is_adapted(g, p)}
+def norms_taken(monkeypatch):
+    """The ids of every tensor torch._foreach_norm is asked for from now on."""
     seen = []
     real_norm = torch._foreach_norm
 
@@ -480,6 +477,15 @@ def test_lars_hands_its_own_norms_to_the_monitor_instead_of_their_being_taken_tw
         return real_norm(tensors, *args, **kwargs)
 
     monkeypatch.setattr(torch, "_foreach_norm", counted)
+    return seen
+
+
+def test_lars_hands_its_own_norms_to_the_monitor_instead_of_their_being_taken_twice(monkeypatch):
+    model = make_model()
+    opt = lars_for(model)
+    monitor = TrustRatioMonitor(model, opt, every_n_steps=1)
+    adapted = {id(p) for g in opt.param_groups for p in g["params"] if LARS.is_adapted(g, p)}
+    seen = norms_taken(monkeypatch)
     backward(model)
     w = {n: p.detach().double().norm().item() for n, p in model.named_parameters()}  # independent, before the step
     g = {n: p.grad.double().norm().item() for n, p in model.named_parameters()}
@@ -491,3 +497,21 @@ def test_lars_hands_its_own_norms_to_the_monitor_instead_of_their_being_taken_tw
         assert monitor.latest[f"weight_norm/{name}"] == pytest.approx(w[name], rel=1e-5)
         assert monitor.latest[f"grad_norm/{name}"] == pytest.approx(g[name], rel=1e-5)
     assert opt._norm_sink is None  # nothing is kept once the step is recorded
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_lamb_hands_over_its_weight_norms_and_the_monitor_takes_the_gradients(foreach, monkeypatch):
+    model = make_model()
+    opt = lars_plugins.LAMB(lars_plugins.param_groups(model, weight_decay=1e-2), lr=1e-2, foreach=foreach)
+    monitor = TrustRatioMonitor(model, opt, every_n_steps=1)
+    adapted = {id(p) for g in opt.param_groups for p in g["params"] if opt.is_adapted(g, p)}
+    seen = norms_taken(monkeypatch)
+    backward(model)
+    w = {n: p.detach().double().norm().item() for n, p in model.named_parameters()}
+    g = {n: p.grad.double().norm().item() for n, p in model.named_parameters()}
+    opt.step()
+    if not foreach:  # LAMB's CPU step takes its norms with BLAS dot: every foreach norm here is the monitor's
+        assert seen.count(next(iter(adapted))) == 0 and not set(seen) & adapted
+    for name in w:
+        assert monitor.latest[f"weight_norm/{name}"] == pytest.approx(w[name], rel=1e-5)
+        assert monitor.latest[f"grad_norm/{name}"] == pytest.approx(g[name], rel=1e-5)
