@@ -91,6 +91,10 @@ class LarsArgsMixin:
             raise ValueError(f"lars_monitor must be one of {', '.join(MONITOR_MODES)}, got {self.lars_monitor!r}")
         if self.lars_layer_decay is not None and not 0 < self.lars_layer_decay <= 1:
             raise ValueError(f"lars_layer_decay must be in (0, 1] or None, got {self.lars_layer_decay!r}")
+        if self.lars_layer_decay is not None and not ours:
+            raise ValueError(f"lars_layer_decay={self.lars_layer_decay} with optim={name!r}: layer decay is applied by "
+                             f"lars_plugins' optimizers only ({', '.join(OPTIMIZERS)}), so it would be ignored; "
+                             "choose one of them or drop lars_layer_decay")
         if ours:
             # transformers checks optim against its enum: let it check a stand-in, then put the name back.
             self.optim = "sgd"

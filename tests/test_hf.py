@@ -88,6 +88,12 @@ def test_command_line_parsing(tmp_path):
     assert adam.optim == "adamw_torch"
 
 
+def test_layer_decay_with_a_transformers_optimizer_is_refused_not_ignored(tmp_path):
+    with pytest.raises(ValueError, match="lars_layer_decay=0.8 with optim='adamw_torch'.*would be ignored"):
+        make_args(tmp_path, optim="adamw_torch", lars_layer_decay=0.8)
+    assert make_args(tmp_path, optim="lamb", lars_layer_decay=0.8).lars_layer_decay == 0.8
+
+
 @pytest.mark.parametrize("optim_args,match", [
     ("trust_coef=0.02", "unknown key 'trust_coef'.*valid keys: momentum"),
     ("lr=3", "learning_rate"),
