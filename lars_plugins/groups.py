@@ -164,7 +164,8 @@ def param_groups(
     for depth ``d`` of ``D`` (:func:`block_ids`, or your ``layer_id(name) -> int``), so the head
     keeps ``lr`` and shallow layers get less. The scale is also stored as ``applied_lr_scale``; since
     the scaled ``lr`` is on the group itself, every torch LR scheduler keeps the ratios, and timm's
-    schedulers (which multiply a group's ``lr_scale`` in) do not apply it a second time.
+    schedulers (which multiply a group's ``lr_scale`` in) do not apply it a second time. Without
+    ``layer_decay``, ``lr`` (if given) is set on every group as it is.
     """
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
         raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
@@ -173,8 +174,8 @@ def param_groups(
             raise ValueError(f"layer_decay must be in (0, 1], got {layer_decay!r}")
         if lr is None or isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr < 0:
             raise ValueError(f"layer_decay needs the base learning rate: lr must be a number >= 0, got {lr!r}")
-    elif lr is not None:
-        raise ValueError("lr is only used with layer_decay; pass the learning rate to the optimizer instead")
+    elif lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr < 0):
+        raise ValueError(f"lr must be a number >= 0, got {lr!r}")
     rule = _exclusion_rule(exclude, model)
 
     modules = dict(model.named_modules())
@@ -209,6 +210,8 @@ def param_groups(
             }
             if layer_decay is not None:
                 scale = float(layer_decay) ** (deepest - d)
-                group.update(lr=float(lr) * scale, applied_lr_scale=scale, layer_id=d)
+                group.update(lr=float(lr) * scale, applied_lr_scale=scale, layer_id=d)  # type: ignore[arg-type]
+            elif lr is not None:  # every group at lr: the same as the optimizer's lr, set on the groups
+                group["lr"] = float(lr)
         group["params"].append((name, param))
     return [groups[k] for k in sorted(groups, key=lambda k: (k[1], -1 if k[0] is None else int(k[0])))]

@@ -151,11 +151,17 @@ def test_custom_layer_id_and_frozen_layers_keep_depth():
     (dict(layer_decay=1.5, lr=1.0), "layer_decay"),
     (dict(layer_decay=0.0, lr=1.0), "layer_decay"),
     (dict(layer_decay=0.8), "lr"),
-    (dict(lr=1.0), "lr is only used with layer_decay"),
+    (dict(lr=-1.0), "lr must be a number >= 0"),
 ])
 def test_bad_arguments(kwargs, match):
     with pytest.raises(ValueError, match=match):
         param_groups(Net(), **kwargs)
+
+
+def test_lr_without_layer_decay_is_set_on_every_group():
+    groups = param_groups(Net(), weight_decay=1e-4, lr=0.3)
+    assert len(groups) == 2 and all(g["lr"] == 0.3 and "applied_lr_scale" not in g for g in groups)
+    assert all("lr" not in g for g in param_groups(Net()))  # without lr, the optimizer's applies
 
 
 def test_no_trainable_parameters():
