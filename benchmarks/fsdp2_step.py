@@ -6,7 +6,8 @@
 Both optimizers see the same fully_shard'ed model and gradients. LARS reduces the squared shard
 norms of a whole bucket in one all_reduce; timm's Lars (per-parameter loop) takes each parameter's
 norm through DTensor, one implicit all_reduce per norm. Collectives are counted with torch.profiler
-(c10d::allreduce_ events, which explicit and DTensor reductions both reach), times are medians, printed by rank 0 side by side.
+(c10d::allreduce_ events, which explicit and DTensor reductions both reach), times are medians, printed by rank 0
+side by side.
 """
 
 from __future__ import annotations

@@ -176,7 +176,8 @@ def main() -> None:
         parquet = in_child("read", csv_path + ".parquet") if "parquet_write_s" in write else None
         plot = in_child("plot", csv_path, png)
     print("\n| phase | time | memory |\n|---|---:|---:|")
-    print(f"| append {args.records} records | {write['append_s']:.1f} s ({write['append_ms_per_record']:.2f} ms each) | "
+    per_record = f"{write['append_ms_per_record']:.2f} ms each"
+    print(f"| append {args.records} records | {write['append_s']:.1f} s ({per_record}) | "
           f"the history holds {write['history_mb']:.0f} MB |")
     print(f"| to_csv | {write['write_s']:.1f} s | file {write['csv_mb']:.0f} MB |")
     print(f"| from_csv | {read['read_s']:.1f} s | peak {read['read_peak_mb']:.0f} MB |")

@@ -217,7 +217,8 @@ def main() -> None:
         unfused = min(medians[label] for label in ("SGD(foreach)", "SGD(single)"))
         ratio = medians["LARS(auto)"] / unfused
         vs_timm = medians["LARS(auto)"] / min(m for label, m in medians.items() if label.startswith("timm Lars"))
-        vs_fused = f", {medians['LARS(auto)'] / medians['SGD(fused)']:.2f}x SGD(fused)" if "SGD(fused)" in medians else ""
+        vs_fused = (f", {medians['LARS(auto)'] / medians['SGD(fused)']:.2f}x SGD(fused)"
+                    if "SGD(fused)" in medians else "")
         verdict = "met" if ratio <= limit and vs_timm < 1.0 else "NOT met"
         print(f"  {model}: {ratio:.2f}x the faster unfused SGD, {vs_timm:.2f}x best timm Lars -> {verdict}{vs_fused}")
         if "LAMB(auto)" in medians:

@@ -76,7 +76,8 @@ def main() -> None:
             print(f"step {entry['step']:4d}  loss {entry['loss']:.4f}"
                   + (f"  trust ratio median {ratio:.2e}" if ratio is not None else ""))
     after = accuracy(trainer, test)
-    print(f"optimizer {type(trainer.optimizer.optimizer if hasattr(trainer.optimizer, 'optimizer') else trainer.optimizer).__name__}"
+    inner = trainer.optimizer.optimizer if hasattr(trainer.optimizer, "optimizer") else trainer.optimizer
+    print(f"optimizer {type(inner).__name__}"
           f": test accuracy {before:.1%} -> {after:.1%}")
 
 

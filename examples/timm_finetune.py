@@ -52,7 +52,8 @@ def main() -> None:
     to_rgb32 = lambda x: nn.functional.interpolate(x, size=32, mode="bilinear", align_corners=False).repeat(1, 3, 1, 1)  # noqa: E731
     x_train, x_test = to_rgb32(data.x_train), to_rgb32(data.x_test)
     model = build_model(args.model, args.pretrained, args.checkpoint)
-    source = "pretrained (hub)" if args.pretrained else f"weights from {args.checkpoint}" if args.checkpoint else "random init"
+    source = ("pretrained (hub)" if args.pretrained else f"weights from {args.checkpoint}" if args.checkpoint
+              else "random init")
     print(f"{args.model}, {source}: test accuracy before fine-tuning {accuracy(model, x_test, data.y_test):.1%}")
 
     optimizer = create_optimizer_v2(model, opt="lars", lr=args.lr, weight_decay=5e-4, momentum=0.9,

@@ -15,4 +15,6 @@ from .wrapper import Layerwise, centralize_gradients_
 
 __version__ = "0.1.0"
 
-__all__ = ["LARS", "LAMB", "Layerwise", "centralize_gradients_", "WarmupDecayLR", "TrustRatioMonitor", "TrustRatioHistory", "param_groups", "default_exclude", "is_bias_or_norm", "block_ids", "lars", "trust_ratio", "__version__"]
+__all__ = ["LARS", "LAMB", "Layerwise", "centralize_gradients_", "WarmupDecayLR", "TrustRatioMonitor",
+           "TrustRatioHistory", "param_groups", "default_exclude", "is_bias_or_norm", "block_ids", "lars",
+           "trust_ratio", "__version__"]

@@ -68,7 +68,8 @@ class LarsArgsMixin:
     )
     lars_layer_decay: Optional[float] = field(
         default=None,
-        metadata={"help": "lars_plugins' optimizers only: layer-wise LR decay in (0, 1] for fine-tuning (embeddings and lower blocks "
+        metadata={"help": "lars_plugins' optimizers only: layer-wise LR decay in (0, 1] for fine-tuning "
+                          "(embeddings and lower blocks "
                           "get smaller LRs); None: off."},
     )
     lars_monitor: str = field(
@@ -113,7 +114,8 @@ class LarsTrainingArguments(LarsArgsMixin, TrainingArguments):
 def _convert(key: str, text: str, annotation: Any) -> Any:
     """``text`` as the type of the optimizer's ``key`` argument (float, bool, a pair ``low:high``,
     each possibly Optional)."""
-    options = [a for a in get_args(annotation) if a is not type(None)] if get_origin(annotation) is Union else [annotation]
+    is_union = get_origin(annotation) is Union
+    options = [a for a in get_args(annotation) if a is not type(None)] if is_union else [annotation]
     optional = get_origin(annotation) is Union and type(None) in get_args(annotation)
     low = text.strip().lower()
     if optional and low in ("none", "null"):

@@ -225,7 +225,8 @@ class LayoutResolver:
             return None
         if any(is_fsdp1(t) for t in tensors):
             if not all(is_fsdp1(t) for t in tensors):
-                raise ValueError(f"{where}a param group mixes FSDP1 parameters with others; put each in a group of its own")
+                raise ValueError(f"{where}a param group mixes FSDP1 parameters with others; put each in a group "
+                                 "of its own")
             return self._fsdp1_layout(tensors, where)
         known = {id(p) for p in self.candidates}
         if all(id(t) in known for t in tensors):

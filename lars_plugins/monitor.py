@@ -47,7 +47,8 @@ def unwrap_optimizer(optimizer: Any) -> Optimizer:
             break
         optimizer = inner
     if not isinstance(optimizer, Optimizer):
-        raise TypeError(f"optimizer must be a torch.optim.Optimizer (or a wrapper of one), got {type(optimizer).__name__}")
+        raise TypeError(f"optimizer must be a torch.optim.Optimizer (or a wrapper of one), "
+                        f"got {type(optimizer).__name__}")
     return optimizer
 
 
@@ -107,7 +108,8 @@ class TrustRatioMonitor:
         # FSDP1 flat parameters: their layers are named by the flat parameter's place in the model.
         self._flat_names = {id(p): name.rpartition("_flat_param")[0] for p, (_, name) in self._names.items()
                             if name.endswith("_flat_param")}
-        self._layouts = LayoutResolver(list(self._names) or [p for g in self.optimizer.param_groups for p in g["params"]])
+        built_with = [p for g in self.optimizer.param_groups for p in g["params"]]
+        self._layouts = LayoutResolver(list(self._names) or built_with)
         self._n_groups = len(self.optimizer.param_groups)
         self._members: dict[tuple[int, ...], list[bool]] = {}
         self._merged_layouts: dict[tuple[int, ...], tuple[FlatLayout, list[slice]]] = {}
@@ -171,7 +173,8 @@ class TrustRatioMonitor:
             self._weight_norms.update(zip(plain, _norms(plain)))
         if flat:
             layout, tensors, spans = self._merged(flat)
-            w_norms = layout.norms(layout.views(tensors), dtype=ratio_dtype(tensors[0].dtype), device=tensors[0].device)[0]
+            w_norms = layout.norms(layout.views(tensors), dtype=ratio_dtype(tensors[0].dtype),
+                                   device=tensors[0].device)[0]
             for (_, group_layout), span in zip(flat, spans):
                 self._weight_norms[id(group_layout)] = w_norms[span]
 
@@ -262,7 +265,7 @@ class TrustRatioMonitor:
             for k, layer in enumerate(layout.layers):
                 if not members[k]:
                     continue
-                if isinstance(layer.key, tuple):  # an FSDP1 flat parameter's layer: named and ordered by the flat's place
+                if isinstance(layer.key, tuple):  # an FSDP1 flat parameter's layer: named, ordered by the flat's place
                     flat_order = self._names.get(layer.key[0], (unnamed, ""))[0]
                     order = flat_order + k / (len(layout.layers) + 1)
                     name = self._flat_names.get(id(layer.key[0]), "") + str(layer.name)

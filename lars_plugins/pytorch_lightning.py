@@ -7,7 +7,8 @@ try:
     import pytorch_lightning as _pl
     from pytorch_lightning.cli import LightningCLI as _CLI
 except ImportError as err:  # pragma: no cover - exercised only without the extra
-    raise ImportError('lars_plugins.pytorch_lightning needs pytorch-lightning: pip install "lars_plugins[lightning]"') from err
+    raise ImportError('lars_plugins.pytorch_lightning needs pytorch-lightning: '
+                      'pip install "lars_plugins[pytorch-lightning]"') from err
 
 from ._lightning import build, configure_lars
 from .optim import LARS

@@ -22,8 +22,8 @@ from .optim import LARS
 from .schedules import WarmupDecayLR
 from .wrapper import Layerwise, centralize_gradients_
 
-__all__ = ["RECIPE_OPTIMIZERS", "Recipe", "RunResult", "mlp_bn", "build_optimizer", "train", "evaluate", "sgd_linear_lr",
-           "lars_sqrt_lr"]
+__all__ = ["RECIPE_OPTIMIZERS", "Recipe", "RunResult", "mlp_bn", "build_optimizer",
+           "train", "evaluate", "sgd_linear_lr", "lars_sqrt_lr"]
 
 RECIPE_OPTIMIZERS = ("sgd", "nesterov", "lars", "ranger", "lars_ranger")
 # Ranger's settings (Wright 2019): RAdam with β1 = 0.95, Lookahead every 6 steps halfway back, and

@@ -52,7 +52,8 @@ def test_large_batch_quick(tmp_path):
     # Two epochs at batch 4096 on 12,000 images is 6 steps: finite accuracies, none at a diverged 0.
     assert all(0.1 < float(r["test_acc"]) <= 1 for r in ranger)
     picked = {r["method"]: float(r["lr"]) for r in ranger}
-    grid = {float(r["value"]) for r in csv.DictReader((tmp_path / "ranger_tuning.csv").open()) if r["method"] == "Ranger"}
+    tuning = csv.DictReader((tmp_path / "ranger_tuning.csv").open())
+    grid = {float(r["value"]) for r in tuning if r["method"] == "Ranger"}
     assert picked["Ranger"] in grid and "Table 7" in out
     assert "| batch | SGD | SGD + warm-up | Nesterov + warm-up, tuned | LARS | LARS + warm-up | tuned lr |" in out
     assert "Table 2" in out and "Table 3" in out and "machine: " in out

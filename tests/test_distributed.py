@@ -88,7 +88,8 @@ def wrap(model, engine):
 
     _, mode, strategy = engine.split("-")  # fsdp1-{orig,flat}-{full,gradop}
     wrapped = FSDP(model, device_id=torch.device("cpu"), use_orig_params=mode == "orig",
-                   sharding_strategy=ShardingStrategy.FULL_SHARD if strategy == "full" else ShardingStrategy.SHARD_GRAD_OP)
+                   sharding_strategy=(ShardingStrategy.FULL_SHARD if strategy == "full"
+                                      else ShardingStrategy.SHARD_GRAD_OP))
     return wrapped, wrapped
 
 
@@ -99,7 +100,8 @@ def full_params(model):
 
         with FSDP.summon_full_params(model):
             return {n.replace("_fsdp_wrapped_module.", ""): p.detach().clone() for n, p in model.named_parameters()}
-    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone() for n, p in model.named_parameters()}
+    return {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+            for n, p in model.named_parameters()}
 
 
 class CollectiveCounter:

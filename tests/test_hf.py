@@ -360,7 +360,8 @@ def test_offline_pretrained_minilm_with_real_reviews(tmp_path, minilm):
     for entry in (h for h in trainer.state.log_history if "loss" in h):
         w, g = capture.seen[entry["step"]]
         expected = 1e-3 * w / (g + 1e-4 * w + 1e-8)
-        assert entry["trust_ratio/bert.encoder.layer.3.attention.self.query.weight"] == pytest.approx(expected, rel=1e-4)
+        key = "trust_ratio/bert.encoder.layer.3.attention.self.query.weight"
+        assert entry[key] == pytest.approx(expected, rel=1e-4)
 
 
 def test_mixins_compose_with_other_trainer_and_args_subclasses(tmp_path):

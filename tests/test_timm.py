@@ -13,11 +13,11 @@ import torch
 from torch import nn
 
 timm = pytest.importorskip("timm")
-import timm.optim  # noqa: E402
+import timm.optim  # noqa: E402, F811  (the submodule, after importorskip has checked timm)
 
 import lars_plugins.timm as lars_timm  # noqa: E402  (registers)
 from lars_plugins import LAMB, LARS  # noqa: E402
-from checkpoints import weights_only_round_trip
+from checkpoints import weights_only_round_trip  # noqa: E402
 
 create = timm.optim.create_optimizer_v2
 
