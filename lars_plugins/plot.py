@@ -281,28 +281,27 @@ def plot_lines(history: HistoryLike, metric: str = "trust_ratio", *, ax: Any = N
     if not _has_layers(history, metric):
         return _summary_band(history, metric, ax)
     steps, layers, logs = _log_table(history, metric)
-    deviation = _deviation(logs)
-    edges, shown, _, binned = _binned(steps, logs, deviation, max_points)
-    x = (edges[1:] + edges[:-1]) / 2 if binned else steps.astype(float)
     matplotlib, _ = _matplotlib()
     # plasma without its last, pale-yellow stretch: every line stays visible on white.
     cmap = matplotlib.colors.LinearSegmentedColormap.from_list(
         "plasma_dark", matplotlib.colormaps["plasma"](np.linspace(0.0, 0.85, 256)))
-    if len(layers) <= max_lines:
-        lines, what = shown, f"{len(layers)} layers"
-    else:
+    grouped = len(layers) > max_lines
+    lines = logs
+    if grouped:  # the medians of groups of layers, over the band of all of them
         starts, _ = _layer_groups(layers, max_lines)
         with _quiet_nan_warnings():
             lines = np.stack([np.nanmedian(logs[a:b], axis=0) for a, b in zip(starts, starts[1:] + [len(layers)])])
             low, high = np.nanmin(logs, axis=0), np.nanmax(logs, axis=0)
-        if binned:  # the band and the group medians per bin: extremes of the band, medians' extremes
+    edges, lines, _, binned = _binned(steps, lines, _deviation(lines), max_points)
+    x = (edges[1:] + edges[:-1]) / 2 if binned else steps.astype(float)
+    what = f"{len(layers)} layers"
+    if grouped:
+        if binned:  # the band's extremes per bin
             _, bin_starts, bins = _step_bins(steps, max_points)
-            band_low = np.full(len(x), np.nan)
-            band_high = np.full(len(x), np.nan)
+            band_low, band_high = np.full(len(x), np.nan), np.full(len(x), np.nan)
             band_low[bins] = np.fmin.reduceat(low, bin_starts)
             band_high[bins] = np.fmax.reduceat(high, bin_starts)
             low, high = band_low, band_high
-            lines = _binned(steps, lines, _deviation(lines), max_points)[1]
         ax.fill_between(x, 10 ** low, 10 ** high, color="0.85", linewidth=0, label="lowest to highest layer")
         what = f"medians of {len(lines)} groups of {len(layers)} layers"
     depth = Normalize(vmin=0, vmax=max(1, len(lines) - 1))
@@ -323,7 +322,7 @@ def plot_lines(history: HistoryLike, metric: str = "trust_ratio", *, ax: Any = N
     ax.grid(True, which="major", alpha=0.3)
     # An inset colour bar stays next to its axes whatever the layout does to the column it sits in.
     bar = ax.figure.colorbar(ScalarMappable(norm=depth, cmap=cmap), cax=ax.inset_axes([1.015, 0.0, 0.025, 1.0]))
-    bar.set_label("layer index (input → output)" if len(layers) <= max_lines else "layer group (input → output)")
+    bar.set_label("layer group (input → output)" if grouped else "layer index (input → output)")
     bar.ax.yaxis.get_major_locator().set_params(integer=True)
     return ax
 
