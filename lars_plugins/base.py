@@ -112,9 +112,10 @@ class LayerwiseOptimizer(Optimizer):
     """
 
     NAME: ClassVar[str] = "layer-wise"
-    # Set to a dict by TrustRatioMonitor on the steps it records; an optimizer whose takes_norms()
-    # says so puts (‖w‖, ‖g‖) of those parameters there, as its step took them.
+    # Set to a dict by TrustRatioMonitor on the steps it records; where takes_norms() says so, the
+    # step puts (‖w‖, ‖g‖ or None) of its adapted parameters there, as it took them.
     _norm_sink: Optional[dict[Tensor, tuple[Any, Any]]] = None
+    HANDS_NORMS: ClassVar[bool] = False  # whether _step_group fills _norm_sink
     KEYS: ClassVar[dict[str, Check]] = {}
     FOREIGN_KEYS: ClassVar[dict[str, str]] = {}
     # Keys older checkpoints may lack, with the value that behaves as they did.
@@ -239,9 +240,10 @@ class LayerwiseOptimizer(Optimizer):
         """The flat layout (FSDP1, DeepSpeed ZeRO) of ``group``'s current tensors, or ``None``."""
         return self._layouts(group["params"])
 
-    def takes_norms(self, group: dict[str, Any], p: Tensor) -> bool:
-        """Whether a step of ``group`` hands ``‖w‖`` and ``‖g‖`` of ``p`` to a monitor (see ``_norm_sink``)."""
-        return False
+    def takes_norms(self, group: dict[str, Any]) -> bool:
+        """Whether a step of ``group`` hands a monitor the norms of its adapted parameters (see
+        ``_norm_sink``): groups of whole tensors, where the step computes them itself."""
+        return self.HANDS_NORMS and self._layouts(group["params"]) is None
 
     def _trust_ratio_slot(self, p: Tensor) -> Tensor:
         """``state[p]["trust_ratio"]``, made on first use: a 0-d tensor on ``p``'s device."""

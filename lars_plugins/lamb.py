@@ -74,6 +74,7 @@ class LAMB(LayerwiseOptimizer):
     FOREIGN_KEYS = {"always_adapt": "lars_exclude", "exclude_from_layer_adaptation": "lars_exclude",
                     "clamp_value": "weight_norm_bounds"}
     LOADED_DEFAULTS = {**LayerwiseOptimizer.LOADED_DEFAULTS, "bias_correction": True, "weight_norm_bounds": None}
+    HANDS_NORMS = True  # ‖w‖ only: the ratio divides by ‖u‖, so a monitor takes ‖g‖ itself
 
     def __init__(
         self,
@@ -115,11 +116,6 @@ class LAMB(LayerwiseOptimizer):
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         state["step"] += 1
         return state["step"], state["exp_avg"], state["exp_avg_sq"]
-
-    def takes_norms(self, group: dict[str, Any], p: Tensor) -> bool:
-        """The adapted parameters of groups of whole tensors hand a monitor ``‖w‖`` (not ``‖g‖``:
-        LAMB's ratio divides by ``‖u‖``)."""
-        return self.is_adapted(group, p) and self._layouts(group["params"]) is None
 
     def _step_group(self, group: dict[str, Any], where: str) -> None:
         # Parameters are bucketed by their step count (usually one bucket: all stepped together).

@@ -163,7 +163,8 @@ class TrustRatioMonitor:
         plain, flat = self._split(optimizer)
         taken_by_step = getattr(optimizer, "takes_norms", None)
         if callable(taken_by_step):
-            handed = {p for group in optimizer.param_groups for p in group["params"] if taken_by_step(group, p)}
+            handed = {p for group in optimizer.param_groups if taken_by_step(group)  # one layout lookup a group
+                      for p in group["params"] if optimizer.is_adapted(group, p)}  # type: ignore[attr-defined]
             if handed:
                 if optimizer._norm_sink is None:  # type: ignore[attr-defined]
                     optimizer._norm_sink = {}  # type: ignore[attr-defined]

@@ -100,6 +100,7 @@ class LARS(LayerwiseOptimizer):
     }
     FOREIGN_KEYS = _FOREIGN_KEYS
     LOADED_DEFAULTS = {**LayerwiseOptimizer.LOADED_DEFAULTS, "nesterov": False}
+    HANDS_NORMS = True  # ‖w‖ and ‖g‖: the ratio's own
 
     def __init__(
         self,
@@ -148,10 +149,6 @@ class LARS(LayerwiseOptimizer):
                 f"got momentum={group['momentum']} and dampening={group['dampening']}"
             )
         super()._check_group(group, explicit=explicit, where=where)
-
-    def takes_norms(self, group: dict[str, Any], p: Tensor) -> bool:
-        """The adapted parameters of groups of whole tensors: their norms are the ratio's own."""
-        return self.is_adapted(group, p) and self._layouts(group["params"]) is None
 
     def _step_group(self, group: dict[str, Any], where: str) -> None:
         params: list[Tensor] = []
