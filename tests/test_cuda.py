@@ -26,6 +26,15 @@ def grads_for(steps, seed=1):
     return [[torch.randn(s, generator=gen) for s in SHAPES] for _ in range(steps)]
 
 
+def step_without_syncs(opt):
+    """One step under sync debug mode "error": any host-device synchronisation inside step() raises."""
+    torch.cuda.set_sync_debug_mode("error")
+    try:
+        opt.step()
+    finally:
+        torch.cuda.set_sync_debug_mode("default")
+
+
 CASES = [
     dict(momentum=0.9, weight_decay=1e-4),
     dict(momentum=0.9, weight_decay=1e-4, nesterov=True, trust_clip=True),
@@ -51,12 +60,7 @@ def test_step_never_syncs_and_matches_cpu(cfg, tensor_lr, dtype, foreach):
     for step, device_step in zip(steps, device_grads):
         for p, g in zip(params, device_step):
             p.grad = g
-        # "error": any host-device synchronisation inside step() raises.
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            opt.step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        step_without_syncs(opt)
         for p, g in zip(cpu_params, step):
             p.grad = g.to(dtype)
         cpu_opt.step()
@@ -75,11 +79,7 @@ def run_without_syncs(opt, params, device_grads):
     for device_step in device_grads:
         for p, g in zip(params, device_step):
             p.grad = g
-        torch.cuda.set_sync_debug_mode("error")
-        try:
-            opt.step()
-        finally:
-            torch.cuda.set_sync_debug_mode("default")
+        step_without_syncs(opt)
 
 
 @pytest.mark.parametrize("foreach", [None, False, True])

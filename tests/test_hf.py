@@ -158,26 +158,16 @@ class CaptureTensors(TrainerCallback):
         self.seen[state.global_step + 1] = (self.param.detach().double().clone(), self.param.grad.double().clone())
 
 
-class CaptureNorms(TrainerCallback):
-    """Independent record, in the test: ‖w‖ and ‖g‖ of one tensor just before each optimizer step."""
-
-    def __init__(self, param):
-        self.param, self.seen = param, {}
-
-    def on_pre_optimizer_step(self, args, state, control, **kwargs):
-        self.seen[state.global_step + 1] = (self.param.detach().norm().item(), self.param.grad.norm().item())
-
-
 def test_trust_ratios_reach_log_history_on_logging_steps_only(tmp_path):
     model = tiny_bert()
     args = make_args(tmp_path, lars_monitor="all", optim_args="trust_coefficient=0.01")
-    capture = CaptureNorms(model.classifier.weight)
+    capture = CaptureTensors(model.classifier.weight)
     trainer = LarsTrainer(model=model, args=args, train_dataset=Tokens(), callbacks=[capture])
     trainer.train()
     train_logs = [h for h in trainer.state.log_history if "loss" in h]
     assert [h["step"] for h in train_logs] == [2, 4, 6]
     for entry in train_logs:
-        w, g = capture.seen[entry["step"]]
+        w, g = (t.norm().item() for t in capture.seen[entry["step"]])
         expected = 0.01 * w / (g + 1e-4 * w + 1e-8)  # Eq. 6 on the norms the test captured
         assert entry["trust_ratio/classifier.weight"] == pytest.approx(expected, rel=1e-4)
         assert entry["weight_norm/classifier.weight"] == pytest.approx(w, rel=1e-5)
@@ -345,7 +335,7 @@ def test_offline_pretrained_minilm_with_real_reviews(tmp_path, minilm):
     train = [{"input_ids": i, "attention_mask": m, "labels": y}
              for i, m, y in zip(enc["input_ids"], enc["attention_mask"], data.train_labels[:64])]
     layer = model.bert.encoder.layer[3].attention.self.query.weight
-    capture = CaptureNorms(layer)
+    capture = CaptureTensors(layer)
     args = make_args(tmp_path, max_steps=2, logging_steps=1, lars_monitor="all", lars_layer_decay=0.8,
                      per_device_train_batch_size=32)
     trainer = LarsTrainer(model=model, args=args, train_dataset=train, callbacks=[capture],
@@ -358,7 +348,7 @@ def test_offline_pretrained_minilm_with_real_reviews(tmp_path, minilm):
     head_lr = next(g["lr"] for g in groups if "classifier.weight" in g["param_names"])
     assert embeddings_lr == pytest.approx(head_lr * 0.8 ** 7)  # embeddings, 6 blocks, then pooler/head
     for entry in (h for h in trainer.state.log_history if "loss" in h):
-        w, g = capture.seen[entry["step"]]
+        w, g = (t.norm().item() for t in capture.seen[entry["step"]])
         expected = 1e-3 * w / (g + 1e-4 * w + 1e-8)
         key = "trust_ratio/bert.encoder.layer.3.attention.self.query.weight"
         assert entry[key] == pytest.approx(expected, rel=1e-4)
