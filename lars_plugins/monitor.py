@@ -527,9 +527,7 @@ class TrustRatioHistory:
         cols = [self.columns[f"{metric}/{name}"] for name in layers]
         order = sorted(range(len(self.steps)), key=self.steps.__getitem__)
         chunks = [cols[k:k + _CHUNK] for k in range(0, len(cols), _CHUNK)]
-        any_recorded = torch.zeros(len(self.steps), dtype=torch.bool)
-        for chunk in chunks:
-            any_recorded |= self._gather(chunk)[1].any(dim=1)
+        any_recorded = self._rows_with_any(cols).tolist()
         rows = torch.tensor([i for i in order if any_recorded[i]], dtype=torch.long)
         out = torch.empty(len(layers), len(rows), dtype=dtype)
         for k, chunk in enumerate(chunks):
@@ -539,12 +537,15 @@ class TrustRatioHistory:
 
     def recorded_steps(self, metric: str) -> list[int]:
         """The steps at which some layer of ``metric`` was recorded, sorted."""
-        layers = self.layers(metric)
-        cols = [self.columns[f"{metric}/{name}"] for name in layers]
+        cols = [self.columns[f"{metric}/{name}"] for name in self.layers(metric)]
+        return sorted(step for step, recorded in zip(self.steps, self._rows_with_any(cols).tolist()) if recorded)
+
+    def _rows_with_any(self, cols: list[int]) -> Tensor:
+        """Which rows recorded any of columns ``cols`` (gathered a few hundred columns at a time)."""
         any_recorded = torch.zeros(len(self.steps), dtype=torch.bool)
         for k in range(0, len(cols), _CHUNK):
             any_recorded |= self._gather(cols[k:k + _CHUNK])[1].any(dim=1)
-        return sorted(step for step, recorded in zip(self.steps, any_recorded.tolist()) if recorded)
+        return any_recorded
 
     def at_step(self, metric: str, step: int) -> dict[str, float]:
         """The values of ``metric`` recorded at ``step``, by layer (layers not recorded there left out)."""
@@ -699,16 +700,20 @@ class TrustRatioHistory:
                 raise ValueError(f"{path}: no metric {' or '.join(map(repr, metrics))} with a value; "
                                  f"available: {', '.join(present) or 'none'}")
             raise ValueError(f"{path}: no recorded metrics (no 'metric/layer' column with a value)")
-        names = list(history.columns)
-        if names == sorted(names):
-            # Lightning's CSVLogger sorts its columns as strings (net.12 before net.3); numbered layers
-            # read in numeric order are back in model order for the usual names.
-            history._reorder(sorted(names, key=_natural_key))
+        history._natural_order()  # Lightning's CSVLogger sorts its columns as strings
         return history
+
+    def _natural_order(self, always: bool = False) -> None:
+        """Columns in natural order (``net.3`` before ``net.12``) where the source sorted its keys as
+        strings (or ``always``, for a source with no order): numbered layers are then back in model
+        order for the usual names; the order of unnumbered siblings cannot be recovered."""
+        keys = list(self.columns)
+        if always or keys == sorted(keys):
+            self._reorder(sorted(keys, key=_natural_key))
 
     def _reorder(self, keys: list[str]) -> None:
         index = torch.tensor([self.columns[key] for key in keys], dtype=torch.long)
-        for k, block in enumerate(self._blocks):
+        for block in self._blocks:
             block.reorder(index)
         self.columns = {key: i for i, key in enumerate(keys)}
         self._last_keys, self._last_index = [], None
@@ -779,9 +784,7 @@ class TrustRatioHistory:
                 history.append(int(entry["step"]), record)
         if not history.steps:
             raise ValueError(f"{path}: no recorded metrics in its log_history (train with lars_monitor on)")
-        keys = list(history.columns)
-        if keys == sorted(keys):  # the Trainer saves its state with sort_keys=True: model order is lost
-            history._reorder(sorted(keys, key=_natural_key))
+        history._natural_order()  # the Trainer saves its state with sort_keys=True
         return history
 
     @classmethod
@@ -810,8 +813,7 @@ class TrustRatioHistory:
             history.append(step, by_step[step])
         if not history.steps:
             raise ValueError(f"{path}: no 'metric/layer' scalars in these TensorBoard events")
-        keys = list(history.columns)
-        history._reorder(sorted(keys, key=_natural_key))  # TensorBoard keeps no order of its own
+        history._natural_order(always=True)  # TensorBoard keeps no order of its own
         return history
 
     @staticmethod
