@@ -292,14 +292,29 @@ def accelerate_worker(rank, port, out):
     if rank == 0:
         torch.save({"params": {n: p.detach() for n, p in model.named_parameters()},
                     "ratio": monitor.latest["trust_ratio/0.weight"]}, out)
-    accelerator.wait_for_everyone()
+    open(f"{out}.done{rank}", "w").close()
+    accelerator.wait_for_everyone()  # past this barrier every rank has finished and said so
+    del wrapped, opt, monitor  # DDP's reducer holds gloo work: drop it before the process group goes
     accelerator.end_training()
+
+
+def spawn_allowing_teardown_abort(worker, args, out):
+    """mp.spawn, tolerating only an abort after every rank wrote its done marker, i.e. in teardown
+    (destroying the process group, interpreter exit): a rare gloo/DDP thread-exit abort, "terminate
+    called without an active exception", seen once in CI and in no code under test."""
+    try:
+        mp.spawn(worker, args=args, nprocs=WORLD)
+    except mp.ProcessExitedException:
+        if not all(os.path.exists(f"{out}.done{rank}") for rank in range(WORLD)):
+            raise
 
 
 def test_hf_accelerate_multi_cpu_equals_one_process(tmp_path):
     pytest.importorskip("accelerate")
     out = str(tmp_path / "accelerate.pt")
-    mp.spawn(accelerate_worker, args=(free_port(), out), nprocs=WORLD)
+    spawn_allowing_teardown_abort(accelerate_worker, (free_port(), out), out)
+    for rank in range(WORLD):
+        assert os.path.exists(f"{out}.done{rank}"), f"rank {rank} did not finish"
     result = torch.load(out, weights_only=True)
     expected, _ = reference()
     for name, value in expected.items():
