@@ -48,7 +48,7 @@ def optimizers(weight_decay: float) -> dict[str, Callable[[list[dict]], torch.op
     import timm.optim
 
     def plain(groups: list[dict]) -> list[dict]:
-        # torch SGD / timm Lars do not know lars_exclude; timm adapts groups with weight_decay != 0.
+        # torch SGD / timm Lars do not know exclude; timm adapts groups with weight_decay != 0.
         return [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups]
 
     runners = {

@@ -14,18 +14,19 @@ from __future__ import annotations
 import difflib
 import math
 import numbers
-from typing import Any, Callable, ClassVar, Iterable, Optional, Union
+from dataclasses import dataclass
+from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, Union
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.optimizer import ParamsT
 
 from .functional import ratio_dtype
 from .layouts import FlatLayout, LayoutResolver, layer_shape
 
-__all__ = ["LayerwiseOptimizer", "Check", "real", "flag", "learning_rate", "pair", "ParamsT"]
-
-ParamsT = Union[Iterable[Tensor], Iterable[dict[str, Any]], Iterable[tuple[str, Tensor]]]
+__all__ = ["LayerwiseOptimizer", "Check", "real", "flag", "learning_rate", "pair", "ForeignKey", "FOREIGN_KEYS",
+           "translate_foreign"]
 # check(where, key, value) raises a ValueError/TypeError naming the key and what it accepts.
 Check = Callable[[str, str, Any], None]
 
@@ -90,7 +91,69 @@ def pair(item: Check, *, optional: bool = False, ordered: bool = False) -> Check
         if ordered and value[0] > value[1]:
             raise ValueError(f"{where}{key} must have {key}[0] <= {key}[1], got {tuple(value)}")
 
+    check.is_pair = True  # type: ignore[attr-defined]
     return check
+
+
+@dataclass(frozen=True)
+class ForeignKey:
+    """Another library's name for one of our keywords: ``ours``, whose library, and how its value
+    becomes ours (``convert``; ``None`` where no value converts faithfully: then it is refused)."""
+
+    ours: str
+    library: str
+    convert: Optional[Callable[[Any], Any]] = lambda value: value
+    how: str = ""  # what the conversion is, for messages
+
+
+def _negated(value: Any) -> Any:
+    return (not value) if isinstance(value, bool) else value  # a non-bool is left for our check to refuse
+
+
+# The one table of other libraries' names, read wherever keywords arrive: refused with our name in
+# our own constructors and groups (a foreign key there would otherwise be silently ignored);
+# translated where people bring that library's vocabulary: the timm factory, HF ``optim_args``
+# and loaded checkpoints. An entry applies to an optimizer that has its ``ours`` key.
+FOREIGN_KEYS: dict[str, ForeignKey] = {
+    "trust_coeff": ForeignKey("trust_coefficient", "timm"),
+    "eta": ForeignKey("trust_coefficient", "LARC"),
+    "clip": ForeignKey("trust_clip", "LARC"),
+    "always_adapt": ForeignKey("exclude_bias_and_norm", "timm", _negated,
+                               "always_adapt=True is exclude_bias_and_norm=False"),
+    "clamp_value": ForeignKey("weight_norm_bounds", "pytorch-optimizer", lambda value: (0.0, value),
+                              "clamp_value=c is weight_norm_bounds=(0, c)"),
+    "lars_exclude": ForeignKey("exclude", "lars_plugins 0.1"),
+    # Name patterns or predicates elsewhere; here exclusion is a per-group bool (see param_groups).
+    "exclude_from_adaptation": ForeignKey("exclude", "BYOL/VICReg recipes", None),
+    "lars_adaptation_filter": ForeignKey("exclude", "SimCLR", None),
+    "exclude_from_layer_adaptation": ForeignKey("exclude", "TF/NVIDIA LAMB", None),
+}
+
+
+def _foreign_message(where: str, name: str, foreign: ForeignKey, owner: str) -> str:
+    how = f" ({foreign.how})" if foreign.how else ""
+    if foreign.convert is None:
+        how = " (a per-group True/False/None here: lars_plugins.param_groups builds such groups)"
+    return f"{where}{name!r} is {foreign.library}'s name; {owner} calls it {foreign.ours!r}{how}"
+
+
+def translate_foreign(keywords: Mapping[str, Any], accepted: Iterable[str], *, where: str = "",
+                      owner: str = "lars_plugins") -> dict[str, Any]:
+    """``keywords`` with other libraries' names (:data:`FOREIGN_KEYS`) for keys in ``accepted``
+    replaced by ours and their values converted. A name given in both forms, or one whose value has
+    no faithful conversion, is a ``TypeError`` naming both."""
+    accepted = set(accepted)
+    out = dict(keywords)
+    for name in list(out):
+        foreign = FOREIGN_KEYS.get(name) if isinstance(name, str) else None
+        if foreign is None or foreign.ours not in accepted:
+            continue
+        if foreign.convert is None:
+            raise TypeError(_foreign_message(where, name, foreign, owner))
+        if foreign.ours in out:
+            raise TypeError(f"{where}give {name!r} ({foreign.library}'s name) or {foreign.ours!r}, not both")
+        out[foreign.ours] = foreign.convert(out.pop(name))
+    return out
 
 
 def evaluate(closure: Optional[Callable[[], float]]) -> Optional[float]:
@@ -104,10 +167,9 @@ def evaluate(closure: Optional[Callable[[], float]]) -> Optional[float]:
 class LayerwiseOptimizer(Optimizer):
     """Base of the optimizers that give each layer (whole original parameter) its own rate.
 
-    Subclasses set :attr:`KEYS` (group key -> :data:`Check`), :attr:`FOREIGN_KEYS` (other libraries'
-    names -> ours, refused with the right name) and implement :meth:`_step_group` (whole tensors,
+    Subclasses set :attr:`KEYS` (group key -> :data:`Check`) and implement :meth:`_step_group` (whole tensors,
     DTensors included) and :meth:`_step_flat` (an FSDP1/ZeRO :class:`FlatLayout`). Exclusion:
-    a group's ``lars_exclude`` decides where it is not ``None``; else ``exclude_bias_and_norm``
+    a group's ``exclude`` decides where it is not ``None``; else ``exclude_bias_and_norm``
     excludes tensors whose whole shape has ``ndim <= 1``.
     """
 
@@ -117,9 +179,8 @@ class LayerwiseOptimizer(Optimizer):
     _norm_sink: Optional[dict[Tensor, tuple[Any, Any]]] = None
     HANDS_NORMS: ClassVar[bool] = False  # whether _step_group fills _norm_sink
     KEYS: ClassVar[dict[str, Check]] = {}
-    FOREIGN_KEYS: ClassVar[dict[str, str]] = {}
     # Keys older checkpoints may lack, with the value that behaves as they did.
-    LOADED_DEFAULTS: ClassVar[dict[str, Any]] = {"lars_exclude": None, "exclude_bias_and_norm": True,
+    LOADED_DEFAULTS: ClassVar[dict[str, Any]] = {"exclude": None, "exclude_bias_and_norm": True,
                                                  "maximize": False, "foreach": None, "trust_clip": False}
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
@@ -145,12 +206,12 @@ class LayerwiseOptimizer(Optimizer):
         super().add_param_group(param_group)
         self._layouts = LayoutResolver([*self._layouts.candidates, *self.param_groups[-1]["params"]])
 
-    def _validate(self, group: dict[str, Any], *, explicit: dict[str, Any], where: str, loaded: bool = False) -> None:
+    def _validate(self, group: dict[str, Any], *, explicit: dict[str, Any], where: str) -> None:
         """Raise ``ValueError``/``TypeError`` naming the first bad key of ``group``."""
-        for foreign, ours in self.FOREIGN_KEYS.items():
-            if foreign in explicit and not loaded:
-                raise TypeError(f"{where}unknown {self.NAME} key {foreign!r}; lars_plugins.{type(self).__name__} "
-                                f"calls it {ours!r}")
+        for name in explicit:
+            foreign = FOREIGN_KEYS.get(name) if isinstance(name, str) else None
+            if foreign is not None and foreign.ours in self.KEYS:
+                raise TypeError(_foreign_message(where, name, foreign, f"lars_plugins.{type(self).__name__}"))
         for key in explicit:
             if isinstance(key, str) and key not in self.KEYS:
                 close = difflib.get_close_matches(key, self.KEYS, n=1, cutoff=0.85)
@@ -163,9 +224,9 @@ class LayerwiseOptimizer(Optimizer):
 
     def _check_group(self, group: dict[str, Any], *, explicit: dict[str, Any], where: str) -> None:
         """Checks across keys (after each key passed its own)."""
-        if explicit.get("lars_exclude") is True and explicit.get("weight_decay", 0) != 0:
+        if explicit.get("exclude") is True and explicit.get("weight_decay", 0) != 0:
             raise ValueError(
-                f"{where}lars_exclude=True with weight_decay={explicit['weight_decay']}: excluded parameters get "
+                f"{where}exclude=True with weight_decay={explicit['weight_decay']}: excluded parameters get "
                 "no weight decay, so this weight_decay would be ignored; set it to 0 or adapt the group")
 
     def _to_python_numbers(self, group: dict[str, Any]) -> None:
@@ -190,8 +251,13 @@ class LayerwiseOptimizer(Optimizer):
             for key, value in self.LOADED_DEFAULTS.items():
                 group.setdefault(key, value)
 
-    def _translate_loaded(self, saved: dict[str, Any]) -> dict[str, Any]:
-        """A saved group in this optimizer's keys (other libraries' checkpoints name keys otherwise)."""
+    def _translate_loaded(self, saved: dict[str, Any], where: str) -> dict[str, Any]:
+        """A saved group in this optimizer's keys: other libraries' names (timm's ``trust_coeff``,
+        ``always_adapt``) translated from :data:`FOREIGN_KEYS`, pairs back from JSON/YAML lists."""
+        saved = translate_foreign(saved, self.KEYS, where=where, owner=f"lars_plugins.{type(self).__name__}")
+        for key, check in self.KEYS.items():
+            if getattr(check, "is_pair", False) and isinstance(saved.get(key), list):
+                saved[key] = tuple(saved[key])
         return saved
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
@@ -200,12 +266,13 @@ class LayerwiseOptimizer(Optimizer):
         their float32 precision under half-precision parameters."""
         groups = []
         for index, (saved, current) in enumerate(zip(state_dict["param_groups"], self.param_groups)):
-            saved = self._translate_loaded(dict(saved))
+            where = f"loaded param group {index}: "
+            saved = self._translate_loaded(dict(saved), where)
             for key, value in current.items():
                 if key != "params":
                     saved.setdefault(key, value)
             # A checkpoint must not bring in what the constructor refuses (lr=-1, momentum=nan).
-            self._validate(saved, explicit=saved, where=f"loaded param group {index}: ", loaded=True)
+            self._validate(saved, explicit=saved, where=where)
             self._to_python_numbers(saved)
             groups.append(saved)
         # A length mismatch is left to torch, which explains it.
@@ -219,14 +286,15 @@ class LayerwiseOptimizer(Optimizer):
     # --- layers ----------------------------------------------------------------------------------
 
     @staticmethod
-    def is_adapted(group: dict[str, Any], param: Union[Tensor, torch.Size]) -> bool:
-        """Whether ``param`` in ``group`` gets the layer-wise rate (else: the optimizer's plain step,
-        without weight decay). ``param`` may be a parameter (its whole shape counts: ZeRO-3's
-        ``ds_shape``) or a layer's shape."""
-        if group["lars_exclude"] is not None:
-            return not group["lars_exclude"]
+    def is_excluded(group: dict[str, Any], param: Union[Tensor, torch.Size]) -> bool:
+        """Whether ``param`` in ``group`` is excluded from the layer-wise rate (it then takes the
+        optimizer's plain step, without weight decay): the group's ``exclude`` where it is not
+        ``None``, else ``exclude_bias_and_norm`` and ``ndim <= 1``. ``param`` may be a parameter (its
+        whole shape counts: ZeRO-3's ``ds_shape``) or a layer's shape."""
+        if group["exclude"] is not None:
+            return group["exclude"]
         shape = param if isinstance(param, torch.Size) else layer_shape(param)
-        return not (group["exclude_bias_and_norm"] and len(shape) <= 1)
+        return group["exclude_bias_and_norm"] and len(shape) <= 1
 
     def layer_trust_ratios(self, group: dict[str, Any]) -> Optional[tuple[FlatLayout, Tensor]]:
         """For a group stepped through a flat layout (FSDP1, DeepSpeed ZeRO): the layout and the

@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import defaultdict
-from typing import Callable, Optional, Sequence, Union
+from typing import Callable, Hashable, Iterable, Optional, Sequence, TypeVar, Union
 
 import torch
 from torch import Tensor
@@ -29,6 +29,7 @@ from torch import Tensor
 __all__ = ["lars", "trust_ratio", "ratio_dtype", "lamb", "lamb_trust_ratio", "lamb_directions"]
 
 Scalar = Union[float, Tensor]
+K = TypeVar("K", bound=Hashable)
 # (params, grads, dtype) -> (weight norms, grad norms), for one bucket; NormsFn also takes the bucket's indices.
 BucketNormsFn = Callable[[Sequence[Tensor], Sequence[Tensor], torch.dtype], tuple[Tensor, Tensor]]
 NormsFn = Callable[[Sequence[int], Sequence[Tensor], Sequence[Tensor], torch.dtype], tuple[Tensor, Tensor]]
@@ -71,8 +72,8 @@ def lars(
     grads: Sequence[Tensor],
     momentum_buffers: list[Optional[Tensor]],
     trust_ratios: Sequence[Optional[Tensor]],
-    adapt: Sequence[bool],
     *,
+    excluded: Sequence[bool],
     lr: Scalar,
     momentum: float,
     dampening: float,
@@ -89,9 +90,10 @@ def lars(
     """One LARS step over one parameter group, in place.
 
     ``momentum_buffers[i]`` is ``None`` where no buffer exists yet; new buffers are written back
-    into the list. ``trust_ratios[i]`` is a 0-d tensor (:func:`ratio_dtype`) that receives the ratio used for an
-    adapted parameter (``None`` for excluded ones). ``adapt[i]`` says whether parameter ``i`` is
-    adapted. ``foreach=None`` picks the multi-tensor path for accelerator tensors and the
+    into the list. ``excluded[i]`` says whether parameter ``i`` is excluded from the layer-wise rate
+    (:meth:`~lars_plugins.base.LayerwiseOptimizer.is_excluded`). ``trust_ratios[i]`` is a 0-d tensor
+    (:func:`ratio_dtype`) that receives the ratio used for parameter ``i`` (``None`` where excluded).
+    ``foreach=None`` picks the multi-tensor path for accelerator tensors and the
     single-tensor path on CPU (see docs/performance.md for the measurements behind this).
     ``norms(indices, params, grads, dtype) -> (w_norms, g_norms)`` replaces the local norms of the
     parameters at ``indices`` (sharded training: :class:`lars_plugins.distributed.ShardedNorms`).
@@ -106,7 +108,7 @@ def lars(
         use_foreach = foreach if foreach is not None else device.type != "cpu"
         impl = _multi_tensor_lars if use_foreach else _single_tensor_lars
         for adapted in (True, False):
-            idx = [i for i in indices if adapt[i] == adapted]
+            idx = [i for i in indices if excluded[i] != adapted]
             if not idx:
                 continue
             bufs = [momentum_buffers[i] for i in idx]
@@ -140,12 +142,18 @@ def ratio_dtype(param_dtype: torch.dtype) -> torch.dtype:
     return torch.promote_types(param_dtype, torch.float32)
 
 
+def _indices_by(keys: Iterable[K]) -> dict[K, list[int]]:
+    """Positions grouped by key, in first-seen order."""
+    groups: dict[K, list[int]] = defaultdict(list)
+    for i, key in enumerate(keys):
+        groups[key].append(i)
+    return groups
+
+
 def _buckets(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
-    """Indices of ``tensors`` grouped by (device, dtype), the unit of a foreach kernel."""
-    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
-    for i, t in enumerate(tensors):
-        buckets[(t.device, t.dtype)].append(i)
-    return buckets
+    """Indices of ``tensors`` grouped by (device, dtype), the unit of a foreach kernel (and of
+    torch's ``_group_tensors_by_device_and_dtype``): the one grouping every step and the monitor use."""
+    return _indices_by((t.device, t.dtype) for t in tensors)
 
 
 def _ratios(
@@ -210,60 +218,24 @@ def _single_tensor_lars(
     # The direction is d = a·g + b·w with per-tensor coefficients a = ±ratio and b = ratio·wd
     # (a = ±1, no b for excluded tensors). d is never materialised: the coefficients are folded into
     # fused add_/addcmul_ calls, which saves two passes over memory per tensor.
-    n = len(params)
-    sign = -1.0 if maximize else 1.0
     if _host_scalars(params[0].device) and norms is None:
-        # On the CPU a host read costs nothing (there is no device to wait for). Each tensor's norms,
-        # ratio and update run back to back, while w and g are still in cache from the norms: the
-        # update then reads memory no more than SGD's does. Coefficients are Python floats.
-        lr = lr.item() if isinstance(lr, Tensor) else lr
-        for i, (w, g) in enumerate(zip(params, grads)):
-            ratio, decay = 1.0, 0.0  # excluded: d = ±g
-            if trust_ratios is not None:
-                w_norm, g_norm = _host_norm(w), _host_norm(g)
-                if norms_out is not None:
-                    norms_out[i] = (w_norm, g_norm)
-                ratio = _host_trust_ratio(w_norm, g_norm, trust_coefficient=trust_coefficient,
-                                          weight_decay=weight_decay, eps=eps, lr=lr, trust_clip=trust_clip)
-                trust_ratios[i].fill_(ratio)
-                decay = weight_decay
-            buf = momentum_buffers[i]
-            if not nesterov and (momentum == 0 or buf is not None) and _cpu_fused_sgd(w.dtype) \
-                    and _same_dense_layout(w, g, buf):
-                # torch's fused SGD kernel (one pass over w, g and buf) computes d' = ±g + decay·w and
-                # buf = m·buf + (1 - dampening')·d', w -= lr'·(buf or d'). With dampening' =
-                # 1 - (1 - dampening)·ratio, or lr' = lr·ratio without momentum, that is LARS exactly.
-                torch._fused_sgd_([w], [g], [buf] if momentum != 0 else [], weight_decay=decay,
-                                  momentum=momentum, lr=lr if momentum != 0 else lr * ratio,
-                                  dampening=1.0 - (1.0 - dampening) * ratio, nesterov=False, maximize=maximize,
-                                  is_first_step=False)
-                continue
-            a, b = sign * ratio, (ratio * decay if decay != 0 else None)
-            damped = 1.0 - dampening
-            _update_tensor_(i, w, g, momentum_buffers, a=a, b=b, a_damped=a * damped,
-                            b_damped=None if b is None else b * damped, step_a=-lr * a,
-                            keep=None if b is None else 1.0 - lr * b, neg_lr=-lr, momentum=momentum,
-                            nesterov=nesterov)
+        _host_lars(params, grads, momentum_buffers, trust_ratios, lr=lr.item() if isinstance(lr, Tensor) else lr,
+                   momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                   trust_coefficient=trust_coefficient, eps=eps, trust_clip=trust_clip, maximize=maximize,
+                   norms_out=norms_out)
         return
     # Elsewhere (and while torch.compile traces) the coefficients stay 0-d tensors: no sync, no
     # graph break. Every scaled coefficient is one vector op per bucket, not one per tensor.
+    n = len(params)
+    sign = -1.0 if maximize else 1.0
+    a_vec: Optional[Tensor] = None  # None: excluded tensors, a = ±1 and no b
+    b_vec: Optional[Tensor] = None
     if trust_ratios is not None:
-        ratios, _ = _ratios(
-            params,
-            grads,
-            trust_ratios,
-            trust_coefficient=trust_coefficient,
-            weight_decay=weight_decay,
-            eps=eps,
-            lr=lr,
-            trust_clip=trust_clip,
-            norms=norms,
-            norms_out=norms_out,
-        )
-        a_vec: Optional[Tensor] = ratios * sign
-        b_vec: Optional[Tensor] = ratios * weight_decay if weight_decay != 0 else None
-    else:
-        a_vec = b_vec = None
+        ratios, _ = _ratios(params, grads, trust_ratios, trust_coefficient=trust_coefficient,
+                            weight_decay=weight_decay, eps=eps, lr=lr, trust_clip=trust_clip, norms=norms,
+                            norms_out=norms_out)
+        a_vec = ratios * sign
+        b_vec = ratios * weight_decay if weight_decay != 0 else None
 
     def scaled_a(scale: Scalar) -> Sequence[Scalar]:
         return [sign * scale] * n if a_vec is None else (a_vec * scale).unbind()
@@ -278,6 +250,43 @@ def _single_tensor_lars(
     for i, (w, g) in enumerate(zip(params, grads)):
         _update_tensor_(i, w, g, momentum_buffers, a=a[i], b=b[i], a_damped=a_damped[i], b_damped=b_damped[i],
                         step_a=step_a[i], keep=keep[i], neg_lr=neg_lr, momentum=momentum, nesterov=nesterov)
+
+
+def _host_lars(params: list[Tensor], grads: list[Tensor], momentum_buffers: list[Optional[Tensor]],
+               trust_ratios: Optional[list[Tensor]], *, lr: float, momentum: float, dampening: float,
+               weight_decay: float, nesterov: bool, trust_coefficient: float, eps: float, trust_clip: bool,
+               maximize: bool, norms_out: Optional[list]) -> None:
+    """The CPU path. A host read costs nothing there (there is no device to wait for): each tensor's
+    norms, ratio and update run back to back, while w and g are still in cache from the norms, so
+    the update reads memory no more than SGD's does. Coefficients are Python floats."""
+    sign = -1.0 if maximize else 1.0
+    damped = 1.0 - dampening
+    for i, (w, g) in enumerate(zip(params, grads)):
+        ratio, decay = 1.0, 0.0  # excluded: d = ±g
+        if trust_ratios is not None:
+            w_norm, g_norm = _host_norm(w), _host_norm(g)
+            if norms_out is not None:
+                norms_out[i] = (w_norm, g_norm)
+            ratio = _host_trust_ratio(w_norm, g_norm, trust_coefficient=trust_coefficient,
+                                      weight_decay=weight_decay, eps=eps, lr=lr, trust_clip=trust_clip)
+            trust_ratios[i].fill_(ratio)
+            decay = weight_decay
+        buf = momentum_buffers[i]
+        if not nesterov and (momentum == 0 or buf is not None) and _cpu_fused_sgd(w.dtype) \
+                and _same_dense_layout(w, g, buf):
+            # torch's fused SGD kernel (one pass over w, g and buf) computes d' = ±g + decay·w and
+            # buf = m·buf + (1 - dampening')·d', w -= lr'·(buf or d'). With dampening' =
+            # 1 - (1 - dampening)·ratio, or lr' = lr·ratio without momentum, that is LARS exactly.
+            torch._fused_sgd_([w], [g], [buf] if momentum != 0 else [], weight_decay=decay,
+                              momentum=momentum, lr=lr if momentum != 0 else lr * ratio,
+                              dampening=1.0 - damped * ratio, nesterov=False, maximize=maximize,
+                              is_first_step=False)
+            continue
+        a, b = sign * ratio, (ratio * decay if decay != 0 else None)
+        _update_tensor_(i, w, g, momentum_buffers, a=a, b=b, a_damped=a * damped,
+                        b_damped=None if b is None else b * damped, step_a=-lr * a,
+                        keep=None if b is None else 1.0 - lr * b, neg_lr=-lr, momentum=momentum,
+                        nesterov=nesterov)
 
 
 def _update_tensor_(i: int, w: Tensor, g: Tensor, momentum_buffers: list[Optional[Tensor]], *, a: Scalar,
@@ -496,8 +505,8 @@ def lamb(
     exp_avgs: Sequence[Tensor],
     exp_avg_sqs: Sequence[Tensor],
     trust_ratios: Sequence[Optional[Tensor]],
-    adapt: Sequence[bool],
     *,
+    excluded: Sequence[bool],
     step: Scalar,
     lr: Scalar,
     beta1: float,
@@ -522,7 +531,8 @@ def lamb(
     * adapted: ``u = m̂ / (√v̂ + ε) + wd·w``, ``w -= lr · ratio · u`` with :func:`lamb_trust_ratio`;
     * excluded: ``u = m̂ / (√v̂ + ε)`` (no weight decay, no ratio): the AdamW step without decay.
 
-    ``trust_ratios[i]`` receives the ratio of adapted parameter ``i`` (``None`` for excluded ones).
+    ``excluded[i]`` says whether parameter ``i`` is excluded; ``trust_ratios[i]`` receives the ratio
+    of parameter ``i`` (``None`` where excluded).
     ``norms(indices, params, directions, dtype) -> (w_norms, u_norms)`` replaces the local norms
     (sharded training: :class:`lars_plugins.distributed.ShardedNorms`, the same as for LARS).
     ``weight_norms_out[i]``, where given, receives ``‖w‖`` of adapted parameter ``i`` as the step took
@@ -534,7 +544,7 @@ def lamb(
     for (device, _), indices in _buckets(params).items():
         use_foreach = foreach if foreach is not None else device.type != "cpu"
         for adapted in (True, False):
-            idx = [i for i in indices if adapt[i] == adapted]
+            idx = [i for i in indices if excluded[i] != adapted]
             if not idx:
                 continue
             bucket = [params[i] for i in idx]

@@ -152,8 +152,8 @@ def param_groups(
 
     Parameters chosen by ``exclude`` (default :func:`default_exclude`: what the model's own framework
     leaves without weight decay -- timm's rule, or the HF Trainer's for a transformers model) go to
-    groups with ``lars_exclude=True, weight_decay=0``;
-    the rest to groups with ``lars_exclude=False, weight_decay=weight_decay``. Every group carries
+    groups with ``exclude=True, weight_decay=0``;
+    the rest to groups with ``exclude=False, weight_decay=weight_decay``. Every group carries
     ``(name, parameter)`` pairs, so ``group["param_names"]`` is filled in by torch.
     Frozen parameters (``requires_grad=False``) are left out.
 
@@ -194,7 +194,7 @@ def param_groups(
         excluded: Optional[bool] = bool(rule(name, param, module))
         if hasattr(param, "_shard_param_infos"):
             # An FSDP1 FlatParameter holds weights, biases and norms together: LARS decides per
-            # original layer by its shape (lars_exclude=None), which the name rules cannot do.
+            # original layer by its shape (exclude=None), which the name rules cannot do.
             if exclude is not None:
                 raise ValueError(f"{name} is an FSDP1 flat parameter, so exclusion by name cannot apply to the layers "
                                  "inside it; wrap with use_orig_params=True, or leave exclude=None (biases and "
@@ -206,7 +206,7 @@ def param_groups(
             group = groups[(excluded, d)] = {
                 "params": [],
                 "weight_decay": 0.0 if excluded is True else float(weight_decay),
-                "lars_exclude": excluded,
+                "exclude": excluded,
             }
             if layer_decay is not None:
                 scale = float(layer_decay) ** (deepest - d)

@@ -29,6 +29,7 @@ from typing import Any, Optional, Union, get_args, get_origin
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from .base import FOREIGN_KEYS, translate_foreign
 from .groups import param_groups
 from .lamb import LAMB
 from .monitor import TrustRatioMonitor
@@ -151,6 +152,7 @@ def parse_optim_args(optim_args: Optional[str], optim: str = "lars") -> dict[str
     """``"k=v,k=v"`` (``TrainingArguments.optim_args``) as keyword arguments of the right types for
     the optimizer ``optim`` names (a pair as ``low:high``).
 
+    timm's names (``trust_coeff``, ``always_adapt``) are read as ours (:data:`lars_plugins.base.FOREIGN_KEYS`).
     Unknown keys and keys the Trainer sets from its own arguments (``lr``: ``learning_rate``;
     ``weight_decay``; for LAMB ``betas`` and ``eps``: ``adam_beta1/2``, ``adam_epsilon``) are
     refused with the list of what is valid.
@@ -171,10 +173,13 @@ def parse_optim_args(optim_args: Optional[str], optim: str = "lars") -> dict[str
             raise ValueError(f"optim_args: expected key=value, got {item!r}")
         if key in from_args:
             raise ValueError(f"optim_args: set {key} with --{from_args[key]}, not in optim_args")
-        if key not in allowed:
+        foreign = FOREIGN_KEYS.get(key)
+        ours = foreign.ours if foreign is not None and foreign.ours in allowed else key
+        if ours not in allowed:
             raise ValueError(f"optim_args: unknown key {key!r} for {optim}; valid keys: {', '.join(allowed)}")
-        out[key] = _convert(key, value, hints[key])
-    return out
+        out[key] = _convert(key, value, hints[ours])
+    # timm's names (trust_coeff, always_adapt) as in the timm factory, from the same table.
+    return translate_foreign(out, allowed, where="optim_args: ", owner=f"lars_plugins.{cls.__name__}")
 
 
 def lars_optimizer_kwargs(args: TrainingArguments, model: torch.nn.Module) -> dict[str, Any]:

@@ -7,8 +7,9 @@ from typing import Any, Optional, Union
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import ParamsT
 
-from .base import LayerwiseOptimizer, ParamsT, flag, learning_rate, pair, real
+from .base import LayerwiseOptimizer, flag, learning_rate, pair, real
 from .distributed import ShardedNorms, is_dtensor, to_local
 from .functional import _foreach_or_loop_axpy_, lamb, lamb_directions, lamb_trust_ratio, ratio_dtype
 from .layouts import FlatLayout
@@ -51,7 +52,7 @@ class LAMB(LayerwiseOptimizer):
         bias_correction: Adam's bias correction of ``m`` and ``v``.
         weight_norm_bounds: ``(low, high)`` for ``φ``; ``None`` is the identity.
         trust_clip: cap the ratio at 1.
-        exclude_bias_and_norm: exclude ``ndim <= 1`` tensors in groups without ``lars_exclude``.
+        exclude_bias_and_norm: exclude ``ndim <= 1`` tensors in groups without ``exclude``.
         maximize: maximise the objective instead of minimising it.
         foreach: ``True`` multi-tensor, ``False`` single-tensor, ``None`` chooses by device.
     """
@@ -65,14 +66,11 @@ class LAMB(LayerwiseOptimizer):
         "bias_correction": flag(),
         "weight_norm_bounds": pair(real(), optional=True, ordered=True),
         "trust_clip": flag(),
-        "lars_exclude": flag(optional=True),
+        "exclude": flag(optional=True),
         "exclude_bias_and_norm": flag(),
         "maximize": flag(),
         "foreach": flag(optional=True),
     }
-    # timm's, apex's and pytorch-optimizer's names for what these keys do.
-    FOREIGN_KEYS = {"always_adapt": "lars_exclude", "exclude_from_layer_adaptation": "lars_exclude",
-                    "clamp_value": "weight_norm_bounds"}
     LOADED_DEFAULTS = {**LayerwiseOptimizer.LOADED_DEFAULTS, "bias_correction": True, "weight_norm_bounds": None}
     HANDS_NORMS = True  # ‖w‖ only: the ratio divides by ‖u‖, so a monitor takes ‖g‖ itself
 
@@ -83,6 +81,7 @@ class LAMB(LayerwiseOptimizer):
         betas: tuple[float, float] = (0.9, 0.999),
         eps: float = 1e-6,
         weight_decay: float = 0.01,
+        *,
         bias_correction: bool = True,
         weight_norm_bounds: Optional[tuple[float, float]] = None,
         trust_clip: bool = False,
@@ -91,16 +90,9 @@ class LAMB(LayerwiseOptimizer):
         foreach: Optional[bool] = None,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
-                        weight_norm_bounds=weight_norm_bounds, trust_clip=trust_clip, lars_exclude=None,
+                        weight_norm_bounds=weight_norm_bounds, trust_clip=trust_clip, exclude=None,
                         exclude_bias_and_norm=exclude_bias_and_norm, maximize=maximize, foreach=foreach)
         super().__init__(params, defaults)
-
-    def _translate_loaded(self, saved: dict[str, Any]) -> dict[str, Any]:
-        # Pairs come back from a JSON or YAML round trip as lists.
-        for key in ("betas", "weight_norm_bounds"):
-            if isinstance(saved.get(key), list):
-                saved[key] = tuple(saved[key])
-        return saved
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
         beta1, beta2 = group["betas"]
@@ -120,19 +112,18 @@ class LAMB(LayerwiseOptimizer):
     def _step_group(self, group: dict[str, Any], where: str) -> None:
         # Parameters are bucketed by their step count (usually one bucket: all stepped together).
         by_step: dict[float, list[int]] = defaultdict(list)
-        params, grads, exp_avgs, exp_avg_sqs, ratios, adapt = [], [], [], [], [], []
+        params, grads, exp_avgs, exp_avg_sqs, ratios, excluded = [], [], [], [], [], []
         for p in group["params"]:
             if p.grad is None:
                 continue
             step, exp_avg, exp_avg_sq = self._moments(p)
-            adapted = self.is_adapted(group, p)
+            excluded.append(self.is_excluded(group, p))
             by_step[step.item()].append(len(params))
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(exp_avg)
             exp_avg_sqs.append(exp_avg_sq)
-            ratios.append(self._trust_ratio_slot(p) if adapted else None)
-            adapt.append(adapted)
+            ratios.append(None if excluded[-1] else self._trust_ratio_slot(p))
         if not params:
             return
         for step, idx in sorted(by_step.items()):
@@ -141,7 +132,7 @@ class LAMB(LayerwiseOptimizer):
             taken: Optional[list] = [None] * len(idx) if self._norm_sink is not None else None
             lamb([to_local(params[i]) for i in idx], [to_local(grads[i]) for i in idx],
                  [to_local(exp_avgs[i]) for i in idx], [to_local(exp_avg_sqs[i]) for i in idx],
-                 [ratios[i] for i in idx], [adapt[i] for i in idx], step=step, lr=group["lr"],
+                 [ratios[i] for i in idx], excluded=[excluded[i] for i in idx], step=step, lr=group["lr"],
                  weight_decay=group["weight_decay"], weight_norm_bounds=group["weight_norm_bounds"],
                  trust_clip=group["trust_clip"], foreach=group["foreach"], norms=norms, weight_norms_out=taken,
                  **self._hyper(group))
@@ -156,7 +147,7 @@ class LAMB(LayerwiseOptimizer):
         :meth:`FlatLayout.norms` LARS uses); the update runs on the pieces.
         """
         tensors = group["params"]
-        adapted = [self.is_adapted(group, layer.shape) for layer in layout.layers]
+        adapted = [not self.is_excluded(group, layer.shape) for layer in layout.layers]
         stepped = [t for t in tensors if t.grad is not None]
         moments = {id(t): self._moments(t) for t in stepped}
         grad_views = layout.views([t.grad for t in tensors])

@@ -13,7 +13,6 @@ import csv
 import math
 import re
 import statistics
-from collections import defaultdict
 from pathlib import Path
 from typing import Any, Callable, Container, Iterable, Mapping, Optional, Sequence, Union
 
@@ -22,7 +21,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .distributed import ShardedNorms, is_dtensor, to_local
-from .functional import ratio_dtype
+from .functional import _buckets, _indices_by, ratio_dtype
 from .groups import unwrapped_name
 from .layouts import FlatLayout, LayoutResolver, merge
 
@@ -164,7 +163,7 @@ class TrustRatioMonitor:
         taken_by_step = getattr(optimizer, "takes_norms", None)
         if callable(taken_by_step):
             handed = {p for group in optimizer.param_groups if taken_by_step(group)  # one layout lookup a group
-                      for p in group["params"] if optimizer.is_adapted(group, p)}  # type: ignore[attr-defined]
+                      for p in group["params"] if not optimizer.is_excluded(group, p)}  # type: ignore[attr-defined]
             if handed:
                 if optimizer._norm_sink is None:  # type: ignore[attr-defined]
                     optimizer._norm_sink = {}  # type: ignore[attr-defined]
@@ -273,7 +272,7 @@ class TrustRatioMonitor:
                 else:
                     order, name = self._names.get(layer.key, (unnamed + len(entries), layer.name or f"layer{k}"))
                 ratio = None
-                if ratios is not None and optimizer.is_adapted(group, layer.shape):  # type: ignore[attr-defined]
+                if ratios is not None and not optimizer.is_excluded(group, layer.shape):  # type: ignore[attr-defined]
                     ratio = ratios[k]
                 entries.append((order, name, device, w_norms[k], g_norms[k], group["lr"], ratio))
         lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
@@ -346,10 +345,7 @@ def _to_host(
     w_host, g_host = [0.0] * len(devices), [0.0] * len(devices)
     r_host: list[Optional[float]] = [None] * len(devices)
     lr_host = [lr if not isinstance(lr, Tensor) else math.nan for lr in lrs]
-    by_device: dict[torch.device, list[int]] = defaultdict(list)
-    for i, device in enumerate(devices):
-        by_device[device].append(i)
-    for device, idx in by_device.items():
+    for device, idx in _indices_by(devices).items():
         with_ratio = [i for i in idx if ratios[i] is not None]
         tensor_lr = [i for i in idx if isinstance(lrs[i], Tensor)]
         parts = [_stack([w_norms[i] for i in idx]), _stack([g_norms[i] for i in idx])]
@@ -401,15 +397,12 @@ def _norms(tensors: Sequence[Tensor]) -> list[Tensor]:
         dtype = ratio_dtype(tensors[0].dtype)
         norms, _ = ShardedNorms(tensors)(range(len(tensors)), [to_local(t) for t in tensors], [], dtype)
         return list(norms.unbind())
-    out: list[Optional[Tensor]] = [None] * len(tensors)
-    buckets: dict[tuple[torch.device, torch.dtype], list[int]] = defaultdict(list)
-    for i, t in enumerate(tensors):
-        buckets[(t.device, t.dtype)].append(i)
-    for (_, dtype), idx in buckets.items():
+    out: list[Tensor] = [tensors[0]] * len(tensors)  # every slot is filled below
+    for (_, dtype), idx in _buckets(tensors).items():
         norms = torch._foreach_norm([tensors[i] for i in idx], 2, dtype=ratio_dtype(dtype))
         for i, n in zip(idx, norms):
             out[i] = n
-    return out  # type: ignore[return-value]
+    return out
 
 
 def _parameter_names(

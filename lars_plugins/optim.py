@@ -6,8 +6,9 @@ from typing import Any, Optional, Sequence, Union
 
 import torch
 from torch import Tensor
+from torch.optim.optimizer import ParamsT
 
-from .base import LayerwiseOptimizer, ParamsT, flag, learning_rate, real
+from .base import LayerwiseOptimizer, flag, learning_rate, real
 from .distributed import ShardedNorms, is_dtensor, like_param, to_local
 from .functional import lars, ratio_dtype, trust_ratio
 from .layouts import FlatLayout
@@ -23,18 +24,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "nlarc": {"nesterov": True, "trust_clip": True},
 }
 
-# Names other LARS implementations use for our group keys: a group that carries one of them would
-# otherwise be silently ignored, so it is refused with the right name.
-_FOREIGN_KEYS = {
-    "trust_coeff": "trust_coefficient",
-    "eta": "trust_coefficient",
-    "always_adapt": "lars_exclude",
-    "exclude_from_adaptation": "lars_exclude",
-    "lars_adaptation_filter": "lars_exclude",
-    "clip": "trust_clip",
-}
-
-
 class LARS(LayerwiseOptimizer):
     r"""LARS (You, Gitman & Ginsburg 2017, arXiv:1708.03888) with torch.optim.SGD's momentum.
 
@@ -48,7 +37,7 @@ class LARS(LayerwiseOptimizer):
     ``d``), Nesterov ``d = d + momentum·buf`` else ``d = buf``, and ``w -= lr·d``.
 
     Adaptation never depends on ``weight_decay``: ``weight_decay=0`` is still LARS. A group's
-    ``lars_exclude`` key (``True``/``False``) decides exclusion; where it is ``None`` (the default)
+    ``exclude`` key (``True``/``False``) decides exclusion; where it is ``None`` (the default)
     and ``exclude_bias_and_norm`` is on, tensors with ``ndim <= 1`` (biases, norm weights) are
     excluded. Use :func:`lars_plugins.param_groups` where ``ndim`` cannot tell (flattened params).
 
@@ -78,7 +67,7 @@ class LARS(LayerwiseOptimizer):
         trust_coefficient: η, the trust coefficient (paper: 0.001).
         eps: ε added to the ratio's denominator.
         trust_clip: LARC clip mode, ``ratio = min(ratio / lr, 1)``.
-        exclude_bias_and_norm: exclude ``ndim <= 1`` tensors in groups without ``lars_exclude``.
+        exclude_bias_and_norm: exclude ``ndim <= 1`` tensors in groups without ``exclude``.
         maximize: maximise the objective instead of minimising it.
         foreach: ``True`` multi-tensor, ``False`` single-tensor, ``None`` chooses by device.
     """
@@ -93,12 +82,11 @@ class LARS(LayerwiseOptimizer):
         "trust_coefficient": real(low_open=True),
         "eps": real(),
         "trust_clip": flag(),
-        "lars_exclude": flag(optional=True),
+        "exclude": flag(optional=True),
         "exclude_bias_and_norm": flag(),
         "maximize": flag(),
         "foreach": flag(optional=True),
     }
-    FOREIGN_KEYS = _FOREIGN_KEYS
     LOADED_DEFAULTS = {**LayerwiseOptimizer.LOADED_DEFAULTS, "nesterov": False}
     HANDS_NORMS = True  # ‖w‖ and ‖g‖: the ratio's own
 
@@ -110,6 +98,7 @@ class LARS(LayerwiseOptimizer):
         dampening: float = 0.0,
         weight_decay: float = 0.0,
         nesterov: bool = False,
+        *,
         trust_coefficient: float = 0.001,
         eps: float = 1e-8,
         trust_clip: bool = False,
@@ -126,21 +115,12 @@ class LARS(LayerwiseOptimizer):
             trust_coefficient=trust_coefficient,
             eps=eps,
             trust_clip=trust_clip,
-            lars_exclude=None,
+            exclude=None,
             exclude_bias_and_norm=exclude_bias_and_norm,
             maximize=maximize,
             foreach=foreach,
         )
         super().__init__(params, defaults)
-
-    def _translate_loaded(self, saved: dict[str, Any]) -> dict[str, Any]:
-        """A timm ``Lars`` checkpoint (same ``momentum_buffer`` state) loads too: its ``trust_coeff`` is
-        read as ``trust_coefficient``, and its ``always_adapt`` is dropped: which tensors are adapted
-        stays as this optimizer's groups say (timm adapted only groups with weight decay)."""
-        if "trust_coeff" in saved:
-            saved.setdefault("trust_coefficient", saved.pop("trust_coeff"))
-        saved.pop("always_adapt", None)
-        return saved
 
     def _check_group(self, group: dict[str, Any], *, explicit: dict[str, Any], where: str) -> None:
         if group["nesterov"] and (group["momentum"] <= 0 or group["dampening"] != 0):
@@ -150,21 +130,26 @@ class LARS(LayerwiseOptimizer):
             )
         super()._check_group(group, explicit=explicit, where=where)
 
+    def _init_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
+                    momentum_buffers: list[Optional[Tensor]], trust_ratios: list[Optional[Tensor]],
+                    excluded: list[bool]) -> None:
+        """Gather the group's parameters that have gradients, with their state (as torch's SGD does)."""
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            params.append(p)
+            grads.append(p.grad)
+            momentum_buffers.append(self.state[p].get("momentum_buffer"))
+            excluded.append(self.is_excluded(group, p))
+            trust_ratios.append(None if excluded[-1] else self._trust_ratio_slot(p))
+
     def _step_group(self, group: dict[str, Any], where: str) -> None:
         params: list[Tensor] = []
         grads: list[Tensor] = []
         buffers: list[Optional[Tensor]] = []
         ratios: list[Optional[Tensor]] = []
-        adapt: list[bool] = []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            adapted = self.is_adapted(group, p)
-            params.append(p)
-            grads.append(p.grad)
-            buffers.append(self.state[p].get("momentum_buffer"))
-            ratios.append(self._trust_ratio_slot(p) if adapted else None)
-            adapt.append(adapted)
+        excluded: list[bool] = []
+        self._init_group(group, params, grads, buffers, ratios, excluded)
         if not params:
             return
         # Sharded parameters (FSDP2, tensor parallel): the update runs on the local shards, the
@@ -181,7 +166,7 @@ class LARS(LayerwiseOptimizer):
             grads,
             buffers,
             ratios,
-            adapt,
+            excluded=excluded,
             lr=group["lr"],
             momentum=group["momentum"],
             dampening=group["dampening"],
@@ -211,7 +196,7 @@ class LARS(LayerwiseOptimizer):
         tensors = group["params"]
         grads = [t.grad for t in tensors]
         values, grad_views = layout.views(tensors), layout.views(grads)
-        adapted = [self.is_adapted(group, layer.shape) for layer in layout.layers]
+        adapted = [not self.is_excluded(group, layer.shape) for layer in layout.layers]
         dtype, device = ratio_dtype(tensors[0].dtype), tensors[0].device
         if any(adapted):  # decided by the layout alone: the same on every rank
             w_norms, g_norms, _ = layout.norms(values, grad_views, dtype=dtype, device=device)
@@ -237,7 +222,7 @@ class LARS(LayerwiseOptimizer):
                 return piece_w.index_select(0, where), piece_g.index_select(0, where)
         scratch = list(torch.empty(len(pieces), dtype=dtype, device=device).unbind())
         lars([values[j] for j in kept], [grad_views[j] for j in kept], piece_buffers,
-             [r if a else None for r, a in zip(scratch, adapt)], adapt,
+             [r if a else None for r, a in zip(scratch, adapt)], excluded=[not a for a in adapt],
              lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
              weight_decay=group["weight_decay"], nesterov=group["nesterov"],
              trust_coefficient=group["trust_coefficient"], eps=group["eps"], trust_clip=group["trust_clip"],

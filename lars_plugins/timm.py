@@ -9,9 +9,10 @@ registered as ``lplamb`` and ``lplambc`` (trust clip) only: timm's own ``lamb``,
 (``override_builtin=False`` registers only the ``lp`` names); ``unregister()`` restores timm's.
 Plain ``import lars_plugins`` registers nothing: it must not import timm.
 
-timm's keyword names are accepted: ``trust_coeff`` (= ``trust_coefficient``) and ``always_adapt``
-(``True``: adapt every tensor, biases and norms included). See docs/timm.md for how timm's parameter
-groups (weight-decay filter, layer decay, fallback groups) map onto LARS.
+timm's keyword names are accepted (:data:`lars_plugins.base.FOREIGN_KEYS`): ``trust_coeff``
+(= ``trust_coefficient``) and ``always_adapt`` (``True``: no tensor excluded, biases and norms
+included). See docs/timm.md for how timm's parameter groups (weight-decay filter, layer decay,
+fallback groups) map onto LARS.
 """
 
 from __future__ import annotations
@@ -21,6 +22,7 @@ from typing import Any, Iterable, Optional
 
 from torch.optim import Optimizer
 
+from .base import translate_foreign
 from .lamb import LAMB
 from .optim import LARS, VARIANTS
 
@@ -36,40 +38,20 @@ MIN_TIMM = "1.0.12"  # the first timm with an optimizer registry (OptimInfo)
 _replaced: dict[str, Any] = {}  # timm's own entries that register() replaced, for unregister()
 
 
-def create_lars(
-    params: Iterable[Any],
-    *,
-    trust_coeff: Optional[float] = None,
-    always_adapt: Optional[bool] = None,
-    **kwargs: Any,
-) -> LARS:
+def create_lars(params: Iterable[Any], **kwargs: Any) -> LARS:
     """Build :class:`LARS` from the arguments timm's factory passes (what the registry calls).
 
-    * ``trust_coeff`` is timm's name for ``trust_coefficient``;
-    * ``always_adapt=True`` adapts every tensor (``exclude_bias_and_norm=False``); ``False``/absent
-      keeps LARS's rule: tensors with ``ndim <= 1`` -- the biases and norm weights timm's filter puts
-      in its no-decay group -- are not adapted. Unlike timm's ``Lars``, adaptation never depends on a
-      group's weight decay, so ``weight_decay=0`` is still LARS;
-    * groups timm marks ``use_fallback=True`` are not adapted (plain SGD with momentum).
+    * timm's names are read through :data:`lars_plugins.base.FOREIGN_KEYS`: ``trust_coeff`` is
+      ``trust_coefficient``; ``always_adapt=True`` adapts every tensor (``exclude_bias_and_norm=False``);
+      ``False`` keeps LARS's rule: tensors with ``ndim <= 1`` -- the biases and norm weights timm's
+      filter puts in its no-decay group -- are excluded. Unlike timm's ``Lars``, exclusion never depends
+      on a group's weight decay, so ``weight_decay=0`` is still LARS;
+    * groups timm marks ``use_fallback=True`` are excluded (plain SGD with momentum).
     """
-    if trust_coeff is not None:
-        if "trust_coefficient" in kwargs:
-            raise TypeError("give trust_coeff (timm's name) or trust_coefficient, not both")
-        kwargs["trust_coefficient"] = trust_coeff
-    if always_adapt is not None:
-        if not isinstance(always_adapt, bool):
-            raise TypeError(f"always_adapt must be a bool, got {always_adapt!r}")
-        kwargs.setdefault("exclude_bias_and_norm", not always_adapt)
-    return LARS(_fallback_groups(params), **kwargs)
+    return LARS(_fallback_groups(params), **translate_foreign(kwargs, LARS.KEYS, owner="lars_plugins.LARS"))
 
 
-def create_lamb(
-    params: Iterable[Any],
-    *,
-    always_adapt: Optional[bool] = None,
-    max_grad_norm: Optional[float] = None,
-    **kwargs: Any,
-) -> LAMB:
+def create_lamb(params: Iterable[Any], *, max_grad_norm: Optional[float] = None, **kwargs: Any) -> LAMB:
     """Build :class:`LAMB` from the arguments timm's factory passes (``lr``, ``weight_decay``,
     ``betas``, ``eps``…). ``always_adapt`` is read as for :func:`create_lars`; ``max_grad_norm``
     (timm's ``Lamb`` clips the global gradient norm inside the optimizer) is refused unless ``None``:
@@ -77,11 +59,7 @@ def create_lamb(
     if max_grad_norm is not None:
         raise ValueError(f"max_grad_norm={max_grad_norm}: lars_plugins.LAMB does not clip gradients inside the "
                          "optimizer; clip before step() (timm train.py: --clip-grad)")
-    if always_adapt is not None:
-        if not isinstance(always_adapt, bool):
-            raise TypeError(f"always_adapt must be a bool, got {always_adapt!r}")
-        kwargs.setdefault("exclude_bias_and_norm", not always_adapt)
-    return LAMB(_fallback_groups(params), **kwargs)
+    return LAMB(_fallback_groups(params), **translate_foreign(kwargs, LAMB.KEYS, owner="lars_plugins.LAMB"))
 
 
 def _fallback_groups(params: Iterable[Any]) -> list[Any]:
@@ -96,7 +74,7 @@ def _fallback_groups(params: Iterable[Any]) -> list[Any]:
                     "would be lost. Pass "
                     "fallback_no_weight_decay=True or leave fallback_list empty"
                 )
-            params[i] = {**group, "lars_exclude": True}
+            params[i] = {**group, "exclude": True}
     return params
 
 

@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .base import LayerwiseOptimizer, evaluate, flag, real
+from .base import FOREIGN_KEYS, LayerwiseOptimizer, evaluate, flag, real
 from .distributed import ShardedNorms, is_dtensor, to_local
 from .functional import _buckets, _host_norm, _host_scalars, _host_trust_ratio, ratio_dtype, trust_ratio
 from .layouts import FlatLayout, layer_shape
@@ -45,7 +45,7 @@ class Layerwise(LayerwiseOptimizer):
     of every adapted layer, ``Δw ← r·Δw`` with ``r = η·‖w‖/(‖Δw‖/lr + ε)`` (``lr`` the group's,
     ``‖w‖`` before the step), so that ``‖Δw‖ ≈ lr·η·‖w‖``. ``trust_clip`` caps ``r`` at ``lr``
     (the step never grows beyond the base's). Excluded layers (biases and norms by default, or
-    ``lars_exclude``) keep the base's update. See docs/optimizers.md for the rule and its reasons.
+    ``exclude``) keep the base's update. See docs/optimizers.md for the rule and its reasons.
 
     It is an optimizer in its own right: its ``param_groups`` and ``state`` are the base's (a
     scheduler on it schedules the base; new group keys go to the base's groups), its checkpoints
@@ -62,7 +62,7 @@ class Layerwise(LayerwiseOptimizer):
         trust_coefficient: η; ``lr·η`` is the fraction of its norm a layer moves per step.
         trust_eps: ε in the ratio's denominator (in units of the base's direction ``Δw/lr``).
         trust_clip: cap ``r`` at ``lr``: the wrapper only ever shrinks the base's update.
-        exclude_bias_and_norm: exclude ``ndim <= 1`` tensors in groups without ``lars_exclude``.
+        exclude_bias_and_norm: exclude ``ndim <= 1`` tensors in groups without ``exclude``.
         centralize_gradients: Gradient Centralization of ``p.grad`` (in place) before the base's step.
     """
 
@@ -71,16 +71,17 @@ class Layerwise(LayerwiseOptimizer):
         "trust_coefficient": real(low_open=True),
         "trust_eps": real(),
         "trust_clip": flag(),
-        "lars_exclude": flag(optional=True),
+        "exclude": flag(optional=True),
         "exclude_bias_and_norm": flag(),
         "centralize_gradients": flag(),
     }
-    LOADED_DEFAULTS = {"lars_exclude": None, "exclude_bias_and_norm": True, "trust_clip": False,
+    LOADED_DEFAULTS = {"exclude": None, "exclude_bias_and_norm": True, "trust_clip": False,
                        "centralize_gradients": False}
 
     def __init__(
         self,
         base: Optimizer,
+        *,
         trust_coefficient: float = 0.001,
         trust_eps: float = 1e-8,
         trust_clip: bool = False,
@@ -93,7 +94,7 @@ class Layerwise(LayerwiseOptimizer):
             raise ValueError(f"base is a {type(base).__name__}, which applies layer-wise ratios itself; wrapping it "
                              "would apply them twice. Wrap its plain counterpart (SGD, AdamW) instead")
         defaults = dict(trust_coefficient=trust_coefficient, trust_eps=trust_eps, trust_clip=trust_clip,
-                        lars_exclude=None, exclude_bias_and_norm=exclude_bias_and_norm,
+                        exclude=None, exclude_bias_and_norm=exclude_bias_and_norm,
                         centralize_gradients=centralize_gradients)
         groups = base.param_groups
         for index, group in enumerate(groups):
@@ -105,11 +106,12 @@ class Layerwise(LayerwiseOptimizer):
         self.param_groups = base.param_groups
         self.state = base.state
 
-    def _validate(self, group: dict[str, Any], *, explicit: dict[str, Any], where: str, loaded: bool = False) -> None:
-        # The base's keys (lr, betas, eps…) are the base's to check; only ours are checked here.
-        ours = {k: v for k, v in explicit.items() if isinstance(k, str) and k.startswith(("trust", "lars", "exclude",
-                                                                                            "centraliz"))}
-        super()._validate(group, explicit=ours, where=where, loaded=loaded)
+    def _validate(self, group: dict[str, Any], *, explicit: dict[str, Any], where: str) -> None:
+        # The base's keys (lr, betas, eps…) are the base's to check; only ours (and what looks like
+        # them: misspellings, other libraries' names) are checked here.
+        ours = {k: v for k, v in explicit.items() if isinstance(k, str) and (
+            k.startswith(("trust", "exclude", "centraliz")) or k in FOREIGN_KEYS)}
+        super()._validate(group, explicit=ours, where=where)
 
     def _check_group(self, group: dict[str, Any], *, explicit: dict[str, Any], where: str) -> None:
         pass  # the base's weight decay applies to excluded layers too: nothing to reconcile
@@ -138,8 +140,9 @@ class Layerwise(LayerwiseOptimizer):
         current = [{k: group[k] for k in self.defaults} for group in self.param_groups]
         groups = []
         for index, saved in enumerate(state_dict["param_groups"]):
-            saved = {**(current[index] if index < len(current) else {}), **saved}
-            self._validate(saved, explicit=saved, where=f"loaded param group {index}: ", loaded=True)
+            where = f"loaded param group {index}: "
+            saved = {**(current[index] if index < len(current) else {}), **self._translate_loaded(dict(saved), where)}
+            self._validate(saved, explicit=saved, where=where)
             groups.append(saved)
         self.base.load_state_dict({**state_dict, "param_groups": groups})
         self.param_groups = self.base.param_groups
@@ -187,7 +190,7 @@ class Layerwise(LayerwiseOptimizer):
             self._centralize(group, layout, where)
         if layout is not None:
             return self._before_flat(group, layout)
-        params = [p for p in group["params"] if p.grad is not None and self.is_adapted(group, p)]
+        params = [p for p in group["params"] if p.grad is not None and not self.is_excluded(group, p)]
         if not params:
             return None
         norms = ShardedNorms(params, where=where) if any(is_dtensor(p) for p in params) else None
@@ -226,7 +229,7 @@ class Layerwise(LayerwiseOptimizer):
     def _before_flat(self, group: dict[str, Any], layout: FlatLayout) -> Optional[Callable[[dict[str, Any]], None]]:
         """The same on the pieces of a flat layout (FSDP1, DeepSpeed ZeRO): whole-layer norms from
         one collective, which every rank runs whatever pieces it holds."""
-        adapted = [self.is_adapted(group, layer.shape) for layer in layout.layers]
+        adapted = [not self.is_excluded(group, layer.shape) for layer in layout.layers]
         if not any(adapted):  # decided by the layout alone: the same on every rank
             return None
         tensors = group["params"]

@@ -98,7 +98,7 @@ def bf16_steps(stage, rank, **extra):
                                                "DeepSpeedZeroOptimizer_Stage3" if stage == 3 else
                                                "DeepSpeedZeroOptimizer")
     names = [n for n, _ in model.named_parameters()]
-    adapted = {n for g in optimizer.param_groups if not g["lars_exclude"] for n in g["param_names"]}
+    adapted = {n for g in optimizer.param_groups if not g["exclude"] for n in g["param_names"]}
     lr, m, wd, eta = (LARS_KWARGS[k] for k in ("lr", "momentum", "weight_decay", "trust_coefficient"))
     buffers, errors = {}, []
     for x, y in batches(3):

@@ -361,7 +361,7 @@ def test_param_groups_keep_a_flat_parameter_whole_and_refuse_name_rules_for_it()
     groups = lars_plugins.param_groups(model, weight_decay=1e-4)
     (flat_group,) = [g for g in groups if any(p is flat for _, p in g["params"])]
     # Decided per original layer by its shape at step time, with the group's weight decay.
-    assert flat_group["lars_exclude"] is None and flat_group["weight_decay"] == 1e-4
+    assert flat_group["exclude"] is None and flat_group["weight_decay"] == 1e-4
     with pytest.raises(ValueError, match="flat parameter.*use_orig_params=True"):
         lars_plugins.param_groups(model, weight_decay=1e-4, exclude=["*.bias"])
 

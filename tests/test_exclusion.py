@@ -13,7 +13,7 @@ TIMM_MODELS = ["resnet18", "vit_tiny_patch16_224", "eva02_tiny_patch14_224", "ef
 
 
 def excluded(model):
-    return {n for g in param_groups(model, weight_decay=1e-4) if g["lars_exclude"] for n, _ in g["params"]}
+    return {n for g in param_groups(model, weight_decay=1e-4) if g["exclude"] for n, _ in g["params"]}
 
 
 @pytest.mark.parametrize("name", TIMM_MODELS)

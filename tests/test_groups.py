@@ -36,7 +36,7 @@ class Net(nn.Module):
 def names_by_exclusion(groups):
     out = {True: set(), False: set()}
     for g in groups:
-        out[g["lars_exclude"]].update(n for n, _ in g["params"])
+        out[g["exclude"]].update(n for n, _ in g["params"])
     return out
 
 
@@ -48,7 +48,7 @@ def test_default_exclusion_is_timms_for_a_plain_model():
     assert by[True] == {"conv.bias", "bn.weight", "bn.bias", "gn.weight", "gn.bias", "ln.weight", "ln.bias",
                         "rms.weight", "mine.scale", "fc.bias", "scale_1d"}
     for g in groups:
-        assert g["weight_decay"] == (0.0 if g["lars_exclude"] else 1e-4)
+        assert g["weight_decay"] == (0.0 if g["exclude"] else 1e-4)
 
 
 def test_name_rule_does_not_depend_on_ndim_nor_over_match_class_names():

@@ -70,7 +70,7 @@ def test_groups_follow_hf_decay_split(tmp_path):
     decay = set(trainer.get_decay_parameter_names(model))  # HF's own split, computed by HF
     for group in opt.param_groups:
         for name in group["param_names"]:
-            assert (name in decay) == (group["lars_exclude"] is False), name
+            assert (name in decay) == (group["exclude"] is False), name
             assert group["weight_decay"] == (1e-4 if name in decay else 0.0)
 
 
@@ -86,6 +86,16 @@ def test_command_line_parsing(tmp_path):
     # transformers' own names still work
     (adam,) = parser.parse_args_into_dataclasses(["--output_dir", str(tmp_path), "--optim", "adamw_torch"])
     assert adam.optim == "adamw_torch"
+
+
+def test_timm_s_names_in_optim_args_are_read_as_the_timm_factory_reads_them():
+    assert parse_optim_args("trust_coeff=0.02,always_adapt=true") == {"trust_coefficient": 0.02,
+                                                                       "exclude_bias_and_norm": False}
+    assert parse_optim_args("always_adapt=false", "lamb") == {"exclude_bias_and_norm": True}
+    with pytest.raises(TypeError, match="'trust_coeff' \\(timm's name\\) or 'trust_coefficient', not both"):
+        parse_optim_args("trust_coeff=0.02,trust_coefficient=0.01")
+    with pytest.raises(ValueError, match="unknown key 'trust_coeff' for lamb"):  # LAMB has no η
+        parse_optim_args("trust_coeff=0.02", "lamb")
 
 
 def test_layer_decay_with_a_transformers_optimizer_is_refused_not_ignored(tmp_path):
@@ -116,7 +126,7 @@ def test_lamb_names_take_the_trainer_s_adam_arguments(tmp_path, name, clip):
     for g in opt.param_groups:
         assert g["betas"] == (0.8, 0.99) and g["eps"] == 1e-7 and g["lr"] == 3e-3
         assert g["weight_norm_bounds"] == (0.01, 10.0) and g["bias_correction"] is False and g["trust_clip"] is clip
-        assert g["weight_decay"] == (0.0 if g["lars_exclude"] else 0.01)
+        assert g["weight_decay"] == (0.0 if g["exclude"] else 0.01)
 
 
 @pytest.mark.parametrize("optim_args,match", [
@@ -343,7 +353,7 @@ def test_offline_pretrained_minilm_with_real_reviews(tmp_path, minilm):
     trainer.train()
     groups = trainer.optimizer.param_groups
     decay = set(trainer.get_decay_parameter_names(model))
-    assert {n for g in groups if not g["lars_exclude"] for n in g["param_names"]} == decay
+    assert {n for g in groups if not g["exclude"] for n in g["param_names"]} == decay
     embeddings_lr = next(g["lr"] for g in groups if "bert.embeddings.word_embeddings.weight" in g["param_names"])
     head_lr = next(g["lr"] for g in groups if "classifier.weight" in g["param_names"])
     assert embeddings_lr == pytest.approx(head_lr * 0.8 ** 7)  # embeddings, 6 blocks, then pooler/head

@@ -101,7 +101,7 @@ def test_matches_algorithm_2(cfg, path, tensor_step, monkeypatch):
         grads = tensors(t)
         ref.step(grads)
         step = torch.tensor(float(t)) if tensor_step else t
-        lamb(params, grads, m, v, ratios, adapt, step=step, **kwargs)
+        lamb(params, grads, m, v, ratios, excluded=[not a for a in adapt], step=step, **kwargs)
         for i, p in enumerate(params):
             torch.testing.assert_close(p.double(), ref.w[i], rtol=1e-5, atol=1e-6)
             if adapt[i]:
@@ -121,7 +121,7 @@ def test_equals_timm_lamb_where_the_rules_coincide(foreach):
         for p, g in zip(theirs, grads):
             p.grad = g.clone()
         opt.step()
-        lamb(ours, grads, m, v, ratios, [True] * len(ours), step=t, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-6,
+        lamb(ours, grads, m, v, ratios, excluded=[False] * len(ours), step=t, lr=1e-2, beta1=0.9, beta2=0.999, eps=1e-6,
              weight_decay=0.05, foreach=foreach)
     for a, b in zip(ours, theirs):
         torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-7)
@@ -141,7 +141,8 @@ def test_a_zero_tensor_takes_the_plain_adam_step_and_gradients_are_not_written()
     w, g = torch.zeros(5), torch.linspace(-1, 1, 5)
     g_before = g.clone()
     m, v, ratio = torch.zeros(5), torch.zeros(5), torch.zeros(())
-    lamb([w], [g], [m], [v], [ratio], [True], step=1, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8, weight_decay=0.01)
+    lamb([w], [g], [m], [v], [ratio], excluded=[False], step=1, lr=0.1, beta1=0.9, beta2=0.999, eps=1e-8,
+         weight_decay=0.01)
     # First step with bias correction: u = g/(|g| + ε) ≈ sign(g); ratio 1 since ‖w‖ = 0.
     torch.testing.assert_close(w, -0.1 * torch.sign(g), atol=1e-6, rtol=0)
     assert ratio.item() == 1.0 and torch.equal(g, g_before)
@@ -283,7 +284,7 @@ def test_bad_arguments_are_refused_by_name(kwargs, error, name):
 
 
 def test_other_libraries_keys_are_refused_with_ours():
-    with pytest.raises(TypeError, match="'always_adapt'.*'lars_exclude'"):
+    with pytest.raises(TypeError, match="'always_adapt' is timm's name.*'exclude_bias_and_norm'.*=False"):
         LAMB([{"params": make_params(), "always_adapt": True}])
     with pytest.raises(TypeError, match="did you mean 'weight_decay'"):
         LAMB([{"params": make_params(), "weight_decays": 0.1}])

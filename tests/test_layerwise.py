@@ -196,7 +196,7 @@ def test_a_deep_copy_keeps_its_base_and_steps_like_the_original():
 def test_new_groups_go_to_the_base_with_the_wrapper_s_keys():
     params = make_params()
     opt = Layerwise(torch.optim.SGD(params[:2], lr=0.1), trust_coefficient=0.02)
-    opt.add_param_group({"params": params[2:], "lars_exclude": True})
+    opt.add_param_group({"params": params[2:], "exclude": True})
     assert len(opt.base.param_groups) == 2 and opt.base.param_groups[1]["trust_coefficient"] == 0.02
     run(opt, params, 1)
     assert "trust_ratio" not in opt.state[params[2]] and "trust_ratio" in opt.state[params[0]]
@@ -249,7 +249,7 @@ def test_one_copy_of_the_adapted_parameters_during_the_step_and_none_when_nothin
 
     for excluded, expected in ((False, [p.numel() for p in make_params()]), (True, [])):
         params = make_params()
-        opt = Layerwise(torch.optim.SGD([{"params": params, "lars_exclude": excluded}], lr=0.1))
+        opt = Layerwise(torch.optim.SGD([{"params": params, "exclude": excluded}], lr=0.1))
         for p, g in zip(params, grads_at(0)):
             p.grad = g
         clones.clear()

@@ -110,7 +110,7 @@ def test_configure_lars_schedule_per_step(tmp_path):
     t.fit(model, models.digits_loader(n=512))
     opt = t.optimizers[0]
     assert isinstance(opt, lars_plugins.LARS)
-    excluded = {n for g in opt.param_groups if g["lars_exclude"] for n in g["param_names"]}
+    excluded = {n for g in opt.param_groups if g["exclude"] for n in g["param_names"]}
     assert excluded == {"net.0.bias", "net.1.weight", "net.1.bias", "net.3.bias"}
     sched = t.lr_scheduler_configs[0]
     assert sched.interval == "step"
@@ -178,7 +178,7 @@ def test_lightning_cli_with_lars(ns, tmp_path):
         opt = cli.trainer.optimizers[0]
         assert type(opt) is lars_plugins.LARS and opt.param_groups[0]["trust_coefficient"] == 0.01
         # One param group from the CLI: exclusion by LARS's ndim rule (biases and LayerNorm not adapted).
-        assert [lars_plugins.LARS.is_adapted(opt.param_groups[0], p) for p in cli.model.parameters()] == \
+        assert [not lars_plugins.LARS.is_excluded(opt.param_groups[0], p) for p in cli.model.parameters()] == \
             [p.ndim > 1 for p in cli.model.parameters()]
         assert cli.trainer.lr_scheduler_configs[0].interval == "step"
         assert opt.param_groups[0]["lr"] == pytest.approx(2.0 * WarmupDecay(4, 2)(4))

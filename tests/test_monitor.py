@@ -486,7 +486,7 @@ def test_lars_hands_its_own_norms_to_the_monitor_instead_of_their_being_taken_tw
     model = make_model()
     opt = lars_for(model)
     monitor = TrustRatioMonitor(model, opt, every_n_steps=1)
-    adapted = {id(p) for g in opt.param_groups for p in g["params"] if LARS.is_adapted(g, p)}
+    adapted = {id(p) for g in opt.param_groups for p in g["params"] if not LARS.is_excluded(g, p)}
     seen = norms_taken(monkeypatch)
     backward(model)
     w = {n: p.detach().double().norm().item() for n, p in model.named_parameters()}  # independent, before the step
@@ -506,7 +506,7 @@ def test_lamb_hands_over_its_weight_norms_and_the_monitor_takes_the_gradients(fo
     model = make_model()
     opt = lars_plugins.LAMB(lars_plugins.param_groups(model, weight_decay=1e-2), lr=1e-2, foreach=foreach)
     monitor = TrustRatioMonitor(model, opt, every_n_steps=1)
-    adapted = {id(p) for g in opt.param_groups for p in g["params"] if opt.is_adapted(g, p)}
+    adapted = {id(p) for g in opt.param_groups for p in g["params"] if not opt.is_excluded(g, p)}
     seen = norms_taken(monkeypatch)
     backward(model)
     w = {n: p.detach().double().norm().item() for n, p in model.named_parameters()}

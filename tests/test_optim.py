@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lars_plugins import LARS, functional
+from lars_plugins import LARS, Layerwise, functional
 from checkpoints import weights_only_round_trip
 
 SHAPES = [(16, 8), (8,), (4, 3, 3, 3), (5,), (32, 16)]
@@ -122,7 +122,7 @@ def test_large_and_channels_last_tensors_match_reference_formula(cfg):
     params[2] = nn.Parameter(params[2].detach().to(memory_format=torch.channels_last))
     adapt = [True, False, True]
     ref = ReferenceLARS(params, adapt, **cfg)
-    groups = [{"params": [params[0], params[2]]}, {"params": [params[1]], "lars_exclude": True}]
+    groups = [{"params": [params[0], params[2]]}, {"params": [params[1]], "exclude": True}]
     opt = LARS(groups, foreach=False, **cfg)
     for step_grads in grad_sequence(BIG_SHAPES, steps=3):
         ref.step(step_grads)
@@ -160,7 +160,7 @@ def test_all_excluded_group_is_torch_sgd(cfg, foreach):
     sgd_params = [nn.Parameter(p.detach().clone()) for p in params]
     grads = grad_sequence(SHAPES, steps=6)
     # weight_decay on the optimizer is inherited by the excluded group and does not apply to it.
-    ours = run(LARS([{"params": params, "lars_exclude": True}], weight_decay=0.1, foreach=foreach, **cfg),
+    ours = run(LARS([{"params": params, "exclude": True}], weight_decay=0.1, foreach=foreach, **cfg),
                params, grads)
     theirs = run(torch.optim.SGD(sgd_params, weight_decay=0.0, foreach=foreach, **cfg), sgd_params, grads)
     for a, b in zip(ours, theirs):
@@ -194,7 +194,7 @@ def test_all_adapted_matches_timm_lars(cfg, foreach):
 def test_zero_initialised_tensor_gets_small_step_and_is_not_frozen(foreach):
     lr, eta = 10.0, 1e-3
     w = nn.Parameter(torch.zeros(6))
-    opt = LARS([{"params": [w], "lars_exclude": False}], lr=lr, momentum=0.0, weight_decay=1e-4,
+    opt = LARS([{"params": [w], "exclude": False}], lr=lr, momentum=0.0, weight_decay=1e-4,
                trust_coefficient=eta, foreach=foreach)
     g = torch.arange(1.0, 7.0)
     w.grad = g.clone()
@@ -228,14 +228,14 @@ def test_zero_gradient_and_zero_denominator_stay_finite(foreach):
 def test_per_group_overrides(foreach):
     keys = [
         dict(lr=0.3), dict(momentum=0.5), dict(weight_decay=1e-2), dict(trust_coefficient=0.05),
-        dict(eps=1e-2), dict(trust_clip=True), dict(lars_exclude=True, weight_decay=0.0),
+        dict(eps=1e-2), dict(trust_clip=True), dict(exclude=True, weight_decay=0.0),
     ]
     base = dict(lr=2.0, momentum=0.9, weight_decay=1e-4, trust_coefficient=1e-3, eps=1e-8)
     grads = grad_sequence([(16, 8)], steps=3)
     for override in keys:
         w = make_params(shapes=[(16, 8)])
-        ref_cfg = {**base, **{k: v for k, v in override.items() if k != "lars_exclude"}}
-        ref = ReferenceLARS(w, [not override.get("lars_exclude", False)], **ref_cfg)
+        ref_cfg = {**base, **{k: v for k, v in override.items() if k != "exclude"}}
+        ref = ReferenceLARS(w, [not override.get("exclude", False)], **ref_cfg)
         other = make_params(seed=3, shapes=[(16, 8)])
         opt = LARS([{"params": other}, {"params": w, **override}], foreach=foreach, **base)
         for step_grads in grads:
@@ -249,11 +249,11 @@ def test_exclusion_rules():
     w2, b1 = nn.Parameter(torch.randn(3, 3)), nn.Parameter(torch.randn(3))
     opt = LARS([w2, b1])
     group = opt.param_groups[0]
-    assert LARS.is_adapted(group, w2) and not LARS.is_adapted(group, b1)
+    assert not LARS.is_excluded(group, w2) and LARS.is_excluded(group, b1)
     opt = LARS([w2, b1], exclude_bias_and_norm=False)
-    assert LARS.is_adapted(opt.param_groups[0], b1)
-    opt = LARS([{"params": [w2], "lars_exclude": True}, {"params": [b1], "lars_exclude": False}])
-    assert not LARS.is_adapted(opt.param_groups[0], w2) and LARS.is_adapted(opt.param_groups[1], b1)
+    assert not LARS.is_excluded(opt.param_groups[0], b1)
+    opt = LARS([{"params": [w2], "exclude": True}, {"params": [b1], "exclude": False}])
+    assert LARS.is_excluded(opt.param_groups[0], w2) and not LARS.is_excluded(opt.param_groups[1], b1)
 
 
 def test_state_dict_round_trip_weights_only():
@@ -469,12 +469,41 @@ def test_bad_arguments_are_refused(kwargs, error, name):
 
 def test_group_conflicts_and_foreign_keys_are_refused():
     p = nn.Parameter(torch.randn(2, 2))
-    with pytest.raises(ValueError, match="lars_exclude=True with weight_decay"):
-        LARS([{"params": [p], "lars_exclude": True, "weight_decay": 1e-4}])
+    with pytest.raises(ValueError, match="exclude=True with weight_decay"):
+        LARS([{"params": [p], "exclude": True, "weight_decay": 1e-4}])
     with pytest.raises(TypeError, match="trust_coefficient"):
         LARS([{"params": [p], "trust_coeff": 0.01}])
-    with pytest.raises(TypeError, match="lars_exclude"):
-        LARS([{"params": [p], "lars_exclude": "yes"}])
+    with pytest.raises(TypeError, match="exclude"):
+        LARS([{"params": [p], "exclude": "yes"}])
+
+
+@pytest.mark.parametrize("foreign,ours", [
+    ("trust_coeff", "trust_coefficient"), ("eta", "trust_coefficient"), ("clip", "trust_clip"),
+    ("always_adapt", "exclude_bias_and_norm"), ("lars_exclude", "exclude"),
+    ("lars_adaptation_filter", "exclude"), ("exclude_from_adaptation", "exclude"),
+])
+def test_every_foreign_name_in_a_group_is_refused_with_ours(foreign, ours):
+    """In our own constructor a foreign key would otherwise be an extra group key torch ignores."""
+    with pytest.raises(TypeError, match=f"'{foreign}' is .*'s name; lars_plugins.LARS calls it '{ours}'"):
+        LARS([{"params": [nn.Parameter(torch.randn(2, 2))], foreign: True}])
+    with pytest.raises(TypeError, match=f"'{foreign}'.*'{ours}'"):
+        Layerwise(torch.optim.SGD([{"params": [nn.Parameter(torch.randn(2, 2))], foreign: True}], lr=0.1))
+
+
+def test_checkpoint_keys_of_other_names_are_translated_on_load():
+    """A lars_plugins 0.1 checkpoint (group key ``lars_exclude``) and timm's names load as ours."""
+    w, b = nn.Parameter(torch.randn(3, 2)), nn.Parameter(torch.randn(3))
+    saved = LARS([{"params": [w]}, {"params": [b]}]).state_dict()
+    saved["param_groups"][0].update(lars_exclude=True, trust_coeff=0.02)
+    saved["param_groups"][0].pop("exclude")
+    saved["param_groups"][0].pop("trust_coefficient")
+    opt = LARS([{"params": [w]}, {"params": [b]}])
+    opt.load_state_dict(saved)
+    assert opt.param_groups[0]["exclude"] is True and opt.param_groups[0]["trust_coefficient"] == 0.02
+    assert "lars_exclude" not in opt.param_groups[0] and "trust_coeff" not in opt.param_groups[0]
+    saved["param_groups"][1]["lars_adaptation_filter"] = True  # a predicate elsewhere: no faithful value
+    with pytest.raises(TypeError, match="loaded param group 1: 'lars_adaptation_filter'"):
+        opt.load_state_dict(saved)
 
 
 @pytest.mark.parametrize("foreach", FOREACH)
@@ -508,8 +537,8 @@ def test_a_refused_group_leaves_the_optimizer_unchanged():
 
 def test_a_misspelt_lars_key_is_refused_with_the_right_name():
     p = nn.Parameter(torch.randn(2, 2))
-    with pytest.raises(TypeError, match="'lars_exclud'.*did you mean 'lars_exclude'"):
-        LARS([{"params": [p], "lars_exclud": True}])
+    with pytest.raises(TypeError, match="'excluded'.*did you mean 'exclude'"):
+        LARS([{"params": [p], "excluded": True}])
     with pytest.raises(TypeError, match="did you mean 'trust_coefficient'"):
         LARS([{"params": [p], "trust_coeficient": 0.01}])
     LARS([{"params": [p], "lr_scale": 0.5, "layer_id": 3, "param_names": ["p"]}])  # other keys are welcome
@@ -529,7 +558,7 @@ def test_numpy_scalars_are_taken_as_numbers():
 @pytest.mark.parametrize("bad,message", [
     ({"trust_coefficient": 0.0}, "loaded param group 0: trust_coefficient"),
     ({"lr": -1.0}, "loaded param group 0: lr"),
-    ({"lars_exclude": "yes"}, "loaded param group 0: lars_exclude"),
+    ({"exclude": "yes"}, "loaded param group 0: exclude"),
     ({"momentum": float("nan")}, "loaded param group 0: momentum"),
     ({"nesterov": 1}, "loaded param group 0: nesterov"),
 ])

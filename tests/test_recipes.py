@@ -61,7 +61,7 @@ def test_lars_recipe_adapts_only_the_weight_matrices():
     model = mlp_bn(width=32)
     seen = {}
     train(model, Recipe("lars", 4.0), x, y, batch_size=96, epochs=1, seed=0,
-          on_start=lambda opt: seen.update(groups=[(g["lars_exclude"], [p.ndim for p in g["params"]])
+          on_start=lambda opt: seen.update(groups=[(g["exclude"], [p.ndim for p in g["params"]])
                                                    for g in opt.param_groups]))
     adapted = [ndims for excluded, ndims in seen["groups"] if not excluded]
     excluded = [ndims for excluded, ndims in seen["groups"] if excluded]

@@ -108,7 +108,7 @@ def test_timm_groups_mean_the_right_thing():
     decay = {id(p) for g in opt.param_groups if g["weight_decay"] > 0 for p in g["params"]}
     for name, p in model.named_parameters():
         group = next(g for g in opt.param_groups if any(q is p for q in g["params"]))
-        adapted = LARS.is_adapted(group, p)
+        adapted = not LARS.is_excluded(group, p)
         # timm's filter: 1-D tensors (biases, BatchNorm) get no weight decay; LARS does not adapt them.
         assert adapted == (p.ndim > 1), name
         assert (id(p) in decay) == (p.ndim > 1), name
@@ -131,7 +131,7 @@ def test_timm_keyword_names():
     model = resnet()
     opt = create(model, opt="lars", weight_decay=1e-4, trust_coeff=0.02, always_adapt=True, foreach=True)
     assert all(g["trust_coefficient"] == 0.02 and g["foreach"] is True for g in opt.param_groups)
-    assert all(LARS.is_adapted(g, p) for g in opt.param_groups for p in g["params"])
+    assert all(not LARS.is_excluded(g, p) for g in opt.param_groups for p in g["params"])
     with pytest.raises(TypeError, match="trust_coeff"):
         create(model, opt="lars", trust_coeff=0.02, trust_coefficient=0.01)
 
@@ -213,6 +213,13 @@ def test_timm_lars_checkpoint_loads_into_ours():
     ours.load_state_dict(saved)
     for g in ours.param_groups:
         assert g["trust_coefficient"] == 0.005 and g["lr"] == 1.5 and "trust_coeff" not in g
+        assert g["exclude_bias_and_norm"] is True and "always_adapt" not in g  # timm's always_adapt=False
+    adapt_all = copy.deepcopy(saved)
+    for g in adapt_all["param_groups"]:
+        g["always_adapt"] = True
+    other = create(copy.deepcopy(model), opt="lars", lr=0.1, weight_decay=1e-4)
+    other.load_state_dict(adapt_all)
+    assert all(g["exclude_bias_and_norm"] is False for g in other.param_groups)
     for p in model.parameters():
         torch.testing.assert_close(ours.state[p]["momentum_buffer"], theirs.state[p]["momentum_buffer"])
     # And it trains on as timm's Lars would from the same checkpoint: one more step each, same gradients.
@@ -236,7 +243,7 @@ def test_fallback_groups():
     model = resnet()
     opt = create(model, opt="lars", weight_decay=1e-4, fallback_list=["fc.bias"])
     fallback = [g for g in opt.param_groups if g.get("use_fallback")]
-    assert fallback and all(g["lars_exclude"] is True for g in fallback)
+    assert fallback and all(g["exclude"] is True for g in fallback)
     with pytest.raises(ValueError, match="fallback"):
         create(model, opt="lars", weight_decay=1e-4, fallback_list=["fc.weight"])
 
