@@ -39,7 +39,7 @@ from transformers import AutoModelForSequenceClassification, AutoTokenizer, Data
 from transformers import PrinterCallback, logging as hf_logging  # noqa: E402
 
 from lars_plugins import LARS, TrustRatioHistory, block_ids, default_exclude, param_groups  # noqa: E402
-from lars_plugins.datasets import encode, load_rotten_tomatoes, minilm_path  # noqa: E402
+from lars_plugins.demo.datasets import encode, load_rotten_tomatoes, minilm_path  # noqa: E402
 from lars_plugins.hf import LarsTrainer, LarsTrainingArguments  # noqa: E402
 
 ETA = 1e-3

@@ -49,7 +49,7 @@ from typing import Callable, Optional
 import torch
 
 from lars_plugins import TrustRatioHistory, TrustRatioMonitor
-from lars_plugins.datasets import find_fashion_mnist, load_fashion_mnist
+from lars_plugins.demo.datasets import find_fashion_mnist, load_fashion_mnist
 from lars_plugins.recipes import Recipe, lars_sqrt_lr, mlp_bn, sgd_linear_lr, train
 
 EPOCHS = 5

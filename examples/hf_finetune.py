@@ -21,7 +21,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing is fetched unless --mode
 import torch  # noqa: E402
 from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding  # noqa: E402
 
-from lars_plugins.datasets import encode, load_rotten_tomatoes, minilm_path  # noqa: E402
+from lars_plugins.demo.datasets import encode, load_rotten_tomatoes, minilm_path  # noqa: E402
 from lars_plugins.hf import LarsTrainer, LarsTrainingArguments  # noqa: E402
 
 

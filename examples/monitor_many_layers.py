@@ -42,7 +42,7 @@ def deep_mlp(blocks: int, width: int, in_features: int, classes: int) -> nn.Modu
 
 
 def load_data() -> tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor, str]:
-    from lars_plugins.datasets import find_fashion_mnist, load_fashion_mnist
+    from lars_plugins.demo.datasets import find_fashion_mnist, load_fashion_mnist
 
     if find_fashion_mnist() is not None:
         split = load_fashion_mnist(None, download=False)

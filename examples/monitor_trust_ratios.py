@@ -17,7 +17,7 @@ import torch
 from torch import nn
 
 import lars_plugins
-from lars_plugins.demo import accuracy, load_digits, poly_decay
+from lars_plugins.demo import accuracy, load_digits
 from lars_plugins.plot import save_plot
 
 
@@ -45,7 +45,8 @@ def main() -> None:
     model = resnet18_for_digits()
     optimizer = lars_plugins.LARS(lars_plugins.param_groups(model, weight_decay=5e-4), lr=args.lr, momentum=0.9)
     steps_per_epoch = -(-len(data.y_train) // args.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_decay(args.epochs * steps_per_epoch))
+    # The paper's polynomial decay (1 - t/T)^2, stepped once per optimizer step.
+    scheduler = lars_plugins.WarmupDecayLR(optimizer, total_steps=args.epochs * steps_per_epoch, decay="poly")
     monitor = lars_plugins.TrustRatioMonitor(model, optimizer, every_n_steps=1)
 
     for epoch in range(1, args.epochs + 1):

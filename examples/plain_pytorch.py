@@ -16,7 +16,7 @@ import torch
 from torch import nn
 
 import lars_plugins
-from lars_plugins.demo import accuracy, load_digits, poly_decay, small_cnn
+from lars_plugins.demo import accuracy, load_digits, small_cnn
 
 
 def main() -> None:
@@ -34,7 +34,8 @@ def main() -> None:
         lars_plugins.param_groups(model, weight_decay=5e-4), lr=args.lr, momentum=0.9, trust_coefficient=1e-3
     )
     steps_per_epoch = -(-len(data.y_train) // args.batch_size)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(optimizer, poly_decay(args.epochs * steps_per_epoch))
+    # The paper's polynomial decay (1 - t/T)^2, stepped once per optimizer step.
+    scheduler = lars_plugins.WarmupDecayLR(optimizer, total_steps=args.epochs * steps_per_epoch, decay="poly")
 
     for epoch in range(1, args.epochs + 1):
         for idx in torch.randperm(len(data.y_train)).split(args.batch_size):

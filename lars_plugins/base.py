@@ -25,8 +25,7 @@ from torch.optim.optimizer import ParamsT
 from .functional import ratio_dtype
 from .layouts import FlatLayout, LayoutResolver, layer_shape
 
-__all__ = ["LayerwiseOptimizer", "Check", "real", "flag", "learning_rate", "pair", "ForeignKey", "FOREIGN_KEYS",
-           "translate_foreign"]
+__all__ = ["LayerwiseOptimizer", "ForeignKey", "FOREIGN_KEYS", "translate_foreign"]
 # check(where, key, value) raises a ValueError/TypeError naming the key and what it accepts.
 Check = Callable[[str, str, Any], None]
 

@@ -8,7 +8,8 @@ from typing import Optional, Sequence
 
 
 def build_parser() -> argparse.ArgumentParser:
-    from . import __version__, demo
+    from . import __version__
+    from .demo import job as demo
 
     parser = argparse.ArgumentParser(prog="lars-plugins", description="LARS for PyTorch, timm, HF and Lightning.")
     parser.add_argument("--version", action="version", version=f"lars_plugins {__version__}")

@@ -20,8 +20,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["is_dtensor", "ShardedNorms", "to_local", "like_param", "deepspeed_shm_buffers",
-           "remove_deepspeed_shm_buffers"]
+__all__ = ["ShardedNorms", "deepspeed_shm_buffers", "remove_deepspeed_shm_buffers"]
 
 SHM = Path("/dev/shm")
 

@@ -26,7 +26,7 @@ from typing import Callable, Hashable, Iterable, Optional, Sequence, TypeVar, Un
 import torch
 from torch import Tensor
 
-__all__ = ["lars", "trust_ratio", "ratio_dtype", "lamb", "lamb_trust_ratio", "lamb_directions"]
+__all__ = ["lars", "trust_ratio", "lamb", "lamb_trust_ratio", "ratio_dtype"]
 
 Scalar = Union[float, Tensor]
 K = TypeVar("K", bound=Hashable)

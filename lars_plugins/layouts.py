@@ -32,7 +32,7 @@ from torch import Tensor
 
 from .distributed import is_dtensor
 
-__all__ = ["Layer", "Piece", "FlatLayout", "LayoutResolver", "merge", "is_fsdp1", "layer_shape", "find_fsdp1_handles"]
+__all__ = ["Layer", "Piece", "FlatLayout"]
 
 
 class Layer(NamedTuple):

@@ -25,7 +25,7 @@ from .functional import _buckets, _indices_by, ratio_dtype
 from .groups import unwrapped_name
 from .layouts import FlatLayout, LayoutResolver, merge
 
-__all__ = ["TrustRatioMonitor", "TrustRatioHistory", "METRICS", "STATS", "unwrap_optimizer"]
+__all__ = ["TrustRatioMonitor", "TrustRatioHistory", "METRICS", "STATS"]
 
 # The per-layer quantities, in the order they are reported.
 METRICS = ("trust_ratio", "effective_lr", "weight_norm", "grad_norm")

@@ -22,7 +22,7 @@ def run_script(name: str, *args: str) -> str:
 
 def test_large_batch_quick(tmp_path):
     pytest.importorskip("matplotlib")
-    from lars_plugins.datasets import find_fashion_mnist
+    from lars_plugins.demo.datasets import find_fashion_mnist
 
     if find_fashion_mnist() is None:
         pytest.skip("Fashion-MNIST is not installed here (apt-get install dataset-fashion-mnist)")

@@ -8,8 +8,10 @@ import pytest
 pytest.importorskip("sklearn")
 pytest.importorskip("tqdm")
 
-from lars_plugins import TrustRatioHistory, cli, datasets, demo  # noqa: E402
-from lars_plugins.datasets import ImageSplit, find_fashion_mnist, load_fashion_mnist  # noqa: E402
+from lars_plugins import TrustRatioHistory, cli  # noqa: E402
+from lars_plugins.demo import datasets  # noqa: E402
+from lars_plugins.demo import job as demo  # noqa: E402
+from lars_plugins.demo.datasets import ImageSplit, find_fashion_mnist, load_fashion_mnist  # noqa: E402
 
 
 @pytest.fixture(scope="module")

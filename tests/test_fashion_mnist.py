@@ -8,8 +8,8 @@ import gzip
 import pytest
 import torch
 
-from lars_plugins import datasets
-from lars_plugins.datasets import find_fashion_mnist, load_fashion_mnist
+from lars_plugins.demo import datasets
+from lars_plugins.demo.datasets import find_fashion_mnist, load_fashion_mnist
 
 
 def idx_bytes(tensor: torch.Tensor) -> bytes:

