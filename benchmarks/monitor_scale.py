@@ -32,7 +32,7 @@ import torch
 
 def synthetic_records(layers: int, records: int):
     """``(step, record)`` of a run with ``layers`` tensors named like a transformer's, in model order."""
-    from lars_plugins.monitor import METRICS
+    from lars_plugins.history import METRICS
 
     names = [f"blocks.{i // 8}.{('attn.qkv', 'attn.proj', 'mlp.fc1', 'mlp.fc2', 'norm1', 'norm2', 'ls1', 'ls2')[i % 8]}"
              f".weight" for i in range(layers)]

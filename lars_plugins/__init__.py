@@ -7,7 +7,8 @@ only when they are imported themselves. ``lars_plugins.plot`` needs matplotlib (
 
 from .functional import lars, trust_ratio
 from .groups import block_ids, default_exclude, is_bias_or_norm, param_groups
-from .monitor import TrustRatioHistory, TrustRatioMonitor
+from .history import TrustRatioHistory
+from .monitor import TrustRatioMonitor
 from .lamb import LAMB
 from .optim import LARS
 from .schedules import WarmupDecayLR

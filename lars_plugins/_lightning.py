@@ -12,7 +12,8 @@ from typing import Any, Optional, Sequence
 from torch import nn
 
 from .groups import ExcludeT, param_groups
-from .monitor import METRICS, STATS_SUFFIX, TrustRatioMonitor, check_options
+from .history import METRICS, STATS_SUFFIX
+from .monitor import TrustRatioMonitor, check_options
 from .names import optimizer_by_name
 from .schedules import WarmupDecayLR
 

@@ -12,7 +12,7 @@ farthest (on the log scale) from the layer's own median: steps are binned into a
 one step in one layer survives both. The titles say what was reduced. Files with summaries only
 (min/median/max over layers, as Lightning users often log) draw as a band.
 
-Every function takes a :class:`~lars_plugins.monitor.TrustRatioHistory` (or a path to a file it can
+Every function takes a :class:`~lars_plugins.history.TrustRatioHistory` (or a path to a file it can
 load) and draws on a given matplotlib ``Axes`` or a new figure. No pyplot state is used, so the
 functions are safe in scripts, servers and tests.
 """
@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any, Optional, Union
 
 from .groups import block_ids
-from .monitor import STATS_SUFFIX, TrustRatioHistory, _file_kind
+from .history import STATS_SUFFIX, TrustRatioHistory, _file_kind
 
 __all__ = ["plot_heatmap", "plot_lines", "plot_bars", "plot_report", "save_plot", "KINDS", "MAX_ROWS", "MAX_COLUMNS",
            "MAX_LINES"]

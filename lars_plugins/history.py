@@ -1,0 +1,488 @@
+"""The recorded per-layer metrics as a compact steps × layers table, and the files it reads and writes.
+
+:class:`TrustRatioHistory` is what :class:`~lars_plugins.TrustRatioMonitor` fills and what
+:mod:`lars_plugins.plot` draws. It round-trips through CSV (the wide format Lightning's
+``CSVLogger`` also writes) and Parquet, and reads what the HF Trainer (``trainer_state.json``) and
+TensorBoard logged. It knows nothing of optimizers.
+"""
+
+from __future__ import annotations
+
+import csv
+import math
+import re
+from pathlib import Path
+from typing import Any, Container, Iterable, Mapping, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+__all__ = ["TrustRatioHistory", "METRICS", "STATS", "STATS_SUFFIX", "BLOCK_ROWS"]
+
+# The per-layer quantities, in the order they are reported.
+METRICS = ("trust_ratio", "effective_lr", "weight_norm", "grad_norm")
+STATS = ("min", "median", "max")
+STATS_SUFFIX = "_stats"  # summaries go to f"{metric}_stats/{stat}", a dashboard section of three plots
+
+PathLike = Union[str, Path]
+
+
+class TrustRatioHistory:
+    """Recorded metrics as a compact table: one row per step, one column per ``metric/layer`` key.
+
+    Columnar: the values live in float64 tensors of :data:`BLOCK_ROWS` rows each (8 bytes a value and
+    1 for whether it was recorded), so appending a record is one indexed copy and memory is about
+    the size of the numbers; a new key widens only the block being filled. Columns keep the order
+    in which they first appeared (model order). Saved as a wide CSV with a ``step`` column, the
+    format Lightning's ``CSVLogger`` also writes, so :meth:`from_csv` reads either. A value recorded
+    as NaN (a NaN gradient's ratio) stays NaN, distinct from a cell where nothing was recorded: an
+    empty CSV cell or a Parquet null.
+    """
+
+    def __init__(self) -> None:
+        self.steps: list[int] = []
+        self.columns: dict[str, int] = {}  # key -> column index, in order of first appearance
+        self._blocks: list[_Block] = []
+        self._row_of_step: dict[int, int] = {}
+        self._last_keys: list[str] = []  # the previous record's keys, and their column indices
+        self._last_index: Optional[Tensor] = None
+
+    def __len__(self) -> int:
+        return len(self.steps)
+
+    def nbytes(self) -> int:
+        """Memory held by the table's values and masks."""
+        return sum(block.values.numel() * 9 for block in self._blocks)
+
+    def append(self, step: int, record: Mapping[str, float]) -> None:
+        """Add (or merge into the row of) ``step`` the values of ``record``."""
+        keys = list(record)
+        if keys != self._last_keys:  # a run records the same keys every time: looked up once
+            self._last_index = self._index(keys)
+            self._last_keys = keys
+        assert self._last_index is not None
+        self._append_row(step, self._last_index, torch.tensor([float(v) for v in record.values()], dtype=torch.float64))
+
+    def _index(self, keys: Sequence[str]) -> Tensor:
+        """Column indices of ``keys``, adding the new ones."""
+        return torch.tensor([self.columns.setdefault(key, len(self.columns)) for key in keys], dtype=torch.long)
+
+    def _append_row(self, step: int, index: Tensor, values: Tensor) -> None:
+        """:meth:`append` of a row whose columns are known (``index``, from :meth:`_index`)."""
+        row = self._row_of_step.get(step)
+        if row is None:
+            row = self._row_of_step[step] = len(self.steps)
+            self.steps.append(step)
+            if row % BLOCK_ROWS == 0:
+                self._blocks.append(_Block(max(len(self.columns), 1)))
+        self._blocks[row // BLOCK_ROWS].put(row % BLOCK_ROWS, index, values, len(self.columns))
+
+    def metrics(self) -> list[str]:
+        """Metric names present (the part of each key before the first ``/``)."""
+        return list(dict.fromkeys(key.split("/", 1)[0] for key in self.columns if "/" in key))
+
+    def layers(self, metric: str) -> list[str]:
+        """Layer names recorded for ``metric``, in model order."""
+        self._check_metric(metric)
+        prefix = metric + "/"
+        return [key[len(prefix):] for key in self.columns if key.startswith(prefix)]
+
+    def table(self, metric: str, dtype: torch.dtype = torch.float64) -> tuple[list[int], list[str], Tensor]:
+        """``(steps, layers, values)`` with ``values`` a tensor of layers × steps (NaN where not
+        recorded, or recorded as NaN), steps sorted, and steps at which no layer of ``metric`` was
+        recorded left out. Built a few hundred columns at a time: no full-size float64 copy is made
+        on the way to a float32 table."""
+        layers = self.layers(metric)
+        cols = [self.columns[f"{metric}/{name}"] for name in layers]
+        order = sorted(range(len(self.steps)), key=self.steps.__getitem__)
+        chunks = [cols[k:k + _CHUNK] for k in range(0, len(cols), _CHUNK)]
+        any_recorded = self._rows_with_any(cols).tolist()
+        rows = torch.tensor([i for i in order if any_recorded[i]], dtype=torch.long)
+        out = torch.empty(len(layers), len(rows), dtype=dtype)
+        for k, chunk in enumerate(chunks):
+            values = self._gather(chunk)[0]  # NaN where not recorded
+            out[k * _CHUNK:k * _CHUNK + len(chunk)] = values.index_select(0, rows).T
+        return [self.steps[i] for i in rows.tolist()], layers, out
+
+    def recorded_steps(self, metric: str) -> list[int]:
+        """The steps at which some layer of ``metric`` was recorded, sorted."""
+        cols = [self.columns[f"{metric}/{name}"] for name in self.layers(metric)]
+        return sorted(step for step, recorded in zip(self.steps, self._rows_with_any(cols).tolist()) if recorded)
+
+    def _rows_with_any(self, cols: list[int]) -> Tensor:
+        """Which rows recorded any of columns ``cols`` (gathered a few hundred columns at a time)."""
+        any_recorded = torch.zeros(len(self.steps), dtype=torch.bool)
+        for k in range(0, len(cols), _CHUNK):
+            any_recorded |= self._gather(cols[k:k + _CHUNK])[1].any(dim=1)
+        return any_recorded
+
+    def at_step(self, metric: str, step: int) -> dict[str, float]:
+        """The values of ``metric`` recorded at ``step``, by layer (layers not recorded there left out)."""
+        layers = self.layers(metric)
+        row = self._row_of_step.get(step)
+        if row is None:
+            return {}
+        block = self._blocks[row // BLOCK_ROWS]
+        index = torch.tensor([self.columns[f"{metric}/{name}"] for name in layers], dtype=torch.long)
+        values, recorded = block.columns(index, row % BLOCK_ROWS + 1)
+        return {name: v for name, v, m in zip(layers, values[-1].tolist(), recorded[-1].tolist()) if m}
+
+    def matrix(self, metric: str) -> tuple[list[int], list[str], list[list[float]]]:
+        """:meth:`table` with the values as lists: ``values[layer][step]``."""
+        steps, layers, data = self.table(metric)
+        return steps, layers, data.tolist()
+
+    def latest(self, metric: str) -> dict[str, float]:
+        """The newest recorded value of each layer of ``metric`` (NaN if that is what was recorded)."""
+        layers = self.layers(metric)
+        values, recorded = self._gather([self.columns[f"{metric}/{name}"] for name in layers])
+        newest_first = torch.tensor(sorted(range(len(self.steps)), key=self.steps.__getitem__, reverse=True),
+                                    dtype=torch.long)
+        values, recorded = values[newest_first], recorded[newest_first]
+        first = recorded.to(torch.uint8).argmax(dim=0)  # the newest recorded row of each layer
+        picked = values.gather(0, first[None]).squeeze(0).tolist()
+        return {name: v for name, v, any_ in zip(layers, picked, recorded.any(dim=0).tolist()) if any_}
+
+    def _gather(self, cols: list[int]) -> tuple[Tensor, Tensor]:
+        """Values and recorded-masks of columns ``cols`` for every row, in row order."""
+        index = torch.tensor(cols, dtype=torch.long)
+        parts = [block.columns(index, min(BLOCK_ROWS, len(self.steps) - k * BLOCK_ROWS))
+                 for k, block in enumerate(self._blocks)]
+        if not parts:
+            return torch.empty(0, len(cols), dtype=torch.float64), torch.empty(0, len(cols), dtype=torch.bool)
+        return torch.cat([v for v, _ in parts]), torch.cat([m for _, m in parts])
+
+    def _check_metric(self, metric: str) -> None:
+        if not self.steps:
+            raise ValueError("the history is empty: nothing has been recorded")
+        available = self.metrics()
+        if metric not in available:
+            raise ValueError(f"no metric {metric!r} in this history; available: {', '.join(available) or 'none'}")
+
+    # --- files ---------------------------------------------------------------------------------
+
+    def _row_chunks(self) -> Iterable[tuple[list[int], list[list[float]], Tensor, Tensor]]:
+        """Per block: its steps, values as lists, which rows are fully recorded, and the mask."""
+        n_cols = len(self.columns)
+        for k, block in enumerate(self._blocks):
+            n = min(BLOCK_ROWS, len(self.steps) - k * BLOCK_ROWS)
+            values, recorded = block.columns(torch.arange(n_cols), n)
+            yield self.steps[k * BLOCK_ROWS:k * BLOCK_ROWS + n], values.tolist(), recorded.all(dim=1), recorded
+
+    def to_rows(self) -> tuple[list[str], list[list[Any]]]:
+        """Header and rows (step first), as written to CSV; ``None`` where nothing was recorded."""
+        rows = []
+        for steps, values, full, recorded in self._row_chunks():
+            for i, (step, row) in enumerate(zip(steps, values)):
+                mask = recorded[i].tolist()
+                rows.append([step, *(v if m else None for v, m in zip(row, mask))])
+        return ["step", *self.columns], rows
+
+    def to_csv(self, path: PathLike, digits: int = 9) -> Path:
+        """Write a wide CSV: ``step`` then one column per key; empty cells where not recorded.
+
+        Values have ``digits`` significant digits: 9 writes every float32 exactly (the monitor's
+        norms and ratios are float32 unless the parameters are float64) and anything else to 5e-10,
+        at a third of the time of exact float64 text; ``digits=17`` is exact for float64."""
+        if not (isinstance(digits, int) and 1 <= digits <= 17):
+            raise ValueError(f"digits must be an int from 1 to 17, got {digits!r}")
+        path = Path(path)
+        cell = f"%.{digits}g"
+        full_format = None
+        with path.open("w", newline="") as f:
+            csv.writer(f).writerow(["step", *self.columns])
+            for steps, values, full, recorded in self._row_chunks():
+                if full_format is None or full_format[0] != len(self.columns):
+                    full_format = (len(self.columns), "%d," + ",".join([cell] * len(self.columns)) + "\n")
+                lines = []
+                for i, (step, row) in enumerate(zip(steps, values)):
+                    if full[i]:  # one %-format of the whole row: the fastest float formatting Python has
+                        lines.append(full_format[1] % (step, *row))
+                    else:
+                        mask = recorded[i].tolist()
+                        lines.append(f"{step}," + ",".join(cell % v if m else "" for v, m in zip(row, mask)) + "\n")
+                f.write("".join(lines))
+        return path
+
+    @classmethod
+    def from_csv(cls, path: PathLike, metrics: Optional[Sequence[str]] = None,
+                 steps: Optional[Container[int]] = None) -> "TrustRatioHistory":
+        """Read a wide CSV with a ``step`` column: this class's own files, Lightning's ``CSVLogger``
+        ``metrics.csv`` or the HF integration's. Keys without a ``/`` (loss, epoch) are ignored, and
+        with ``metrics`` given, keys of other metrics too (a plot reads only what it draws), and with
+        ``steps`` given, rows of other steps (cheaply: their numbers are not parsed);
+        several rows of one step are merged. A file cut off (no final newline, or a row with fewer
+        fields than the header) or a cell that is no number is refused, naming the file and line."""
+        path = Path(path)
+        history = cls()
+        with path.open(newline="") as f:
+            header_line = f.readline()
+            if not header_line.endswith("\n"):
+                if header_line:
+                    raise ValueError(f"{path}: the file ends without a newline, so its last row is cut off; "
+                                     "the file was truncated while it was written")
+            header = next(csv.reader([header_line])) if header_line else None
+            if not header or "step" not in header:
+                raise ValueError(f"{path}: no 'step' column (columns: {header})")
+            step_at = header.index("step")
+            kept = [j for j, key in enumerate(header) if key and "/" in key
+                    and (metrics is None or key.split("/", 1)[0] in metrics)]
+            keys = [header[j] for j in kept]
+            every = kept == list(range(1, len(header)))
+            simple = step_at == 0 and bool(kept)  # our own files: the step first, then numbers
+            index: Optional[Tensor] = None
+            for line_num, line in enumerate(f, start=2):
+                if not line.endswith("\n"):
+                    raise ValueError(f"{path}: the file ends without a newline, so its last row is cut off; "
+                                     "the file was truncated while it was written")
+                if steps is not None and step_at == 0 and '"' not in line:
+                    head = line[:line.find(",")]
+                    if head and head.lstrip("-").isdigit() and int(head) not in steps:
+                        continue
+                cells = line.rstrip("\r\n").split(",") if '"' not in line else next(csv.reader([line]))
+                if len(cells) != len(header):
+                    raise ValueError(f"{path}, line {line_num}: {len(cells)} fields where the header has "
+                                     f"{len(header)}: the row is cut off or malformed")
+                if cells[step_at] == "":
+                    continue
+                step = int(_parse(cells[step_at], path, line_num, "step"))
+                if steps is not None and step not in steps:
+                    continue
+                if simple:
+                    picked = cells[1:] if every else [cells[j] for j in kept]
+                    if "" not in picked:
+                        try:
+                            values = torch.tensor(list(map(float, picked)), dtype=torch.float64)
+                        except ValueError:
+                            pass  # a cell that is no number: found and named below
+                        else:
+                            if index is None:
+                                index = history._index(keys)
+                            history._append_row(step, index, values)
+                            continue
+                record = {header[j]: _parse(cells[j], path, line_num, header[j]) for j in kept if cells[j] != ""}
+                if record:
+                    history.append(step, record)
+        if not history.steps:
+            present = list(dict.fromkeys(key.split("/", 1)[0] for key in header if key and "/" in key))
+            if metrics is not None and present:
+                raise ValueError(f"{path}: no metric {' or '.join(map(repr, metrics))} with a value; "
+                                 f"available: {', '.join(present) or 'none'}")
+            raise ValueError(f"{path}: no recorded metrics (no 'metric/layer' column with a value)")
+        history._natural_order()  # Lightning's CSVLogger sorts its columns as strings
+        return history
+
+    def _natural_order(self, always: bool = False) -> None:
+        """Columns in natural order (``net.3`` before ``net.12``) where the source sorted its keys as
+        strings (or ``always``, for a source with no order): numbered layers are then back in model
+        order for the usual names; the order of unnumbered siblings cannot be recovered."""
+        keys = list(self.columns)
+        if always or keys == sorted(keys):
+            self._reorder(sorted(keys, key=_natural_key))
+
+    def _reorder(self, keys: list[str]) -> None:
+        index = torch.tensor([self.columns[key] for key in keys], dtype=torch.long)
+        for block in self._blocks:
+            block.reorder(index)
+        self.columns = {key: i for i, key in enumerate(keys)}
+        self._last_keys, self._last_index = [], None
+
+    def to_parquet(self, path: PathLike) -> Path:
+        """Write the table as Parquet (needs ``pyarrow``: ``pip install "lars_plugins[parquet]"``)."""
+        pa, pq = _pyarrow()
+        values, recorded = self._gather(list(range(len(self.columns))))
+        data, mask = values.numpy(), (~recorded).numpy()
+        arrays = {"step": pa.array(self.steps, type=pa.int64())}
+        arrays.update((key, pa.array(data[:, j], mask=mask[:, j])) for j, key in enumerate(self.columns))
+        pq.write_table(pa.table(arrays), str(path))
+        return Path(path)
+
+    @classmethod
+    def from_parquet(cls, path: PathLike, metrics: Optional[Sequence[str]] = None) -> "TrustRatioHistory":
+        """Read a table written by :meth:`to_parquet` (only the keys of ``metrics``, if given), a
+        column at a time into the table's blocks."""
+        _, pq = _pyarrow()
+        schema = pq.read_schema(str(path))
+        if "step" not in schema.names:
+            raise ValueError(f"{path}: no 'step' column")
+        keys = [k for k in schema.names if "/" in k and (metrics is None or k.split("/", 1)[0] in metrics)]
+        source = pq.ParquetFile(str(path))
+        step_column = source.read(columns=["step"]).column("step")
+        if step_column.null_count:
+            raise ValueError(f"{path}: a step is null")
+        history = cls()
+        steps = step_column.to_pylist()
+        history.steps = [int(step) for step in steps]
+        history._row_of_step = {step: row for row, step in enumerate(history.steps)}
+        history.columns = {key: j for j, key in enumerate(keys)}
+        n = len(steps)
+        history._blocks = [_Block(max(len(keys), 1)) for _ in range(-(-n // BLOCK_ROWS))]
+        for j, key in enumerate(keys):
+            if j % _CHUNK == 0:  # a few hundred columns at a time: the file is never all in memory twice
+                table = source.read(columns=keys[j:j + _CHUNK])
+            column = table.column(key).combine_chunks()
+            values = torch.from_numpy(column.to_numpy(zero_copy_only=False).astype("float64"))
+            recorded = torch.from_numpy(column.is_valid().to_numpy(zero_copy_only=False))
+            for k, block in enumerate(history._blocks):
+                rows = slice(k * BLOCK_ROWS, min(n, (k + 1) * BLOCK_ROWS))
+                count = rows.stop - rows.start
+                block.values[:count, j] = torch.where(recorded[rows], values[rows], math.nan)
+                block.recorded[:count, j] = recorded[rows]
+        if len(set(history.steps)) != n:
+            raise ValueError(f"{path}: a step appears in more than one row")
+        return history
+
+    @classmethod
+    def from_hf_state(cls, path: PathLike, metrics: Optional[Sequence[str]] = None) -> "TrustRatioHistory":
+        """Read the HF Trainer's ``trainer_state.json`` (its ``log_history``; a checkpoint folder
+        holding one works too): the trust ratios the HF integration merged into the Trainer's logs."""
+        path = Path(path)
+        if path.is_dir():
+            path = path / "trainer_state.json"
+        import json
+
+        with path.open() as f:
+            state = json.load(f)
+        if not isinstance(state, dict) or not isinstance(state.get("log_history"), list):
+            raise ValueError(f"{path}: no 'log_history' list; is this an HF trainer_state.json?")
+        history = cls()
+        for entry in state["log_history"]:
+            record = {k: v for k, v in entry.items() if "/" in k and isinstance(v, (int, float))
+                      and (metrics is None or k.split("/", 1)[0] in metrics)}
+            if record and "step" in entry:
+                history.append(int(entry["step"]), record)
+        if not history.steps:
+            raise ValueError(f"{path}: no recorded metrics in its log_history (train with lars_monitor on)")
+        history._natural_order()  # the Trainer saves its state with sort_keys=True
+        return history
+
+    @classmethod
+    def from_tensorboard(cls, path: PathLike, metrics: Optional[Sequence[str]] = None) -> "TrustRatioHistory":
+        """Read TensorBoard event files (a file, or the folder of a run; needs ``tensorboard``): the
+        monitor's metrics among everything the run logged. Tags the HF Trainer writes as
+        ``train/<metric>/<layer>`` are read as ``<metric>/<layer>``."""
+        try:
+            from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+        except ImportError as err:
+            raise ImportError("reading TensorBoard event files needs tensorboard: pip install tensorboard") from err
+        accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0})  # 0: keep every event
+        accumulator.Reload()
+        by_step: dict[int, dict[str, float]] = {}
+        known = set(METRICS) | {m + STATS_SUFFIX for m in METRICS}
+        for tag in accumulator.Tags().get("scalars", []):
+            key = tag[len("train/"):] if tag.startswith("train/") else tag
+            metric = key.split("/", 1)[0]
+            # A run's events hold everything it logged (losses, LRs...): only the monitor's metrics are read.
+            if "/" not in key or metric not in known or (metrics is not None and metric not in metrics):
+                continue
+            for event in accumulator.Scalars(tag):
+                by_step.setdefault(int(event.step), {})[key] = float(event.value)
+        history = cls()
+        for step in sorted(by_step):
+            history.append(step, by_step[step])
+        if not history.steps:
+            raise ValueError(f"{path}: no 'metric/layer' scalars in these TensorBoard events")
+        history._natural_order(always=True)  # TensorBoard keeps no order of its own
+        return history
+
+    @staticmethod
+    def file_metrics(path: PathLike) -> list[str]:
+        """The metrics a file holds, from its header where it has one (CSV, Parquet)."""
+        kind = _file_kind(Path(path))
+        if kind in ("hf", "tensorboard"):
+            return TrustRatioHistory.load(path).metrics()
+        if kind == "parquet":
+            _, pq = _pyarrow()
+            keys = pq.read_schema(str(path)).names
+        else:
+            with Path(path).open(newline="") as f:
+                keys = next(csv.reader([f.readline()]), [])
+        return list(dict.fromkeys(key.split("/", 1)[0] for key in keys if "/" in key))
+
+    @classmethod
+    def load(cls, path: PathLike, metrics: Optional[Sequence[str]] = None) -> "TrustRatioHistory":
+        """Read what a run left, chosen by its name: CSV (ours, Lightning's ``CSVLogger``), Parquet,
+        the HF Trainer's ``trainer_state.json`` (or a checkpoint folder with one), TensorBoard event
+        files (``events.out.tfevents.*``, or a folder of them). Only the keys of ``metrics``, if given."""
+        path = Path(path)
+        kind = _file_kind(path)
+        if kind == "parquet":
+            return cls.from_parquet(path, metrics)
+        if kind == "hf":
+            return cls.from_hf_state(path, metrics)
+        if kind == "tensorboard":
+            return cls.from_tensorboard(path, metrics)
+        return cls.from_csv(path, metrics)
+
+
+BLOCK_ROWS = 256  # rows per storage block of a TrustRatioHistory
+_CHUNK = 256  # columns gathered at a time when a table is built
+
+
+class _Block:
+    """``BLOCK_ROWS`` rows of a history: float64 values and a recorded-mask, widened on demand."""
+
+    def __init__(self, width: int) -> None:
+        self.values = torch.full((BLOCK_ROWS, width), math.nan, dtype=torch.float64)
+        self.recorded = torch.zeros((BLOCK_ROWS, width), dtype=torch.bool)
+
+    def put(self, row: int, index: Tensor, values: Tensor, width: int) -> None:
+        if width > self.values.shape[1]:  # a key this block has not seen: widen it (this block only)
+            grown = max(width, 2 * self.values.shape[1])
+            values_grown = torch.full((BLOCK_ROWS, grown), math.nan, dtype=torch.float64)
+            recorded_grown = torch.zeros((BLOCK_ROWS, grown), dtype=torch.bool)
+            values_grown[:, :self.values.shape[1]] = self.values
+            recorded_grown[:, :self.values.shape[1]] = self.recorded
+            self.values, self.recorded = values_grown, recorded_grown
+        self.values[row, index] = values
+        self.recorded[row, index] = True
+
+    def columns(self, index: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+        """Columns ``index`` of the first ``rows`` rows (not recorded beyond this block's width)."""
+        inside = index < self.values.shape[1]
+        safe = torch.where(inside, index, 0)
+        values = self.values[:rows].index_select(1, safe)
+        recorded = self.recorded[:rows].index_select(1, safe) & inside
+        return torch.where(recorded, values, math.nan), recorded
+
+    def reorder(self, index: Tensor) -> None:
+        values, recorded = self.columns(index, BLOCK_ROWS)
+        self.values, self.recorded = values, recorded
+
+
+def _file_kind(path: Path) -> str:
+    """``csv``, ``parquet``, ``hf`` (trainer_state.json) or ``tensorboard`` (event files)."""
+    if path.is_dir():
+        if (path / "trainer_state.json").is_file():
+            return "hf"
+        if any(path.glob("events.out.tfevents.*")):
+            return "tensorboard"
+        raise ValueError(f"{path}: a folder with neither a trainer_state.json nor TensorBoard event files")
+    if path.suffix.lower() in (".parquet", ".pq"):
+        return "parquet"
+    if path.suffix.lower() == ".json":
+        return "hf"
+    if path.name.startswith("events.out.tfevents."):
+        return "tensorboard"
+    return "csv"
+
+
+def _natural_key(key: str) -> list[Any]:
+    """``net.3.weight`` before ``net.12.weight``: digit runs compare as numbers."""
+    return [(0, int(part), "") if part.isdigit() else (1, 0, part) for part in re.split(r"(\d+)", key)]
+
+
+def _parse(cell: str, path: Path, line: int, key: str) -> float:
+    try:
+        return float(cell)
+    except ValueError:
+        raise ValueError(f"{path}, line {line}: {key} is {cell!r}, not a number") from None
+
+
+def _pyarrow() -> tuple[Any, Any]:
+    try:
+        import pyarrow as pa
+        import pyarrow.parquet as pq
+    except ImportError as err:  # pragma: no cover - exercised only without the extra
+        raise ImportError('Parquet needs pyarrow: pip install "lars_plugins[parquet]"') from err
+    return pa, pq
