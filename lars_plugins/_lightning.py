@@ -2,7 +2,9 @@
 
 Lightning ships as two namespaces (``lightning.pytorch`` and ``pytorch_lightning``) whose classes are
 distinct, and LightningCLI accepts a callback only if it subclasses its own namespace's ``Callback``.
-So the logic lives here, and each namespace module builds thin subclasses with :func:`build`.
+So the logic lives here in mixins, and each namespace module declares its two small classes:
+``class TrustRatioCallback(TrustRatioCallbackMixin, Callback)`` and
+``class LarsCLI(LarsCLIMixin, LightningCLI)``.
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from .monitor import TrustRatioMonitor, check_options
 from .names import optimizer_by_name
 from .schedules import WarmupDecayLR
 
-__all__ = ["configure_lars", "TrustRatioCallbackLogic", "build"]
+__all__ = ["configure_lars", "TrustRatioCallbackMixin", "LarsCLIMixin"]
 
 
 def configure_lars(
@@ -64,7 +66,7 @@ def configure_lars(
     return {"optimizer": built, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}
 
 
-class TrustRatioCallbackLogic:
+class TrustRatioCallbackMixin:
     """Log per-layer trust ratios, norms and effective LRs on Lightning's logging steps.
 
     A thin layer over :class:`lars_plugins.TrustRatioMonitor`: one monitor per optimizer of the
@@ -131,29 +133,14 @@ class TrustRatioCallbackLogic:
         self.monitors, self._pending = [], {}
 
 
-def build(callback_base: type, cli_base: type, module_name: str) -> dict[str, Any]:
-    """The namespace's classes, in this order: ``TrustRatioCallback``, ``LarsCLI``."""
+class LarsCLIMixin:
+    """LightningCLI whose ``--lr_scheduler`` is stepped every optimizer step, not every epoch
+    (LARS recipes decay per step), e.g. ``--optimizer lars_plugins.LARS --lr_scheduler
+    lars_plugins.WarmupDecayLR --lr_scheduler.total_steps 1000 --lr_scheduler.warmup_steps 50``.
+    Importing its module imports ``lars_plugins``, so the short ``--optimizer LARS`` resolves too."""
 
-    class TrustRatioCallback(TrustRatioCallbackLogic, callback_base):  # type: ignore[valid-type, misc]
-        __doc__ = TrustRatioCallbackLogic.__doc__
-
-        def __init__(self, per_layer: bool = True, summaries: bool = True,
-                     metrics: Sequence[str] = METRICS) -> None:
-            super().__init__(per_layer=per_layer, summaries=summaries, metrics=metrics)
-
-    class LarsCLI(cli_base):  # type: ignore[valid-type, misc]
-        """LightningCLI whose ``--lr_scheduler`` is stepped every optimizer step, not every epoch
-        (LARS recipes decay per step), e.g. ``--optimizer lars_plugins.LARS --lr_scheduler
-        lars_plugins.WarmupDecayLR --lr_scheduler.total_steps 1000 --lr_scheduler.warmup_steps 50``."""
-
-        @staticmethod
-        def configure_optimizers(lightning_module: Any, optimizer: Any, lr_scheduler: Any = None) -> Any:
-            if lr_scheduler is None:
-                return optimizer
-            return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}
-
-    classes: dict[str, Any] = {"TrustRatioCallback": TrustRatioCallback, "LarsCLI": LarsCLI}
-    for cls in classes.values():
-        cls.__module__ = module_name
-        cls.__qualname__ = cls.__name__
-    return classes
+    @staticmethod
+    def configure_optimizers(lightning_module: Any, optimizer: Any, lr_scheduler: Any = None) -> Any:
+        if lr_scheduler is None:
+            return optimizer
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": lr_scheduler, "interval": "step"}}

@@ -10,6 +10,8 @@ each group's own initial LR (layer-wise LR decay keeps its ratios). Unlike light
 from __future__ import annotations
 
 import math
+import warnings
+from typing import Any, Optional
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -56,9 +58,46 @@ class WarmupDecay:
 
 
 class WarmupDecayLR(LambdaLR):
-    """``LambdaLR`` with :class:`WarmupDecay`; step it once per optimizer step."""
+    """``LambdaLR`` with :class:`WarmupDecay`; step it once per optimizer step.
+
+    ``total_steps`` and ``warmup_steps`` count this scheduler's steps. A scheduler stepped less often
+    than its optimizer (LightningCLI's default, once per epoch) would stay in warm-up for
+    ``warmup_steps`` epochs and never decay within the run; that is detected: the first time it is
+    stepped after more than one optimizer step it warns (once), saying how to step it per step.
+    """
 
     def __init__(self, optimizer: Optimizer, total_steps: int, warmup_steps: int = 0, decay: str = "cosine",
                  power: float = 2.0, min_lr_ratio: float = 0.0, last_epoch: int = -1) -> None:
         super().__init__(optimizer, WarmupDecay(total_steps, warmup_steps, decay, power, min_lr_ratio),
                          last_epoch=last_epoch)
+        self._optimizer_steps = 0  # optimizer steps since this scheduler's last step
+        self._warned_slow_stepping = False
+        self._step_hook = optimizer.register_step_post_hook(self._count_optimizer_step)
+
+    def _count_optimizer_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
+        self._optimizer_steps += 1
+
+    def step(self, epoch: Optional[int] = None) -> None:
+        steps = getattr(self, "_optimizer_steps", 0)  # the constructor's initial step comes before the counter
+        if steps > 1 and not self._warned_slow_stepping:
+            self._warned_slow_stepping = True
+            schedule = self.lr_lambdas[0]
+            warnings.warn(
+                f"WarmupDecayLR was stepped once for {steps} optimizer steps, but its total_steps="
+                f"{schedule.total_steps} and warmup_steps={schedule.warmup_steps} count its own steps, so "
+                "the schedule runs that much slower than training. Call scheduler.step() after every "
+                "optimizer.step(); in Lightning use interval='step' (configure_lars and LarsCLI do: "
+                "a plain LightningCLI steps --lr_scheduler once per epoch).", UserWarning, stacklevel=2)
+        self._optimizer_steps = 0
+        super().step(epoch)
+
+    def state_dict(self) -> dict[str, Any]:
+        """As ``LambdaLR``'s: plain numbers only (``torch.load(weights_only=True)`` works)."""
+        state = super().state_dict()
+        state.pop("_step_hook", None)
+        return state
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        hook = self._step_hook
+        super().load_state_dict(state_dict)
+        self._step_hook = hook

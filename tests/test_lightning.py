@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import csv
 import math
+import subprocess
+import sys
 import warnings
 from pathlib import Path
 
@@ -62,7 +64,9 @@ def test_callback_logs_ratios_matching_independent_norms(ns, tmp_path):
     rows = read_csv(t)
     ratios = rows_with(rows, "trust_ratio/net.0.weight")
     losses = rows_with(rows, "train_loss")
-    assert sorted(ratios) == sorted(losses) == [1, 3, 5]  # Lightning's logging steps, same rows as self.log
+    assert sorted(ratios) == sorted(losses) == [1, 3, 5]  # Lightning's logging steps, the steps of self.log
+    # CSVLogger writes one row per logging call: the ratios' rows are not the loss's (as the docs say).
+    assert not any(r.get("train_loss") and r.get("trust_ratio/net.0.weight") for r in rows)
     for step, value in ratios.items():
         w, g = model.seen[step]
         assert value == pytest.approx(1e-3 * w / (g + 1e-4 * w + 1e-8), rel=1e-4)  # Eq. 6, computed here
@@ -183,6 +187,32 @@ def test_lightning_cli_with_lars(ns, tmp_path):
         assert cli.trainer.lr_scheduler_configs[0].interval == "step"
         assert opt.param_groups[0]["lr"] == pytest.approx(2.0 * WarmupDecay(4, 2)(4))
         assert any(isinstance(c, plugin.TrustRatioCallback) for c in cli.trainer.callbacks)
+
+
+def run_plain_cli(tmp_path, *args):
+    """tests/scripts/plain_lightning_cli.py: a main.py that imports Lightning alone, with the plain LightningCLI."""
+    script = Path(__file__).parent / "scripts" / "plain_lightning_cli.py"
+    return subprocess.run(
+        [sys.executable, str(script), "fit", *args, "--trainer.max_epochs", "2", "--trainer.accelerator", "cpu",
+         "--trainer.enable_progress_bar", "false", "--trainer.enable_model_summary", "false",
+         "--trainer.logger", "false", "--trainer.enable_checkpointing", "false",
+         "--trainer.default_root_dir", str(tmp_path)],
+        capture_output=True, text=True, timeout=300, cwd=tmp_path)
+
+
+def test_a_plain_lightning_cli_takes_the_full_path_and_warns_of_per_epoch_scheduling(tmp_path):
+    """What docs/lightning.md says of a plain LightningCLI: ``--optimizer lars_plugins.LARS`` works with
+    nothing imported first, the short ``LARS`` does not, and ``WarmupDecayLR`` stepped per epoch (4
+    optimizer steps each) warns instead of silently staying in warm-up."""
+    done = run_plain_cli(tmp_path, "--optimizer", "lars_plugins.LARS", "--optimizer.lr", "2.0",
+                         "--lr_scheduler", "lars_plugins.WarmupDecayLR", "--lr_scheduler.total_steps", "8",
+                         "--lr_scheduler.warmup_steps", "2")
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "OPTIMIZER lars_plugins.optim.LARS" in done.stdout
+    assert "WarmupDecayLR was stepped once for 4 optimizer steps" in done.stderr
+    assert done.stderr.count("WarmupDecayLR was stepped") == 1  # once, not every epoch
+    short = run_plain_cli(tmp_path, "--optimizer", "LARS", "--optimizer.lr", "2.0")
+    assert short.returncode != 0 and "LARS" in short.stderr
 
 
 @pytest.mark.parametrize("ns", NAMESPACES)

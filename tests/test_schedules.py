@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -73,3 +74,34 @@ def test_layer_decay_ratios_survive_and_state_loads_weights_only():
 def test_bad_arguments(kw, word):
     with pytest.raises(ValueError, match=word):
         WarmupDecayLR(LARS([torch.nn.Parameter(torch.ones(2, 2))]), **kw)
+
+
+def test_stepping_less_often_than_the_optimizer_warns_once():
+    opt = LARS([torch.nn.Parameter(torch.ones(2, 2))], lr=10.0)
+    sched = WarmupDecayLR(opt, total_steps=20, warmup_steps=5)
+    with pytest.warns(UserWarning, match="stepped once for 3 optimizer steps.*total_steps=20.*interval='step'"):
+        for _ in range(3):
+            opt.step()
+        sched.step()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # once is enough
+        for _ in range(3):
+            opt.step()
+        sched.step()
+    assert "_step_hook" not in sched.state_dict()  # the counter's hook stays out of checkpoints
+
+
+def test_stepping_with_the_optimizer_or_more_often_is_silent():
+    opt = LARS([torch.nn.Parameter(torch.ones(2, 2))], lr=10.0)
+    sched = WarmupDecayLR(opt, total_steps=20, warmup_steps=5)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(6):
+            opt.step()
+            sched.step()
+        sched.step()  # a scheduler step with no optimizer step between (a skipped AMP step)
+        loaded = WarmupDecayLR(opt, total_steps=20, warmup_steps=5)
+        loaded.load_state_dict(weights_only_round_trip(sched.state_dict()))
+        opt.step()
+        loaded.step()  # the loaded scheduler still counts this optimizer's steps
+    assert loaded.last_epoch == sched.last_epoch + 1
