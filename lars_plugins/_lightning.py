@@ -9,6 +9,7 @@ So the logic lives here in mixins, and each namespace module declares its two sm
 
 from __future__ import annotations
 
+import functools
 from typing import Any, Optional, Sequence
 
 from torch import nn
@@ -97,10 +98,10 @@ class TrustRatioCallbackMixin:
             suffix = f"_opt{index}" if index else ""
             self.monitors.append(TrustRatioMonitor(
                 pl_module, optimizer, per_layer=self.per_layer, summaries=self.summaries, metrics=self.metrics,
-                keep_history=False, on_record=lambda step, record, s=suffix: self._collect(record, s),
+                keep_history=False, on_record=functools.partial(self._collect, suffix),
             ))
 
-    def _collect(self, record: dict[str, float], suffix: str) -> None:
+    def _collect(self, suffix: str, step: int, record: dict[str, float]) -> None:
         if suffix:
             record = {(k.replace(STATS_SUFFIX + "/", f"{STATS_SUFFIX}{suffix}/") if STATS_SUFFIX + "/" in k else k): v
                       for k, v in record.items()}

@@ -6,8 +6,11 @@ import argparse
 from pathlib import Path
 from typing import Optional, Sequence
 
+__all__ = ["main", "build_parser"]
+
 
 def build_parser() -> argparse.ArgumentParser:
+    """The ``lars-plugins`` parser, with its ``demo`` and ``plot`` commands."""
     from . import __version__
     from .demo import job as demo
 
@@ -56,6 +59,7 @@ def _plot(args: argparse.Namespace) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
+    """The ``lars-plugins`` entry point; returns the exit status."""
     parser = build_parser()
     args = parser.parse_args(argv)
     if args.command is None:  # bare `lars-plugins`: what it can do

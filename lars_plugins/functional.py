@@ -21,7 +21,7 @@ from __future__ import annotations
 import functools
 import math
 from collections import defaultdict
-from typing import Callable, Hashable, Iterable, Optional, Sequence, TypeVar, Union
+from typing import Callable, Hashable, Iterable, Optional, Sequence, TypeVar, Union, cast
 
 import torch
 from torch import Tensor
@@ -30,6 +30,7 @@ __all__ = ["lars", "trust_ratio", "lamb", "lamb_trust_ratio", "ratio_dtype"]
 
 Scalar = Union[float, Tensor]
 K = TypeVar("K", bound=Hashable)
+T = TypeVar("T")
 # (params, grads, dtype) -> (weight norms, grad norms), for one bucket; NormsFn also takes the bucket's indices.
 BucketNormsFn = Callable[[Sequence[Tensor], Sequence[Tensor], torch.dtype], tuple[Tensor, Tensor]]
 NormsFn = Callable[[Sequence[int], Sequence[Tensor], Sequence[Tensor], torch.dtype], tuple[Tensor, Tensor]]
@@ -117,7 +118,7 @@ def lars(
                 [params[i] for i in idx],
                 [grads[i] for i in idx],
                 bufs,
-                [trust_ratios[i] for i in idx] if adapted else None,
+                pick(trust_ratios, idx) if adapted else None,
                 lr=lr,
                 momentum=momentum,
                 dampening=dampening,
@@ -150,6 +151,12 @@ def _indices_by(keys: Iterable[K]) -> dict[K, list[int]]:
     return groups
 
 
+def pick(items: Sequence[Optional[T]], indices: Iterable[int]) -> list[T]:
+    """``items[j]`` for each ``j`` in ``indices``, which the caller chose among the present ones
+    (the slots of adapted parameters, the views of pieces this rank holds)."""
+    return [cast(T, items[j]) for j in indices]
+
+
 def _buckets(tensors: Sequence[Tensor]) -> dict[tuple[torch.device, torch.dtype], list[int]]:
     """Indices of ``tensors`` grouped by (device, dtype), the unit of a foreach kernel (and of
     torch's ``_group_tensors_by_device_and_dtype``): the one grouping every step and the monitor use."""
@@ -179,8 +186,8 @@ def _ratios(
     if norms is not None:
         w_norms, g_norms = norms(params, grads, dtype)
     else:
-        w_norms = torch.stack(torch._foreach_norm(params, 2, dtype=dtype))
-        g_norms = torch.stack(torch._foreach_norm(grads, 2, dtype=dtype))
+        w_norms = torch.stack(torch._foreach_norm(list(params), 2, dtype=dtype))
+        g_norms = torch.stack(torch._foreach_norm(list(grads), 2, dtype=dtype))
     if norms_out is not None:
         norms_out[:] = list(zip(w_norms.unbind(), g_norms.unbind()))
     ratios = trust_ratio(
@@ -277,7 +284,7 @@ def _host_lars(params: list[Tensor], grads: list[Tensor], momentum_buffers: list
             # torch's fused SGD kernel (one pass over w, g and buf) computes d' = ±g + decay·w and
             # buf = m·buf + (1 - dampening')·d', w -= lr'·(buf or d'). With dampening' =
             # 1 - (1 - dampening)·ratio, or lr' = lr·ratio without momentum, that is LARS exactly.
-            torch._fused_sgd_([w], [g], [buf] if momentum != 0 else [], weight_decay=decay,
+            torch._fused_sgd_([w], [g], [buf] if momentum != 0 and buf is not None else [], weight_decay=decay,
                               momentum=momentum, lr=lr if momentum != 0 else lr * ratio,
                               dampening=1.0 - damped * ratio, nesterov=False, maximize=maximize,
                               is_first_step=False)
@@ -441,7 +448,7 @@ def _multi_tensor_lars(
         return
     old = [i for i, buf in enumerate(momentum_buffers) if buf is not None]
     if old:
-        old_bufs = [momentum_buffers[i] for i in old]
+        old_bufs = pick(momentum_buffers, old)
         damped = scaled(1.0 - dampening)
         torch._foreach_mul_(old_bufs, momentum)
         _foreach_axpy_(old_bufs, [u[i] for i in old], None if damped is None else [damped[i] for i in old],
@@ -572,10 +579,10 @@ def lamb(
                 w_norms = torch.stack(torch._foreach_norm(bucket, 2, dtype=dtype))
                 u_norms = torch.stack(torch._foreach_norm(u, 2, dtype=dtype))
             if weight_norms_out is not None:
-                for i, w_norm in zip(idx, w_norms.unbind()):
-                    weight_norms_out[i] = w_norm
+                for i, norm in zip(idx, w_norms.unbind()):
+                    weight_norms_out[i] = norm
             ratios = lamb_trust_ratio(w_norms, u_norms, weight_norm_bounds=weight_norm_bounds, trust_clip=trust_clip)
-            torch._foreach_copy_([trust_ratios[i] for i in idx], list(ratios.unbind()))
+            torch._foreach_copy_(pick(trust_ratios, idx), list(ratios.unbind()))
             _foreach_or_loop_axpy_(bucket, u, (ratios * -lr).unbind(), -lr, use_foreach)
 
 

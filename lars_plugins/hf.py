@@ -24,7 +24,7 @@ import inspect
 import math
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Optional, Union, get_args, get_origin
+from typing import Any, Callable, Optional, Union, get_args, get_origin
 
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
@@ -46,7 +46,7 @@ __all__ = [
 ]
 
 MONITOR_MODES = ("off", "summary", "per_layer", "all")
-_HF_DEFAULT_OPTIM = TrainingArguments.__dataclass_fields__["optim"].default
+_HF_DEFAULT_OPTIM: Any = TrainingArguments.__dataclass_fields__["optim"].default
 
 
 def _optim_name(optim: Any) -> str:
@@ -214,21 +214,29 @@ class LarsTrainerMixin:
     Trainer unchanged.
     """
 
+    # Provided by the Trainer this is mixed into (declared for type checkers only).
+    args: Any
+    model: Any
+    state: Any
+    optimizer: Any
+    optimizer_cls_and_kwargs: Any
+    add_callback: Callable[[Any], None]
+
     def __init__(self, *args: Any, **kwargs: Any) -> None:
-        super().__init__(*args, **kwargs)  # type: ignore[call-arg]
+        super().__init__(*args, **kwargs)
         self.lars_trust_monitor: Optional[TrustRatioMonitor] = None
         self._lars_pending: Optional[tuple[int, dict[str, float]]] = None
-        self.add_callback(_ArmOnLoggingSteps(self))  # type: ignore[attr-defined]
+        self.add_callback(_ArmOnLoggingSteps(self))
 
     def create_optimizer(self, model: Optional[torch.nn.Module] = None) -> torch.optim.Optimizer:
-        args = self.args  # type: ignore[attr-defined]
-        if self.optimizer is None and is_ours(args.optim) and self.optimizer_cls_and_kwargs is None:  # type: ignore[attr-defined]
-            opt_model = self.model if model is None else model  # type: ignore[attr-defined]
+        args = self.args
+        if self.optimizer is None and is_ours(args.optim) and self.optimizer_cls_and_kwargs is None:
+            opt_model = self.model if model is None else model
             self.optimizer = optimizer_class(args)(**lars_optimizer_kwargs(args, opt_model))
         optimizer = super().create_optimizer(model)  # type: ignore[misc]
         mode = getattr(args, "lars_monitor", "summary")
         if mode != "off" and self.lars_trust_monitor is None:
-            opt_model = self.model if model is None else model  # type: ignore[attr-defined]
+            opt_model = self.model if model is None else model
             self.lars_trust_monitor = TrustRatioMonitor(
                 opt_model, optimizer, per_layer=mode in ("per_layer", "all"), summaries=mode in ("summary", "all"),
                 keep_history=False, on_record=self._lars_recorded,
@@ -240,7 +248,7 @@ class LarsTrainerMixin:
 
     def log(self, logs: dict[str, float], *args: Any, **kwargs: Any) -> None:
         """The Trainer's ``log``, with the trust ratios recorded at this step merged in (training logs only)."""
-        pending, step = self._lars_pending, self.state.global_step  # type: ignore[attr-defined]
+        pending, step = self._lars_pending, self.state.global_step
         if pending is not None and pending[0] == step and "loss" in logs:
             logs = {**logs, **pending[1]}
             self._lars_pending = None

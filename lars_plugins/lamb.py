@@ -11,7 +11,7 @@ from torch.optim.optimizer import ParamsT
 
 from .base import LayerwiseOptimizer, flag, learning_rate, pair, real
 from .distributed import ShardedNorms, is_dtensor, to_local
-from .functional import _foreach_or_loop_axpy_, lamb, lamb_directions, lamb_trust_ratio, ratio_dtype
+from .functional import _foreach_or_loop_axpy_, lamb, lamb_directions, lamb_trust_ratio, pick, ratio_dtype
 from .layouts import FlatLayout
 
 __all__ = ["LAMB", "LAMB_VARIANTS"]
@@ -112,7 +112,12 @@ class LAMB(LayerwiseOptimizer):
     def _step_group(self, group: dict[str, Any], where: str) -> None:
         # Parameters are bucketed by their step count (usually one bucket: all stepped together).
         by_step: dict[float, list[int]] = defaultdict(list)
-        params, grads, exp_avgs, exp_avg_sqs, ratios, excluded = [], [], [], [], [], []
+        params: list[Tensor] = []
+        grads: list[Tensor] = []
+        exp_avgs: list[Tensor] = []
+        exp_avg_sqs: list[Tensor] = []
+        ratios: list[Optional[Tensor]] = []
+        excluded: list[bool] = []
         for p in group["params"]:
             if p.grad is None:
                 continue
@@ -126,13 +131,13 @@ class LAMB(LayerwiseOptimizer):
             ratios.append(None if excluded[-1] else self._trust_ratio_slot(p))
         if not params:
             return
-        for step, idx in sorted(by_step.items()):
+        for count, idx in sorted(by_step.items()):
             owners = [params[i] for i in idx]
             norms = ShardedNorms(owners, where=where) if any(is_dtensor(p) for p in owners) else None
             taken: Optional[list] = [None] * len(idx) if self._norm_sink is not None else None
             lamb([to_local(params[i]) for i in idx], [to_local(grads[i]) for i in idx],
                  [to_local(exp_avgs[i]) for i in idx], [to_local(exp_avg_sqs[i]) for i in idx],
-                 [ratios[i] for i in idx], excluded=[excluded[i] for i in idx], step=step, lr=group["lr"],
+                 [ratios[i] for i in idx], excluded=[excluded[i] for i in idx], step=count, lr=group["lr"],
                  weight_decay=group["weight_decay"], weight_norm_bounds=group["weight_norm_bounds"],
                  trust_clip=group["trust_clip"], foreach=group["foreach"], norms=norms, weight_norms_out=taken,
                  **self._hyper(group))
@@ -164,8 +169,8 @@ class LAMB(LayerwiseOptimizer):
         for adapted_part in (True, False):
             part = [j for j in kept if adapted[layout.pieces[j].layer] == adapted_part]
             if part:
-                u = lamb_directions([values[j] for j in part], [grad_views[j] for j in part],
-                                    [m_views[j] for j in part], [v_views[j] for j in part], step=step,
+                u = lamb_directions(pick(values, part), pick(grad_views, part), pick(m_views, part),
+                                    pick(v_views, part), step=step,
                                     weight_decay=group["weight_decay"] if adapted_part else 0.0,
                                     foreach=use_foreach, **self._hyper(group))
                 for j, direction in zip(part, u):
@@ -185,4 +190,4 @@ class LAMB(LayerwiseOptimizer):
             per_piece = torch.where(layout.constant([adapted[layout.pieces[j].layer] for j in kept], device),
                                     ratios[layout.constant([layout.pieces[j].layer for j in kept], device)], 1.0)
             scale = list((per_piece * -lr).unbind())
-        _foreach_or_loop_axpy_([values[j] for j in kept], [directions[j] for j in kept], scale, -lr, use_foreach)
+        _foreach_or_loop_axpy_(pick(values, kept), pick(directions, kept), scale, -lr, use_foreach)

@@ -31,6 +31,7 @@ import torch
 from torch import Tensor
 
 from .distributed import is_dtensor
+from .functional import pick
 
 __all__ = ["Layer", "Piece", "FlatLayout"]
 
@@ -133,7 +134,7 @@ class FlatLayout:
         squares = torch.zeros(len(self.pieces), dtype=dtype, device=device)
         kept = [j for j, piece in enumerate(self.pieces) if piece.numel and pieces[j] is not None]
         if kept:
-            local = torch.stack(torch._foreach_norm([pieces[j] for j in kept], 2, dtype=dtype)).square()
+            local = torch.stack(torch._foreach_norm(pick(pieces, kept), 2, dtype=dtype)).square()
             squares.index_copy_(0, self.constant(kept, device), local)
         return squares
 
@@ -304,7 +305,9 @@ def _zero12_layout(tensors: list[Tensor], candidates: list[Tensor], where: str) 
     zero norms that nobody uses, which keeps the collective the same on ranks holding no piece.
     """
     storages = {t.untyped_storage().data_ptr(): i for i, t in enumerate(tensors)}
-    layers, pieces, groups = [], [], {}
+    layers: list[Layer] = []
+    pieces: list[Piece] = []
+    groups: dict[int, tuple[Any, list[int]]] = {}
     for index, param in enumerate(candidates):
         layers.append(Layer(param, layer_shape(param)))
         if hasattr(param, "_hp_mapping") and not hasattr(param, "_dp_group"):
@@ -337,7 +340,8 @@ def _zero3_layout(tensors: list[Tensor], z3: Any, where: str) -> FlatLayout:
     flats = getattr(z3, "fp32_partitioned_groups_flat", [])
     group = getattr(z3, "dp_process_group", None)
     rank = dist.get_rank(group=group)
-    layers, pieces = [], []
+    layers: list[Layer] = []
+    pieces: list[Piece] = []
     for t_index, tensor in enumerate(tensors):
         sub = next((i for i, flat in enumerate(flats) if flat is tensor), None)
         if sub is None:

@@ -272,7 +272,7 @@ class TrustRatioMonitor:
         # Gradient norms the optimizer did not hand over (all of them for LAMB, whose ratio uses ‖u‖),
         # in one reduction: under FSDP2 one collective per mesh dimension for all of them.
         missing = [p for p, (_, g) in handed.items() if g is None] + params
-        grad_norms = dict(zip(missing, _norms([p.grad for p in missing]))) if missing else {}
+        grad_norms = dict(zip(missing, _norms([p.grad for p in missing if p.grad is not None]))) if missing else {}
         for p, (w, g) in handed.items():
             w, g = (t if isinstance(t, Tensor) else torch.tensor(t, dtype=torch.float64)
                     for t in (w, grad_norms[p] if g is None else g))
@@ -390,8 +390,8 @@ def _norms(tensors: Sequence[Tensor]) -> list[Tensor]:
         return list(norms.unbind())
     out: list[Tensor] = [tensors[0]] * len(tensors)  # every slot is filled below
     for (_, dtype), idx in _buckets(tensors).items():
-        norms = torch._foreach_norm([tensors[i] for i in idx], 2, dtype=ratio_dtype(dtype))
-        for i, n in zip(idx, norms):
+        bucket_norms = torch._foreach_norm([tensors[i] for i in idx], 2, dtype=ratio_dtype(dtype))
+        for i, n in zip(idx, bucket_norms):
             out[i] = n
     return out
 

@@ -10,7 +10,7 @@ from torch.optim.optimizer import ParamsT
 
 from .base import LayerwiseOptimizer, flag, learning_rate, real
 from .distributed import ShardedNorms, is_dtensor, like_param, to_local
-from .functional import lars, ratio_dtype, trust_ratio
+from .functional import lars, pick, ratio_dtype, trust_ratio
 from .layouts import FlatLayout
 
 __all__ = ["LARS", "VARIANTS"]
@@ -184,7 +184,7 @@ class LARS(LayerwiseOptimizer):
             self._norm_sink.update((p, pair) for p, pair in zip(owners, taken) if pair is not None)
         if group["momentum"] != 0:
             for p, buf, new in zip(owners, buffers, new_buffer):
-                if new:  # an existing buffer was updated in place (a DTensor's local shard too)
+                if new and buf is not None:  # an existing buffer was updated in place (a DTensor's shard too)
                     self.state[p]["momentum_buffer"] = like_param(buf, p)
 
     def _step_flat(self, group: dict[str, Any], layout: FlatLayout) -> None:
@@ -221,7 +221,7 @@ class LARS(LayerwiseOptimizer):
                 where = layout.constant(list(idx), device)
                 return piece_w.index_select(0, where), piece_g.index_select(0, where)
         scratch = list(torch.empty(len(pieces), dtype=dtype, device=device).unbind())
-        lars([values[j] for j in kept], [grad_views[j] for j in kept], piece_buffers,
+        lars(pick(values, kept), pick(grad_views, kept), piece_buffers,
              [r if a else None for r, a in zip(scratch, adapt)], excluded=[not a for a in adapt],
              lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
              weight_decay=group["weight_decay"], nesterov=group["nesterov"],
@@ -235,6 +235,7 @@ class LARS(LayerwiseOptimizer):
                     flat = torch.zeros_like(tensor, memory_format=torch.contiguous_format)
                     flat_views = layout.views([flat if k == t_index else None for k in range(len(tensors))])
                     for j, buf in zip(kept, piece_buffers):
-                        if flat_views[j] is not None:
-                            flat_views[j].copy_(buf)
+                        view = flat_views[j]
+                        if view is not None and buf is not None:
+                            view.copy_(buf)
                     self.state[tensor]["momentum_buffer"] = flat

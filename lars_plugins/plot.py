@@ -19,9 +19,11 @@ functions are safe in scripts, servers and tests.
 
 from __future__ import annotations
 
+import contextlib
 import math
+import warnings
 from pathlib import Path
-from typing import Any, Optional, Union
+from typing import Any, Callable, Iterator, Optional, Union
 
 from .groups import block_ids
 from .history import STATS_SUFFIX, TrustRatioHistory, _file_kind
@@ -133,18 +135,12 @@ def _deviation(logs: Any) -> Any:
     return np.nan_to_num(np.abs(logs - median), nan=-1.0)
 
 
-class _quiet_nan_warnings:
+@contextlib.contextmanager
+def _quiet_nan_warnings() -> Iterator[None]:
     """numpy warns about all-NaN slices (a layer never recorded); that is expected here."""
-
-    def __enter__(self) -> None:
-        import warnings
-
-        self._context = warnings.catch_warnings()
-        self._context.__enter__()
+    with warnings.catch_warnings():
         warnings.simplefilter("ignore", RuntimeWarning)
-
-    def __exit__(self, *exc: object) -> None:
-        self._context.__exit__(*exc)
+        yield
 
 
 def _extremes(logs: Any, deviation: Any, starts: Any, axis: int) -> tuple[Any, Any]:
@@ -382,7 +378,7 @@ def plot_bars(history: HistoryLike, metric: str = "trust_ratio", *, step: Option
     ax.set_ylim(len(shown) - 0.5, -0.5)
     if norms:
         for yi, (name, v) in zip(y, shown):
-            w, g = norms["weight_norm"].get(name), norms["grad_norm"].get(name)  # type: ignore[index]
+            w, g = norms["weight_norm"].get(name), norms["grad_norm"].get(name)
             if w is not None and g is not None:
                 ax.annotate(f" ‖w‖ {w:.3g}  ‖g‖ {g:.2g}", (v, yi), va="center", fontsize=6)
     ax.set_xlabel(_label(metric) + " (log scale)")
@@ -437,7 +433,8 @@ def save_plot(history: HistoryLike, path: Union[str, Path], *, kind: str = "repo
     if kind == "report":
         fig = plot_report(history, metric, title=title)
     else:
-        ax = {"heatmap": plot_heatmap, "lines": plot_lines, "bars": plot_bars}[kind](history, metric)
+        draws: dict[str, Callable[..., Any]] = {"heatmap": plot_heatmap, "lines": plot_lines, "bars": plot_bars}
+        ax = draws[kind](history, metric)
         fig = ax.figure
         if title:
             ax.set_title(title)

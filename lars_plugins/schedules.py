@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Any, Optional
+from typing import Any, Optional, cast
 
 from torch.optim import Optimizer
 from torch.optim.lr_scheduler import LambdaLR
@@ -81,7 +81,7 @@ class WarmupDecayLR(LambdaLR):
         steps = getattr(self, "_optimizer_steps", 0)  # the constructor's initial step comes before the counter
         if steps > 1 and not self._warned_slow_stepping:
             self._warned_slow_stepping = True
-            schedule = self.lr_lambdas[0]
+            schedule = cast(WarmupDecay, self.lr_lambdas[0])
             warnings.warn(
                 f"WarmupDecayLR was stepped once for {steps} optimizer steps, but its total_steps="
                 f"{schedule.total_steps} and warmup_steps={schedule.warmup_steps} count its own steps, so "

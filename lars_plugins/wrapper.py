@@ -23,7 +23,7 @@ from torch.optim import Optimizer
 
 from .base import FOREIGN_KEYS, LayerwiseOptimizer, evaluate, flag, real
 from .distributed import ShardedNorms, is_dtensor, to_local
-from .functional import _buckets, _host_norm, _host_scalars, _host_trust_ratio, ratio_dtype, trust_ratio
+from .functional import _buckets, _host_norm, pick, _host_scalars, _host_trust_ratio, ratio_dtype, trust_ratio
 from .layouts import FlatLayout, layer_shape
 
 __all__ = ["Layerwise", "centralize_gradients_"]
@@ -251,7 +251,7 @@ class Layerwise(LayerwiseOptimizer):
                     if piece.numel and old_views[j] is not None and adapted[piece.layer]]
             if kept:
                 piece_ratios = ratios[layout.constant([layout.pieces[j].layer for j in kept], device)]
-                _add_scaled_([values[j] for j in kept], [old_views[j] for j in kept], 1.0 - piece_ratios)
+                _add_scaled_(pick(values, kept), pick(old_views, kept), 1.0 - piece_ratios)
 
         return rescale
 
@@ -273,9 +273,9 @@ class Layerwise(LayerwiseOptimizer):
             if p.grad is None or len(layer_shape(p)) <= 1:
                 continue
             if is_dtensor(p) and any(not (pl.is_replicate() or (pl.is_shard() and pl.dim == 0))
-                                     for pl in p.placements):  # type: ignore[attr-defined]
+                                     for pl in p.placements):
                 raise ValueError(f"{where}centralize_gradients needs each gradient's rows whole on a rank; a "
-                                 f"parameter has placements {p.placements}")  # type: ignore[attr-defined]
+                                 f"parameter has placements {p.placements}")
             grads.append(to_local(p.grad))
         centralize_gradients_(grads)
 

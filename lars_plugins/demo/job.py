@@ -36,6 +36,9 @@ from ..optim import LARS
 from ..schedules import WarmupDecayLR
 from ..recipes import Recipe, evaluate, lars_sqrt_lr, mlp_bn, sgd_linear_lr, train
 
+__all__ = ["Digits", "accuracy", "add_arguments", "load_digits", "main", "make_lars", "make_sgd", "run_digits_demo",
+           "run_fashion_demo", "small_cnn", "verdict"]
+
 BASE_BATCH = 32
 BASE_SGD_LR = 0.05  # a good SGD learning rate for this model at batch 32
 
@@ -86,12 +89,14 @@ def make_sgd(model: nn.Module, batch_size: int, weight_decay: float) -> torch.op
 
 
 def make_lars(model: nn.Module, lr: float, weight_decay: float, trust_coefficient: float) -> torch.optim.Optimizer:
+    """LARS with momentum 0.9, biases and BatchNorm excluded and undecayed."""
     return LARS(param_groups(model, weight_decay=weight_decay), lr=lr, momentum=0.9,
                 trust_coefficient=trust_coefficient)
 
 
 @torch.no_grad()
 def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
+    """Top-1 accuracy in eval mode (the model is put back in train mode)."""
     model.eval()
     correct = (model(x).argmax(1) == y).float().mean().item()
     model.train()
@@ -239,7 +244,8 @@ def run_digits_demo(
             opt = make_lars(model, lars_lr, weight_decay, trust_coefficient)
         else:
             opt = make_sgd(model, batch_size, weight_decay)
-        sched = WarmupDecayLR(opt, total_steps=epochs * steps_per_epoch, decay="poly")  # the paper's (1 - t/T)^2
+        sched: torch.optim.lr_scheduler.LRScheduler = WarmupDecayLR(  # the paper's (1 - t/T)^2
+            opt, total_steps=epochs * steps_per_epoch, decay="poly")
         runs[name] = (model, opt, sched)
     monitor = TrustRatioMonitor(runs["LARS"][0], runs["LARS"][1], every_n_steps=1, metrics=("trust_ratio",
                                 "weight_norm", "grad_norm"))
@@ -312,6 +318,7 @@ def _checked(kind: type, low: float, open_low: bool) -> Callable[[str], float]:
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """The ``lars-plugins demo`` options."""
     positive_int, positive, non_negative = _checked(int, 1, False), _checked(float, 0, True), _checked(float, 0, False)
     parser.add_argument("--data", choices=("auto", "fashion-mnist", "digits"), default="auto",
                         help="auto (default): Fashion-MNIST when a copy is found or can be downloaded, else the "
@@ -345,6 +352,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def main(args: Optional[argparse.Namespace] = None) -> dict[str, list[float]]:
+    """Run the demo with parsed options (or the defaults); test accuracy per epoch of each run."""
     if args is None:
         parser = argparse.ArgumentParser()
         add_arguments(parser)
