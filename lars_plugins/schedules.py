@@ -62,8 +62,9 @@ class WarmupDecayLR(LambdaLR):
 
     ``total_steps`` and ``warmup_steps`` count this scheduler's steps. A scheduler stepped less often
     than its optimizer (LightningCLI's default, once per epoch) would stay in warm-up for
-    ``warmup_steps`` epochs and never decay within the run; that is detected: the first time it is
-    stepped after more than one optimizer step it warns (once), saying how to step it per step.
+    ``warmup_steps`` epochs and never decay within the run; that is detected: when two steps in a row
+    each come after more than one optimizer step (a cadence, not one late start as under
+    ``SequentialLR``), it warns, once, saying how to step it per step.
     """
 
     def __init__(self, optimizer: Optimizer, total_steps: int, warmup_steps: int = 0, decay: str = "cosine",
@@ -71,6 +72,7 @@ class WarmupDecayLR(LambdaLR):
         super().__init__(optimizer, WarmupDecay(total_steps, warmup_steps, decay, power, min_lr_ratio),
                          last_epoch=last_epoch)
         self._optimizer_steps = 0  # optimizer steps since this scheduler's last step
+        self._slow_steps_in_a_row = 0  # scheduler steps in a row that each followed several optimizer steps
         self._warned_slow_stepping = False
         self._step_hook = optimizer.register_step_post_hook(self._count_optimizer_step)
 
@@ -79,7 +81,9 @@ class WarmupDecayLR(LambdaLR):
 
     def step(self, epoch: Optional[int] = None) -> None:
         steps = getattr(self, "_optimizer_steps", 0)  # the constructor's initial step comes before the counter
-        if steps > 1 and not self._warned_slow_stepping:
+        slow = steps > 1 and epoch is None  # an explicit epoch is a jump, not a cadence
+        self._slow_steps_in_a_row = getattr(self, "_slow_steps_in_a_row", 0) + 1 if slow else 0
+        if self._slow_steps_in_a_row >= 2 and not self._warned_slow_stepping:
             self._warned_slow_stepping = True
             schedule = cast(WarmupDecay, self.lr_lambdas[0])
             warnings.warn(

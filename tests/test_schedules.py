@@ -80,9 +80,10 @@ def test_stepping_less_often_than_the_optimizer_warns_once():
     opt = LARS([torch.nn.Parameter(torch.ones(2, 2))], lr=10.0)
     sched = WarmupDecayLR(opt, total_steps=20, warmup_steps=5)
     with pytest.warns(UserWarning, match="stepped once for 3 optimizer steps.*total_steps=20.*interval='step'"):
-        for _ in range(3):
-            opt.step()
-        sched.step()
+        for _ in range(2):  # a cadence: twice in a row
+            for _ in range(3):
+                opt.step()
+            sched.step()
     with warnings.catch_warnings():
         warnings.simplefilter("error")  # once is enough
         for _ in range(3):
@@ -105,3 +106,18 @@ def test_stepping_with_the_optimizer_or_more_often_is_silent():
         opt.step()
         loaded.step()  # the loaded scheduler still counts this optimizer's steps
     assert loaded.last_epoch == sched.last_epoch + 1
+
+
+def test_a_scheduler_started_late_by_sequential_lr_is_not_mistaken_for_slow_stepping():
+    opt = LARS([torch.nn.Parameter(torch.ones(2, 2))], lr=10.0)
+    first = torch.optim.lr_scheduler.ConstantLR(opt, factor=0.5, total_iters=3)
+    second = WarmupDecayLR(opt, total_steps=6, decay="linear")  # idle for 3 optimizer steps, then started
+    both = torch.optim.lr_scheduler.SequentialLR(opt, [first, second], milestones=[3])
+    lrs = []
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        for _ in range(8):
+            lrs.append(opt.param_groups[0]["lr"])
+            opt.step()
+            both.step()
+    assert lrs == pytest.approx([5.0, 5.0, 5.0] + [10.0 * (1 - t / 6) for t in range(5)])
