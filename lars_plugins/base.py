@@ -121,7 +121,7 @@ FOREIGN_KEYS: dict[str, ForeignKey] = {
                                "always_adapt=True is exclude_bias_and_norm=False"),
     "clamp_value": ForeignKey("weight_norm_bounds", "pytorch-optimizer", lambda value: (0.0, value),
                               "clamp_value=c is weight_norm_bounds=(0, c)"),
-    "lars_exclude": ForeignKey("exclude", "lars_plugins 0.1"),
+    "lars_exclude": ForeignKey("exclude", "pre-release lars_plugins"),
     # Name patterns or predicates elsewhere; here exclusion is a per-group bool (see param_groups).
     "exclude_from_adaptation": ForeignKey("exclude", "BYOL/VICReg recipes", None),
     "lars_adaptation_filter": ForeignKey("exclude", "SimCLR", None),

@@ -491,7 +491,7 @@ def test_every_foreign_name_in_a_group_is_refused_with_ours(foreign, ours):
 
 
 def test_checkpoint_keys_of_other_names_are_translated_on_load():
-    """A lars_plugins 0.1 checkpoint (group key ``lars_exclude``) and timm's names load as ours."""
+    """A checkpoint of a pre-release lars_plugins (group key ``lars_exclude``) and timm's names load as ours."""
     w, b = nn.Parameter(torch.randn(3, 2)), nn.Parameter(torch.randn(3))
     saved = LARS([{"params": [w]}, {"params": [b]}]).state_dict()
     saved["param_groups"][0].update(lars_exclude=True, trust_coeff=0.02)
