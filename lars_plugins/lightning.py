@@ -14,8 +14,6 @@ names built on that namespace's classes (LightningCLI accepts only its own names
 
 from __future__ import annotations
 
-from typing import Sequence
-
 try:
     import lightning.pytorch as _pl
     from lightning.pytorch.cli import LightningCLI as _CLI
@@ -23,7 +21,6 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
     raise ImportError('lars_plugins.lightning needs lightning: pip install "lars_plugins[lightning]"') from err
 
 from ._lightning import LarsCLIMixin, TrustRatioCallbackMixin, configure_lars
-from .history import METRICS
 from .optim import LARS
 from .schedules import WarmupDecayLR
 
@@ -31,19 +28,7 @@ __all__ = ["configure_lars", "TrustRatioCallback", "LarsCLI", "LARS", "WarmupDec
 
 
 class TrustRatioCallback(TrustRatioCallbackMixin, _pl.Callback):
-    """Per-layer trust ratios, norms and effective LRs to the Trainer's loggers, on its logging steps.
-
-    Args:
-        per_layer: log one value per parameter tensor and metric.
-        summaries: log ``{metric}_stats/min|median|max``.
-        metrics: which of ``trust_ratio``, ``effective_lr``, ``weight_norm``, ``grad_norm``.
-
-    How it hooks Lightning (steps, accumulation, AMP, several optimizers): :class:`TrustRatioCallbackMixin`.
-    """
-
-    def __init__(self, per_layer: bool = True, summaries: bool = True, metrics: Sequence[str] = METRICS) -> None:
-        # Declared here, typed, for LightningCLI's --trainer.callbacks.init_args.
-        super().__init__(per_layer=per_layer, summaries=summaries, metrics=metrics)
+    """Per-layer trust ratios to the Trainer's loggers on its logging steps (see the mixin for how)."""
 
 
 class LarsCLI(LarsCLIMixin, _CLI):
