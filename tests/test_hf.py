@@ -98,6 +98,15 @@ def test_timm_s_names_in_optim_args_are_read_as_the_timm_factory_reads_them():
         parse_optim_args("trust_coeff=0.02", "lamb")
 
 
+def test_our_arguments_with_transformers_own_trainer_fail_as_the_docs_say(tmp_path):
+    """docs/huggingface.md: swapping only the arguments class gives transformers' own error; the fix
+    is LarsTrainer (which builds LARS from the very same arguments)."""
+    args = make_args(tmp_path)
+    with pytest.raises(ValueError, match="unsupported optimizer: lars"):
+        Trainer(model=tiny_bert(), args=args, train_dataset=Tokens()).create_optimizer()
+    assert type(LarsTrainer(model=tiny_bert(), args=args, train_dataset=Tokens()).create_optimizer()) is LARS
+
+
 def test_layer_decay_with_a_transformers_optimizer_is_refused_not_ignored(tmp_path):
     with pytest.raises(ValueError, match="lars_layer_decay=0.8 with optim='adamw_torch'.*would be ignored"):
         make_args(tmp_path, optim="adamw_torch", lars_layer_decay=0.8)
