@@ -60,6 +60,24 @@ def like_param(local: Tensor, param: Tensor) -> Tensor:
                               shape=param.shape, stride=param.stride())
 
 
+_CONSTANTS: dict[Any, Tensor] = {}
+_MAX_CONSTANTS = 4096  # distinct (values, device, dtype); a run uses a handful, steady across steps
+
+
+def device_constant(values: Sequence[Any], device: torch.device, dtype: Optional[torch.dtype] = None) -> Tensor:
+    """``torch.tensor(values)`` on ``device``, made once per distinct ``values``: on an accelerator a
+    fresh one every step would be a host-to-device copy, which waits for the device, inside ``step()``.
+    Callers never write to it. ``values`` are of one type; the type is part of the key, since
+    ``(True, False) == (1, 0)``."""
+    key = (torch.device(device), dtype, type(values[0]) if values else None, tuple(values))
+    tensor = _CONSTANTS.get(key)
+    if tensor is None:
+        if len(_CONSTANTS) >= _MAX_CONSTANTS:
+            _CONSTANTS.pop(next(iter(_CONSTANTS)))  # the oldest
+        tensor = _CONSTANTS[key] = torch.tensor(values, dtype=dtype, device=device)
+    return tensor
+
+
 class ShardedNorms:
     """Exact whole-parameter L2 norms of a bucket of (possibly DTensor) parameters and gradients.
 
@@ -106,14 +124,15 @@ class ShardedNorms:
 
         local = torch.cat(list(squares))
         sets = len(squares)
-        replication = [self.replication[i] for i in indices]
-        divisor = torch.tensor(replication * sets, dtype=local.dtype, device=local.device)
-        squared = local / divisor
+        replication = [self.replication[i] for i in indices] * sets
+        # A replicated dimension would count its shard's square once per replica: divide that out first.
+        squared = local if all(r == 1.0 for r in replication) else \
+            local / device_constant(replication, local.device, local.dtype)
         mesh_of = [self.mesh_of[i] for i in indices] * sets
         for k in sorted(set(mesh_of) - {-1}):
             mesh = self.meshes[k]
             whole = all(m == k for m in mesh_of)
-            index = None if whole else torch.tensor([j for j, m in enumerate(mesh_of) if m == k], device=local.device)
+            index = None if whole else device_constant([j for j, m in enumerate(mesh_of) if m == k], local.device)
             part = squared if index is None else squared[index]
             for dim in range(mesh.ndim):  # one collective per mesh dimension for the whole bucket
                 dist.all_reduce(part, op=dist.ReduceOp.SUM, group=mesh.get_group(dim))

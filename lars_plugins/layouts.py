@@ -30,7 +30,7 @@ from typing import Any, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor
 
-from .distributed import is_dtensor
+from .distributed import device_constant, is_dtensor
 from .functional import pick
 
 __all__ = ["Layer", "Piece", "FlatLayout"]
@@ -67,18 +67,12 @@ class FlatLayout:
     pieces: list[Piece]
     reductions: list[tuple[Any, list[int]]]
     calls_per_step: int = 1  # step() calls per optimizer step (ZeRO-3: one per sub-group)
-    _constants: dict[Any, Tensor] = field(default_factory=dict, repr=False)  # constant(): tensors made once
     _plans: dict[Any, Any] = field(default_factory=dict, repr=False)  # views(): split plans per tensor
 
     def constant(self, values: Sequence[Any], device: torch.device, dtype: Optional[torch.dtype] = None) -> Tensor:
-        """``torch.tensor(values)`` on ``device``, made once per distinct ``values`` (no copy per step).
-
-        ``values`` are of one type; the type is part of the key, since ``(True, False) == (1, 0)``."""
-        key = (device, dtype, type(values[0]) if values else None, tuple(values))
-        tensor = self._constants.get(key)
-        if tensor is None:
-            tensor = self._constants[key] = torch.tensor(values, dtype=dtype, device=device)
-        return tensor
+        """``torch.tensor(values)`` on ``device``, made once per distinct ``values`` (no copy per step):
+        :func:`lars_plugins.distributed.device_constant`."""
+        return device_constant(values, device, dtype)
 
     def views(self, tensors: Sequence[Optional[Tensor]]) -> list[Optional[Tensor]]:
         """The pieces as 1-D views of the group's tensors (``None`` where the tensor is ``None``).

@@ -385,3 +385,15 @@ def test_deepspeed_shm_buffers_of_one_run_are_found_and_removed(tmp_path, monkey
     assert lars_distributed.deepspeed_shm_buffers() == {tmp_path / n for n in names[:3]}
     lars_distributed.remove_deepspeed_shm_buffers(29500)
     assert sorted(p.name for p in tmp_path.iterdir()) == names[2:]  # another port's run and others stay
+
+
+def test_device_constants_are_made_once_and_keep_their_type():
+    """The index and divisor vectors the sharded norms use every step come from one cache: on an
+    accelerator a fresh torch.tensor per step would be a host-to-device copy inside step()."""
+    a = lars_distributed.device_constant([1.0, 2.0], torch.device("cpu"))
+    assert lars_distributed.device_constant([1.0, 2.0], "cpu") is a
+    flags = lars_distributed.device_constant([True, False], torch.device("cpu"))
+    ints = lars_distributed.device_constant([1, 0], torch.device("cpu"))
+    assert flags.dtype == torch.bool and ints.dtype == torch.int64  # (True, False) == (1, 0), yet two keys
+    halves = lars_distributed.device_constant([1.0, 2.0], torch.device("cpu"), torch.float16)
+    assert halves.dtype == torch.float16 and halves is not a
