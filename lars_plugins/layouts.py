@@ -175,7 +175,7 @@ def _all_reduce(squared: Tensor, reductions: list[tuple[Any, list[int]]], n: int
         if len(layers) == n:  # the usual case: one process group for the whole layout
             dist.all_reduce(squared, op=dist.ReduceOp.SUM, group=group)
             continue
-        index = torch.tensor([k * n + i for k in range(sets) for i in layers], device=squared.device)
+        index = device_constant([k * n + i for k in range(sets) for i in layers], squared.device)
         part = squared[index]
         dist.all_reduce(part, op=dist.ReduceOp.SUM, group=group)
         squared[index] = part
