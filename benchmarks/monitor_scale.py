@@ -8,9 +8,9 @@ metrics and their summaries (what ``TrustRatioMonitor`` reports with its default
 ``TrustRatioHistory``, written to CSV, read back, and drawn with ``lars-plugins plot``. Each phase
 runs in a process of its own, which reports its wall time and its peak resident memory.
 
-Recording cost: a ViT-B/16 (timm, random init, 152 tensors) on the CPU, one step of LARS, LAMB and
-AdamW with and without a monitor attached, on steps it records and steps it does not (medians,
-interleaved).
+Recording cost: a ViT-B/16 (timm, random init, 152 tensors) on the CPU, one step of LARS, LAMB,
+AdamW and Layerwise(AdamW) with and without a monitor attached, on steps it records and steps it
+does not (medians, interleaved).
 """
 
 from __future__ import annotations
@@ -116,6 +116,8 @@ OPTIMIZERS = {
     "LAMB": lambda groups: __import__("lars_plugins").LAMB(groups, lr=1e-3),
     "AdamW": lambda groups: torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]}
                                                for g in groups], lr=1e-3),
+    "Layerwise(AdamW)": lambda groups: __import__("lars_plugins").Layerwise(
+        torch.optim.AdamW(groups, lr=1e-3), trust_coefficient=1.0),
 }
 
 

@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lars_plugins import LAMB, LARS, Layerwise, TrustRatioMonitor, centralize_gradients_, functional
+from lars_plugins import LAMB, LARS, Layerwise, TrustRatioMonitor, centralize_gradients_, functional, wrapper
 from checkpoints import weights_only_round_trip
 
 SHAPES = [(16, 8), (16,), (4, 3, 3), (4,)]  # weights are adapted, vectors excluded
@@ -69,7 +69,12 @@ def path(request, monkeypatch):
     """"cpu": norms and ratios as Python floats, one tensor at a time (the CPU path); "tensor": the
     accelerator path (0-d tensors, no host reads), forced here on CPU tensors."""
     if request.param == "tensor":
-        monkeypatch.setattr(functional, "_host_scalars", lambda device: False)
+        for module in (functional, wrapper):  # the bases' steps and the wrapper's rescaling
+            monkeypatch.setattr(module, "_host_scalars", lambda device: False)
+
+        def host_path(*_):
+            raise AssertionError("the CPU rescaling ran where the tensor path was asked for")
+        monkeypatch.setattr(Layerwise, "_rescale_on_host", host_path)
     return request.param
 
 
@@ -257,3 +262,27 @@ def test_one_copy_of_the_adapted_parameters_during_the_step_and_none_when_nothin
         opt.step()
         monkeypatch.setattr(torch.Tensor, "clone", real_clone)
         assert sorted(clones) == sorted(expected)
+
+
+def test_the_wrapper_hands_its_weight_norms_to_the_monitor(path, monkeypatch):
+    """On a recorded step the monitor takes ‖w‖ of adapted layers from the wrapper (which takes it
+    anyway) instead of a second pass, and the values are those of the weights before the step."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(4, 8), nn.LayerNorm(8), nn.Linear(8, 2))
+    opt = Layerwise(torch.optim.AdamW(model.parameters(), lr=1e-2), trust_coefficient=0.5)
+    monitor = TrustRatioMonitor(model, opt, every_n_steps=1)
+    model(torch.randn(3, 4)).sum().backward()
+    w = {n: p.detach().double().norm().item() for n, p in model.named_parameters()}  # before the step
+    g = {n: p.grad.double().norm().item() for n, p in model.named_parameters()}
+    adapted = {id(model[0].weight), id(model[2].weight)}
+    seen = []
+    real_norm = torch._foreach_norm
+    monkeypatch.setattr(torch, "_foreach_norm", lambda ts, *a, **k: seen.extend(map(id, ts)) or real_norm(ts, *a, **k))
+    opt.step()
+    for name in w:
+        assert monitor.latest[f"weight_norm/{name}"] == pytest.approx(w[name], rel=1e-6)
+        assert monitor.latest[f"grad_norm/{name}"] == pytest.approx(g[name], rel=1e-6)
+    if path == "cpu":  # there the wrapper's norms are BLAS dots: every foreach norm is the monitor's
+        assert not set(seen) & adapted
+    else:  # the wrapper's one pass over the adapted weights, none by the monitor
+        assert all(seen.count(i) == 1 for i in adapted)
