@@ -69,20 +69,21 @@ class WarmupDecayLR(LambdaLR):
 
     def __init__(self, optimizer: Optimizer, total_steps: int, warmup_steps: int = 0, decay: str = "cosine",
                  power: float = 2.0, min_lr_ratio: float = 0.0, last_epoch: int = -1) -> None:
-        super().__init__(optimizer, WarmupDecay(total_steps, warmup_steps, decay, power, min_lr_ratio),
-                         last_epoch=last_epoch)
+        # Before the base constructor, whose initial step() reads them.
         self._optimizer_steps = 0  # optimizer steps since this scheduler's last step
         self._slow_steps_in_a_row = 0  # scheduler steps in a row that each followed several optimizer steps
         self._warned_slow_stepping = False
+        super().__init__(optimizer, WarmupDecay(total_steps, warmup_steps, decay, power, min_lr_ratio),
+                         last_epoch=last_epoch)
         self._step_hook = optimizer.register_step_post_hook(self._count_optimizer_step)
 
     def _count_optimizer_step(self, optimizer: Optimizer, args: Any, kwargs: Any) -> None:
         self._optimizer_steps += 1
 
     def step(self, epoch: Optional[int] = None) -> None:
-        steps = getattr(self, "_optimizer_steps", 0)  # the constructor's initial step comes before the counter
+        steps = self._optimizer_steps
         slow = steps > 1 and epoch is None  # an explicit epoch is a jump, not a cadence
-        self._slow_steps_in_a_row = getattr(self, "_slow_steps_in_a_row", 0) + 1 if slow else 0
+        self._slow_steps_in_a_row = self._slow_steps_in_a_row + 1 if slow else 0
         if self._slow_steps_in_a_row >= 2 and not self._warned_slow_stepping:
             self._warned_slow_stepping = True
             schedule = cast(WarmupDecay, self.lr_lambdas[0])
