@@ -105,8 +105,10 @@ class ForeignKey:
     how: str = ""  # what the conversion is, for messages
 
 
-def _negated(value: Any) -> Any:
-    return (not value) if isinstance(value, bool) else value  # a non-bool is left for our check to refuse
+def _negated(value: Any) -> bool:
+    if not isinstance(value, bool):
+        raise TypeError(f"must be a bool, got {value!r}")
+    return not value
 
 
 # The one table of other libraries' names, read wherever keywords arrive: refused with our name in
@@ -151,7 +153,10 @@ def translate_foreign(keywords: Mapping[str, Any], accepted: Iterable[str], *, w
             raise TypeError(_foreign_message(where, name, foreign, owner))
         if foreign.ours in out:
             raise TypeError(f"{where}give {name!r} ({foreign.library}'s name) or {foreign.ours!r}, not both")
-        out[foreign.ours] = foreign.convert(out.pop(name))
+        try:
+            out[foreign.ours] = foreign.convert(out.pop(name))
+        except TypeError as error:  # named as the caller wrote it, not by our key
+            raise TypeError(f"{where}{name} {error}") from None
     return out
 
 
@@ -161,6 +166,10 @@ def evaluate(closure: Optional[Callable[[], float]]) -> Optional[float]:
         return None
     with torch.enable_grad():
         return closure()
+
+
+# The group keys of exclusion, which is_excluded() reads: every layer-wise optimizer declares them.
+EXCLUSION_KEYS: dict[str, Check] = {"exclude": flag(optional=True), "exclude_bias_and_norm": flag()}
 
 
 class LayerwiseOptimizer(Optimizer):

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from .base import LayerwiseOptimizer, flag, learning_rate, pair, real
+from .base import EXCLUSION_KEYS, LayerwiseOptimizer, flag, learning_rate, pair, real
 from .distributed import ShardedNorms, is_dtensor, to_local
 from .functional import _foreach_or_loop_axpy_, lamb, lamb_directions, lamb_trust_ratio, pick, ratio_dtype
 from .layouts import FlatLayout
@@ -66,8 +66,7 @@ class LAMB(LayerwiseOptimizer):
         "bias_correction": flag(),
         "weight_norm_bounds": pair(real(), optional=True, ordered=True),
         "trust_clip": flag(),
-        "exclude": flag(optional=True),
-        "exclude_bias_and_norm": flag(),
+        **EXCLUSION_KEYS,
         "maximize": flag(),
         "foreach": flag(optional=True),
     }

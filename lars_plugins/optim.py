@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from .base import LayerwiseOptimizer, flag, learning_rate, real
+from .base import EXCLUSION_KEYS, LayerwiseOptimizer, flag, learning_rate, real
 from .distributed import ShardedNorms, is_dtensor, like_param, to_local
 from .functional import lars, pick, ratio_dtype, trust_ratio
 from .layouts import FlatLayout
@@ -82,8 +82,7 @@ class LARS(LayerwiseOptimizer):
         "trust_coefficient": real(low_open=True),
         "eps": real(),
         "trust_clip": flag(),
-        "exclude": flag(optional=True),
-        "exclude_bias_and_norm": flag(),
+        **EXCLUSION_KEYS,
         "maximize": flag(),
         "foreach": flag(optional=True),
     }

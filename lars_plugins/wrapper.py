@@ -21,7 +21,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .base import FOREIGN_KEYS, LayerwiseOptimizer, evaluate, flag, real
+from .base import EXCLUSION_KEYS, FOREIGN_KEYS, LayerwiseOptimizer, evaluate, flag, real
 from .distributed import ShardedNorms, is_dtensor, to_local
 from .functional import _buckets, _host_norm, pick, _host_scalars, _host_trust_ratio, ratio_dtype, trust_ratio
 from .layouts import FlatLayout, layer_shape
@@ -71,8 +71,7 @@ class Layerwise(LayerwiseOptimizer):
         "trust_coefficient": real(low_open=True),
         "trust_eps": real(),
         "trust_clip": flag(),
-        "exclude": flag(optional=True),
-        "exclude_bias_and_norm": flag(),
+        **EXCLUSION_KEYS,
         "centralize_gradients": flag(),
     }
     LOADED_DEFAULTS = {"exclude": None, "exclude_bias_and_norm": True, "trust_clip": False,

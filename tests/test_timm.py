@@ -134,6 +134,8 @@ def test_timm_keyword_names():
     assert all(not LARS.is_excluded(g, p) for g in opt.param_groups for p in g["params"])
     with pytest.raises(TypeError, match="trust_coeff"):
         create(model, opt="lars", trust_coeff=0.02, trust_coefficient=0.01)
+    with pytest.raises(TypeError, match="always_adapt must be a bool, got 'yes'"):
+        create(model, opt="lars", always_adapt="yes")
 
 
 @pytest.mark.parametrize("name,kwargs,lr,eta,steps", [
