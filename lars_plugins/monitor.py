@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Any, Callable, Iterable, Optional, Sequence, Union
+from typing import Any, Callable, Iterable, Optional, Sequence, Union, cast
 
 import torch
 from torch import Tensor, nn
@@ -272,7 +272,8 @@ class TrustRatioMonitor:
         # Gradient norms the optimizer did not hand over (all of them for LAMB, whose ratio uses ‖u‖),
         # in one reduction: under FSDP2 one collective per mesh dimension for all of them.
         missing = [p for p, (_, g) in handed.items() if g is None] + params
-        grad_norms = dict(zip(missing, _norms([p.grad for p in missing if p.grad is not None]))) if missing else {}
+        # Every one has a gradient (both lists were filtered on it): cast, not filter, so nothing can shift.
+        grad_norms = dict(zip(missing, _norms([cast(Tensor, p.grad) for p in missing]))) if missing else {}
         for p, (w, g) in handed.items():
             w, g = (t if isinstance(t, Tensor) else torch.tensor(t, dtype=torch.float64)
                     for t in (w, grad_norms[p] if g is None else g))
