@@ -189,7 +189,8 @@ class LayerwiseOptimizer(Optimizer):
     KEYS: ClassVar[dict[str, Check]] = {}
     # Keys older checkpoints may lack, with the value that behaves as they did.
     LOADED_DEFAULTS: ClassVar[dict[str, Any]] = {"exclude": None, "exclude_bias_and_norm": True,
-                                                 "maximize": False, "foreach": None, "trust_clip": False}
+                                                 "maximize": False, "foreach": None, "fused": None,
+                                                 "trust_clip": False}
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         self._validate(defaults, explicit=defaults, where="")
@@ -212,6 +213,7 @@ class LayerwiseOptimizer(Optimizer):
         self._validate({**self.defaults, **explicit}, explicit=explicit, where=where)
         self._to_python_numbers(param_group)
         super().add_param_group(param_group)
+        self._check_fused(self.param_groups[-1], where)
         self._layouts = LayoutResolver([*self._layouts.candidates, *self.param_groups[-1]["params"]])
 
     def _validate(self, group: dict[str, Any], *, explicit: dict[str, Any], where: str) -> None:
@@ -230,8 +232,24 @@ class LayerwiseOptimizer(Optimizer):
                 check(where, key, group[key])
         self._check_group(group, explicit=explicit, where=where)
 
+    def _check_fused(self, group: dict[str, Any], where: str) -> None:
+        """``fused=True`` is refused at construction where the fused step cannot run (the device,
+        dtype or Triton), rather than at the first step."""
+        if "fused" not in self.KEYS or group.get("fused") is not True:
+            return
+        from .fused import unsupported
+
+        reason = unsupported([[p] for p in group["params"]])
+        if reason is not None:
+            raise ValueError(f"{where}fused=True, but {type(self).__name__}'s fused step cannot run here: {reason}. "
+                             "Pass fused=None (the default) to take the fastest path available, or move the model "
+                             "to a CUDA device before building the optimizer")
+
     def _check_group(self, group: dict[str, Any], *, explicit: dict[str, Any], where: str) -> None:
         """Checks across keys (after each key passed its own)."""
+        if "fused" in self.KEYS and group.get("fused") and group.get("foreach"):
+            raise ValueError(f"{where}fused=True and foreach=True: choose one (fused=True takes the fused "
+                             "CUDA step, foreach=True the multi-tensor one)")
         if explicit.get("exclude") is True and explicit.get("weight_decay", 0) != 0:
             raise ValueError(
                 f"{where}exclude=True with weight_decay={explicit['weight_decay']}: excluded parameters get "

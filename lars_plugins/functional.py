@@ -87,6 +87,7 @@ def lars(
     foreach: Optional[bool] = None,
     norms: Optional[NormsFn] = None,
     norms_out: Optional[list[Optional[tuple[Scalar, Scalar]]]] = None,
+    fused: Optional[bool] = None,
 ) -> None:
     """One LARS step over one parameter group, in place.
 
@@ -94,6 +95,10 @@ def lars(
     into the list. ``excluded[i]`` says whether parameter ``i`` is excluded from the layer-wise rate
     (:meth:`~lars_plugins.base.LayerwiseOptimizer.is_excluded`). ``trust_ratios[i]`` is a 0-d tensor
     (:func:`ratio_dtype`) that receives the ratio used for parameter ``i`` (``None`` where excluded).
+    ``fused=None`` runs CUDA buckets through the fused Triton step (:mod:`lars_plugins.fused`) where
+    it applies (``foreach`` not given, Triton installed, dense float32/float16/bfloat16 tensors,
+    whole tensors: ``norms`` is ``None``); ``fused=True`` insists (a ``ValueError`` where it cannot
+    run, before any update), ``fused=False`` never takes it. Otherwise
     ``foreach=None`` picks the multi-tensor path for accelerator tensors and the
     single-tensor path on CPU (see docs/performance.md for the measurements behind this).
     ``norms(indices, params, grads, dtype) -> (w_norms, g_norms)`` replaces the local norms of the
@@ -105,7 +110,27 @@ def lars(
     for g in grads:
         if g.is_sparse:
             raise RuntimeError("LARS does not support sparse gradients; use dense gradients")
-    for (device, _), indices in _buckets(params).items():
+    buckets = _buckets(params)
+    # Decided for every bucket before any is updated: a refused fused=True leaves the parameters as they were.
+    use_fused = {key: use_fused_step("LARS", fused, foreach, norms is not None,
+                                     [(params[i], grads[i], momentum_buffers[i]) for i in indices])
+                 for key, indices in buckets.items()}
+    for (device, dtype), indices in buckets.items():
+        if use_fused[device, dtype]:
+            from .fused import fused_lars
+
+            bufs = [momentum_buffers[i] for i in indices]
+            taken = [None] * len(indices) if norms_out is not None else None
+            fused_lars([params[i] for i in indices], [grads[i] for i in indices], bufs,
+                       [trust_ratios[i] for i in indices], excluded=[excluded[i] for i in indices], lr=lr,
+                       momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
+                       trust_coefficient=trust_coefficient, eps=eps, trust_clip=trust_clip, maximize=maximize,
+                       norms_out=taken)
+            for k, i in enumerate(indices):
+                momentum_buffers[i] = bufs[k]
+                if taken is not None:
+                    norms_out[i] = taken[k]  # type: ignore[index]
+            continue
         use_foreach = foreach if foreach is not None else device.type != "cpu"
         impl = _multi_tensor_lars if use_foreach else _single_tensor_lars
         for adapted in (True, False):
@@ -136,6 +161,32 @@ def lars(
             if taken is not None:
                 for i, pair in zip(idx, taken):
                     norms_out[i] = pair  # type: ignore[index]
+
+
+def use_fused_step(owner: str, fused: Optional[bool], foreach: Optional[bool], sharded: bool,
+                   tensors: Sequence[Sequence[Optional[Tensor]]]) -> bool:
+    """Whether one device/dtype bucket takes the fused step. ``tensors`` holds, per parameter, the
+    parameter, its gradient and its state; ``fused=True`` where the fused step cannot run is a
+    ``ValueError`` saying why and what to do."""
+    if fused is False or (fused is None and foreach is not None) or not tensors:
+        return False
+    device = tensors[0][0].device  # type: ignore[union-attr]
+    if fused is None and device.type != "cuda":
+        return False
+    if torch.compiler.is_compiling():
+        reason: Optional[str] = "under torch.compile the multi-tensor step is traced instead (inductor fuses it)"
+    elif sharded:
+        reason = "the parameters are sharded (DTensor, FSDP1 or ZeRO pieces), whose norms need a collective"
+    else:
+        from .fused import unsupported
+
+        reason = unsupported(tensors)
+    if reason is None:
+        return True
+    if fused:
+        raise ValueError(f"{owner}(fused=True) cannot run its fused step here: {reason}. Pass fused=None to let "
+                         f"{owner} take the fastest path available")
+    return False
 
 
 def ratio_dtype(param_dtype: torch.dtype) -> torch.dtype:

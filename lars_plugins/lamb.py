@@ -11,7 +11,9 @@ from torch.optim.optimizer import ParamsT
 
 from .base import EXCLUSION_KEYS, LayerwiseOptimizer, flag, learning_rate, pair, real
 from .distributed import ShardedNorms, is_dtensor, to_local
-from .functional import _foreach_or_loop_axpy_, lamb, lamb_directions, lamb_trust_ratio, pick, ratio_dtype
+from .functional import (_buckets, _foreach_or_loop_axpy_, lamb, lamb_directions, lamb_trust_ratio, pick, ratio_dtype,
+                         use_fused_step)
+from .fused import fused_lamb
 from .layouts import FlatLayout
 
 __all__ = ["LAMB", "LAMB_VARIANTS"]
@@ -55,6 +57,10 @@ class LAMB(LayerwiseOptimizer):
         exclude_bias_and_norm: exclude ``ndim <= 1`` tensors in groups without ``exclude``.
         maximize: maximise the objective instead of minimising it.
         foreach: ``True`` multi-tensor, ``False`` single-tensor, ``None`` chooses by device.
+        fused: ``None`` (default) takes the fused CUDA step (two Triton kernels per bucket,
+            :mod:`lars_plugins.fused`; the step counts then live on the device, as in torch's fused
+            Adam, so a step can be captured in a CUDA graph) where it applies and ``foreach`` is not
+            given; ``True`` insists on it (refused where it cannot run); ``False`` never takes it.
     """
 
     NAME = "LAMB"
@@ -69,6 +75,7 @@ class LAMB(LayerwiseOptimizer):
         **EXCLUSION_KEYS,
         "maximize": flag(),
         "foreach": flag(optional=True),
+        "fused": flag(optional=True),
     }
     LOADED_DEFAULTS = {**LayerwiseOptimizer.LOADED_DEFAULTS, "bias_correction": True, "weight_norm_bounds": None}
     HANDS_NORMS = True  # ‖w‖ only: the ratio divides by ‖u‖, so a monitor takes ‖g‖ itself
@@ -87,10 +94,12 @@ class LAMB(LayerwiseOptimizer):
         exclude_bias_and_norm: bool = True,
         maximize: bool = False,
         foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
     ) -> None:
         defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
                         weight_norm_bounds=weight_norm_bounds, trust_clip=trust_clip, exclude=None,
-                        exclude_bias_and_norm=exclude_bias_and_norm, maximize=maximize, foreach=foreach)
+                        exclude_bias_and_norm=exclude_bias_and_norm, maximize=maximize, foreach=foreach,
+                        fused=fused)
         super().__init__(params, defaults)
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:
@@ -98,17 +107,58 @@ class LAMB(LayerwiseOptimizer):
         return dict(beta1=beta1, beta2=beta2, eps=group["eps"], bias_correction=group["bias_correction"],
                     maximize=group["maximize"])
 
-    def _moments(self, p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """``(step, exp_avg, exp_avg_sq)`` of ``p``, made at its first step; the count is advanced."""
+    def _state(self, p: Tensor, *, step_on_device: bool = False) -> tuple[Tensor, Tensor, Tensor]:
+        """``(step, exp_avg, exp_avg_sq)`` of ``p``, made at its first step. The count is a float32
+        0-d tensor on the CPU, as torch's Adam keeps it (read without a sync), or on ``p``'s device
+        for the fused step, which reads and advances it there; it moves where the path needs it."""
         state = self.state[p]
         if "step" not in state:
-            state["step"] = torch.tensor(0.0)  # on the CPU, as torch's Adam keeps it: read without a sync
+            state["step"] = torch.zeros((), dtype=torch.float32, device=p.device if step_on_device else "cpu")
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
-        state["step"] += 1
+        step = state["step"]
+        wanted = p.device if step_on_device else torch.device("cpu")
+        if step.device != wanted:  # a change of path (or a checkpoint from the other one)
+            state["step"] = step.to(device=wanted, dtype=torch.float32)
         return state["step"], state["exp_avg"], state["exp_avg_sq"]
 
+    def _moments(self, p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """:meth:`_state` with the (CPU) count advanced: the unfused paths."""
+        step, exp_avg, exp_avg_sq = self._state(p)
+        step += 1
+        return step, exp_avg, exp_avg_sq
+
+    def _step_fused(self, group: dict[str, Any], params: list[Tensor]) -> bool:
+        """The fused CUDA step of the whole group, where every bucket takes it (see ``fused``)."""
+        if not params or group["fused"] is False or (group["fused"] is None and (
+                group["foreach"] is not None or params[0].device.type != "cuda")):
+            return False
+        states = [self.state[p] for p in params]
+        buckets = _buckets(params)
+        if not all(use_fused_step("LAMB", group["fused"], group["foreach"], any(is_dtensor(params[i]) for i in idx),
+                                  [(params[i], params[i].grad, states[i].get("exp_avg"), states[i].get("exp_avg_sq"))
+                                   for i in idx]) for idx in buckets.values()):
+            return False
+        hyper = self._hyper(group)
+        for idx in buckets.values():
+            bucket = [params[i] for i in idx]
+            tensors = [self._state(p, step_on_device=True) for p in bucket]
+            excluded = [self.is_excluded(group, p) for p in bucket]
+            taken: Optional[list] = [None] * len(bucket) if self._norm_sink is not None else None
+            fused_lamb(bucket, [p.grad for p in bucket], [m for _, m, _ in tensors],  # type: ignore[misc]
+                       [v for _, _, v in tensors], [s for s, _, _ in tensors],
+                       [None if ex else self._trust_ratio_slot(p) for p, ex in zip(bucket, excluded)],
+                       excluded=excluded, lr=group["lr"], beta1=hyper["beta1"], beta2=hyper["beta2"], eps=hyper["eps"],
+                       weight_decay=group["weight_decay"], bias_correction=hyper["bias_correction"],
+                       weight_norm_bounds=group["weight_norm_bounds"], trust_clip=group["trust_clip"],
+                       maximize=hyper["maximize"], weight_norms_out=taken)
+            if taken is not None and self._norm_sink is not None:
+                self._norm_sink.update((p, (w, None)) for p, w in zip(bucket, taken) if w is not None)
+        return True
+
     def _step_group(self, group: dict[str, Any], where: str) -> None:
+        if self._step_fused(group, [p for p in group["params"] if p.grad is not None]):
+            return
         # Parameters are bucketed by their step count (usually one bucket: all stepped together).
         by_step: dict[float, list[int]] = defaultdict(list)
         params: list[Tensor] = []

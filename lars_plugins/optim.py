@@ -70,6 +70,9 @@ class LARS(LayerwiseOptimizer):
         exclude_bias_and_norm: exclude ``ndim <= 1`` tensors in groups without ``exclude``.
         maximize: maximise the objective instead of minimising it.
         foreach: ``True`` multi-tensor, ``False`` single-tensor, ``None`` chooses by device.
+        fused: ``None`` (default) takes the fused CUDA step (two Triton kernels per bucket:
+            :mod:`lars_plugins.fused`) where it applies and ``foreach`` is not given; ``True``
+            insists on it (refused where it cannot run); ``False`` never takes it.
     """
 
     NAME = "LARS"
@@ -85,6 +88,7 @@ class LARS(LayerwiseOptimizer):
         **EXCLUSION_KEYS,
         "maximize": flag(),
         "foreach": flag(optional=True),
+        "fused": flag(optional=True),
     }
     LOADED_DEFAULTS = {**LayerwiseOptimizer.LOADED_DEFAULTS, "nesterov": False}
     HANDS_NORMS = True  # ‖w‖ and ‖g‖: the ratio's own
@@ -104,6 +108,7 @@ class LARS(LayerwiseOptimizer):
         exclude_bias_and_norm: bool = True,
         maximize: bool = False,
         foreach: Optional[bool] = None,
+        fused: Optional[bool] = None,
     ) -> None:
         defaults = dict(
             lr=lr,
@@ -118,6 +123,7 @@ class LARS(LayerwiseOptimizer):
             exclude_bias_and_norm=exclude_bias_and_norm,
             maximize=maximize,
             foreach=foreach,
+            fused=fused,
         )
         super().__init__(params, defaults)
 
@@ -178,6 +184,7 @@ class LARS(LayerwiseOptimizer):
             foreach=group["foreach"],
             norms=norms,
             norms_out=taken,
+            fused=group["fused"],
         )
         if taken is not None and self._norm_sink is not None:
             self._norm_sink.update((p, pair) for p, pair in zip(owners, taken) if pair is not None)

@@ -165,3 +165,125 @@ def test_hf_fp16_overflow_step_logs_no_trust_ratios(tmp_path):
     assert set(logs) == {2, 4}
     assert not any(k.startswith("trust_ratio") for k in logs[2])  # skipped by the scaler: nothing recorded
     assert "trust_ratio_stats/median" in logs[4]
+
+
+BIG_SHAPES = [(1000, 1000), (70_000,), (256, 128, 3, 3), (4097,), (3,)]
+
+
+@pytest.mark.parametrize("kind", ["lars", "lamb"])
+def test_fused_step_on_large_tensors_matches_the_float64_reference(kind):
+    """The default block size: tensors of many blocks, one channels_last, sizes that end mid-block."""
+    from test_lamb import ReferenceLAMB
+    from test_optim import ReferenceLARS
+
+    from lars_plugins import LAMB
+
+    gen = torch.Generator().manual_seed(0)
+    cpu = [torch.randn(s, generator=gen) for s in BIG_SHAPES]
+    params = [nn.Parameter(p.cuda()) for p in cpu]
+    params[2] = nn.Parameter(params[2].detach().to(memory_format=torch.channels_last))
+    adapt = [len(s) > 1 for s in BIG_SHAPES]
+    if kind == "lars":
+        cfg = dict(lr=2.0, momentum=0.9, weight_decay=1e-4)
+        ref, opt = ReferenceLARS(cpu, adapt, **cfg), LARS(params, fused=True, **cfg)
+    else:
+        ref, opt = ReferenceLAMB(cpu, adapt, lr=1e-2), LAMB(params, lr=1e-2, fused=True)
+    for step in range(3):
+        grads = [torch.randn(s, generator=gen) for s in BIG_SHAPES]
+        ref.step(grads)
+        for p, g in zip(params, grads):
+            p.grad = g.cuda().to(memory_format=torch.channels_last) if g.ndim == 4 else g.cuda()
+        step_without_syncs(opt)
+    for i, p in enumerate(params):
+        torch.testing.assert_close(p.detach().cpu().double(), ref.w[i], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("kind", ["lars", "lamb"])
+def test_fused_step_allocates_nothing_model_sized(kind):
+    from lars_plugins import LAMB
+
+    params = [nn.Parameter(torch.randn(s, device="cuda")) for s in BIG_SHAPES]
+    opt = LARS(params, lr=1.0, momentum=0.9) if kind == "lars" else LAMB(params, lr=1e-2)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()  # state made here
+    torch.cuda.synchronize()
+    start = torch.cuda.memory_allocated()
+    torch.cuda.reset_peak_memory_stats()
+    opt.step()
+    torch.cuda.synchronize()
+    extra = torch.cuda.max_memory_allocated() - start
+    model_bytes = sum(p.numel() * p.element_size() for p in params)
+    assert extra < 0.01 * model_bytes, (extra, model_bytes)
+
+
+def _capture_model():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 64), nn.LayerNorm(64), nn.ReLU(), nn.Linear(64, 8)).cuda()
+
+
+@pytest.mark.parametrize("kind", ["lars", "lamb", "layerwise"])
+def test_a_whole_training_step_replays_from_a_cuda_graph(kind):
+    """Forward, backward and step captured once (torch's whole-network recipe: warm-up on a side
+    stream, gradients set to None before capture), replayed with new data and a new lr written into
+    the lr tensor, against the same steps run eagerly."""
+    import copy
+
+    from lars_plugins import LAMB, Layerwise, param_groups
+
+    def build(model, lr):
+        if kind == "lars":
+            return LARS(param_groups(model, weight_decay=1e-4), lr=lr, momentum=0.9, trust_coefficient=0.01)
+        if kind == "lamb":
+            return LAMB(param_groups(model, weight_decay=0.01), lr=lr)
+        return Layerwise(torch.optim.AdamW(model.parameters(), lr=lr, capturable=True, foreach=True),
+                         trust_coefficient=0.02)
+
+    model = _capture_model()
+    twin = copy.deepcopy(model)
+    base_lr = 1.0 if kind == "lars" else 1e-2
+    lr, twin_lr = torch.tensor(base_lr, device="cuda"), torch.tensor(base_lr, device="cuda")
+    opt, twin_opt = build(model, lr), build(twin, twin_lr)
+    gen = torch.Generator().manual_seed(1)
+    data = [(torch.randn(16, 32, generator=gen).cuda(), torch.randint(0, 8, (16,), generator=gen).cuda())
+            for _ in range(8)]
+
+    def train_step(m, o, x, y):
+        o.zero_grad(set_to_none=True)
+        loss = nn.functional.cross_entropy(m(x), y)
+        loss.backward()
+        o.step()
+        return loss
+
+    static_x, static_y = data[0][0].clone(), data[0][1].clone()
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for x, y in data[:3]:
+            static_x.copy_(x)
+            static_y.copy_(y)
+            train_step(model, opt, static_x, static_y)
+    torch.cuda.current_stream().wait_stream(side)
+    for x, y in data[:3]:
+        train_step(twin, twin_opt, x, y)
+    graph = torch.cuda.CUDAGraph()
+    opt.zero_grad(set_to_none=True)
+    with torch.cuda.graph(graph):
+        static_loss = nn.functional.cross_entropy(model(static_x), static_y)
+        static_loss.backward()
+        opt.step()
+    for i, (x, y) in enumerate(data[3:]):
+        scale = 1.0 / (i + 2)  # a schedule on the device: the captured kernels read the tensor
+        lr.fill_(base_lr * scale)
+        twin_lr.fill_(base_lr * scale)
+        static_x.copy_(x)
+        static_y.copy_(y)
+        graph.replay()
+        loss = train_step(twin, twin_opt, x, y)
+        torch.testing.assert_close(static_loss, loss, rtol=1e-4, atol=1e-5)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+    for a, b in zip(model.parameters(), twin.parameters()):
+        if "trust_ratio" in twin_opt.state[b]:
+            torch.testing.assert_close(opt.state[a]["trust_ratio"], twin_opt.state[b]["trust_ratio"], rtol=1e-4,
+                                       atol=0)
