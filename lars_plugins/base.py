@@ -197,7 +197,7 @@ class LayerwiseOptimizer(Optimizer):
         self._to_python_numbers(defaults)
         # The tensors the optimizer was built with, in an order every rank shares: the layers of
         # flat layouts (DeepSpeed swaps its partitions into the groups after construction).
-        self._layouts = LayoutResolver([])
+        self._layouts = LayoutResolver([], owner=self.NAME)
         self._flat_ratios: dict[int, Tensor] = {}
         super().__init__(params, defaults)
 
@@ -214,7 +214,8 @@ class LayerwiseOptimizer(Optimizer):
         self._to_python_numbers(param_group)
         super().add_param_group(param_group)
         self._check_fused(self.param_groups[-1], where)
-        self._layouts = LayoutResolver([*self._layouts.candidates, *self.param_groups[-1]["params"]])
+        self._layouts = LayoutResolver([*self._layouts.candidates, *self.param_groups[-1]["params"]],
+                                       owner=self.NAME)
 
     def _validate(self, group: dict[str, Any], *, explicit: dict[str, Any], where: str) -> None:
         """Raise ``ValueError``/``TypeError`` naming the first bad key of ``group``."""
@@ -271,7 +272,8 @@ class LayerwiseOptimizer(Optimizer):
         # with (DeepSpeed has swapped its partitions into the groups by then). Only an unpickled copy
         # (torch pickles defaults, state and groups alone) rebuilds them from its groups.
         if not hasattr(self, "_layouts"):
-            self._layouts = LayoutResolver([p for group in self.param_groups for p in group["params"]])
+            self._layouts = LayoutResolver([p for group in self.param_groups for p in group["params"]],
+                                           owner=self.NAME)
             self._flat_ratios = {}
         for group in self.param_groups:
             for key, value in self.LOADED_DEFAULTS.items():

@@ -85,7 +85,7 @@ class ShardedNorms:
     are whole and need no collective. Placements must be ``Shard`` or ``Replicate``.
     """
 
-    def __init__(self, params: Sequence[Tensor], where: str = "") -> None:
+    def __init__(self, params: Sequence[Tensor], where: str = "", owner: str = "LARS") -> None:
         meshes: dict[Any, int] = {}  # DeviceMesh hashes and compares by ranks and layout
         self.mesh_of: list[int] = []
         self.replication: list[float] = []
@@ -102,8 +102,8 @@ class ShardedNorms:
                 if placement.is_replicate():
                     factor *= sizes[dim]
                 elif not placement.is_shard():
-                    raise ValueError(f"{where}a parameter has placement {placement}; LARS supports Shard and "
-                                     "Replicate placements")
+                    raise ValueError(f"{where}a parameter has placement {placement}; {owner} supports Shard "
+                                     "and Replicate placements")
             self.replication.append(factor)
         self.meshes = list(meshes)
 

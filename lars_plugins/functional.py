@@ -565,7 +565,7 @@ def lamb(
     trust_ratios: Sequence[Optional[Tensor]],
     *,
     excluded: Sequence[bool],
-    step: Scalar,
+    step: Union[Scalar, Sequence[Scalar]],
     lr: Scalar,
     beta1: float,
     beta2: float,
@@ -581,8 +581,10 @@ def lamb(
 ) -> None:
     """One LAMB step over one parameter group, in place (Algorithm 2 of You et al. 2019).
 
-    For every parameter ``w`` with gradient ``g`` (negated under ``maximize``), at step ``t = step``
-    (counting from 1; a Python number or a 0-d tensor, so no host read is needed):
+    For every parameter ``w`` with gradient ``g`` (negated under ``maximize``), at step ``t`` (counting
+    from 1): ``step`` is every parameter's count, or a sequence of one count per parameter (parameters
+    of one group may have taken different numbers of steps); each a Python number or a 0-d tensor, so
+    no host read is needed:
 
     * ``m = β1·m + (1-β1)·g``, ``v = β2·v + (1-β2)·g²``; with ``bias_correction``
       ``m̂ = m / (1-β1^t)``, ``v̂ = v / (1-β2^t)``;
@@ -599,6 +601,7 @@ def lamb(
     for g in grads:
         if g.is_sparse:
             raise RuntimeError("LAMB does not support sparse gradients; use dense gradients")
+    steps = [step] * len(params) if isinstance(step, (int, float, Tensor)) else list(step)
     for (device, _), indices in _buckets(params).items():
         use_foreach = foreach if foreach is not None else device.type != "cpu"
         for adapted in (True, False):
@@ -608,8 +611,8 @@ def lamb(
             bucket = [params[i] for i in idx]
             if not use_foreach and norms is None and _host_scalars(device):
                 taken = _host_lamb([(bucket[k], grads[i], exp_avgs[i], exp_avg_sqs[i],
-                                     trust_ratios[i] if adapted else None) for k, i in enumerate(idx)],
-                                   step=step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                     trust_ratios[i] if adapted else None, steps[i]) for k, i in enumerate(idx)],
+                                   lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                                    weight_decay=weight_decay if adapted else 0.0, bias_correction=bias_correction,
                                    weight_norm_bounds=weight_norm_bounds, trust_clip=trust_clip, maximize=maximize)
                 if weight_norms_out is not None:
@@ -617,7 +620,8 @@ def lamb(
                         weight_norms_out[i] = w_norm
                 continue
             u = lamb_directions(bucket, [grads[i] for i in idx], [exp_avgs[i] for i in idx],
-                                [exp_avg_sqs[i] for i in idx], step=step, beta1=beta1, beta2=beta2, eps=eps,
+                                [exp_avg_sqs[i] for i in idx], step=[steps[i] for i in idx], beta1=beta1,
+                                beta2=beta2, eps=eps,
                                 weight_decay=weight_decay if adapted else 0.0, bias_correction=bias_correction,
                                 maximize=maximize, foreach=use_foreach)
             if not adapted:
@@ -637,21 +641,21 @@ def lamb(
             _foreach_or_loop_axpy_(bucket, u, (ratios * -lr).unbind(), -lr, use_foreach)
 
 
-def _host_lamb(tensors: list[tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor]]], *, step: Scalar, lr: Scalar,
+def _host_lamb(tensors: list[tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor], Scalar]], *, lr: Scalar,
                beta1: float, beta2: float, eps: float, weight_decay: float, bias_correction: bool,
                weight_norm_bounds: Optional[tuple[float, float]], trust_clip: bool,
                maximize: bool) -> list[Optional[float]]:
     """The CPU path: each tensor's moments, ``u``, norms, ratio (a Python float) and update back to
     back, while its memory is still in cache, with ``u`` for one tensor at a time (not a copy of
-    every parameter). ``(w, g, m, v, ratio slot or None)`` per tensor; returns ``‖w‖`` of each
+    every parameter). ``(w, g, m, v, ratio slot or None, step)`` per tensor; returns ``‖w‖`` of each
     adapted tensor (``None`` for the others)."""
     lr = lr.item() if isinstance(lr, Tensor) else lr
-    step = step.item() if isinstance(step, Tensor) else step
-    correction1, correction2 = (_one_minus_power(beta1, step), _one_minus_power(beta2, step)) if bias_correction \
-        else (1.0, 1.0)
-    root2 = math.sqrt(correction2)
     weight_norms: list[Optional[float]] = []
-    for w, g, m, v, slot in tensors:
+    for w, g, m, v, slot, step in tensors:
+        step = step.item() if isinstance(step, Tensor) else step  # a CPU count: no device to wait for
+        correction1, correction2 = (_one_minus_power(beta1, step), _one_minus_power(beta2, step)) \
+            if bias_correction else (1.0, 1.0)
+        root2 = math.sqrt(correction2)
         if maximize:
             g = torch.neg(g)
         m.lerp_(g, 1 - beta1)
@@ -682,39 +686,83 @@ def _host_lamb_ratio(w_norm: float, u_norm: float, *, weight_norm_bounds: Option
 
 
 def lamb_directions(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Tensor], exp_avg_sqs: list[Tensor], *,
-                    step: Scalar, beta1: float, beta2: float, eps: float, weight_decay: float, bias_correction: bool,
-                    maximize: bool, foreach: bool) -> list[Tensor]:
+                    step: Union[Scalar, Sequence[Scalar]], beta1: float, beta2: float, eps: float,
+                    weight_decay: float, bias_correction: bool, maximize: bool, foreach: bool) -> list[Tensor]:
     """Update Adam's moments in place and return ``u = m̂/(√v̂ + ε) + wd·w`` for tensors of one
     device and dtype. ``u`` is materialised: its norm is needed before the update (as torch's Adam
-    materialises its denominator)."""
+    materialises its denominator). ``step`` as in :func:`lamb`: one count, or one per tensor."""
     if maximize:
         grads = list(torch._foreach_neg(grads)) if foreach else [torch.neg(g) for g in grads]
-    if bias_correction:
-        correction1, correction2 = _one_minus_power(beta1, step), _one_minus_power(beta2, step)
-    else:
-        correction1, correction2 = 1.0, 1.0
-    root2 = _sqrt(correction2)  # once per bucket: for a tensor step it is a tensor op
+    correction1, root2 = _corrections(step, len(params), beta1, beta2, bias_correction)
     if foreach:
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
         denom = torch._foreach_sqrt(exp_avg_sqs)
-        torch._foreach_div_(denom, root2)
+        _foreach_divide_(denom, root2)
         torch._foreach_add_(denom, eps)
         u = list(torch._foreach_div(exp_avgs, denom))
-        torch._foreach_div_(u, correction1)
+        _foreach_divide_(u, correction1)
         if weight_decay != 0:
             torch._foreach_add_(u, params, alpha=weight_decay)
         return u
     u = []
-    for w, g, m, v in zip(params, grads, exp_avgs, exp_avg_sqs):
+    for i, (w, g, m, v) in enumerate(zip(params, grads, exp_avgs, exp_avg_sqs)):
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        direction = torch.div(m, v.sqrt().div_(root2).add_(eps)).div_(correction1)
+        c1, r2 = _pick_scalar(correction1, i), _pick_scalar(root2, i)
+        direction = torch.div(m, v.sqrt().div_(r2).add_(eps)).div_(c1)
         if weight_decay != 0:
             direction.add_(w, alpha=weight_decay)
         u.append(direction)
     return u
+
+
+# One scalar for every tensor, or one per tensor.
+Corrections = Union[Scalar, Sequence[Scalar]]
+
+
+def _corrections(step: Union[Scalar, Sequence[Scalar]], n: int, beta1: float, beta2: float,
+                 bias_correction: bool) -> tuple[Corrections, Corrections]:
+    """``(1 - β1^t, √(1 - β2^t))`` for one shared count (two scalars) or per tensor (two lists).
+
+    Per-tensor counts that are tensors are stacked and corrected in a handful of vector ops (no
+    host read, so a compiled step traces them); Python counts give Python floats."""
+    if not bias_correction:
+        return 1.0, 1.0
+    if isinstance(step, (int, float, Tensor)):
+        return _one_minus_power(beta1, step), _sqrt(_one_minus_power(beta2, step))
+    steps = list(step)
+    if len(steps) != n:
+        raise ValueError(f"step: {len(steps)} step counts for {n} tensors")
+    if not any(isinstance(s, Tensor) for s in steps):
+        return ([_one_minus_power(beta1, s) for s in steps],  # type: ignore[misc]
+                [math.sqrt(_one_minus_power(beta2, s)) for s in steps])  # type: ignore[arg-type]
+    # In float64: the counts are float32 0-d tensors (on the CPU for the unfused paths), and the
+    # corrections of float64 parameters must not be rounded to float32.
+    device = next(s for s in steps if isinstance(s, Tensor)).device
+    vector = torch.stack([s.to(torch.float64) if isinstance(s, Tensor)
+                          else torch.tensor(float(s), dtype=torch.float64, device=device) for s in steps])
+    return (list(_one_minus_power(beta1, vector).unbind()),  # type: ignore[union-attr]
+            list(_sqrt(_one_minus_power(beta2, vector)).unbind()))  # type: ignore[union-attr]
+
+
+def _pick_scalar(value: Corrections, i: int) -> Scalar:
+    return value if isinstance(value, (int, float, Tensor)) else value[i]
+
+
+def _foreach_divide_(tensors: list[Tensor], by: Corrections) -> None:
+    """``t /= by`` for each tensor: one scalar (Python or 0-d tensor) or one per tensor."""
+    if isinstance(by, (int, float)):
+        if by != 1:
+            torch._foreach_div_(tensors, by)
+    elif isinstance(by, Tensor):
+        torch._foreach_div_(tensors, by)
+    elif all(isinstance(b, (int, float)) for b in by):
+        torch._foreach_div_(tensors, list(by))  # type: ignore[arg-type]
+    else:
+        # 0-d tensors, one per tensor: on the CPU (a count) they may face accelerator tensors, as scalars do
+        torch._foreach_div_(tensors, [b if isinstance(b, Tensor) else torch.tensor(b) for b in by])
 
 
 def _one_minus_power(beta: float, step: Scalar) -> Scalar:

@@ -159,12 +159,11 @@ class LAMB(LayerwiseOptimizer):
     def _step_group(self, group: dict[str, Any], where: str) -> None:
         if self._step_fused(group, [p for p in group["params"] if p.grad is not None]):
             return
-        # Parameters are bucketed by their step count (usually one bucket: all stepped together).
-        by_step: dict[float, list[int]] = defaultdict(list)
         params: list[Tensor] = []
         grads: list[Tensor] = []
         exp_avgs: list[Tensor] = []
         exp_avg_sqs: list[Tensor] = []
+        steps: list[Tensor] = []
         ratios: list[Optional[Tensor]] = []
         excluded: list[bool] = []
         for p in group["params"]:
@@ -172,26 +171,23 @@ class LAMB(LayerwiseOptimizer):
                 continue
             step, exp_avg, exp_avg_sq = self._moments(p)
             excluded.append(self.is_excluded(group, p))
-            by_step[step.item()].append(len(params))
             params.append(p)
             grads.append(p.grad)
             exp_avgs.append(exp_avg)
             exp_avg_sqs.append(exp_avg_sq)
+            steps.append(step)  # per parameter: one that had no gradient on some step has its own count
             ratios.append(None if excluded[-1] else self._trust_ratio_slot(p))
         if not params:
             return
-        for count, idx in sorted(by_step.items()):
-            owners = [params[i] for i in idx]
-            norms = ShardedNorms(owners, where=where) if any(is_dtensor(p) for p in owners) else None
-            taken: Optional[list] = [None] * len(idx) if self._norm_sink is not None else None
-            lamb([to_local(params[i]) for i in idx], [to_local(grads[i]) for i in idx],
-                 [to_local(exp_avgs[i]) for i in idx], [to_local(exp_avg_sqs[i]) for i in idx],
-                 [ratios[i] for i in idx], excluded=[excluded[i] for i in idx], step=count, lr=group["lr"],
-                 weight_decay=group["weight_decay"], weight_norm_bounds=group["weight_norm_bounds"],
-                 trust_clip=group["trust_clip"], foreach=group["foreach"], norms=norms, weight_norms_out=taken,
-                 **self._hyper(group))
-            if taken is not None and self._norm_sink is not None:
-                self._norm_sink.update((owners[k], (w, None)) for k, w in enumerate(taken) if w is not None)
+        norms = ShardedNorms(params, where=where, owner=self.NAME) if any(is_dtensor(p) for p in params) else None
+        taken: Optional[list] = [None] * len(params) if self._norm_sink is not None else None
+        lamb([to_local(p) for p in params], [to_local(g) for g in grads], [to_local(m) for m in exp_avgs],
+             [to_local(v) for v in exp_avg_sqs], ratios, excluded=excluded, step=steps, lr=group["lr"],
+             weight_decay=group["weight_decay"], weight_norm_bounds=group["weight_norm_bounds"],
+             trust_clip=group["trust_clip"], foreach=group["foreach"], norms=norms, weight_norms_out=taken,
+             **self._hyper(group))
+        if taken is not None and self._norm_sink is not None:
+            self._norm_sink.update((p, (w, None)) for p, w in zip(params, taken) if w is not None)
 
     def _step_flat(self, group: dict[str, Any], layout: FlatLayout) -> None:
         """One step of a group whose tensors hold pieces of layers (FSDP1, DeepSpeed ZeRO).
@@ -209,17 +205,16 @@ class LAMB(LayerwiseOptimizer):
         m_views = layout.views([moments[id(t)][1] if id(t) in moments else None for t in tensors])
         v_views = layout.views([moments[id(t)][2] if id(t) in moments else None for t in tensors])
         kept = [j for j, p in enumerate(layout.pieces) if p.numel and grad_views[j] is not None]
-        steps = {moments[id(t)][0].item() for t in stepped}
-        if len(steps) > 1:
-            raise ValueError("the flat tensors of one param group have different step counts; LAMB steps them together")
-        step = steps.pop() if steps else 1.0
+        # Each piece at its own tensor's count: an FSDP1 unit without gradients on some step lags behind.
+        counts = [moments[id(tensors[piece.tensor])][0] if id(tensors[piece.tensor]) in moments else None
+                  for piece in layout.pieces]
         use_foreach = group["foreach"] if group["foreach"] is not None else tensors[0].device.type != "cpu"
         directions: list[Optional[Tensor]] = [None] * len(layout.pieces)
         for adapted_part in (True, False):
             part = [j for j in kept if adapted[layout.pieces[j].layer] == adapted_part]
             if part:
                 u = lamb_directions(pick(values, part), pick(grad_views, part), pick(m_views, part),
-                                    pick(v_views, part), step=step,
+                                    pick(v_views, part), step=pick(counts, part),
                                     weight_decay=group["weight_decay"] if adapted_part else 0.0,
                                     foreach=use_foreach, **self._hyper(group))
                 for j, direction in zip(part, u):

@@ -201,11 +201,13 @@ class LayoutResolver:
 
     ``candidates`` are the original parameters in an order every rank shares (what the optimizer was
     built with, or a model's parameters); under ZeRO-1/2 they are the layers of the norm vector.
-    Returns ``None`` for tensors that are whole layers (plain tensors, DTensors).
+    Returns ``None`` for tensors that are whole layers (plain tensors, DTensors). ``owner`` names
+    the optimizer (or monitor) in messages.
     """
 
-    def __init__(self, candidates: Sequence[Tensor]) -> None:
+    def __init__(self, candidates: Sequence[Tensor], owner: str = "LARS") -> None:
         self.candidates = list(candidates)
+        self.owner = owner
         self._cache: dict[tuple[int, ...], Optional[FlatLayout]] = {}
         self._fsdp1: Optional[dict[int, Any]] = None
 
@@ -234,8 +236,8 @@ class LayoutResolver:
             return _zero12_layout(tensors, self.candidates, where)
         raise ValueError(
             f"{where}a tensor of shape {tuple(tensors[0].shape)} that this optimizer was not built with replaced its "
-            "parameters, and no engine layout (FSDP1, DeepSpeed ZeRO) describes it, so LARS cannot tell which "
-            "layers it holds. Build the optimizer with the tensors it will step. See docs/distributed.md.")
+            f"parameters, and no engine layout (FSDP1, DeepSpeed ZeRO) describes it, so {self.owner} cannot tell "
+            "which layers it holds. Build the optimizer with the tensors it will step. See docs/distributed.md.")
 
     # --- FSDP1 ---------------------------------------------------------------------------------
 

@@ -99,7 +99,7 @@ class TrustRatioMonitor:
         self._flat_names = {id(p): name.rpartition("_flat_param")[0] for p, (_, name) in self._names.items()
                             if name.endswith("_flat_param")}
         built_with = [p for g in self.optimizer.param_groups for p in g["params"]]
-        self._layouts = LayoutResolver(list(self._names) or built_with)
+        self._layouts = LayoutResolver(list(self._names) or built_with, owner="TrustRatioMonitor")
         self._n_groups = len(self.optimizer.param_groups)
         self._members: dict[tuple[int, ...], list[bool]] = {}
         self._merged_layouts: dict[tuple[int, ...], tuple[FlatLayout, list[slice]]] = {}

@@ -161,7 +161,7 @@ class LARS(LayerwiseOptimizer):
         # norms of whole parameters come from one all_reduce per bucket and mesh dimension.
         owners, norms = params, None
         if any(is_dtensor(p) for p in params):
-            norms = ShardedNorms(params, where=where)
+            norms = ShardedNorms(params, where=where, owner=self.NAME)
             params, grads = [to_local(p) for p in params], [to_local(g) for g in grads]
             buffers = [None if b is None else to_local(b) for b in buffers]
         new_buffer = [b is None for b in buffers]

@@ -129,7 +129,7 @@ class Layerwise(LayerwiseOptimizer):
         added = self.base.param_groups[-1]
         for key, value in self.defaults.items():
             added.setdefault(key, value)
-        self._layouts = type(self._layouts)([*self._layouts.candidates, *added["params"]])
+        self._layouts = type(self._layouts)([*self._layouts.candidates, *added["params"]], owner=self.NAME)
 
     def state_dict(self) -> dict[str, Any]:
         """The base's state dict (the wrapper's keys ride in its groups): it loads into the bare base too."""
@@ -193,7 +193,7 @@ class Layerwise(LayerwiseOptimizer):
         params = [p for p in group["params"] if p.grad is not None and not self.is_excluded(group, p)]
         if not params:
             return None
-        norms = ShardedNorms(params, where=where) if any(is_dtensor(p) for p in params) else None
+        norms = ShardedNorms(params, where=where, owner=self.NAME) if any(is_dtensor(p) for p in params) else None
         local = [to_local(p) for p in params]
         dtype = ratio_dtype(local[0].dtype)
         old = [t.clone() for t in local]  # the one copy

@@ -44,3 +44,32 @@ def test_compiled_step_matches_eager_without_recompiling(foreach):
         torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-6)
     # One graph for the first step (buffers created), one for all later steps, whatever the lr.
     assert torch._dynamo.utils.counters["stats"]["unique_graphs"] == 2
+
+
+@pytest.mark.skipif(shutil.which("gcc") is None and shutil.which("cc") is None, reason="inductor needs a C compiler")
+@pytest.mark.parametrize("shapes", [[(6, 5), (6, 5)], [(6, 5), (3, 7), (4,)]], ids=["equal shapes", "other shapes"])
+@pytest.mark.parametrize("kind", ["lamb", "layerwise"])
+def test_compiled_step_after_an_eager_one_equals_eager_steps(kind, shapes):
+    """A compiled step must not read a step count on the host: after one eager step the counts are
+    CPU tensors holding 1, and each parameter must advance once per step, as eagerly."""
+    def build(params):
+        if kind == "lamb":
+            return lars_plugins.LAMB(params, lr=1e-2, weight_decay=0.01, exclude_bias_and_norm=False)
+        return lars_plugins.Layerwise(torch.optim.AdamW(params, lr=1e-2), trust_coefficient=0.5)
+
+    gen = torch.Generator().manual_seed(0)
+    start = [torch.randn(s, generator=gen) for s in shapes]
+    params = [nn.Parameter(t.clone()) for t in start]
+    twins = [nn.Parameter(t.clone()) for t in start]
+    opt, eager = build(params), build(twins)
+    grads = [[torch.randn(s, generator=gen) for s in shapes] for _ in range(3)]
+    torch._dynamo.reset()
+    compiled = torch.compile(opt.step)
+    for i, step_grads in enumerate(grads):
+        for p, q, g in zip(params, twins, step_grads):
+            p.grad, q.grad = g.clone(), g.clone()
+        (opt.step if i == 0 else compiled)()
+        eager.step()
+    for p, q in zip(params, twins):
+        torch.testing.assert_close(p, q, rtol=1e-5, atol=1e-6)
+        assert opt.state[p]["step"].item() == eager.state[q]["step"].item() == 3
