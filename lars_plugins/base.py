@@ -172,6 +172,33 @@ def evaluate(closure: Optional[Callable[[], float]]) -> Optional[float]:
 EXCLUSION_KEYS: dict[str, Check] = {"exclude": flag(optional=True), "exclude_bias_and_norm": flag()}
 
 
+def without_trust_ratios(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` without the ``trust_ratio`` entries of its per-parameter state."""
+    state = {key: {k: v for k, v in entry.items() if k != "trust_ratio"} if isinstance(entry, dict) else entry
+             for key, entry in state_dict["state"].items()}
+    return {**state_dict, "state": state}
+
+
+def saved_trust_ratios(state_dict: dict[str, Any], param_groups: list[dict[str, Any]]) -> dict[Tensor, Tensor]:
+    """The ratios a state dict holds, by the parameter they will belong to (matched as torch matches
+    them: group by group, in order), taken before torch casts them to the parameters' dtype."""
+    found = {}
+    for saved_group, group in zip(state_dict["param_groups"], param_groups):
+        for key, p in zip(saved_group["params"], group["params"]):
+            entry = state_dict["state"].get(key)
+            if isinstance(entry, dict) and isinstance(entry.get("trust_ratio"), Tensor):
+                found[p] = entry["trust_ratio"]
+    return found
+
+
+def restore_trust_ratios(state: dict[Tensor, dict[str, Any]], saved: dict[Tensor, Tensor]) -> None:
+    """Put the saved ratios back in their own precision (torch has cast a float16 model's to float16:
+    199725.6 to inf): a ratio is a statistic in at least float32, not a weight."""
+    for p, ratio in saved.items():
+        if p in state:
+            state[p]["trust_ratio"] = ratio.to(device=p.device, dtype=ratio_dtype(p.dtype))
+
+
 class LayerwiseOptimizer(Optimizer):
     """Base of the optimizers that give each layer (whole original parameter) its own rate.
 
@@ -288,10 +315,18 @@ class LayerwiseOptimizer(Optimizer):
                 saved[key] = tuple(saved[key])
         return saved
 
+    def state_dict(self) -> dict[str, Any]:
+        """torch's state dict without the trust ratios of the last step: they are statistics that
+        every step computes afresh, not state a resumed run needs, and FSDP1 and ZeRO keep them per
+        layer outside the per-tensor state, so leaving them out lets a checkpoint move between
+        layouts (FSDP1, FSDP2, one process)."""
+        return without_trust_ratios(super().state_dict())
+
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict. Hyperparameters come from the checkpoint, as in torch, and pass the
-        constructor's checks; keys it lacks are kept from this optimizer's groups. Trust ratios keep
-        their float32 precision under half-precision parameters."""
+        constructor's checks; keys it lacks are kept from this optimizer's groups. Trust ratios in
+        the checkpoint (written by versions that saved them) keep their float32 precision under
+        half-precision parameters."""
         groups = []
         for index, (saved, current) in enumerate(zip(state_dict["param_groups"], self.param_groups)):
             where = f"loaded param group {index}: "
@@ -305,11 +340,9 @@ class LayerwiseOptimizer(Optimizer):
             groups.append(saved)
         # A length mismatch is left to torch, which explains it.
         groups += state_dict["param_groups"][len(groups):]
+        saved = saved_trust_ratios(state_dict, self.param_groups)
         super().load_state_dict({**state_dict, "param_groups": groups})
-        # torch casts every state tensor to its parameter's dtype; a ratio is a statistic, not a weight.
-        for p, state in self.state.items():
-            if "trust_ratio" in state:
-                state["trust_ratio"] = state["trust_ratio"].to(ratio_dtype(p.dtype))
+        restore_trust_ratios(self.state, saved)
 
     # --- layers ----------------------------------------------------------------------------------
 

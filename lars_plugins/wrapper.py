@@ -21,7 +21,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .base import EXCLUSION_KEYS, FOREIGN_KEYS, LayerwiseOptimizer, evaluate, flag, real
+from .base import (EXCLUSION_KEYS, FOREIGN_KEYS, LayerwiseOptimizer, evaluate, flag, real, restore_trust_ratios,
+                   saved_trust_ratios, without_trust_ratios)
 from .distributed import ShardedNorms, is_dtensor, to_local
 from .functional import _buckets, _host_norm, pick, _host_scalars, _host_trust_ratio, ratio_dtype, trust_ratio
 from .layouts import FlatLayout, layer_shape
@@ -132,8 +133,9 @@ class Layerwise(LayerwiseOptimizer):
         self._layouts = type(self._layouts)([*self._layouts.candidates, *added["params"]], owner=self.NAME)
 
     def state_dict(self) -> dict[str, Any]:
-        """The base's state dict (the wrapper's keys ride in its groups): it loads into the bare base too."""
-        return self.base.state_dict()
+        """The base's state dict (the wrapper's keys ride in its groups): it loads into the bare base
+        too. The trust ratios of the last step are left out, as by every layer-wise optimizer here."""
+        return without_trust_ratios(self.base.state_dict())
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of the wrapper or of the bare base (then the wrapper's keys stay as they are)."""
@@ -144,12 +146,11 @@ class Layerwise(LayerwiseOptimizer):
             saved = {**(current[index] if index < len(current) else {}), **self._translate_loaded(dict(saved), where)}
             self._validate(saved, explicit=saved, where=where)
             groups.append(saved)
+        saved = saved_trust_ratios(state_dict, self.param_groups)
         self.base.load_state_dict({**state_dict, "param_groups": groups})
         self.param_groups = self.base.param_groups
         self.state = self.base.state
-        for p, state in self.state.items():
-            if "trust_ratio" in state:
-                state["trust_ratio"] = state["trust_ratio"].to(ratio_dtype(p.dtype))
+        restore_trust_ratios(self.state, saved)
 
     def __getstate__(self) -> dict[str, Any]:
         # torch pickles defaults, state and groups alone; a wrapper is nothing without its base.

@@ -160,6 +160,8 @@ def worker(rank, port, engines, out):
         results[key] = {"params": params, "calls": calls, "monitor": monitor.latest}
         if key in RESUMED:
             results[key]["resumed"] = resumed(engine, kind, rank, f"{out}.{key.replace('/', '-')}.checkpoint")
+        if key in SAVED_FOR_ONE_PROCESS:
+            save_after_three_steps(engine, kind, rank, f"{out}.{key.replace('/', '-')}.dcp")
         dist.barrier()
     if rank == 0:
         torch.save(results, out)
@@ -198,6 +200,22 @@ def resumed(engine, kind, rank, path):
     return full_params(wrapped if engine.startswith("fsdp1") else model)
 
 
+def save_after_three_steps(engine, kind, rank, path):
+    """A distributed checkpoint (get_state_dict, dcp.save) after 3 of the 5 steps, for one process to resume."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    wrapped, model = wrap(make_model(), engine)
+    opt = make_opt(lars_plugins.param_groups(model, weight_decay=1e-4), kind)
+    for x, y in batches()[:3]:
+        half = slice(rank * 8, (rank + 1) * 8)
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(wrapped(x[half]), y[half]).backward()
+        opt.step()
+    model_state, optim_state = get_state_dict(wrapped, opt)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+
+
 def run(engines, tmp_path):
     out = str(tmp_path / "result.pt")
     mp.spawn(worker, args=(free_port(), engines, out), nprocs=WORLD)
@@ -214,12 +232,15 @@ OTHER_OPTIMIZERS = [f"{engine}/{kind}" for kind in ("lamb", "layerwise")
                     for engine in ("ddp", "fsdp2-two-meshes", "fsdp1-orig-full", "fsdp1-flat-gradop")]
 RESUMED = ["fsdp2", "fsdp1-orig-full", "fsdp1-flat-full", "fsdp2-two-meshes/lamb", "fsdp1-flat-gradop/layerwise"]
 MONITOR_COLLECTIVES = {"ddp": 0, "fsdp2-two-meshes": 3}  # the norm layers sit on a third (default) mesh
+# Saved under FSDP1 (either layout, each optimizer), resumed in one process.
+SAVED_FOR_ONE_PROCESS = ["fsdp1-flat-full", "fsdp1-orig-full/lamb", "fsdp1-flat-gradop/layerwise"]
 
 
 @pytest.fixture(scope="module")
 def torch_engines(tmp_path_factory):
     """All torch engines in one pair of processes (a process pair costs seconds to start)."""
-    return run(TORCH_ENGINES + OTHER_OPTIMIZERS, tmp_path_factory.mktemp("engines"))
+    where = tmp_path_factory.mktemp("engines")
+    return {**run(TORCH_ENGINES + OTHER_OPTIMIZERS, where), "dir": where}
 
 
 @pytest.mark.parametrize("engine", RESUMED)
@@ -227,6 +248,37 @@ def test_resume_from_a_distributed_checkpoint_equals_the_uninterrupted_run(engin
     result = torch_engines[engine]
     for name, value in result["params"].items():
         torch.testing.assert_close(result["resumed"][name], value, rtol=1e-6, atol=1e-7, msg=name)
+
+
+@pytest.mark.parametrize("engine", SAVED_FOR_ONE_PROCESS)
+def test_an_fsdp1_checkpoint_resumes_in_one_process(engine, torch_engines):
+    """torch's recipe on both sides (get_state_dict, dcp.load, set_state_dict): a checkpoint of 2
+    FSDP1 processes after 3 steps, resumed in one plain process for the last 2, equals the
+    uninterrupted one-process run."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    _, _, kind = engine.partition("/")
+    kind = kind or "lars"
+    path = torch_engines["dir"] / f"result.pt.{engine.replace('/', '-')}.dcp"
+    model = make_model()
+    # The groups the run had: FSDP1's flat parameters hold weights, biases and norms in one group
+    # (exclusion by each layer's shape, as here), use_orig_params keeps param_groups' two.
+    groups = ([{"params": list(model.parameters()), "weight_decay": 1e-4}] if "flat" in engine
+              else lars_plugins.param_groups(model, weight_decay=1e-4))
+    opt = make_opt(groups, kind)
+    model_state, optim_state = get_state_dict(model, opt)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=str(path))
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+    for x, y in batches()[3:]:
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    expected, _ = reference(kind)
+    for name, value in expected.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].detach(), value, rtol=1e-5, atol=1e-6,
+                                   msg=name)
 
 
 @pytest.mark.parametrize("engine", TORCH_ENGINES + OTHER_OPTIMIZERS)
@@ -272,6 +324,62 @@ def test_lightning_sharded_strategies(engine, tmp_path):
     for row in rows:  # whole-parameter norms, logged from rank 0
         assert float(row["weight_norm/model.0.weight"]) == pytest.approx(weight_norms[int(row["step"])], rel=1e-5)
         assert 0 < float(row["trust_ratio/model.3.weight"]) < 1 and not row.get("trust_ratio/model.0.bias")
+
+
+class Branches(nn.Module):
+    """A trunk and two heads; each step uses one head, so the other's FSDP unit gets no gradient."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.trunk, self.a, self.b = nn.Linear(8, 32), nn.Linear(32, 5), nn.Linear(32, 5)
+
+    def forward(self, x, head):
+        return getattr(self, head)(torch.relu(self.trunk(x)))
+
+
+HEADS = ["a", "a", "b", "a", "b"]  # b misses steps 1-2 and 4; a misses 3 and 5
+
+
+def branch_run(engine, rank=0, world=1):
+    """LAMB on :class:`Branches` (under FSDP1 ``engine`` when given): whole parameters at the end."""
+    from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
+
+    model = Branches()
+    wrapped = model
+    if engine:
+        wrapped = FSDP(model, device_id=torch.device("cpu"), use_orig_params=engine == "orig",
+                       auto_wrap_policy=lambda module, recurse, nonwrapped_numel: recurse or isinstance(module,
+                                                                                                     nn.Linear))
+    opt = lars_plugins.LAMB(lars_plugins.param_groups(wrapped, weight_decay=1e-2), lr=1e-2)
+    per_rank = 16 // world
+    for (x, y), head in zip(batches(), HEADS):
+        part = slice(rank * per_rank, (rank + 1) * per_rank)
+        opt.zero_grad(set_to_none=True)
+        nn.functional.cross_entropy(wrapped(x[part], head), y[part]).backward()
+        opt.step()
+    return full_params(wrapped)
+
+
+def branch_worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    results = {engine: branch_run(engine, rank, WORLD) for engine in ("flat", "orig")}
+    if rank == 0:
+        torch.save(results, out)
+    finish()
+
+
+def test_lamb_under_fsdp1_steps_units_that_missed_gradients_at_their_own_counts(tmp_path):
+    """An FSDP1 unit that gets no gradient on a step lags behind in LAMB's step count; the next
+    steps take each unit at its own count, as plain LAMB takes each parameter."""
+    out = str(tmp_path / "branches.pt")
+    mp.spawn(branch_worker, args=(free_port(), out), nprocs=WORLD)
+    results = torch.load(out, weights_only=True)
+    expected = branch_run(None)
+    for engine, params in results.items():
+        for name, value in expected.items():
+            torch.testing.assert_close(params[name], value, rtol=1e-5, atol=1e-6, msg=f"{engine}: {name}")
 
 
 def accelerate_worker(rank, port, out):

@@ -395,11 +395,47 @@ def test_bfloat16_params_train():
     run(opt, params, grad_sequence(SHAPES, steps=2))
     assert all(p.dtype == torch.bfloat16 and not torch.equal(p, b) for p, b in zip(params, before))
     assert all(opt.state[p]["trust_ratio"].dtype == torch.float32 for p in params if p.ndim > 1)
-    # torch casts loaded state to the parameter dtype; the ratios must stay float32.
     reloaded = LARS(params, lr=1.0)
     reloaded.load_state_dict(opt.state_dict())
-    assert all(reloaded.state[p]["trust_ratio"].dtype == torch.float32 for p in params if p.ndim > 1)
     assert all(reloaded.state[p]["momentum_buffer"].dtype == torch.bfloat16 for p in params)
+
+
+@pytest.mark.parametrize("kind", ["lars", "lamb", "layerwise"])
+def test_checkpoints_hold_state_but_not_the_last_steps_trust_ratios(kind):
+    """The ratios are statistics each step recomputes (FSDP1 and ZeRO keep them outside the
+    per-tensor state): checkpoints leave them out, so that they move between layouts."""
+    from lars_plugins import LAMB
+
+    params = make_params()
+    opt = {"lars": lambda: LARS(params, lr=1.0, momentum=0.9), "lamb": lambda: LAMB(params, lr=1e-2),
+           "layerwise": lambda: Layerwise(torch.optim.SGD(params, lr=0.1, momentum=0.9))}[kind]()
+    run(opt, params, grad_sequence(SHAPES, steps=1))
+    assert any("trust_ratio" in opt.state[p] for p in params)
+    saved = opt.state_dict()
+    assert saved["state"] and all("trust_ratio" not in entry for entry in saved["state"].values())
+    assert all(len(entry) >= 1 for entry in saved["state"].values())  # momentum, moments, counts stay
+
+
+@pytest.mark.parametrize("dtype, ratio", [(torch.float16, 199725.6), (torch.bfloat16, 1.047988)])
+@pytest.mark.parametrize("kind", ["lars", "layerwise"])
+def test_loaded_trust_ratios_keep_float32_under_half_precision_parameters(kind, dtype, ratio):
+    """A checkpoint that holds ratios (earlier versions saved them): torch casts loaded state to the
+    parameter's dtype, which would make 199725.6 inf in float16 and 1.047988 1.046875 in bfloat16."""
+    params = make_params(dtype=dtype)
+
+    def build():
+        return LARS(params, lr=1.0, momentum=0.9) if kind == "lars" else \
+            Layerwise(torch.optim.SGD(params, lr=0.1, momentum=0.9))
+
+    opt = build()
+    run(opt, params, grad_sequence(SHAPES, steps=1))
+    saved = opt.state_dict()
+    saved["state"][0]["trust_ratio"] = torch.tensor(ratio)
+    reloaded = build()
+    reloaded.load_state_dict(saved)
+    loaded = reloaded.state[params[0]]["trust_ratio"]
+    assert loaded.dtype == torch.float32 and loaded.item() == torch.tensor(ratio).item()
+    assert reloaded.state[params[0]]["momentum_buffer"].dtype == dtype
 
 
 def test_foreach_paths_agree():
