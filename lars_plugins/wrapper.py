@@ -94,18 +94,27 @@ class Layerwise(LayerwiseOptimizer):
         if isinstance(base, LayerwiseOptimizer):
             raise ValueError(f"base is a {type(base).__name__}, which applies layer-wise ratios itself; wrapping it "
                              "would apply them twice. Wrap its plain counterpart (SGD, AdamW) instead")
+        if isinstance(base, torch.optim.LBFGS):
+            raise ValueError("base is LBFGS, whose step() calls its closure many times (a line search) and "
+                             "moves the weights between calls; the wrapper rescales one update per step and cannot "
+                             "stand between them. Wrap a first-order optimizer (SGD, AdamW, RAdam...)")
         defaults = dict(trust_coefficient=trust_coefficient, trust_eps=trust_eps, trust_clip=trust_clip,
                         exclude=None, exclude_bias_and_norm=exclude_bias_and_norm,
                         centralize_gradients=centralize_gradients)
         groups = base.param_groups
         for index, group in enumerate(groups):
             self._validate({**defaults, **group}, explicit=group, where=f"param group {index}: ")
+            _check_base_lr(group, f"param group {index}: ", type(base).__name__)
         self.base = base
         # torch's constructor adds every group of the base (the same dicts: our keys land in them),
         # then the wrapper takes the base's list and state themselves, so the two never diverge.
         super().__init__(groups, defaults)
         self.param_groups = base.param_groups
         self.state = base.state
+        # The base's defaults beside ours: schedulers read optimizer.defaults (OneCycleLR and
+        # CyclicLR look there for "momentum" or "betas" before they cycle them in the groups).
+        self.wrapper_defaults = dict(defaults)
+        self.defaults = {**base.defaults, **defaults}
 
     def _validate(self, group: dict[str, Any], *, explicit: dict[str, Any], where: str) -> None:
         # The base's keys (lr, betas, eps…) are the base's to check; only ours (and what looks like
@@ -124,11 +133,13 @@ class Layerwise(LayerwiseOptimizer):
             return
         if not isinstance(param_group, dict):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
-        self._validate({**self.defaults, **param_group}, explicit=param_group,
+        self._validate({**self.wrapper_defaults, **param_group}, explicit=param_group,
                        where=f"param group {len(self.param_groups)}: ")
+        _check_base_lr(param_group if "lr" in param_group else {**self.base.defaults, **param_group},
+                       f"param group {len(self.param_groups)}: ", type(self.base).__name__)
         self.base.add_param_group(param_group)
         added = self.base.param_groups[-1]
-        for key, value in self.defaults.items():
+        for key, value in self.wrapper_defaults.items():
             added.setdefault(key, value)
         self._layouts = type(self._layouts)([*self._layouts.candidates, *added["params"]], owner=self.NAME)
 
@@ -139,7 +150,7 @@ class Layerwise(LayerwiseOptimizer):
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict of the wrapper or of the bare base (then the wrapper's keys stay as they are)."""
-        current = [{k: group[k] for k in self.defaults} for group in self.param_groups]
+        current = [{k: group[k] for k in self.wrapper_defaults} for group in self.param_groups]
         groups = []
         for index, saved in enumerate(state_dict["param_groups"]):
             where = f"loaded param group {index}: "
@@ -154,7 +165,7 @@ class Layerwise(LayerwiseOptimizer):
 
     def __getstate__(self) -> dict[str, Any]:
         # torch pickles defaults, state and groups alone; a wrapper is nothing without its base.
-        return {**super().__getstate__(), "base": self.base}
+        return {**super().__getstate__(), "base": self.base, "wrapper_defaults": self.wrapper_defaults}
 
     def __setstate__(self, state: dict[str, Any]) -> None:
         super().__setstate__(state)
@@ -223,9 +234,13 @@ class Layerwise(LayerwiseOptimizer):
             w_norm = _host_norm(o)
             o.sub_(p)  # w_old - w_new = -Δw
             delta_norm = _host_norm(o)
-            d_norm = 0.0 if delta_norm == 0 else (delta_norm / lr if lr > 0 else math.inf)
-            ratio = _host_trust_ratio(w_norm, d_norm, trust_coefficient=group["trust_coefficient"], weight_decay=0.0,
-                                      eps=group["trust_eps"], lr=lr, trust_clip=group["trust_clip"])
+            if lr == 0:  # see _ratios: the update is 0 (NaN only from NaN or inf)
+                ratio = 0.0 if math.isfinite(w_norm) and math.isfinite(delta_norm) else math.nan
+            else:
+                d_norm = 0.0 if delta_norm == 0 else delta_norm / lr
+                ratio = _host_trust_ratio(w_norm, d_norm, trust_coefficient=group["trust_coefficient"],
+                                          weight_decay=0.0, eps=group["trust_eps"], lr=lr,
+                                          trust_clip=group["trust_clip"])
             self._trust_ratio_slot(p).fill_(ratio)
             if self._norm_sink is not None:  # a monitor records this step: ‖w‖ before the update is taken
                 self._norm_sink[p] = (w_norm, None)
@@ -262,11 +277,22 @@ class Layerwise(LayerwiseOptimizer):
 
     def _ratios(self, group: dict[str, Any], w_norms: Tensor, delta_norms: Tensor) -> Tensor:
         """:func:`trust_ratio` of ``‖w‖`` and the base's direction ``‖Δw‖/lr`` (a layer the base did
-        not move has direction 0 whatever ``lr``, even 0)."""
+        not move has direction 0 whatever ``lr``, even 0).
+
+        At ``lr = 0`` the ratio is 0: every adapted layer stays where it was, even where the base
+        moves without regard to ``lr`` (Rprop's own step sizes, ASGD's averaging). That is the limit
+        of ``r·Δw`` as ``lr`` goes to 0 for a fixed ``Δw``, and what a schedule ending at 0 asks for;
+        NaN stays reserved for NaN or inf norms."""
         lr = group["lr"]
+        if isinstance(lr, (int, float)) and lr == 0:
+            return torch.where(torch.isfinite(w_norms) & torch.isfinite(delta_norms), 0.0, torch.nan)
         d_norms = torch.where(delta_norms == 0, 0.0, delta_norms / lr)
-        return trust_ratio(w_norms, d_norms, trust_coefficient=group["trust_coefficient"], weight_decay=0.0,
-                           eps=group["trust_eps"], lr=lr, trust_clip=group["trust_clip"])
+        ratios = trust_ratio(w_norms, d_norms, trust_coefficient=group["trust_coefficient"], weight_decay=0.0,
+                             eps=group["trust_eps"], lr=lr, trust_clip=group["trust_clip"])
+        if isinstance(lr, Tensor):  # a scheduled tensor lr at 0: decided on the device, no host read
+            stays = torch.where(torch.isfinite(w_norms) & torch.isfinite(delta_norms), 0.0, torch.nan)
+            ratios = torch.where(lr == 0, stays, ratios)
+        return ratios
 
     def _centralize(self, group: dict[str, Any], layout: Optional[FlatLayout], where: str) -> None:
         if layout is not None:
@@ -283,6 +309,18 @@ class Layerwise(LayerwiseOptimizer):
                                  f"parameter has placements {p.placements}")
             grads.append(to_local(p.grad))
         centralize_gradients_(grads)
+
+
+def _check_base_lr(group: dict[str, Any], where: str, base: str) -> None:
+    """The ratio divides the base's update by its lr: a group without a numeric lr is refused
+    before any step (transformers' Adafactor leaves lr=None and computes its own step size)."""
+    lr = group.get("lr")
+    if isinstance(lr, Tensor) or (isinstance(lr, (int, float)) and not isinstance(lr, bool)):
+        return
+    hint = (" (transformers' Adafactor: pass lr=1e-3, relative_step=False, scale_parameter=False, "
+            "warmup_init=False)" if base == "Adafactor" else "")
+    raise ValueError(f"{where}the base {base} has lr={lr!r}; Layerwise needs a number (or 0-d tensor) lr, since "
+                     f"the trust ratio measures the base's update in units of lr{hint}")
 
 
 def _squares(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:

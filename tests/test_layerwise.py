@@ -286,3 +286,82 @@ def test_the_wrapper_hands_its_weight_norms_to_the_monitor(path, monkeypatch):
         assert not set(seen) & adapted
     else:  # the wrapper's one pass over the adapted weights, none by the monitor
         assert all(seen.count(i) == 1 for i in adapted)
+
+
+@pytest.mark.parametrize("tensor_lr", [False, True])
+def test_at_lr_zero_adapted_layers_stay_put_even_where_the_base_moves(path, tensor_lr):
+    """Rprop's step sizes are its own after the first step: at lr 0 (where WarmupDecayLR ends) it
+    still moves. The wrapper's update r·Δw then is 0, the limit as lr goes to 0, not NaN."""
+    params = make_params()
+    lr = torch.tensor(0.01, dtype=torch.float64) if tensor_lr else 0.01
+    opt = Layerwise(torch.optim.Rprop(params, lr=lr), trust_coefficient=0.02)
+    run(opt, params, 2)
+    if tensor_lr:
+        opt.param_groups[0]["lr"].fill_(0.0)
+    else:
+        opt.param_groups[0]["lr"] = 0.0
+    before = [p.detach().clone() for p in params]
+    run(opt, params, 1, first=2)
+    for p, b in zip(params, before):
+        if p.ndim > 1:
+            assert torch.equal(p, b)  # adapted: not moved
+            assert opt.state[p]["trust_ratio"].item() == 0.0
+        else:
+            assert not torch.equal(p, b)  # excluded: Rprop's own step, as ever
+    # NaN stays reserved for NaN: SGD at lr 0 turns a NaN gradient into a NaN update (0·NaN).
+    sgd = Layerwise(torch.optim.SGD(params, lr=torch.tensor(0.0, dtype=torch.float64) if tensor_lr else 0.0))
+    for p, g in zip(params, grads_at(3)):
+        p.grad = g
+    params[0].grad[0, 0] = math.nan
+    sgd.step()
+    assert math.isnan(sgd.state[params[0]]["trust_ratio"].item())
+    assert sgd.state[params[2]]["trust_ratio"].item() == 0.0
+
+
+@pytest.mark.parametrize("scheduler", ["OneCycleLR", "CyclicLR"])
+@pytest.mark.parametrize("base", ["AdamW", "SGD"])
+def test_momentum_cycling_schedulers_schedule_the_base_through_the_wrapper(base, scheduler):
+    """OneCycleLR and CyclicLR cycle the base's momentum (SGD) or β1 (AdamW) beside its lr; they look
+    for it in optimizer.defaults. Through the wrapper they must do to the base what they do to it bare."""
+    def build(params):
+        if base == "AdamW":
+            return torch.optim.AdamW(params, lr=1e-2)
+        return torch.optim.SGD(params, lr=0.1, momentum=0.9)
+
+    def schedule(opt):
+        if scheduler == "OneCycleLR":
+            return torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=0.1, total_steps=10)
+        return torch.optim.lr_scheduler.CyclicLR(opt, base_lr=0.01, max_lr=0.1, step_size_up=3)
+
+    bare_params, wrapped_params = make_params(), make_params()
+    bare = build(bare_params)
+    wrapped = Layerwise(build(wrapped_params))
+    schedules = [schedule(bare), schedule(wrapped)]
+    for _ in range(4):
+        run(bare, bare_params, 1)
+        run(wrapped, wrapped_params, 1)
+        for s in schedules:
+            s.step()
+    key = "betas" if base == "AdamW" else "momentum"
+    assert wrapped.base.param_groups[0]["lr"] == bare.param_groups[0]["lr"]
+    assert wrapped.base.param_groups[0][key] == bare.param_groups[0][key]
+    assert wrapped.param_groups[0][key] != build(make_params()).param_groups[0][key]  # it was cycled
+    pickled = weights_only_round_trip(wrapped.state_dict())
+    assert "trust_coefficient" in pickled["param_groups"][0]
+
+
+def test_bases_the_wrapper_cannot_serve_are_refused_at_construction():
+    params = make_params()
+    with pytest.raises(ValueError, match="LBFGS.*closure"):
+        Layerwise(torch.optim.LBFGS(params))
+    transformers = pytest.importorskip("transformers.optimization")
+    adafactor = transformers.Adafactor(params)  # its defaults: lr=None, relative_step=True
+    with pytest.raises(ValueError, match=r"param group 0: the base Adafactor has lr=None.*relative_step=False"):
+        Layerwise(adafactor)
+    before = [p.detach().clone() for p in params]
+    wrapped = Layerwise(transformers.Adafactor(params, lr=1e-3, relative_step=False, scale_parameter=False,
+                                               warmup_init=False))
+    run(wrapped, params, 1)  # with an lr it runs
+    assert not torch.equal(params[0], before[0])
+    with pytest.raises(ValueError, match="param group 1: the base Adafactor has lr=None"):
+        wrapped.add_param_group({"params": [nn.Parameter(torch.zeros(3, 3, dtype=torch.float64))], "lr": None})
