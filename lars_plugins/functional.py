@@ -190,8 +190,9 @@ def use_fused_step(owner: str, fused: Optional[bool], foreach: Optional[bool], s
 
 
 def ratio_dtype(param_dtype: torch.dtype) -> torch.dtype:
-    """The dtype of norms and trust ratios: float32 for half/bfloat16 parameters, else their own."""
-    return torch.promote_types(param_dtype, torch.float32)
+    """The dtype of norms and trust ratios: float32 for half/bfloat16 parameters, else their own
+    (the real counterpart of a complex dtype: a norm is real)."""
+    return torch.promote_types(param_dtype.to_real() if param_dtype.is_complex else param_dtype, torch.float32)
 
 
 def _indices_by(keys: Iterable[K]) -> dict[K, list[int]]:

@@ -18,6 +18,11 @@ from .layouts import FlatLayout
 
 __all__ = ["LAMB", "LAMB_VARIANTS"]
 
+
+def _real(t: Tensor) -> Tensor:
+    """A complex tensor as its real view (``[..., 2]``: real and imaginary parts), else itself."""
+    return torch.view_as_real(t) if t.is_complex() else t
+
 # The names frameworks select LAMB by, with the keywords each implies. timm already registers
 # lamb, lambc, lambw and lambcw for its own Lamb, so the timm integration prefixes these with "lp".
 LAMB_VARIANTS: dict[str, dict[str, Any]] = {
@@ -136,7 +141,8 @@ class LAMB(LayerwiseOptimizer):
         states = [self.state[p] for p in params]
         buckets = _buckets(params)
         if not all(use_fused_step("LAMB", group["fused"], group["foreach"], any(is_dtensor(params[i]) for i in idx),
-                                  [(params[i], params[i].grad, states[i].get("exp_avg"), states[i].get("exp_avg_sq"))
+                                  [tuple(_real(t) if t is not None else None for t in (
+                                      params[i], params[i].grad, states[i].get("exp_avg"), states[i].get("exp_avg_sq")))
                                    for i in idx]) for idx in buckets.values()):
             return False
         hyper = self._hyper(group)
@@ -145,8 +151,8 @@ class LAMB(LayerwiseOptimizer):
             tensors = [self._state(p, step_on_device=True) for p in bucket]
             excluded = [self.is_excluded(group, p) for p in bucket]
             taken: Optional[list] = [None] * len(bucket) if self._norm_sink is not None else None
-            fused_lamb(bucket, [p.grad for p in bucket], [m for _, m, _ in tensors],  # type: ignore[misc]
-                       [v for _, _, v in tensors], [s for s, _, _ in tensors],
+            fused_lamb([_real(p) for p in bucket], [_real(p.grad) for p in bucket],  # type: ignore[arg-type]
+                       [_real(m) for _, m, _ in tensors], [_real(v) for _, _, v in tensors], [s for s, _, _ in tensors],
                        [None if ex else self._trust_ratio_slot(p) for p, ex in zip(bucket, excluded)],
                        excluded=excluded, lr=group["lr"], beta1=hyper["beta1"], beta2=hyper["beta2"], eps=hyper["eps"],
                        weight_decay=group["weight_decay"], bias_correction=hyper["bias_correction"],
@@ -172,16 +178,18 @@ class LAMB(LayerwiseOptimizer):
             step, exp_avg, exp_avg_sq = self._moments(p)
             excluded.append(self.is_excluded(group, p))
             params.append(p)
-            grads.append(p.grad)
-            exp_avgs.append(exp_avg)
-            exp_avg_sqs.append(exp_avg_sq)
+            # A complex parameter is stepped as its real view (as torch's Adam does): the second
+            # moment then accumulates the squares of the real and imaginary parts, not g·g.
+            grads.append(_real(p.grad))
+            exp_avgs.append(_real(exp_avg))
+            exp_avg_sqs.append(_real(exp_avg_sq))
             steps.append(step)  # per parameter: one that had no gradient on some step has its own count
             ratios.append(None if excluded[-1] else self._trust_ratio_slot(p))
         if not params:
             return
         norms = ShardedNorms(params, where=where, owner=self.NAME) if any(is_dtensor(p) for p in params) else None
         taken: Optional[list] = [None] * len(params) if self._norm_sink is not None else None
-        lamb([to_local(p) for p in params], [to_local(g) for g in grads], [to_local(m) for m in exp_avgs],
+        lamb([_real(to_local(p)) for p in params], [to_local(g) for g in grads], [to_local(m) for m in exp_avgs],
              [to_local(v) for v in exp_avg_sqs], ratios, excluded=excluded, step=steps, lr=group["lr"],
              weight_decay=group["weight_decay"], weight_norm_bounds=group["weight_norm_bounds"],
              trust_clip=group["trust_clip"], foreach=group["foreach"], norms=norms, weight_norms_out=taken,
@@ -190,6 +198,12 @@ class LAMB(LayerwiseOptimizer):
             self._norm_sink.update((p, (w, None)) for p, w in zip(params, taken) if w is not None)
 
     def _step_flat(self, group: dict[str, Any], layout: FlatLayout) -> None:
+        if any(t.is_complex() for t in group["params"]):
+            raise ValueError(f"{layout.engine} holds complex parameters in flat tensors; LAMB steps complex "
+                             "parameters as their real views, which it can only do for whole parameters")
+        self._step_pieces(group, layout)
+
+    def _step_pieces(self, group: dict[str, Any], layout: FlatLayout) -> None:
         """One step of a group whose tensors hold pieces of layers (FSDP1, DeepSpeed ZeRO).
 
         The moments and ``u`` are computed on the pieces; ``‖w‖`` and ``‖u‖`` of whole layers then

@@ -387,10 +387,18 @@ def _norms(tensors: Sequence[Tensor]) -> list[Tensor]:
     """
     if any(is_dtensor(t) for t in tensors):
         dtype = ratio_dtype(tensors[0].dtype)
-        norms, _ = ShardedNorms(tensors)(range(len(tensors)), [to_local(t) for t in tensors], [], dtype)
+        norms, _ = ShardedNorms(tensors, owner="TrustRatioMonitor")(range(len(tensors)),
+                                                                    [to_local(t) for t in tensors], [], dtype)
         return list(norms.unbind())
     out: list[Tensor] = [tensors[0]] * len(tensors)  # every slot is filled below
-    for (_, dtype), idx in _buckets(tensors).items():
+    dense = []
+    for i, t in enumerate(tensors):
+        if t.is_sparse:  # a sparse gradient (Embedding(sparse=True)): duplicate indices add up first
+            out[i] = torch.linalg.vector_norm(t.coalesce().values(), dtype=ratio_dtype(t.dtype))
+        else:
+            dense.append(i)
+    for (_, dtype), idx in _buckets([tensors[i] for i in dense]).items():
+        idx = [dense[k] for k in idx]
         bucket_norms = torch._foreach_norm([tensors[i] for i in idx], 2, dtype=ratio_dtype(dtype))
         for i, n in zip(idx, bucket_norms):
             out[i] = n

@@ -321,3 +321,26 @@ def test_a_nan_gradient_gives_that_layer_a_nan_ratio_and_leaves_the_others_alone
     assert math.isnan(opt.state[params[0]]["trust_ratio"].item())
     healthy = opt.state[params[2]]["trust_ratio"].item()
     assert math.isfinite(healthy) and healthy > 0 and torch.isfinite(params[2]).all()
+
+
+@pytest.mark.parametrize("foreach", [False, True])
+def test_complex_parameters_step_as_their_real_views(foreach):
+    """As torch's Adam steps them: the second moment holds the squares of the real and imaginary
+    parts (it accumulated g·g, a complex number, before), and ‖w‖ is the complex tensor's norm."""
+    gen = torch.Generator().manual_seed(0)
+    shapes = [(6, 4), (5,)]
+    start = [torch.randn(s, dtype=torch.complex128, generator=gen) for s in shapes]
+    params = [nn.Parameter(t.clone()) for t in start]
+    ref = ReferenceLAMB([torch.view_as_real(t) for t in start], adapt=[True, False], lr=1e-2)
+    opt = LAMB(params, lr=1e-2, foreach=foreach)
+    for _ in range(3):
+        grads = [torch.randn(s, dtype=torch.complex128, generator=gen) for s in shapes]
+        ref.step([torch.view_as_real(g) for g in grads])
+        for p, g in zip(params, grads):
+            p.grad = g
+        opt.step()
+    for i, p in enumerate(params):
+        torch.testing.assert_close(torch.view_as_real(p.detach()), ref.w[i], rtol=1e-10, atol=1e-12)
+        assert torch.view_as_real(opt.state[p]["exp_avg_sq"]).ge(0).all()  # squares of both parts
+    ratio = opt.state[params[0]]["trust_ratio"]
+    assert ratio.dtype == torch.float64 and ratio.item() == pytest.approx(ref.ratios[0], rel=1e-10)

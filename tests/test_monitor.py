@@ -517,3 +517,25 @@ def test_lamb_hands_over_its_weight_norms_and_the_monitor_takes_the_gradients(fo
     for name in w:
         assert monitor.latest[f"weight_norm/{name}"] == pytest.approx(w[name], rel=1e-5)
         assert monitor.latest[f"grad_norm/{name}"] == pytest.approx(g[name], rel=1e-5)
+
+
+@pytest.mark.parametrize("wrapped", [False, True])
+def test_sparse_gradients_are_recorded_with_the_norms_of_their_dense_equivalents(wrapped):
+    """Embedding(sparse=True) with SparseAdam, bare or wrapped: the post-step hook ran after the step
+    had been applied and raised on the sparse gradient."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Embedding(20, 6, sparse=True), nn.Flatten(), nn.Linear(18, 2))
+    embedding = list(model[0].parameters())
+    dense = list(model[2].parameters())
+    opts = [torch.optim.SparseAdam(embedding, lr=1e-2), torch.optim.Adam(dense, lr=1e-2)]
+    if wrapped:
+        opts[0] = lars_plugins.Layerwise(opts[0], trust_coefficient=0.1)
+    monitor = TrustRatioMonitor(model, opts[0], every_n_steps=1)
+    tokens = torch.tensor([[1, 2, 1], [3, 1, 5]])  # index 1 three times: the sparse gradient repeats it
+    model(tokens).pow(2).sum().backward()
+    dense_grad = model[0].weight.grad.to_dense()
+    weight = model[0].weight.detach().norm().item()
+    for opt in opts:
+        opt.step()
+    assert monitor.latest["grad_norm/0.weight"] == pytest.approx(dense_grad.norm().item(), rel=1e-6)
+    assert monitor.latest["weight_norm/0.weight"] == pytest.approx(weight, rel=1e-6)
