@@ -19,6 +19,28 @@ from .layouts import FlatLayout
 __all__ = ["LAMB", "LAMB_VARIANTS"]
 
 
+def _adopt_group_steps(state_dict: dict[str, Any]) -> dict[str, Any]:
+    """``state_dict`` with a group-level ``step`` (timm's ``Lamb`` keeps one count per group) moved
+    into the state of each of the group's parameters. Moments without any count are refused: the
+    first step would otherwise restart bias correction on them (or drop them)."""
+    groups, state = [], dict(state_dict["state"])
+    for index, saved in enumerate(state_dict["param_groups"]):
+        saved = dict(saved)
+        step = saved.pop("step", None)
+        for key in saved["params"]:
+            entry = state.get(key)
+            if not isinstance(entry, dict) or "exp_avg" not in entry or "step" in entry:
+                continue
+            if step is None:
+                raise ValueError(f"loaded param group {index}: a parameter's state has Adam moments but no step count "
+                                 "(neither per parameter nor per group); LAMB's bias correction needs it. Load a "
+                                 "checkpoint of lars_plugins.LAMB, timm's Lamb or another Adam-family optimizer")
+            count = step.detach().clone() if isinstance(step, Tensor) else torch.tensor(step)
+            state[key] = {**entry, "step": count.to(device="cpu", dtype=torch.float32).reshape(())}
+        groups.append(saved)
+    return {**state_dict, "state": state, "param_groups": groups}
+
+
 def _real(t: Tensor) -> Tensor:
     """A complex tensor as its real view (``[..., 2]``: real and imaginary parts), else itself."""
     return torch.view_as_real(t) if t.is_complex() else t
@@ -111,6 +133,11 @@ class LAMB(LayerwiseOptimizer):
         beta1, beta2 = group["betas"]
         return dict(beta1=beta1, beta2=beta2, eps=group["eps"], bias_correction=group["bias_correction"],
                     maximize=group["maximize"])
+
+    def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        """Load a state dict; one of timm's ``Lamb`` (a ``step`` per group, moments per parameter) has
+        its group's count given to each parameter, so that bias correction goes on from where it was."""
+        super().load_state_dict(_adopt_group_steps(state_dict))
 
     def _state(self, p: Tensor, *, step_on_device: bool = False) -> tuple[Tensor, Tensor, Tensor]:
         """``(step, exp_avg, exp_avg_sq)`` of ``p``, made at its first step. The count is a float32

@@ -344,3 +344,39 @@ def test_complex_parameters_step_as_their_real_views(foreach):
         assert torch.view_as_real(opt.state[p]["exp_avg_sq"]).ge(0).all()  # squares of both parts
     ratio = opt.state[params[0]]["trust_ratio"]
     assert ratio.dtype == torch.float64 and ratio.item() == pytest.approx(ref.ratios[0], rel=1e-10)
+
+
+def test_a_timm_lamb_checkpoint_goes_on_where_it_stopped():
+    """timm keeps one step count per group, none per parameter: its moments were silently replaced by
+    zeros and bias correction restarted from step 1."""
+    timm_optim = pytest.importorskip("timm.optim")
+    theirs = [torch.nn.Parameter(p.clone()) for p in tensors(0)]
+    ours = [torch.nn.Parameter(p.clone()) for p in tensors(0)]
+    # always_adapt=True: every tensor adapted, as ours with exclude_bias_and_norm=False (which the
+    # checkpoint's always_adapt sets on load: docs/timm.md).
+    timm_opt = timm_optim.Lamb(theirs, lr=1e-2, weight_decay=0.05, max_grad_norm=None, always_adapt=True)
+
+    def step(opt, params, t):
+        for p, g in zip(params, tensors(t)):
+            p.grad = g.clone()
+        opt.step()
+
+    for t in range(1, 3):
+        step(timm_opt, theirs, t)
+    with torch.no_grad():
+        for a, b in zip(ours, theirs):
+            a.copy_(b)
+    opt = LAMB(ours, lr=1e-2, weight_decay=0.05)
+    opt.load_state_dict(weights_only_round_trip(timm_opt.state_dict()))
+    assert all(opt.state[p]["step"].item() == 2 for p in ours)
+    assert "step" not in opt.param_groups[0]
+    for t in range(3, 5):
+        step(timm_opt, theirs, t)
+        step(opt, ours, t)
+    for a, b in zip(ours, theirs):
+        torch.testing.assert_close(a, b.detach(), rtol=1e-5, atol=1e-7)
+    moments_only = opt.state_dict()
+    for entry in moments_only["state"].values():
+        del entry["step"]
+    with pytest.raises(ValueError, match="Adam moments but no step count"):
+        LAMB(ours, lr=1e-2).load_state_dict(moments_only)
