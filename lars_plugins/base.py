@@ -105,6 +105,26 @@ class ForeignKey:
     how: str = ""  # what the conversion is, for messages
 
 
+# Short forms people write for our keys (from other libraries' and papers' vocabularies).
+SHORT_FORMS = {"wd": "weight_decay", "weight_decay_rate": "weight_decay", "epsilon": "eps", "beta1": "betas",
+               "beta2": "betas", "b1": "betas", "b2": "betas", "mom": "momentum", "coef": "trust_coefficient",
+               "coeff": "trust_coefficient", "trust_coef": "trust_coefficient", "nesterov_momentum": "nesterov"}
+
+
+def meant_key(key: str, ours: Iterable[str]) -> list[str]:
+    """Our keys that ``key`` looks like a try at: a short form (``wd``), an abbreviation (a prefix
+    of three letters or more: ``trust_coef``, ``mom``), or a misspelling; none for unrelated keys
+    (``initial_lr``, ``lr_scale``, ``name``), which a group may carry."""
+    ours = list(ours)
+    if SHORT_FORMS.get(key) in ours:
+        return [SHORT_FORMS[key]]
+    if len(key) >= 3:
+        prefixed = [k for k in ours if k.startswith(key)]
+        if prefixed:
+            return prefixed
+    return difflib.get_close_matches(key, ours, n=1, cutoff=0.85)
+
+
 def _negated(value: Any) -> bool:
     if not isinstance(value, bool):
         raise TypeError(f"must be a bool, got {value!r}")
@@ -252,9 +272,11 @@ class LayerwiseOptimizer(Optimizer):
                 raise TypeError(_foreign_message(where, name, foreign, f"lars_plugins.{type(self).__name__}"))
         for key in explicit:
             if isinstance(key, str) and key not in self.KEYS:
-                close = difflib.get_close_matches(key, self.KEYS, n=1, cutoff=0.85)
-                if close:
-                    raise TypeError(f"{where}unknown {self.NAME} key {key!r}; did you mean {close[0]!r}?")
+                meant = meant_key(key, self.KEYS)
+                if meant:
+                    raise TypeError(f"{where}unknown {self.NAME} key {key!r}; did you mean "
+                                    f"{' or '.join(repr(k) for k in meant)}? {self.NAME} would ignore it (torch keeps "
+                                    "any key in a group): give the full name, or another name to a key of your own")
         for key, check in self.KEYS.items():
             if key in group:
                 check(where, key, group[key])

@@ -651,3 +651,27 @@ def test_named_parameters_are_accepted():
     opt = LARS(model.named_parameters())
     assert opt.param_groups[0]["param_names"] == ["weight", "bias"]
 
+
+
+@pytest.mark.parametrize("key, meant", [("trust_coef", "'trust_coefficient'"), ("wd", "'weight_decay'"),
+                                        ("mom", "'momentum'"), ("weight_dec", "'weight_decay'"),
+                                        ("trust", "'trust_coefficient' or 'trust_clip'"), ("nest", "'nesterov'"),
+                                        ("epsilon", "'eps'")])
+def test_abbreviated_and_short_keys_are_refused_with_ours(key, meant):
+    """A group key that is a prefix or a common short form of ours did nothing at all."""
+    p = nn.Parameter(torch.randn(2, 2))
+    with pytest.raises(TypeError, match=f"unknown LARS key '{key}'; did you mean {meant}\\?"):
+        LARS([{"params": [p], key: 0.5}])
+
+
+def test_keys_that_schedulers_and_frameworks_put_in_groups_are_accepted():
+    from lars_plugins import LAMB
+
+    p = nn.Parameter(torch.randn(2, 2))
+    keys = {"initial_lr": 0.1, "max_lr": 1.0, "min_lr": 0.0, "base_momentum": 0.85, "max_momentum": 0.95,
+            "lr_scale": 0.5, "layer_id": 3, "param_names": ["p"], "name": "decay", "use_fallback": False,
+            "applied_lr_scale": 1.0, "weight_decay_filter": True}
+    LARS([{"params": [p], **keys}])
+    LAMB([{"params": [p], **keys}])
+    with pytest.raises(TypeError, match="did you mean 'betas'"):
+        LAMB([{"params": [p], "beta1": 0.8}])
