@@ -27,20 +27,26 @@ import tempfile
 import time
 from pathlib import Path
 
-import torch
+# No torch at the top: the read and plot phases must show what reading and plotting cost without it.
 
 
-def synthetic_records(layers: int, records: int):
-    """``(step, record)`` of a run with ``layers`` tensors named like a transformer's, in model order."""
+def synthetic_records(layers: int, records: int, diverge: bool = False):
+    """``(step, record)`` of a run with ``layers`` tensors named like a transformer's, in model order;
+    with ``diverge``, one layer's trust ratio turns inf and then NaN over the last records."""
+    import numpy as np
+
     from lars_plugins.history import METRICS
 
     names = [f"blocks.{i // 8}.{('attn.qkv', 'attn.proj', 'mlp.fc1', 'mlp.fc2', 'norm1', 'norm2', 'ls1', 'ls2')[i % 8]}"
              f".weight" for i in range(layers)]
-    gen = torch.Generator().manual_seed(0)
-    base = torch.rand(len(METRICS), layers, generator=gen, dtype=torch.float64) * 3 - 4  # log10 of the values
+    gen = np.random.default_rng(0)
+    base = gen.random((len(METRICS), layers)) * 3 - 4  # log10 of the values
     for k in range(records):
-        noise = torch.randn(len(METRICS), layers, generator=gen, dtype=torch.float64) * 0.05
-        values = torch.pow(10.0, base + noise - 0.3 * math.log10(k + 1)).tolist()
+        noise = gen.standard_normal((len(METRICS), layers)) * 0.05
+        values = np.power(10.0, base + noise - 0.3 * math.log10(k + 1))
+        if diverge and k >= records - max(2, records // 50):
+            values[0, layers // 3] = math.inf if k < records - 1 else math.nan  # a layer blows up at the end
+        values = values.tolist()
         record = {}
         for metric, row in zip(METRICS, values):
             record.update((f"{metric}/{name}", v) for name, v in zip(names, row))
@@ -61,10 +67,10 @@ def resident_mb() -> float:
         return int(f.read().split()[1]) * os.sysconf("SC_PAGE_SIZE") / 1e6
 
 
-def phase_write(layers: int, records: int, path: str) -> dict:
+def phase_write(layers: int, records: int, path: str, diverge: bool = False) -> dict:
     from lars_plugins import TrustRatioHistory
 
-    generated = list(synthetic_records(layers, records))  # made before timing: the run's own work
+    generated = list(synthetic_records(layers, records, diverge))  # made before timing: the run's own work
     base_mb = resident_mb()
     history = TrustRatioHistory()
     start = time.perf_counter()
@@ -101,7 +107,13 @@ def phase_plot(path: str, out: str) -> dict:
 
     start = time.perf_counter()
     main(["plot", path, "--output", out])
-    return {"plot_s": time.perf_counter() - start, "plot_peak_mb": peak_mb()}
+    return {"plot_s": time.perf_counter() - start, "plot_peak_mb": peak_mb(), "torch_imported": "torch" in sys.modules}
+
+
+def phase_help() -> dict:
+    start = time.perf_counter()
+    subprocess.run([sys.executable, "-m", "lars_plugins.cli", "plot", "--help"], check=True, capture_output=True)
+    return {"help_s": time.perf_counter() - start}
 
 
 def in_child(phase: str, *args: str) -> dict:
@@ -114,10 +126,10 @@ def in_child(phase: str, *args: str) -> dict:
 OPTIMIZERS = {
     "LARS": lambda groups: __import__("lars_plugins").LARS(groups, lr=0.1),
     "LAMB": lambda groups: __import__("lars_plugins").LAMB(groups, lr=1e-3),
-    "AdamW": lambda groups: torch.optim.AdamW([{"params": g["params"], "weight_decay": g["weight_decay"]}
-                                               for g in groups], lr=1e-3),
+    "AdamW": lambda groups: __import__("torch").optim.AdamW(
+        [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups], lr=1e-3),
     "Layerwise(AdamW)": lambda groups: __import__("lars_plugins").Layerwise(
-        torch.optim.AdamW(groups, lr=1e-3), trust_coefficient=1.0),
+        __import__("torch").optim.AdamW(groups, lr=1e-3), trust_coefficient=1.0),
 }
 
 
@@ -125,6 +137,7 @@ def recording_cost(reps: int, name: str) -> dict:
     """Median step times of ``name`` on ViT-B/16 without a monitor, and with one on steps it does
     and does not record (interleaved, identical gradients)."""
     import timm
+    import torch
 
     from lars_plugins import TrustRatioMonitor, param_groups
 
@@ -161,22 +174,28 @@ def main() -> None:
     parser.add_argument("--no-model", action="store_true", help="skip the ViT-B/16 recording cost")
     parser.add_argument("--optimizers", nargs="+", default=list(OPTIMIZERS), choices=list(OPTIMIZERS),
                         help="optimizers whose recording cost is measured")
+    parser.add_argument("--figure", type=Path, default=None,
+                        help="keep the report `lars-plugins plot` drew of a run whose one layer diverges at the end "
+                             "(docs/images/monitor_scale_report.png is one)")
     parser.add_argument("--phase", help=argparse.SUPPRESS)
     parser.add_argument("args", nargs="*", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.phase:  # a child process: one phase, its result as the last line of JSON
-        phases = {"write": lambda: phase_write(int(args.args[0]), int(args.args[1]), args.args[2]),
-                  "read": lambda: phase_read(args.args[0]), "plot": lambda: phase_plot(args.args[0], args.args[1])}
+        phases = {"write": lambda: phase_write(int(args.args[0]), int(args.args[1]), args.args[2],
+                                               diverge=len(args.args) > 3),
+                  "read": lambda: phase_read(args.args[0]), "plot": lambda: phase_plot(args.args[0], args.args[1]),
+                  "help": phase_help}
         print(json.dumps(phases[args.phase]()))
         return
-    print(f"torch {torch.__version__}, {os.cpu_count()} cores; {args.layers} layers x {args.records} records x 4 "
-          f"metrics (+ summaries)")
+    print(f"{os.cpu_count()} cores; {args.layers} layers x {args.records} records x 4 metrics (+ summaries); one "
+          f"layer's trust ratio goes inf, then NaN, over the last records")
     with tempfile.TemporaryDirectory() as tmp:
-        csv_path, png = str(Path(tmp) / "history.csv"), str(Path(tmp) / "report.png")
-        write = in_child("write", str(args.layers), str(args.records), csv_path)
+        csv_path, png = str(Path(tmp) / "history.csv"), str(args.figure or Path(tmp) / "report.png")
+        write = in_child("write", str(args.layers), str(args.records), csv_path, "diverge")
         read = in_child("read", csv_path)
         parquet = in_child("read", csv_path + ".parquet") if "parquet_write_s" in write else None
         plot = in_child("plot", csv_path, png)
+        shown = in_child("help")
     print("\n| phase | time | memory |\n|---|---:|---:|")
     per_record = f"{write['append_ms_per_record']:.2f} ms each"
     print(f"| append {args.records} records | {write['append_s']:.1f} s ({per_record}) | "
@@ -187,6 +206,10 @@ def main() -> None:
         print(f"| to_parquet | {write['parquet_write_s']:.1f} s | file {write['parquet_mb']:.0f} MB |")
         print(f"| from_parquet | {parquet['read_s']:.1f} s | peak {parquet['read_peak_mb']:.0f} MB |")
     print(f"| lars-plugins plot | {plot['plot_s']:.1f} s | peak {plot['plot_peak_mb']:.0f} MB |")
+    print(f"| lars-plugins plot --help | {shown['help_s']:.2f} s | |")
+    print(f"\nthe plot imported torch: {plot['torch_imported']} (target: no; <= 15 s and <= 700 MB peak)")
+    if args.figure:
+        print(f"report written to {args.figure}")
     if not args.no_model:
         print("\nRecording cost, ViT-B/16 (152 tensors), one optimizer step on the CPU, median ms "
               "(x the same optimizer without a monitor):")

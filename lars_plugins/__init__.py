@@ -3,19 +3,50 @@
 ``import lars_plugins`` needs torch alone; the framework integrations live in submodules
 (``lars_plugins.timm``, ``lars_plugins.hf``, ``lars_plugins.lightning``) that import their framework
 only when they are imported themselves. ``lars_plugins.plot`` needs matplotlib (the ``plot`` extra).
+
+The names below are imported on first use, so that reading and plotting histories
+(:mod:`lars_plugins.history`, :mod:`lars_plugins.plot`, ``lars-plugins plot``) never imports torch.
 """
 
-from .functional import lars, trust_ratio
-from .groups import block_ids, default_exclude, is_bias_or_norm, param_groups
-from .history import TrustRatioHistory
-from .monitor import TrustRatioMonitor
-from .lamb import LAMB
-from .optim import LARS
-from .schedules import WarmupDecayLR
-from .wrapper import Layerwise, centralize_gradients_
+from __future__ import annotations
+
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
+
+# name -> the module that defines it
+_EXPORTS = {
+    "LARS": ".optim", "LAMB": ".lamb", "Layerwise": ".wrapper", "centralize_gradients_": ".wrapper",
+    "WarmupDecayLR": ".schedules", "TrustRatioMonitor": ".monitor", "TrustRatioHistory": ".history",
+    "param_groups": ".groups", "default_exclude": ".groups", "is_bias_or_norm": ".groups", "block_ids": ".blocks",
+    "lars": ".functional", "trust_ratio": ".functional",
+}
 
 __all__ = ["LARS", "LAMB", "Layerwise", "centralize_gradients_", "WarmupDecayLR", "TrustRatioMonitor",
            "TrustRatioHistory", "param_groups", "default_exclude", "is_bias_or_norm", "block_ids", "lars",
            "trust_ratio", "__version__"]
+
+if TYPE_CHECKING:
+    from .blocks import block_ids
+    from .functional import lars, trust_ratio
+    from .groups import default_exclude, is_bias_or_norm, param_groups
+    from .history import TrustRatioHistory
+    from .lamb import LAMB
+    from .monitor import TrustRatioMonitor
+    from .optim import LARS
+    from .schedules import WarmupDecayLR
+    from .wrapper import Layerwise, centralize_gradients_
+
+
+def __getattr__(name: str) -> Any:
+    module = _EXPORTS.get(name)
+    if module is None:
+        raise AttributeError(f"module 'lars_plugins' has no attribute {name!r}")
+    value = getattr(importlib.import_module(module, __name__), name)
+    globals()[name] = value  # looked up once
+    return value
+
+
+def __dir__() -> list[str]:
+    return sorted({*globals(), *_EXPORTS})

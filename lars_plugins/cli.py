@@ -3,26 +3,31 @@
 from __future__ import annotations
 
 import argparse
+import sys
 from pathlib import Path
 from typing import Optional, Sequence
 
 __all__ = ["main", "build_parser"]
 
 
-def build_parser() -> argparse.ArgumentParser:
-    """The ``lars-plugins`` parser, with its ``demo`` and ``plot`` commands."""
+def build_parser(demo_options: bool = True) -> argparse.ArgumentParser:
+    """The ``lars-plugins`` parser, with its ``demo`` and ``plot`` commands. ``demo_options=False``
+    leaves out the demo's own options, which import torch: ``plot`` and ``--help`` do without."""
     from . import __version__
-    from .demo import job as demo
 
     parser = argparse.ArgumentParser(prog="lars-plugins", description="LARS for PyTorch, timm, HF and Lightning.")
     parser.add_argument("--version", action="version", version=f"lars_plugins {__version__}")
     sub = parser.add_subparsers(dest="command")
-    demo_parser = sub.add_parser(
-        "demo", help="large-batch training on real images (Fashion-MNIST, else bundled digits): LARS beside SGD",
-        description=demo.__doc__, formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
-    demo.add_arguments(demo_parser)
-    demo_parser.set_defaults(run=demo.main)
+    demo_help = "large-batch training on real images (Fashion-MNIST, else bundled digits): LARS beside SGD"
+    if demo_options:
+        from .demo import job as demo
+
+        demo_parser = sub.add_parser("demo", help=demo_help, description=demo.__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+        demo.add_arguments(demo_parser)
+        demo_parser.set_defaults(run=demo.main)
+    else:
+        sub.add_parser("demo", help=demo_help)
 
     plot_parser = sub.add_parser(
         "plot", help="plot per-layer trust ratios from what a run logged",
@@ -60,8 +65,12 @@ def _plot(args: argparse.Namespace) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     """The ``lars-plugins`` entry point; returns the exit status."""
-    parser = build_parser()
-    args = parser.parse_args(argv)
+    arguments = list(sys.argv[1:] if argv is None else argv)
+    # Reading and plotting need no torch (650 MB before the first byte is read): the demo's options,
+    # which import it, are built only when the demo is what was asked for.
+    command = next((a for a in arguments if not a.startswith("-")), None)
+    parser = build_parser(demo_options=command == "demo")
+    args = parser.parse_args(arguments)
     if args.command is None:  # bare `lars-plugins`: what it can do
         parser.print_help()
         return 0

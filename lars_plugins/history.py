@@ -14,8 +14,7 @@ import re
 from pathlib import Path
 from typing import Any, Container, Iterable, Mapping, Optional, Sequence, Union
 
-import torch
-from torch import Tensor
+import numpy as np
 
 __all__ = ["TrustRatioHistory", "METRICS", "STATS", "STATS_SUFFIX", "BLOCK_ROWS"]
 
@@ -30,8 +29,8 @@ PathLike = Union[str, Path]
 class TrustRatioHistory:
     """Recorded metrics as a compact table: one row per step, one column per ``metric/layer`` key.
 
-    Columnar: the values live in float64 tensors of :data:`BLOCK_ROWS` rows each (8 bytes a value and
-    1 for whether it was recorded), so appending a record is one indexed copy and memory is about
+    Columnar: the values live in float64 NumPy arrays of :data:`BLOCK_ROWS` rows each (8 bytes a value
+    and 1 for whether it was recorded), so appending a record is one indexed copy and memory is about
     the size of the numbers; a new key widens only the block being filled. Columns keep the order
     in which they first appeared (model order). Saved as a wide CSV with a ``step`` column, the
     format Lightning's ``CSVLogger`` also writes, so :meth:`from_csv` reads either. A value recorded
@@ -45,14 +44,14 @@ class TrustRatioHistory:
         self._blocks: list[_Block] = []
         self._row_of_step: dict[int, int] = {}
         self._last_keys: list[str] = []  # the previous record's keys, and their column indices
-        self._last_index: Optional[Tensor] = None
+        self._last_index: Optional[np.ndarray] = None
 
     def __len__(self) -> int:
         return len(self.steps)
 
     def nbytes(self) -> int:
         """Memory held by the table's values and masks."""
-        return sum(block.values.numel() * 9 for block in self._blocks)
+        return sum(block.values.size * 9 for block in self._blocks)
 
     def append(self, step: int, record: Mapping[str, float]) -> None:
         """Add (or merge into the row of) ``step`` the values of ``record``."""
@@ -61,13 +60,15 @@ class TrustRatioHistory:
             self._last_index = self._index(keys)
             self._last_keys = keys
         assert self._last_index is not None
-        self._append_row(step, self._last_index, torch.tensor([float(v) for v in record.values()], dtype=torch.float64))
+        self._append_row(step, self._last_index, np.fromiter((float(v) for v in record.values()), dtype=np.float64,
+                                                             count=len(record)))
 
-    def _index(self, keys: Sequence[str]) -> Tensor:
+    def _index(self, keys: Sequence[str]) -> np.ndarray:
         """Column indices of ``keys``, adding the new ones."""
-        return torch.tensor([self.columns.setdefault(key, len(self.columns)) for key in keys], dtype=torch.long)
+        return np.fromiter((self.columns.setdefault(key, len(self.columns)) for key in keys), dtype=np.int64,
+                           count=len(keys))
 
-    def _append_row(self, step: int, index: Tensor, values: Tensor) -> None:
+    def _append_row(self, step: int, index: np.ndarray, values: np.ndarray) -> None:
         """:meth:`append` of a row whose columns are known (``index``, from :meth:`_index`)."""
         row = self._row_of_step.get(step)
         if row is None:
@@ -87,33 +88,42 @@ class TrustRatioHistory:
         prefix = metric + "/"
         return [key[len(prefix):] for key in self.columns if key.startswith(prefix)]
 
-    def table(self, metric: str, dtype: torch.dtype = torch.float64) -> tuple[list[int], list[str], Tensor]:
-        """``(steps, layers, values)`` with ``values`` a tensor of layers × steps (NaN where not
+    def table(self, metric: str, dtype: Any = np.float64) -> tuple[list[int], list[str], np.ndarray]:
+        """``(steps, layers, values)`` with ``values`` a NumPy array of layers × steps (NaN where not
         recorded, or recorded as NaN), steps sorted, and steps at which no layer of ``metric`` was
-        recorded left out. Built a few hundred columns at a time: no full-size float64 copy is made
-        on the way to a float32 table."""
+        recorded left out. ``dtype`` is a NumPy dtype (a torch dtype is taken by its name). Built a
+        few hundred columns at a time: no full-size float64 copy is made on the way to a float32 table."""
+        steps, layers, values, _ = self.recorded_table(metric, dtype)
+        return steps, layers, values
+
+    def recorded_table(self, metric: str, dtype: Any = np.float64) -> tuple[list[int], list[str], np.ndarray,
+                                                                            np.ndarray]:
+        """:meth:`table` and beside it which cells were recorded (a recorded NaN, say from a NaN
+        gradient, is told apart from a cell where nothing was recorded)."""
         layers = self.layers(metric)
         cols = [self.columns[f"{metric}/{name}"] for name in layers]
         order = sorted(range(len(self.steps)), key=self.steps.__getitem__)
         chunks = [cols[k:k + _CHUNK] for k in range(0, len(cols), _CHUNK)]
         any_recorded = self._rows_with_any(cols).tolist()
-        rows = torch.tensor([i for i in order if any_recorded[i]], dtype=torch.long)
-        out = torch.empty(len(layers), len(rows), dtype=dtype)
+        rows = np.array([i for i in order if any_recorded[i]], dtype=np.int64)
+        out = np.empty((len(layers), len(rows)), dtype=_numpy_dtype(dtype))
+        mask = np.empty((len(layers), len(rows)), dtype=bool)
         for k, chunk in enumerate(chunks):
-            values = self._gather(chunk)[0]  # NaN where not recorded
-            out[k * _CHUNK:k * _CHUNK + len(chunk)] = values.index_select(0, rows).T
-        return [self.steps[i] for i in rows.tolist()], layers, out
+            values, recorded = self._gather(chunk)  # values NaN where not recorded
+            out[k * _CHUNK:k * _CHUNK + len(chunk)] = values[rows].T
+            mask[k * _CHUNK:k * _CHUNK + len(chunk)] = recorded[rows].T
+        return [self.steps[i] for i in rows.tolist()], layers, out, mask
 
     def recorded_steps(self, metric: str) -> list[int]:
         """The steps at which some layer of ``metric`` was recorded, sorted."""
         cols = [self.columns[f"{metric}/{name}"] for name in self.layers(metric)]
         return sorted(step for step, recorded in zip(self.steps, self._rows_with_any(cols).tolist()) if recorded)
 
-    def _rows_with_any(self, cols: list[int]) -> Tensor:
+    def _rows_with_any(self, cols: list[int]) -> np.ndarray:
         """Which rows recorded any of columns ``cols`` (gathered a few hundred columns at a time)."""
-        any_recorded = torch.zeros(len(self.steps), dtype=torch.bool)
+        any_recorded = np.zeros(len(self.steps), dtype=bool)
         for k in range(0, len(cols), _CHUNK):
-            any_recorded |= self._gather(cols[k:k + _CHUNK])[1].any(dim=1)
+            any_recorded |= self._gather(cols[k:k + _CHUNK])[1].any(axis=1)
         return any_recorded
 
     def at_step(self, metric: str, step: int) -> dict[str, float]:
@@ -123,7 +133,7 @@ class TrustRatioHistory:
         if row is None:
             return {}
         block = self._blocks[row // BLOCK_ROWS]
-        index = torch.tensor([self.columns[f"{metric}/{name}"] for name in layers], dtype=torch.long)
+        index = np.array([self.columns[f"{metric}/{name}"] for name in layers], dtype=np.int64)
         values, recorded = block.columns(index, row % BLOCK_ROWS + 1)
         return {name: v for name, v, m in zip(layers, values[-1].tolist(), recorded[-1].tolist()) if m}
 
@@ -136,21 +146,21 @@ class TrustRatioHistory:
         """The newest recorded value of each layer of ``metric`` (NaN if that is what was recorded)."""
         layers = self.layers(metric)
         values, recorded = self._gather([self.columns[f"{metric}/{name}"] for name in layers])
-        newest_first = torch.tensor(sorted(range(len(self.steps)), key=self.steps.__getitem__, reverse=True),
-                                    dtype=torch.long)
+        newest_first = np.array(sorted(range(len(self.steps)), key=self.steps.__getitem__, reverse=True),
+                                dtype=np.int64)
         values, recorded = values[newest_first], recorded[newest_first]
-        first = recorded.to(torch.uint8).argmax(dim=0)  # the newest recorded row of each layer
-        picked = values.gather(0, first[None]).squeeze(0).tolist()
-        return {name: v for name, v, any_ in zip(layers, picked, recorded.any(dim=0).tolist()) if any_}
+        first = recorded.argmax(axis=0)  # the newest recorded row of each layer
+        picked = np.take_along_axis(values, first[None], axis=0)[0].tolist()
+        return {name: v for name, v, any_ in zip(layers, picked, recorded.any(axis=0).tolist()) if any_}
 
-    def _gather(self, cols: list[int]) -> tuple[Tensor, Tensor]:
+    def _gather(self, cols: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Values and recorded-masks of columns ``cols`` for every row, in row order."""
-        index = torch.tensor(cols, dtype=torch.long)
+        index = np.array(cols, dtype=np.int64)
         parts = [block.columns(index, min(BLOCK_ROWS, len(self.steps) - k * BLOCK_ROWS))
                  for k, block in enumerate(self._blocks)]
         if not parts:
-            return torch.empty(0, len(cols), dtype=torch.float64), torch.empty(0, len(cols), dtype=torch.bool)
-        return torch.cat([v for v, _ in parts]), torch.cat([m for _, m in parts])
+            return np.empty((0, len(cols)), dtype=np.float64), np.empty((0, len(cols)), dtype=bool)
+        return np.concatenate([v for v, _ in parts]), np.concatenate([m for _, m in parts])
 
     def _check_metric(self, metric: str) -> None:
         if not self.steps:
@@ -161,13 +171,13 @@ class TrustRatioHistory:
 
     # --- files ---------------------------------------------------------------------------------
 
-    def _row_chunks(self) -> Iterable[tuple[list[int], list[list[float]], Tensor, Tensor]]:
+    def _row_chunks(self) -> Iterable[tuple[list[int], list[list[float]], np.ndarray, np.ndarray]]:
         """Per block: its steps, values as lists, which rows are fully recorded, and the mask."""
         n_cols = len(self.columns)
         for k, block in enumerate(self._blocks):
             n = min(BLOCK_ROWS, len(self.steps) - k * BLOCK_ROWS)
-            values, recorded = block.columns(torch.arange(n_cols), n)
-            yield self.steps[k * BLOCK_ROWS:k * BLOCK_ROWS + n], values.tolist(), recorded.all(dim=1), recorded
+            values, recorded = block.columns(np.arange(n_cols), n)
+            yield self.steps[k * BLOCK_ROWS:k * BLOCK_ROWS + n], values.tolist(), recorded.all(axis=1), recorded
 
     def to_rows(self) -> tuple[list[str], list[list[Any]]]:
         """Header and rows (step first), as written to CSV; ``None`` where nothing was recorded."""
@@ -208,8 +218,9 @@ class TrustRatioHistory:
     def from_csv(cls, path: PathLike, metrics: Optional[Sequence[str]] = None,
                  steps: Optional[Container[int]] = None) -> "TrustRatioHistory":
         """Read a wide CSV with a ``step`` column: this class's own files, Lightning's ``CSVLogger``
-        ``metrics.csv`` or the HF integration's. Keys without a ``/`` (loss, epoch) are ignored, and
-        with ``metrics`` given, keys of other metrics too (a plot reads only what it draws), and with
+        ``metrics.csv`` or the HF integration's. Only the monitor's keys (``trust_ratio/<layer>``,
+        ``trust_ratio_stats/median``...) are read: others (``loss``, ``val/acc``, ``train/loss``) are
+        ignored, and with ``metrics`` given, keys of other metrics too (a plot reads only what it draws), and with
         ``steps`` given, rows of other steps (cheaply: their numbers are not parsed);
         several rows of one step are merged. A file cut off (no final newline, or a row with fewer
         fields than the header) or a cell that is no number is refused, naming the file and line."""
@@ -225,12 +236,11 @@ class TrustRatioHistory:
             if not header or "step" not in header:
                 raise ValueError(f"{path}: no 'step' column (columns: {header})")
             step_at = header.index("step")
-            kept = [j for j, key in enumerate(header) if key and "/" in key
-                    and (metrics is None or key.split("/", 1)[0] in metrics)]
+            kept = [j for j, key in enumerate(header) if _wanted(key, metrics)]
             keys = [header[j] for j in kept]
             every = kept == list(range(1, len(header)))
             simple = step_at == 0 and bool(kept)  # our own files: the step first, then numbers
-            index: Optional[Tensor] = None
+            index: Optional[np.ndarray] = None
             for line_num, line in enumerate(f, start=2):
                 if not line.endswith("\n"):
                     raise ValueError(f"{path}: the file ends without a newline, so its last row is cut off; "
@@ -252,7 +262,7 @@ class TrustRatioHistory:
                     picked = cells[1:] if every else [cells[j] for j in kept]
                     if "" not in picked:
                         try:
-                            values = torch.tensor(list(map(float, picked)), dtype=torch.float64)
+                            values = np.fromiter(map(float, picked), dtype=np.float64, count=len(picked))
                         except ValueError:
                             pass  # a cell that is no number: found and named below
                         else:
@@ -264,7 +274,7 @@ class TrustRatioHistory:
                 if record:
                     history.append(step, record)
         if not history.steps:
-            present = list(dict.fromkeys(key.split("/", 1)[0] for key in header if key and "/" in key))
+            present = list(dict.fromkeys(key.split("/", 1)[0] for key in header if _wanted(key, None)))
             if metrics is not None and present:
                 raise ValueError(f"{path}: no metric {' or '.join(map(repr, metrics))} with a value; "
                                  f"available: {', '.join(present) or 'none'}")
@@ -275,13 +285,19 @@ class TrustRatioHistory:
     def _natural_order(self, always: bool = False) -> None:
         """Columns in natural order (``net.3`` before ``net.12``) where the source sorted its keys as
         strings (or ``always``, for a source with no order): numbered layers are then back in model
-        order for the usual names; the order of unnumbered siblings cannot be recovered."""
+        order for the usual names; the order of unnumbered siblings cannot be recovered. Decided per
+        metric: a logger that adds a column later (Lightning's, for a metric logged from validation
+        on) leaves each metric's own keys sorted even where the whole header is not."""
         keys = list(self.columns)
-        if always or keys == sorted(keys):
-            self._reorder(sorted(keys, key=_natural_key))
+        by_metric: dict[str, list[str]] = {}
+        for key in keys:
+            by_metric.setdefault(key.split("/", 1)[0], []).append(key)
+        if always or all(group == sorted(group) for group in by_metric.values()):
+            rank = {metric: k for k, metric in enumerate(by_metric)}  # metrics keep their order
+            self._reorder(sorted(keys, key=lambda key: (rank[key.split("/", 1)[0]], _natural_key(key))))
 
     def _reorder(self, keys: list[str]) -> None:
-        index = torch.tensor([self.columns[key] for key in keys], dtype=torch.long)
+        index = np.array([self.columns[key] for key in keys], dtype=np.int64)
         for block in self._blocks:
             block.reorder(index)
         self.columns = {key: i for i, key in enumerate(keys)}
@@ -291,7 +307,7 @@ class TrustRatioHistory:
         """Write the table as Parquet (needs ``pyarrow``: ``pip install "lars_plugins[parquet]"``)."""
         pa, pq = _pyarrow()
         values, recorded = self._gather(list(range(len(self.columns))))
-        data, mask = values.numpy(), (~recorded).numpy()
+        data, mask = values, ~recorded
         arrays = {"step": pa.array(self.steps, type=pa.int64())}
         arrays.update((key, pa.array(data[:, j], mask=mask[:, j])) for j, key in enumerate(self.columns))
         pq.write_table(pa.table(arrays), str(path))
@@ -305,7 +321,7 @@ class TrustRatioHistory:
         schema = pq.read_schema(str(path))
         if "step" not in schema.names:
             raise ValueError(f"{path}: no 'step' column")
-        keys = [k for k in schema.names if "/" in k and (metrics is None or k.split("/", 1)[0] in metrics)]
+        keys = [k for k in schema.names if _wanted(k, metrics)]
         source = pq.ParquetFile(str(path))
         step_column = source.read(columns=["step"]).column("step")
         if step_column.null_count:
@@ -321,12 +337,12 @@ class TrustRatioHistory:
             if j % _CHUNK == 0:  # a few hundred columns at a time: the file is never all in memory twice
                 table = source.read(columns=keys[j:j + _CHUNK])
             column = table.column(key).combine_chunks()
-            values = torch.from_numpy(column.to_numpy(zero_copy_only=False).astype("float64"))
-            recorded = torch.from_numpy(column.is_valid().to_numpy(zero_copy_only=False))
+            values = column.to_numpy(zero_copy_only=False).astype("float64")
+            recorded = column.is_valid().to_numpy(zero_copy_only=False)
             for k, block in enumerate(history._blocks):
                 rows = slice(k * BLOCK_ROWS, min(n, (k + 1) * BLOCK_ROWS))
                 count = rows.stop - rows.start
-                block.values[:count, j] = torch.where(recorded[rows], values[rows], math.nan)
+                block.values[:count, j] = np.where(recorded[rows], values[rows], math.nan)
                 block.recorded[:count, j] = recorded[rows]
         if len(set(history.steps)) != n:
             raise ValueError(f"{path}: a step appears in more than one row")
@@ -347,8 +363,9 @@ class TrustRatioHistory:
             raise ValueError(f"{path}: no 'log_history' list; is this an HF trainer_state.json?")
         history = cls()
         for entry in state["log_history"]:
-            record = {k: v for k, v in entry.items() if "/" in k and isinstance(v, (int, float))
-                      and (metrics is None or k.split("/", 1)[0] in metrics)}
+            # A bool is an int in Python: a flag the Trainer logs must not be read as 1.0.
+            record = {k: v for k, v in entry.items() if _wanted(k, metrics) and isinstance(v, (int, float))
+                      and not isinstance(v, bool)}
             if record and "step" in entry:
                 history.append(int(entry["step"]), record)
         if not history.steps:
@@ -368,12 +385,10 @@ class TrustRatioHistory:
         accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0})  # 0: keep every event
         accumulator.Reload()
         by_step: dict[int, dict[str, float]] = {}
-        known = set(METRICS) | {m + STATS_SUFFIX for m in METRICS}
         for tag in accumulator.Tags().get("scalars", []):
             key = tag[len("train/"):] if tag.startswith("train/") else tag
-            metric = key.split("/", 1)[0]
             # A run's events hold everything it logged (losses, LRs...): only the monitor's metrics are read.
-            if "/" not in key or metric not in known or (metrics is not None and metric not in metrics):
+            if not _wanted(key, metrics):
                 continue
             for event in accumulator.Scalars(tag):
                 by_step.setdefault(int(event.step), {})[key] = float(event.value)
@@ -397,7 +412,7 @@ class TrustRatioHistory:
         else:
             with Path(path).open(newline="") as f:
                 keys = next(csv.reader([f.readline()]), [])
-        return list(dict.fromkeys(key.split("/", 1)[0] for key in keys if "/" in key))
+        return list(dict.fromkeys(key.split("/", 1)[0] for key in keys if _wanted(key, None)))
 
     @classmethod
     def load(cls, path: PathLike, metrics: Optional[Sequence[str]] = None) -> "TrustRatioHistory":
@@ -423,29 +438,29 @@ class _Block:
     """``BLOCK_ROWS`` rows of a history: float64 values and a recorded-mask, widened on demand."""
 
     def __init__(self, width: int) -> None:
-        self.values = torch.full((BLOCK_ROWS, width), math.nan, dtype=torch.float64)
-        self.recorded = torch.zeros((BLOCK_ROWS, width), dtype=torch.bool)
+        self.values = np.full((BLOCK_ROWS, width), math.nan, dtype=np.float64)
+        self.recorded = np.zeros((BLOCK_ROWS, width), dtype=bool)
 
-    def put(self, row: int, index: Tensor, values: Tensor, width: int) -> None:
+    def put(self, row: int, index: np.ndarray, values: np.ndarray, width: int) -> None:
         if width > self.values.shape[1]:  # a key this block has not seen: widen it (this block only)
             grown = max(width, 2 * self.values.shape[1])
-            values_grown = torch.full((BLOCK_ROWS, grown), math.nan, dtype=torch.float64)
-            recorded_grown = torch.zeros((BLOCK_ROWS, grown), dtype=torch.bool)
+            values_grown = np.full((BLOCK_ROWS, grown), math.nan, dtype=np.float64)
+            recorded_grown = np.zeros((BLOCK_ROWS, grown), dtype=bool)
             values_grown[:, :self.values.shape[1]] = self.values
             recorded_grown[:, :self.values.shape[1]] = self.recorded
             self.values, self.recorded = values_grown, recorded_grown
         self.values[row, index] = values
         self.recorded[row, index] = True
 
-    def columns(self, index: Tensor, rows: int) -> tuple[Tensor, Tensor]:
+    def columns(self, index: np.ndarray, rows: int) -> tuple[np.ndarray, np.ndarray]:
         """Columns ``index`` of the first ``rows`` rows (not recorded beyond this block's width)."""
         inside = index < self.values.shape[1]
-        safe = torch.where(inside, index, 0)
-        values = self.values[:rows].index_select(1, safe)
-        recorded = self.recorded[:rows].index_select(1, safe) & inside
-        return torch.where(recorded, values, math.nan), recorded
+        safe = np.where(inside, index, 0)
+        values = self.values[:rows, safe]
+        recorded = self.recorded[:rows, safe] & inside
+        return np.where(recorded, values, math.nan), recorded
 
-    def reorder(self, index: Tensor) -> None:
+    def reorder(self, index: np.ndarray) -> None:
         values, recorded = self.columns(index, BLOCK_ROWS)
         self.values, self.recorded = values, recorded
 
@@ -465,6 +480,26 @@ def _file_kind(path: Path) -> str:
     if path.name.startswith("events.out.tfevents."):
         return "tensorboard"
     return "csv"
+
+
+_KNOWN = frozenset(METRICS) | {metric + STATS_SUFFIX for metric in METRICS}
+
+
+def _wanted(key: str, metrics: Optional[Sequence[str]]) -> bool:
+    """Whether ``key`` is one of the monitor's ``metric/layer`` keys (of ``metrics``, where given).
+    The rest of what loggers write (``train/loss``, ``val/acc``) is no layer's metric."""
+    if not key or "/" not in key:
+        return False
+    metric = key.split("/", 1)[0]
+    return metric in _KNOWN if metrics is None else metric in metrics
+
+
+def _numpy_dtype(dtype: Any) -> np.dtype:
+    """A NumPy dtype from a NumPy one, a name, or a torch dtype (``torch.float32`` by its name,
+    without importing torch)."""
+    if type(dtype).__module__ == "torch":
+        dtype = str(dtype).rpartition(".")[2]
+    return np.dtype(dtype)
 
 
 def _natural_key(key: str) -> list[Any]:

@@ -25,7 +25,7 @@ import warnings
 from pathlib import Path
 from typing import Any, Callable, Iterator, Optional, Union
 
-from .groups import block_ids
+from .blocks import block_ids
 from .history import STATS_SUFFIX, TrustRatioHistory, _file_kind
 
 __all__ = ["plot_heatmap", "plot_lines", "plot_bars", "plot_report", "save_plot", "KINDS", "MAX_ROWS", "MAX_COLUMNS",
@@ -113,17 +113,21 @@ def _has_layers(history: TrustRatioHistory, metric: str) -> bool:
     return metric in history.metrics()
 
 
-def _log_table(history: TrustRatioHistory, metric: str) -> tuple[Any, list[str], Any]:
-    """``(steps, layers, log10 values)`` as numpy (float32, NaN where not positive or not recorded)."""
+def _log_table(history: TrustRatioHistory, metric: str) -> tuple[Any, list[str], Any, Any]:
+    """``(steps, layers, log10 values, non-finite)`` as numpy: the logs float32, NaN where not
+    positive, not finite or not recorded; ``non-finite`` marks the cells recorded as NaN or inf (a
+    layer that blew up), which the plots show rather than leave out."""
     import numpy as np
-    import torch
 
-    steps, layers, data = history.table(metric, dtype=torch.float32)
-    data[~(data > 0)] = math.nan
-    logs = data.log10_().numpy()
-    if not np.isfinite(logs).any():
+    steps, layers, data, recorded = history.recorded_table(metric, dtype=np.float32)
+    finite = np.isfinite(data)
+    bad = recorded & ~finite
+    data[~(finite & (data > 0))] = math.nan
+    with np.errstate(invalid="ignore", divide="ignore"):
+        logs = np.log10(data)
+    if not np.isfinite(logs).any() and not bad.any():
         raise ValueError(f"metric {metric!r} has no positive value to draw on a log scale")
-    return np.asarray(steps, dtype=np.int64), layers, logs
+    return np.asarray(steps, dtype=np.int64), layers, logs, bad
 
 
 def _deviation(logs: Any) -> Any:
@@ -224,23 +228,34 @@ def plot_heatmap(history: HistoryLike, metric: str = "trust_ratio", *, ax: Any =
     median at that time); beyond ``max_columns`` recorded steps, columns are step bins (each cell
     the bin's value farthest from the layer's median)."""
     import numpy as np
-    from matplotlib.colors import LogNorm
+    from matplotlib.colors import ListedColormap, LogNorm
 
     history = _history(history, (metric, f"{metric}{STATS_SUFFIX}"))
-    steps, layers, logs = _log_table(history, metric)
+    steps, layers, logs, bad = _log_table(history, metric)
+    broken = _first_non_finite(steps, layers, bad)
     deviation = _deviation(logs)
     row_labels = layers
     grouped = len(layers) > max_rows
     if grouped:
         starts, row_labels = _layer_groups(layers, max_rows)
         logs, deviation = _extremes(logs, deviation, np.asarray(starts), axis=0)
+        bad = np.logical_or.reduceat(bad, starts, axis=0)
     edges, logs, _, binned = _binned(steps, logs, deviation, max_columns)
+    if binned:  # a bin is red where any of its records is
+        _, bin_starts, bins = _step_bins(steps, max_columns)
+        grid = np.zeros((bad.shape[0], len(edges) - 1), dtype=bool)
+        grid[:, bins] = np.logical_or.reduceat(bad, bin_starts, axis=1)
+        bad = grid
     ax = _axes(ax, (10, max(3.0, min(14.0, 0.18 * len(row_labels) + 1.5))))
     finite = logs[np.isfinite(logs)]
-    low, high = float(finite.min()), float(finite.max())
+    low, high = (float(finite.min()), float(finite.max())) if finite.size else (0.0, 0.0)
     norm = LogNorm(vmin=10 ** low, vmax=10 ** high if high > low else 10 ** low * 10)
-    mesh = ax.pcolormesh(edges, np.arange(len(row_labels) + 1), np.power(10.0, logs, dtype=np.float64),
-                         norm=norm, cmap="viridis", shading="flat", rasterized=True)
+    rows = np.arange(len(row_labels) + 1)
+    mesh = ax.pcolormesh(edges, rows, np.power(10.0, logs, dtype=np.float64), norm=norm, cmap="viridis",
+                         shading="flat", rasterized=True)
+    if bad.any():  # recorded NaN or inf: the layer that blew up is what one looks for
+        ax.pcolormesh(edges, rows, np.where(bad, 1.0, np.nan), cmap=ListedColormap(["#d62728"]), vmin=0, vmax=1,
+                      shading="flat", rasterized=True)
     ax.set_ylim(len(row_labels), 0)
     every = max(1, math.ceil(len(row_labels) / max_labels))
     ticks = list(range(0, len(row_labels), every))
@@ -254,6 +269,8 @@ def plot_heatmap(history: HistoryLike, metric: str = "trust_ratio", *, ax: Any =
         notes.append(f"{len(steps)} records in {len(edges) - 1} step bins, each keeping its extreme")
     if every > 1:
         notes.append(f"every {_ordinal(every)} row labelled")
+    if broken:
+        notes.append(f"red: NaN or inf, first at step {broken}")
     ax.set_title(f"{_label(metric)} by layer and step" + "".join(f"\n{note}" for note in notes), fontsize=10)
     ax.figure.colorbar(mesh, ax=ax, label=f"{_label(metric)} (log scale)", pad=0.01)
     return ax
@@ -276,7 +293,7 @@ def plot_lines(history: HistoryLike, metric: str = "trust_ratio", *, ax: Any = N
     stats = f"{metric}{STATS_SUFFIX}"
     if not _has_layers(history, metric):
         return _summary_band(history, metric, ax)
-    steps, layers, logs = _log_table(history, metric)
+    steps, layers, logs, _ = _log_table(history, metric)
     matplotlib, _ = _matplotlib()
     # plasma without its last, pale-yellow stretch: every line stays visible on white.
     cmap = matplotlib.colors.LinearSegmentedColormap.from_list(
@@ -305,7 +322,7 @@ def plot_lines(history: HistoryLike, metric: str = "trust_ratio", *, ax: Any = N
         ax.plot(x, 10 ** row.astype(float), color=cmap(depth(i)), linewidth=1.0, alpha=0.85)
     if stats in history.metrics() and "median" in history.layers(stats):
         s_steps, s_layers, s_values = history.table(stats)
-        ax.plot(s_steps, s_values[s_layers.index("median")].numpy(), color="black", linewidth=2.0,
+        ax.plot(s_steps, _finite_or_nan(s_values[s_layers.index("median")]), color="black", linewidth=2.0,
                 label="median over layers")
     if ax.get_legend_handles_labels()[0]:
         ax.legend(loc="best", fontsize=8)
@@ -329,7 +346,7 @@ def _summary_band(history: TrustRatioHistory, metric: str, ax: Any) -> Any:
         raise ValueError(f"no metric {metric!r} in this history, per layer or summarised; available: "
                          f"{', '.join(history.metrics()) or 'none'}")
     steps, names, values = history.table(stats)
-    series = {name: values[names.index(name)].numpy() for name in ("min", "median", "max") if name in names}
+    series = {name: _finite_or_nan(values[names.index(name)]) for name in ("min", "median", "max") if name in names}
     if "min" in series and "max" in series:
         ax.fill_between(steps, series["min"], series["max"], color="0.8", linewidth=0, label="min to max over layers")
     if "median" in series:
@@ -352,13 +369,24 @@ def plot_bars(history: HistoryLike, metric: str = "trust_ratio", *, step: Option
     shown (the extremes are what a bar chart of thousands of layers would hide)."""
     history = _history(history, (metric, f"{metric}{STATS_SUFFIX}", "weight_norm", "grad_norm"))
     steps = history.recorded_steps(metric)
+    note = ""
     if step is None:
-        step = steps[-1]
+        # The last step with something to draw: a run that diverged at its end still gets its bars,
+        # with the layers that went NaN or inf named.
+        last = steps[-1]
+        values = history.at_step(metric, last)
+        broken = [name for name, v in values.items() if not math.isfinite(v)]
+        step = next((s for s in reversed(steps) if any(_drawable(v) for v in history.at_step(metric, s).values())),
+                    last)
+        if broken:
+            listed = ", ".join(_short(name, 32) for name in broken[:3]) + (f" +{len(broken) - 3}" if len(broken) > 3
+                                                                            else "")
+            note = f"\nNaN or inf at step {last}: {listed}"
     elif step not in steps:
         raise ValueError(f"step {step} was not recorded for {metric!r}; recorded steps: {steps[0]}..{steps[-1]}")
-    shown = [(name, v) for name, v in history.at_step(metric, step).items() if v == v and v > 0]
+    shown = [(name, v) for name, v in history.at_step(metric, step).items() if _drawable(v)]
     if not shown:
-        raise ValueError(f"metric {metric!r} has no positive value at step {step}")
+        raise ValueError(f"metric {metric!r} has no positive finite value at step {step}")
     total = len(shown)
     if total > max_layers:
         ranked = sorted(shown, key=lambda item: item[1])
@@ -387,9 +415,34 @@ def plot_bars(history: HistoryLike, metric: str = "trust_ratio", *, step: Option
         subset = f": the {max_layers // 2} lowest and highest of {total} layers"
     else:
         subset = ""
-    ax.set_title(f"{_label(metric)} per layer at step {step}{subset}", fontsize=10)
+    ax.set_title(f"{_label(metric)} per layer at step {step}{subset}{note}", fontsize=10)
     ax.grid(True, axis="x", which="major", alpha=0.3)
     return ax
+
+
+def _drawable(value: float) -> bool:
+    """Positive and finite: a bar on a log axis."""
+    return math.isfinite(value) and value > 0
+
+
+def _finite_or_nan(values: Any) -> Any:
+    """A float array with NaN for inf (matplotlib and numpy warn on inf; the gap shows it)."""
+    import numpy as np
+
+    values = np.asarray(values, dtype=np.float64)
+    return np.where(np.isfinite(values), values, np.nan)
+
+
+def _first_non_finite(steps: Any, layers: list[str], bad: Any) -> str:
+    """``"4 (fc.weight +2)"``: the first step with a recorded NaN or inf and its layers; "" if none."""
+    import numpy as np
+
+    columns = np.flatnonzero(bad.any(axis=0))
+    if not len(columns):
+        return ""
+    names = [layers[i] for i in np.flatnonzero(bad[:, columns[0]])]
+    more = f" +{len(names) - 1}" if len(names) > 1 else ""
+    return f"{int(steps[columns[0]])} ({_short(names[0], 24)}{more})"
 
 
 def _log_ticks(ax: Any, low: float, high: float) -> None:

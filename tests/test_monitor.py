@@ -307,8 +307,8 @@ def test_csv_with_nine_digits_writes_float32_values_exactly(tmp_path):
         history.append(step, {"trust_ratio/a": v, "trust_ratio/b": t})
     back = TrustRatioHistory.from_csv(history.to_csv(tmp_path / "h.csv"))
     # Read back as float32, each value is the float32 that was recorded, bit for bit.
-    assert torch.equal(back.table("trust_ratio")[2].float(), history.table("trust_ratio")[2].float())
-    assert not torch.equal(back.table("trust_ratio")[2], history.table("trust_ratio")[2])  # not float64-exact
+    assert (back.table("trust_ratio")[2].astype("float32") == history.table("trust_ratio")[2].astype("float32")).all()
+    assert not (back.table("trust_ratio")[2] == history.table("trust_ratio")[2]).all()  # not float64-exact
     with pytest.raises(ValueError, match="digits"):
         history.to_csv(tmp_path / "x.csv", digits=0)
 
@@ -539,3 +539,27 @@ def test_sparse_gradients_are_recorded_with_the_norms_of_their_dense_equivalents
         opt.step()
     assert monitor.latest["grad_norm/0.weight"] == pytest.approx(dense_grad.norm().item(), rel=1e-6)
     assert monitor.latest["weight_norm/0.weight"] == pytest.approx(weight, rel=1e-6)
+
+
+def test_a_lightning_csv_with_slash_metrics_keeps_layer_order_and_reads_only_the_monitors(tmp_path):
+    """Lightning's CSVLogger sorts its header as strings and adds a metric logged later (val/acc) at
+    the end; train/loss and val/acc are no layers' metrics."""
+    path = tmp_path / "metrics.csv"
+    header = ["epoch", "step", "train/loss", "trust_ratio/net.10.weight", "trust_ratio/net.2.weight", "val/acc"]
+    rows = [",".join(header), "0,0,1.5,0.3,0.02,", "0,1,1.2,0.31,0.021,0.5"]
+    path.write_text("\n".join(rows) + "\n")
+    history = TrustRatioHistory.from_csv(path)
+    assert history.metrics() == ["trust_ratio"]
+    assert history.layers("trust_ratio") == ["net.2.weight", "net.10.weight"]
+    assert history.at_step("trust_ratio", 1) == {"net.2.weight": 0.021, "net.10.weight": 0.31}
+
+
+def test_hf_log_history_flags_are_not_read_as_values(tmp_path):
+    import json
+
+    state = {"log_history": [{"step": 2, "loss": 0.5, "trust_ratio/fc.weight": 0.01, "trust_ratio/skipped": True},
+                             {"step": 4, "trust_ratio/fc.weight": 0.02}]}
+    (tmp_path / "trainer_state.json").write_text(json.dumps(state))
+    history = TrustRatioHistory.from_hf_state(tmp_path)
+    assert history.layers("trust_ratio") == ["fc.weight"]
+    assert history.at_step("trust_ratio", 2) == {"fc.weight": 0.01}

@@ -173,3 +173,50 @@ def test_the_lines_colour_bar_sits_next_to_its_axes_in_the_report():
     bar = lines_ax.child_axes[0]
     gap = bar.get_position().x0 - lines_ax.get_position().x1
     assert 0 <= gap < 0.02  # a figure-fraction hair, not a column away
+
+
+def diverged_history():
+    """Three layers over five steps; at the last step one layer's ratio is NaN and another's inf."""
+    history = TrustRatioHistory()
+    for step in range(5):
+        ratios = {"net.0.weight": 0.01 * (step + 1), "net.2.weight": 0.002, "net.10.weight": 0.3}
+        if step == 4:
+            ratios = {"net.0.weight": float("nan"), "net.2.weight": float("inf"), "net.10.weight": float("nan")}
+        history.append(step, {f"trust_ratio/{name}": v for name, v in ratios.items()})
+        history.append(step, {f"weight_norm/{name}": 1.0 for name in ratios})
+    return history
+
+
+def test_a_run_that_diverged_at_its_last_step_still_draws_its_report(tmp_path):
+    """Finding the layer that blew up is what the report is for: the heatmap marks NaN and inf, and
+    the bars show the last step that has values, naming the layers that went bad after it."""
+    import warnings
+
+    csv_path = diverged_history().to_csv(tmp_path / "diverged.csv")
+    out = tmp_path / "report.png"
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # no numpy warnings leak from inf or NaN
+        assert cli.main(["plot", str(csv_path), "-o", str(out)]) == 0
+    png_size(out)
+    ax = plot_bars(diverged_history())
+    assert "at step 3" in ax.get_title() and "NaN or inf at step 4" in ax.get_title()
+    from lars_plugins.plot import plot_heatmap
+
+    assert "red: NaN or inf, first at step 4 (net.0.weight +2)" in plot_heatmap(diverged_history()).get_title()
+
+
+def test_reading_and_plotting_never_import_torch(tmp_path):
+    """650 MB of torch before the first byte is read: `lars-plugins plot` and its --help do without."""
+    import subprocess
+    import sys
+
+    csv_path = diverged_history().to_csv(tmp_path / "h.csv")
+    code = ("import sys\nfrom lars_plugins.cli import main\n"
+            f"main(['plot', {str(csv_path)!r}, '-o', {str(tmp_path / 'p.png')!r}])\n"
+            "from lars_plugins import TrustRatioHistory\n"
+            f"TrustRatioHistory.load({str(csv_path)!r}).table('trust_ratio')\n"
+            "assert 'torch' not in sys.modules, 'torch was imported'\n"
+            "try:\n    main(['plot', '--help'])\nexcept SystemExit:\n    pass\n"
+            "assert 'torch' not in sys.modules, 'torch was imported by --help'\n")
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert result.returncode == 0, result.stderr[-2000:]
