@@ -25,7 +25,7 @@ from torch.optim.optimizer import ParamsT
 from .functional import ratio_dtype
 from .layouts import FlatLayout, LayoutResolver, layer_shape
 
-__all__ = ["LayerwiseOptimizer", "ForeignKey", "FOREIGN_KEYS", "translate_foreign"]
+__all__ = ["LayerwiseOptimizer", "ForeignKey", "FOREIGN_KEYS", "translate_foreign", "count_group_step"]
 # check(where, key, value) raises a ValueError/TypeError naming the key and what it accepts.
 Check = Callable[[str, str, Any], None]
 
@@ -217,6 +217,14 @@ def restore_trust_ratios(state: dict[Tensor, dict[str, Any]], saved: dict[Tensor
     for p, ratio in saved.items():
         if p in state:
             state[p]["trust_ratio"] = ratio.to(device=p.device, dtype=ratio_dtype(p.dtype))
+
+
+def count_group_step(group: dict[str, Any], layout: Optional[FlatLayout]) -> None:
+    """Under DeepSpeed ZeRO-1/2, a ``step`` per param group: DeepSpeed's elastic checkpoints save it
+    and, on loading, refuse a checkpoint without it (they were written for optimizers that keep one
+    per group). Nothing here reads it; LAMB's counts are per parameter."""
+    if layout is not None and layout.engine == "DeepSpeed ZeRO-1/2":
+        group["step"] = group.get("step", 0) + 1
 
 
 class LayerwiseOptimizer(Optimizer):
@@ -418,6 +426,7 @@ class LayerwiseOptimizer(Optimizer):
             layout = self._layouts(group["params"], where)
             if layout is not None:
                 self._step_flat(group, layout)
+                count_group_step(group, layout)
             else:
                 self._step_group(group, where)
         return loss

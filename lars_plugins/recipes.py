@@ -64,8 +64,10 @@ class Recipe:
             value = getattr(self, name)
             if not (isinstance(value, (int, float)) and math.isfinite(value) and value > 0):
                 raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-        if not 0 <= self.warmup_epochs:
-            raise ValueError(f"warmup_epochs must be >= 0, got {self.warmup_epochs!r}")
+        for name in ("warmup_epochs", "momentum", "weight_decay"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
+                raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
 
     def with_lr(self, lr: float) -> "Recipe":
         return replace(self, lr=lr)

@@ -26,8 +26,8 @@ from .base import translate_foreign
 from .lamb import LAMB
 from .optim import LARS, VARIANTS
 
-__all__ = ["register", "unregister", "create_lars", "create_lamb", "apply_lr_scale", "TIMM_NAMES", "PLUGIN_NAMES",
-           "LAMB_NAMES"]
+__all__ = ["register", "unregister", "TimmLARS", "TimmLAMB", "create_lars", "create_lamb", "apply_lr_scale",
+           "TIMM_NAMES", "PLUGIN_NAMES", "LAMB_NAMES"]
 
 # name -> LARS keyword defaults. Names must not contain "_": timm keeps only the part after the last one.
 TIMM_NAMES: dict[str, dict[str, Any]] = VARIANTS
@@ -38,8 +38,8 @@ MIN_TIMM = "1.0.12"  # the first timm with an optimizer registry (OptimInfo)
 _replaced: dict[str, Any] = {}  # timm's own entries that register() replaced, for unregister()
 
 
-def create_lars(params: Iterable[Any], **kwargs: Any) -> LARS:
-    """Build :class:`LARS` from the arguments timm's factory passes (what the registry calls).
+class TimmLARS(LARS):
+    """:class:`LARS` as timm's factory builds it (what the registry holds, under every LARS name).
 
     * timm's names are read through :data:`lars_plugins.base.FOREIGN_KEYS`: ``trust_coeff`` is
       ``trust_coefficient``; ``always_adapt=True`` adapts every tensor (``exclude_bias_and_norm=False``);
@@ -47,19 +47,41 @@ def create_lars(params: Iterable[Any], **kwargs: Any) -> LARS:
       filter puts in its no-decay group -- are excluded. Unlike timm's ``Lars``, exclusion never depends
       on a group's weight decay, so ``weight_decay=0`` is still LARS;
     * groups timm marks ``use_fallback=True`` are excluded (plain SGD with momentum).
+
+    A class, so that timm's ``get_optimizer_class(name, bind_defaults=False)`` hands back an
+    optimizer class, as timm's own tests require of every registered name; a name's variant
+    (``larc``: ``trust_clip=True``) is bound the way timm binds it, through the entry's ``defaults``.
+    Calling it returns a plain :class:`LARS`: what is built, logged, pickled and checkpointed is
+    ``lars_plugins.LARS``, loadable without timm.
     """
-    return LARS(_fallback_groups(params), **translate_foreign(kwargs, LARS.KEYS, owner="lars_plugins.LARS"))
+
+    def __new__(cls, params: Iterable[Any], **kwargs: Any) -> LARS:  # type: ignore[misc]
+        return LARS(_fallback_groups(params), **translate_foreign(kwargs, LARS.KEYS, owner="lars_plugins.LARS"))
+
+
+class TimmLAMB(LAMB):
+    """:class:`LAMB` as timm's factory builds it (``lr``, ``weight_decay``, ``betas``, ``eps``…).
+    ``always_adapt`` is read as for :class:`TimmLARS`; ``max_grad_norm`` (timm's ``Lamb`` clips the
+    global gradient norm inside the optimizer) is refused unless ``None``: clip with
+    ``train.py --clip-grad`` instead, which clips before every optimizer alike. Calling it returns a
+    plain :class:`LAMB`."""
+
+    def __new__(cls, params: Iterable[Any], *, max_grad_norm: Optional[float] = None,  # type: ignore[misc]
+                **kwargs: Any) -> LAMB:
+        if max_grad_norm is not None:
+            raise ValueError(f"max_grad_norm={max_grad_norm}: lars_plugins.LAMB does not clip gradients inside the "
+                             "optimizer; clip before step() (timm train.py: --clip-grad)")
+        return LAMB(_fallback_groups(params), **translate_foreign(kwargs, LAMB.KEYS, owner="lars_plugins.LAMB"))
+
+
+def create_lars(params: Iterable[Any], **kwargs: Any) -> LARS:
+    """:class:`TimmLARS` (the arguments timm's factory passes)."""
+    return TimmLARS(params, **kwargs)
 
 
 def create_lamb(params: Iterable[Any], *, max_grad_norm: Optional[float] = None, **kwargs: Any) -> LAMB:
-    """Build :class:`LAMB` from the arguments timm's factory passes (``lr``, ``weight_decay``,
-    ``betas``, ``eps``…). ``always_adapt`` is read as for :func:`create_lars`; ``max_grad_norm``
-    (timm's ``Lamb`` clips the global gradient norm inside the optimizer) is refused unless ``None``:
-    clip with ``train.py --clip-grad`` instead, which clips before every optimizer alike."""
-    if max_grad_norm is not None:
-        raise ValueError(f"max_grad_norm={max_grad_norm}: lars_plugins.LAMB does not clip gradients inside the "
-                         "optimizer; clip before step() (timm train.py: --clip-grad)")
-    return LAMB(_fallback_groups(params), **translate_foreign(kwargs, LAMB.KEYS, owner="lars_plugins.LAMB"))
+    """:class:`TimmLAMB` (the arguments timm's factory passes)."""
+    return TimmLAMB(params, max_grad_norm=max_grad_norm, **kwargs)
 
 
 def _fallback_groups(params: Iterable[Any]) -> list[Any]:
@@ -117,12 +139,12 @@ def _info(name: str, defaults: dict[str, Any]) -> Any:
     variant = ", ".join(f"{k}={v}" for k, v in defaults.items()) or "plain"
     if name in LAMB_NAMES:
         return _timm_optim().OptimInfo(
-            name=name, opt_class=create_lamb, has_eps=True, has_betas=True, defaults=dict(defaults) or None,
+            name=name, opt_class=TimmLAMB, has_eps=True, has_betas=True, defaults=dict(defaults) or None,
             description=f"lars_plugins.LAMB ({variant}): layer-wise trust ratios over Adam (Algorithm 2), "
                         "biases and norms not adapted")
     return _timm_optim().OptimInfo(
         name=name,
-        opt_class=create_lars,
+        opt_class=TimmLARS,
         description=f"lars_plugins.LARS ({variant}): layer-wise adaptive rate scaling, adaptation "
                     "independent of weight decay, biases and norms not adapted",
         has_eps=True,
@@ -131,7 +153,8 @@ def _info(name: str, defaults: dict[str, Any]) -> Any:
     )
 
 
-_OURS = (create_lars, create_lamb)
+# What an entry of ours holds (the factory functions: what earlier versions registered).
+_OURS = (TimmLARS, TimmLAMB, create_lars, create_lamb)
 
 
 def register(override_builtin: bool = True) -> list[str]:

@@ -21,8 +21,8 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from .base import (EXCLUSION_KEYS, FOREIGN_KEYS, LayerwiseOptimizer, evaluate, flag, real, restore_trust_ratios,
-                   saved_trust_ratios, without_trust_ratios)
+from .base import (EXCLUSION_KEYS, FOREIGN_KEYS, LayerwiseOptimizer, count_group_step, evaluate, flag, real,
+                   restore_trust_ratios, saved_trust_ratios, without_trust_ratios)
 from .distributed import ShardedNorms, is_dtensor, to_local
 from .functional import _buckets, _host_norm, pick, _host_scalars, _host_trust_ratio, ratio_dtype, trust_ratio
 from .layouts import FlatLayout, layer_shape
@@ -190,6 +190,7 @@ class Layerwise(LayerwiseOptimizer):
             for group, plan in zip(self.param_groups, plans):
                 if plan is not None:
                     plan(group)
+                count_group_step(group, self._layouts(group["params"]))
         finally:
             self.base.param_groups = base_groups
         return loss

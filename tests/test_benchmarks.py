@@ -116,6 +116,8 @@ def test_monitor_scale_runs_every_phase():
     pytest.importorskip("matplotlib")
     out = run_script("monitor_scale.py", "--layers", "60", "--records", "30", "--no-model")
     rows = {line.split("|")[1].strip(): line for line in out.splitlines() if line.startswith("| ") and " s" in line}
-    assert {"append 30 records", "to_csv", "from_csv", "lars-plugins plot"} <= set(rows)
-    assert "nan" not in out.lower()
+    assert {"append 30 records", "to_csv", "from_csv", "lars-plugins plot", "lars-plugins plot --help"} <= set(rows)
+    table = out[out.index("| phase"):]  # the measurements; the header line names the NaN the run records
+    assert "nan" not in table.lower()
+    assert "the plot imported torch: False" in out
 

@@ -190,6 +190,18 @@ def worker(rank, port, stage, checkpoint, out):
         model, _, engine = engine_for(stage, kind)
         train(engine, rank, data)
         result[kind] = full_params(model, stage)
+
+    # 7. ZeRO-1/2's elastic checkpoints, which restore a step count per param group on loading.
+    if stage in (1, 2):
+        elastic = {"zero_optimization": {**config(stage)["zero_optimization"], "elastic_checkpoint": True}}
+        for kind in ("lars", "lamb", "layerwise"):
+            _, _, engine = engine_for(stage, kind, **elastic)
+            train(engine, rank, data[:3])
+            engine.save_checkpoint(checkpoint, tag=f"elastic-{kind}")
+            model, _, engine = engine_for(stage, kind, **elastic)
+            engine.load_checkpoint(checkpoint, tag=f"elastic-{kind}")
+            train(engine, rank, data[3:])
+            result[f"elastic-{kind}"] = full_params(model, stage)
     if rank == 0:
         torch.save(result, out)
     finish()
@@ -227,6 +239,17 @@ def test_lamb_and_the_wrapper_equal_one_process(zero, kind):
     expected, _ = reference(kind=kind)
     for name, value in expected.items():
         torch.testing.assert_close(result[kind][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("kind", ["lars", "lamb", "layerwise"])
+def test_an_elastic_checkpoint_resumes_where_it_stopped(zero, kind):
+    """DeepSpeed's elastic checkpoints (ZeRO-1/2) refused to load without a step count per param group."""
+    stage, result = zero
+    if stage == 3:
+        pytest.skip("elastic checkpoints are ZeRO-1/2's")
+    uninterrupted = result["params"] if kind == "lars" else result[kind]
+    for name, value in uninterrupted.items():
+        torch.testing.assert_close(result[f"elastic-{kind}"][name], value, rtol=1e-6, atol=1e-7, msg=name)
 
 
 def test_resume_from_checkpoint_equals_the_uninterrupted_run(zero):

@@ -152,6 +152,18 @@ def test_without_fashion_mnist_the_demo_falls_back_to_digits_and_says_why(no_loc
     assert f"Fashion-MNIST is not available: no local copy (looked in {no_local_fashion}" in out
     assert "Falling back to scikit-learn's bundled digits" in out and "expect a near-tie" in out
     assert "final test accuracy after 1 epochs at batch 512" in out
+    last = out.strip().splitlines()[-1]
+    assert last.startswith("verdict: ") and "at batch 512 on the bundled digits" in last  # it ends with one
+
+
+def test_a_long_download_error_is_cut_at_a_word_not_mid_word():
+    message = "HTTPSConnectionPool(host='ossci-datasets.s3.amazonaws.com', port=443): Max retries exceeded with " \
+              "url: /mnist/train-images-idx3-ubyte.gz (Caused by NewConnectionError: Failed to establish a new " \
+              "connection: [Errno -3] Temporary failure in name resolution)"
+    short = demo.shorten(message, 160)
+    assert len(short) <= 160 and short.endswith("…")
+    assert message.startswith(short[:-1]) and message[len(short) - 1] == " "  # the cut falls between words
+    assert demo.shorten("short enough", 160) == "short enough"
 
 
 def test_a_failed_download_falls_back_too_and_restores_the_socket_timeout(no_local_fashion, monkeypatch, capsys):

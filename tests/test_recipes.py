@@ -91,7 +91,12 @@ def test_evaluate_counts_correct_predictions_in_eval_mode():
     (dict(optimizer="sgd", lr=0.0), "lr must be a finite number > 0"),
     (dict(optimizer="lars", lr=float("inf")), "lr must be a finite number > 0"),
     (dict(optimizer="lars", lr=1.0, trust_coefficient=-1e-3), "trust_coefficient must be"),
-    (dict(optimizer="sgd", lr=1.0, warmup_epochs=-1), "warmup_epochs must be >= 0"),
+    (dict(optimizer="sgd", lr=1.0, warmup_epochs=-1), "warmup_epochs must be a finite number >= 0"),
+    # inf reached train() and ended in an OverflowError from round()
+    (dict(optimizer="sgd", lr=1.0, warmup_epochs=float("inf")), "warmup_epochs must be a finite number >= 0"),
+    (dict(optimizer="sgd", lr=1.0, warmup_epochs=float("nan")), "warmup_epochs must be a finite number >= 0"),
+    (dict(optimizer="sgd", lr=1.0, momentum=float("nan")), "momentum must be a finite number >= 0"),
+    (dict(optimizer="lars", lr=1.0, weight_decay=-1e-4), "weight_decay must be a finite number >= 0"),
 ])
 def test_bad_recipes_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):
