@@ -12,7 +12,7 @@ from torch import nn
 from .blocks import block_ids
 from .layouts import find_fsdp1_handles, is_fsdp1, layer_shape
 
-__all__ = ["param_groups", "default_exclude", "is_bias_or_norm", "block_ids", "NORM_TYPES"]
+__all__ = ["param_groups", "default_exclude", "is_bias_or_norm", "block_ids", "timm_layer_ids", "NORM_TYPES"]
 
 # Modules whose parameters are normalisation scales and shifts: LARS leaves them unadapted and
 # undecayed, as the paper's successors (MLPerf, SimCLR, BYOL, MoCo v3) do.
@@ -110,6 +110,22 @@ def _exclusion_rule(exclude: ExcludeT, model: nn.Module) -> Callable[[str, nn.Pa
     return lambda name, param, module: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
+def timm_layer_ids(model: nn.Module) -> Optional[dict[str, int]]:
+    """A timm model's depths for layer decay, as timm's ``param_groups_layer_decay`` assigns them: its
+    ``group_matcher(coarse=False)`` (ViT's final norm with the head, Swin's blocks one by one, ConvNeXt's
+    stem as one depth), and parameters the matcher leaves out at the deepest. ``None`` for a model
+    without one (not a timm model, or timm not installed)."""
+    if not (hasattr(model, "group_matcher") and type(model).__module__.startswith("timm.")):
+        return None
+    try:
+        from timm.models import group_parameters
+    except ImportError:
+        return None
+    layer_map = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    deepest = max(layer_map.values(), default=0)
+    return {name: layer_map.get(name, deepest) for name, _ in model.named_parameters()}
+
+
 def param_groups(
     model: nn.Module,
     weight_decay: float = 0.0,
@@ -132,7 +148,9 @@ def param_groups(
     patterns on qualified names (``["*.bias", "*norm*", "pos_embed"]``).
 
     With ``layer_decay`` (in ``(0, 1]``, fine-tuning): each group gets ``lr = lr·layer_decay**(D-d)``
-    for depth ``d`` of ``D`` (:func:`block_ids`, or your ``layer_id(name) -> int``), so the head
+    for depth ``d`` of ``D`` (a timm model's own grouping, :func:`timm_layer_ids`, as timm's
+    ``param_groups_layer_decay`` takes it; for other models :func:`block_ids`, the convention of
+    BEiT and ELECTRA that transformers' models share; or your ``layer_id(name) -> int``), so the head
     keeps ``lr`` and shallow layers get less. The scale is also stored as ``applied_lr_scale``; since
     the scaled ``lr`` is on the group itself, every torch LR scheduler keeps the ratios, and timm's
     schedulers (which multiply a group's ``lr_scale`` in) do not apply it a second time. Without
@@ -156,7 +174,10 @@ def param_groups(
     depth: dict[str, int] = {}
     if layer_decay is not None:
         all_names = [n for n, _ in model.named_parameters()]  # depth must not change when layers are frozen
-        depth = {n: layer_id(n) for n in all_names} if layer_id is not None else block_ids(all_names)
+        if layer_id is not None:
+            depth = {n: layer_id(n) for n in all_names}
+        else:
+            depth = timm_layer_ids(model) or block_ids(all_names)
     deepest = max(depth.values(), default=0)
 
     groups: dict[tuple[Optional[bool], int], dict[str, Any]] = {}

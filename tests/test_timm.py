@@ -16,6 +16,7 @@ timm = pytest.importorskip("timm")
 import timm.optim  # noqa: E402, F811  (the submodule, after importorskip has checked timm)
 
 import lars_plugins.timm as lars_timm  # noqa: E402  (registers)
+import lars_plugins  # noqa: E402
 from lars_plugins import LAMB, LARS  # noqa: E402
 from checkpoints import weights_only_round_trip  # noqa: E402
 
@@ -344,3 +345,41 @@ def test_rosenbrock_cyclic_coordinate_descent_ends_no_farther_from_the_solution(
             return loss
         opt.step(closure)
     assert xy.detach().dist(torch.ones(2)) <= start
+
+
+@pytest.mark.parametrize("name", ["vit_tiny_patch16_224", "swin_tiny_patch4_window7_224", "convnext_atto"])
+def test_layer_decay_on_timm_models_equals_timms_own(name):
+    """ViT's final norm, Swin's 14 depths and ConvNeXt's stem: the model's group_matcher decides, as
+    in timm's param_groups_layer_decay (a name rule gave ViT's norm 1.0, Swin 6 depths, ConvNeXt 7)."""
+    torch.manual_seed(0)
+    model = timm.create_model(name, pretrained=False, num_classes=4)
+    theirs = {n: g["lr_scale"] for g in timm.optim.param_groups_layer_decay(model, layer_decay=0.8)
+              for n in _names_of(model, g["params"])}
+    ours = {n: g["applied_lr_scale"] for g in lars_plugins.param_groups(model, lr=1.0, layer_decay=0.8)
+            for n, _ in g["params"]}
+    assert ours.keys() == theirs.keys()
+    different = [n for n in ours if ours[n] != pytest.approx(theirs[n], rel=1e-12)]
+    assert not different, different[:5]
+
+
+def _names_of(model, params):
+    by_id = {id(p): n for n, p in model.named_parameters()}
+    return [by_id[id(p)] for p in params]
+
+
+def test_layer_ids_of_a_transformers_model_follow_its_layer_index():
+    """BERT: embeddings at 0, encoder.layer.i at i + 1, pooler and classifier at L + 1 (the BEiT and
+    ELECTRA layer-wise decay convention, which the layer index of transformers' models gives)."""
+    transformers = pytest.importorskip("transformers")
+    config = transformers.BertConfig(vocab_size=64, hidden_size=16, num_hidden_layers=3, num_attention_heads=2,
+                                     intermediate_size=32, num_labels=2)
+    model = transformers.BertForSequenceClassification(config)
+    depth = {n: g["layer_id"] for g in lars_plugins.param_groups(model, lr=1.0, layer_decay=0.5)
+             for n, _ in g["params"]}
+    for n, d in depth.items():
+        if ".layer." in n:
+            assert d == int(n.split(".layer.")[1].split(".")[0]) + 1, n
+        elif "embeddings" in n:
+            assert d == 0, n
+        else:
+            assert d == config.num_hidden_layers + 1, n  # pooler, classifier
