@@ -10,6 +10,8 @@ from pathlib import Path
 
 import pytest
 
+pytestmark = pytest.mark.slow  # benchmark scripts run: `python -m pytest -m "not slow"` leaves them out
+
 ROOT = Path(__file__).resolve().parent.parent
 
 

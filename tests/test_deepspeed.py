@@ -19,6 +19,8 @@ from torch import nn
 import lars_plugins
 from test_distributed import WORLD, CollectiveCounter, finish, free_port, make_model
 
+pytestmark = pytest.mark.slow  # DeepSpeed in 2 processes: `python -m pytest -m "not slow"` leaves them out
+
 pytest.importorskip("deepspeed")
 
 STEPS = 6

@@ -42,7 +42,8 @@ def test_both_optimizers_learn(tmp_path):
     assert set(history) == {"LARS", "SGD"} and all(len(h) == 6 for h in history.values())
     # Ten classes: chance is 10%. Both must be far above it after six epochs.
     assert history["LARS"][-1] > 0.8 and history["SGD"][-1] > 0.8
-    assert lines[-1].startswith("final test accuracy after 6 epochs at batch 128")
+    assert lines[-2].startswith("final test accuracy after 6 epochs at batch 128")
+    assert lines[-1].startswith("verdict: ")
     assert not (tmp_path / "lars_demo_output").exists()
     assert sum(line.strip().split()[0].isdigit() for line in lines) == 6  # one line per epoch
 
@@ -93,7 +94,8 @@ def test_a_batch_larger_than_the_data_is_reported_as_the_batch_used(tmp_path):
     lines = []
     demo.run_digits_demo(batch_size=100000, epochs=1, progress=False, log=lines.append, output_dir=None)
     assert "batch 1347 (the whole training set; 100000 was asked) (1 steps/epoch)" in lines[0]
-    assert lines[-1].startswith("final test accuracy after 1 epochs at batch 1347")
+    assert lines[-2].startswith("final test accuracy after 1 epochs at batch 1347")
+    assert "at batch 1347 on the bundled digits" in lines[-1]
 
 
 def test_bare_command_prints_the_help(capsys):

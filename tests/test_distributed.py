@@ -243,6 +243,7 @@ def torch_engines(tmp_path_factory):
     return {**run(TORCH_ENGINES + OTHER_OPTIMIZERS, where), "dir": where}
 
 
+@pytest.mark.slow  # processes of their own
 @pytest.mark.parametrize("engine", RESUMED)
 def test_resume_from_a_distributed_checkpoint_equals_the_uninterrupted_run(engine, torch_engines):
     result = torch_engines[engine]
@@ -250,6 +251,7 @@ def test_resume_from_a_distributed_checkpoint_equals_the_uninterrupted_run(engin
         torch.testing.assert_close(result["resumed"][name], value, rtol=1e-6, atol=1e-7, msg=name)
 
 
+@pytest.mark.slow  # processes of their own
 @pytest.mark.parametrize("engine", SAVED_FOR_ONE_PROCESS)
 def test_an_fsdp1_checkpoint_resumes_in_one_process(engine, torch_engines):
     """torch's recipe on both sides (get_state_dict, dcp.load, set_state_dict): a checkpoint of 2
@@ -281,6 +283,7 @@ def test_an_fsdp1_checkpoint_resumes_in_one_process(engine, torch_engines):
                                    msg=name)
 
 
+@pytest.mark.slow  # processes of their own
 @pytest.mark.parametrize("engine", TORCH_ENGINES + OTHER_OPTIMIZERS)
 def test_parameters_equal_one_process(engine, torch_engines):
     result = torch_engines[engine]
@@ -300,6 +303,7 @@ def test_parameters_equal_one_process(engine, torch_engines):
     assert "trust_ratio/0.bias" not in result["monitor"] and "grad_norm/0.bias" in result["monitor"]
 
 
+@pytest.mark.slow  # processes of their own
 @pytest.mark.parametrize("engine", ["fsdp2", "fsdp1"])
 def test_lightning_sharded_strategies(engine, tmp_path):
     """Through Lightning's ModelParallelStrategy (FSDP2) and FSDPStrategy (FSDP1, use_orig_params),
@@ -370,6 +374,7 @@ def branch_worker(rank, port, out):
     finish()
 
 
+@pytest.mark.slow  # processes of their own
 def test_lamb_under_fsdp1_steps_units_that_missed_gradients_at_their_own_counts(tmp_path):
     """An FSDP1 unit that gets no gradient on a step lags behind in LAMB's step count; the next
     steps take each unit at its own count, as plain LAMB takes each parameter."""
@@ -417,6 +422,7 @@ def spawn_allowing_teardown_abort(worker, args, out):
             raise
 
 
+@pytest.mark.slow  # processes of their own
 def test_hf_accelerate_multi_cpu_equals_one_process(tmp_path):
     pytest.importorskip("accelerate")
     out = str(tmp_path / "accelerate.pt")

@@ -11,6 +11,8 @@ import pytest
 import lars_plugins
 from lars_plugins.distributed import deepspeed_shm_buffers
 
+pytestmark = pytest.mark.slow  # the examples run as scripts: `python -m pytest -m "not slow"` leaves them out
+
 EXAMPLES = Path(__file__).resolve().parent.parent / "examples"
 
 

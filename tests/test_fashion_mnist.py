@@ -11,6 +11,8 @@ import torch
 from lars_plugins.demo import datasets
 from lars_plugins.demo.datasets import find_fashion_mnist, load_fashion_mnist
 
+pytestmark = pytest.mark.slow  # training studies: `python -m pytest -m "not slow"` leaves them out
+
 
 def idx_bytes(tensor: torch.Tensor) -> bytes:
     """LeCun's idx format, written here from its definition."""

@@ -146,6 +146,7 @@ def test_checkpoint_resume_restores_lars_exactly(tmp_path):
     torch.load(ckpt, weights_only=True)  # the checkpoint holds plain tensors and numbers only
 
 
+@pytest.mark.slow  # a script or processes of its own
 def test_ddp_logs_the_same_ratios_as_one_process(tmp_path):
     # Same global batch (2 x 16 under DDP, 32 in one process) with the same samples in it (Net's own
     # unshuffled sampler; Lightning's would shuffle), and no BatchNorm.
@@ -200,6 +201,7 @@ def run_plain_cli(tmp_path, *args):
         capture_output=True, text=True, timeout=300, cwd=tmp_path)
 
 
+@pytest.mark.slow  # a script or processes of its own
 def test_a_plain_lightning_cli_takes_the_full_path_and_warns_of_per_epoch_scheduling(tmp_path):
     """What docs/lightning.md says of a plain LightningCLI: ``--optimizer lars_plugins.LARS`` works with
     nothing imported first, the short ``LARS`` does not, and ``WarmupDecayLR`` stepped per epoch (4
