@@ -18,12 +18,12 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from typing import Callable
 
 import torch
 from torch import nn
 
 import lars_plugins
+from step_time import kernel_ms  # benchmarks/ is the script's folder, on sys.path
 
 PRESETS = {
     "0.94b": dict(width=2048, depth=16, heads=16, vocab=32_000, seq=1024, batch=8),
@@ -81,18 +81,6 @@ def optimizers(model: nn.Module, fused_available: bool) -> dict[str, torch.optim
     return opts
 
 
-def kernel_ms(step: Callable[[], object], reps: int = 3) -> float:
-    from torch.profiler import ProfilerActivity, profile
-
-    torch.cuda.synchronize()
-    with profile(activities=[ProfilerActivity.CUDA]) as prof:
-        for _ in range(reps):
-            step()
-        torch.cuda.synchronize()
-    kernels = [e for e in prof.events() if e.device_type == torch.autograd.DeviceType.CUDA]
-    return sum(e.device_time for e in kernels) / reps / 1e3
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--preset", default="0.94b", choices=list(PRESETS))
@@ -142,7 +130,7 @@ def main() -> None:
                 loss = nn.functional.cross_entropy(model(tokens[:, :-1]).float().flatten(0, 1),
                                                    tokens[:, 1:].flatten())
             loss.backward()
-            step_kernels[label] = kernel_ms(opt.step)
+            step_kernels[label] = kernel_ms(opt.step, reps=3)
             opt.zero_grad(set_to_none=True)
     labels = list(opts)
     reference = {"LARS": labels[0], "LAMB": labels[2], labels[4]: labels[2]}

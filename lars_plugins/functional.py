@@ -120,16 +120,16 @@ def lars(
             from .fused import fused_lars
 
             bufs = [momentum_buffers[i] for i in indices]
-            taken = [None] * len(indices) if norms_out is not None else None
+            fused_taken: Optional[list] = [None] * len(indices) if norms_out is not None else None
             fused_lars([params[i] for i in indices], [grads[i] for i in indices], bufs,
                        [trust_ratios[i] for i in indices], excluded=[excluded[i] for i in indices], lr=lr,
                        momentum=momentum, dampening=dampening, weight_decay=weight_decay, nesterov=nesterov,
                        trust_coefficient=trust_coefficient, eps=eps, trust_clip=trust_clip, maximize=maximize,
-                       norms_out=taken)
+                       norms_out=fused_taken)
             for k, i in enumerate(indices):
                 momentum_buffers[i] = bufs[k]
-                if taken is not None:
-                    norms_out[i] = taken[k]  # type: ignore[index]
+                if fused_taken is not None:
+                    norms_out[i] = fused_taken[k]  # type: ignore[index]
             continue
         use_foreach = foreach if foreach is not None else device.type != "cpu"
         impl = _multi_tensor_lars if use_foreach else _single_tensor_lars
@@ -699,7 +699,7 @@ def lamb_directions(params: list[Tensor], grads: list[Tensor], exp_avgs: list[Te
         torch._foreach_lerp_(exp_avgs, grads, 1 - beta1)
         torch._foreach_mul_(exp_avg_sqs, beta2)
         torch._foreach_addcmul_(exp_avg_sqs, grads, grads, 1 - beta2)
-        denom = torch._foreach_sqrt(exp_avg_sqs)
+        denom = list(torch._foreach_sqrt(exp_avg_sqs))
         _foreach_divide_(denom, root2)
         torch._foreach_add_(denom, eps)
         u = list(torch._foreach_div(exp_avgs, denom))
@@ -737,8 +737,8 @@ def _corrections(step: Union[Scalar, Sequence[Scalar]], n: int, beta1: float, be
     if len(steps) != n:
         raise ValueError(f"step: {len(steps)} step counts for {n} tensors")
     if not any(isinstance(s, Tensor) for s in steps):
-        return ([_one_minus_power(beta1, s) for s in steps],  # type: ignore[misc]
-                [math.sqrt(_one_minus_power(beta2, s)) for s in steps])  # type: ignore[arg-type]
+        return ([_one_minus_power(beta1, s) for s in steps],
+                [math.sqrt(_one_minus_power(beta2, s)) for s in steps])
     # In float64: the counts are float32 0-d tensors (on the CPU for the unfused paths), and the
     # corrections of float64 parameters must not be rounded to float32.
     device = next(s for s in steps if isinstance(s, Tensor)).device

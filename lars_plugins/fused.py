@@ -170,7 +170,7 @@ def _layout(device: torch.device, numels: tuple[int, ...], adapted: tuple[bool, 
     return layout
 
 
-def _table(device: torch.device, rows: list[tuple[int, ...]], numels: tuple[int, ...],
+def _table(device: torch.device, rows: Sequence[tuple[int, ...]], numels: tuple[int, ...],
            adapted: tuple[bool, ...]) -> _Table:
     """The device table of ``rows`` (addresses W, G, 2, 3, 4, SLOT; NUMEL; FLAGS), cached by its content."""
     key = (device, BLOCK, tuple(rows))
@@ -184,10 +184,11 @@ def _table(device: torch.device, rows: list[tuple[int, ...]], numels: tuple[int,
     spare_key = (device, len(full))
     if _capturing(device):
         # The graph's copy node reads this pinned buffer at every replay: it is never written again.
-        spares = _spares.get(spare_key)
-        host = spares.pop().copy_(values) if spares else values.pin_memory()
+        put_aside = _spares.get(spare_key)
+        pinned = put_aside.pop().copy_(values) if put_aside else values.pin_memory()
         table = torch.empty_like(values, device=device)
-        table.copy_(host, non_blocking=True)
+        table.copy_(pinned, non_blocking=True)
+        host: Optional[Tensor] = pinned
     else:
         table, host = _to_device(values, device)
         spares = _spares.setdefault(spare_key, [])
@@ -206,7 +207,7 @@ def _launch(kernel: Any, grid: int, device: torch.device, *args: Any, **constant
         kernel[(grid,)](*args, **constants)
 
 
-def _aligned(rows: list[tuple[int, ...]]) -> bool:
+def _aligned(rows: Sequence[tuple[int, ...]]) -> bool:
     return all(address % 16 == 0 for row in rows for address in row[:6])
 
 

@@ -121,7 +121,8 @@ def timm_layer_ids(model: nn.Module) -> Optional[dict[str, int]]:
         from timm.models import group_parameters
     except ImportError:
         return None
-    layer_map = group_parameters(model, model.group_matcher(coarse=False), reverse=True)
+    matcher = getattr(model, "group_matcher")
+    layer_map = group_parameters(model, matcher(coarse=False), reverse=True)
     deepest = max(layer_map.values(), default=0)
     return {name: layer_map.get(name, deepest) for name, _ in model.named_parameters()}
 

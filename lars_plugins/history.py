@@ -151,7 +151,8 @@ class TrustRatioHistory:
         values, recorded = values[newest_first], recorded[newest_first]
         first = recorded.argmax(axis=0)  # the newest recorded row of each layer
         picked = np.take_along_axis(values, first[None], axis=0)[0].tolist()
-        return {name: v for name, v, any_ in zip(layers, picked, recorded.any(axis=0).tolist()) if any_}
+        seen = list(np.asarray(recorded.any(axis=0)).tolist())
+        return {name: v for name, v, any_ in zip(layers, picked, seen) if any_}
 
     def _gather(self, cols: list[int]) -> tuple[np.ndarray, np.ndarray]:
         """Values and recorded-masks of columns ``cols`` for every row, in row order."""
@@ -177,7 +178,8 @@ class TrustRatioHistory:
         for k, block in enumerate(self._blocks):
             n = min(BLOCK_ROWS, len(self.steps) - k * BLOCK_ROWS)
             values, recorded = block.columns(np.arange(n_cols), n)
-            yield self.steps[k * BLOCK_ROWS:k * BLOCK_ROWS + n], values.tolist(), recorded.all(axis=1), recorded
+            full = np.asarray(recorded.all(axis=1))
+            yield self.steps[k * BLOCK_ROWS:k * BLOCK_ROWS + n], values.tolist(), full, recorded
 
     def to_rows(self) -> tuple[list[str], list[list[Any]]]:
         """Header and rows (step first), as written to CSV; ``None`` where nothing was recorded."""
