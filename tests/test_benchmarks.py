@@ -123,3 +123,18 @@ def test_monitor_scale_runs_every_phase():
     assert "nan" not in table.lower()
     assert "the plot imported torch: False" in out
 
+
+
+def test_the_transformer_iteration_runs_on_the_cpu_preset():
+    out = run_script("transformer_step.py", "--preset", "tiny", "--iterations", "1", "--warmup", "1")
+    rows = {line.split()[0]: line for line in out.splitlines() if line.startswith(("SGD", "LARS", "AdamW", "LAMB"))}
+    assert set(rows) == {"SGD(foreach)", "LARS", "AdamW(foreach)", "LAMB"}
+    assert "nan" not in out.lower()
+
+
+def test_the_gpu_check_lists_its_parts():
+    """The one GPU command: its parts exist as files and its help names them (it runs on a GPU only)."""
+    out = run_script("gpu_check.py", "--help")
+    assert "tests/test_cuda.py" in out and "transformer_step.py" in out and "step_time.py" in out
+    for part in ("tests/test_cuda.py", "tests/test_fused.py", "benchmarks/step_time.py", "benchmarks/transformer_step.py"):
+        assert (ROOT / part).exists(), part
