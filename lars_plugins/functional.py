@@ -653,6 +653,12 @@ def _host_lamb(tensors: list[tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tens
     lr = lr.item() if isinstance(lr, Tensor) else lr
     weight_norms: list[Optional[float]] = []
     for w, g, m, v, slot, step in tensors:
+        if bias_correction and _cpu_fused_adamw(w.dtype) and _same_dense_layout(w, g, m) \
+                and _same_dense_layout(w, v, None):
+            weight_norms.append(_host_lamb_fused(w, g, m, v, slot, step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                                 weight_decay=weight_decay, weight_norm_bounds=weight_norm_bounds,
+                                                 trust_clip=trust_clip, maximize=maximize))
+            continue
         step = step.item() if isinstance(step, Tensor) else step  # a CPU count: no device to wait for
         correction1, correction2 = (_one_minus_power(beta1, step), _one_minus_power(beta2, step)) \
             if bias_correction else (1.0, 1.0)
@@ -674,6 +680,47 @@ def _host_lamb(tensors: list[tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tens
         weight_norms.append(w_norm)
         w.add_(u, alpha=-lr * ratio)
     return weight_norms
+
+
+def _host_lamb_fused(w: Tensor, g: Tensor, m: Tensor, v: Tensor, slot: Optional[Tensor], step: Scalar, *, lr: float,
+                     beta1: float, beta2: float, eps: float, weight_decay: float,
+                     weight_norm_bounds: Optional[tuple[float, float]], trust_clip: bool,
+                     maximize: bool) -> Optional[float]:
+    """One tensor of the CPU path through torch's fused AdamW kernel, which updates the moments and
+    applies ``m̂/(√v̂+ε)`` in one vectorised pass, computing the square root and the division once.
+
+    AdamW's step with ``lr = 1`` turns ``s = w`` into ``w − u`` exactly (``u = m̂/(√v̂+ε) + wd·w``,
+    its decoupled decay being LAMB's ``wd·w``), so on a copy of ``w``: ``s − w = −u``, whose norm and
+    ``‖w‖`` give the ratio, and ``w ← w + lr·r·(s − w)``. The copy and the last two passes run while
+    the tensor is in cache. An excluded tensor takes the kernel on ``w`` itself, with ``lr`` and no
+    decay. Returns ``‖w‖`` of an adapted tensor."""
+    count = step if isinstance(step, Tensor) else torch.tensor(float(step))
+    hyper = dict(beta1=beta1, beta2=beta2, eps=eps, amsgrad=False, maximize=maximize)
+    if slot is None:
+        torch._fused_adamw_([w], [g], [m], [v], [], [count], lr=lr, weight_decay=0.0, **hyper)
+        return None
+    w_norm = _host_norm(w)
+    s = torch.empty_like(w)
+    s.copy_(w)
+    torch._fused_adamw_([s], [g], [m], [v], [], [count], lr=1.0, weight_decay=weight_decay, **hyper)
+    s.sub_(w)  # −u
+    ratio = _host_lamb_ratio(w_norm, _host_norm(s), weight_norm_bounds=weight_norm_bounds, trust_clip=trust_clip)
+    slot.fill_(ratio)
+    w.add_(s, alpha=lr * ratio)
+    return w_norm
+
+
+@functools.lru_cache(maxsize=None)
+def _cpu_fused_adamw(dtype: torch.dtype) -> bool:
+    """Whether this torch has the fused AdamW kernel for CPU tensors of ``dtype`` (probed once)."""
+    try:
+        w = torch.ones(2, dtype=dtype)
+        torch._fused_adamw_([w], [torch.ones(2, dtype=dtype)], [torch.zeros(2, dtype=dtype)],
+                            [torch.zeros(2, dtype=dtype)], [], [torch.tensor(1.0)], lr=1.0, beta1=0.5, beta2=0.5,
+                            weight_decay=0.0, eps=0.0, amsgrad=False, maximize=False)
+    except (AttributeError, RuntimeError, TypeError, NotImplementedError):
+        return False
+    return bool(torch.allclose(w.float(), torch.zeros(2)))  # 1 − 1·(0.5/0.5)/(√(0.5/0.5)) = 0
 
 
 def _host_lamb_ratio(w_norm: float, u_norm: float, *, weight_norm_bounds: Optional[tuple[float, float]],

@@ -136,5 +136,6 @@ def test_the_gpu_check_lists_its_parts():
     """The one GPU command: its parts exist as files and its help names them (it runs on a GPU only)."""
     out = run_script("gpu_check.py", "--help")
     assert "tests/test_cuda.py" in out and "transformer_step.py" in out and "step_time.py" in out
-    for part in ("tests/test_cuda.py", "tests/test_fused.py", "benchmarks/step_time.py", "benchmarks/transformer_step.py"):
+    for part in ("tests/test_cuda.py", "tests/test_fused.py", "benchmarks/step_time.py",
+                 "benchmarks/transformer_step.py"):
         assert (ROOT / part).exists(), part

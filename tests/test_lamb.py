@@ -380,3 +380,27 @@ def test_a_timm_lamb_checkpoint_goes_on_where_it_stopped():
         del entry["step"]
     with pytest.raises(ValueError, match="Adam moments but no step count"):
         LAMB(ours, lr=1e-2).load_state_dict(moments_only)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_the_cpu_path_goes_through_torchs_fused_adamw_kernel(dtype, monkeypatch):
+    """The CPU path's fast route (AdamW's fused kernel on a copy of w gives w − u) is the one taken for
+    dense tensors with bias correction, and it is Algorithm 2 (the float64 reference)."""
+    calls = []
+    real = functional._host_lamb_fused
+    monkeypatch.setattr(functional, "_host_lamb_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
+    params = [p.to(dtype) for p in tensors(0)]
+    adapt = [len(s) > 1 for s in SHAPES]
+    ref = ReferenceLAMB(params, adapt, lr=1e-2, weight_decay=0.05)
+    m = [torch.zeros_like(p) for p in params]
+    v = [torch.zeros_like(p) for p in params]
+    ratios = [torch.zeros((), dtype=functional.ratio_dtype(dtype)) if a else None for a in adapt]
+    for t in range(1, 4):
+        grads = [g.to(dtype) for g in tensors(t)]
+        ref.step(grads)
+        lamb(params, grads, m, v, ratios, excluded=[not a for a in adapt], step=torch.tensor(float(t)), lr=1e-2,
+             beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.05)
+    assert len(calls) == 3 * len(params)
+    tol = dict(rtol=1e-5, atol=1e-6) if dtype != torch.bfloat16 else dict(rtol=2e-2, atol=2e-2)
+    for p, w in zip(params, ref.w):
+        torch.testing.assert_close(p.double(), w, **tol)
