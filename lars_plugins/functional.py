@@ -695,14 +695,15 @@ def _host_lamb_fused(w: Tensor, g: Tensor, m: Tensor, v: Tensor, slot: Optional[
     the tensor is in cache. An excluded tensor takes the kernel on ``w`` itself, with ``lr`` and no
     decay. Returns ``‖w‖`` of an adapted tensor."""
     count = step if isinstance(step, Tensor) else torch.tensor(float(step))
-    hyper = dict(beta1=beta1, beta2=beta2, eps=eps, amsgrad=False, maximize=maximize)
     if slot is None:
-        torch._fused_adamw_([w], [g], [m], [v], [], [count], lr=lr, weight_decay=0.0, **hyper)
+        torch._fused_adamw_([w], [g], [m], [v], [], [count], lr=lr, beta1=beta1, beta2=beta2, weight_decay=0.0,
+                            eps=eps, amsgrad=False, maximize=maximize)
         return None
     w_norm = _host_norm(w)
     s = torch.empty_like(w)
     s.copy_(w)
-    torch._fused_adamw_([s], [g], [m], [v], [], [count], lr=1.0, weight_decay=weight_decay, **hyper)
+    torch._fused_adamw_([s], [g], [m], [v], [], [count], lr=1.0, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
+                        eps=eps, amsgrad=False, maximize=maximize)
     s.sub_(w)  # −u
     ratio = _host_lamb_ratio(w_norm, _host_norm(s), weight_norm_bounds=weight_norm_bounds, trust_clip=trust_clip)
     slot.fill_(ratio)
