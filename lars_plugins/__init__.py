@@ -17,15 +17,17 @@ __version__ = "0.1.0"
 
 # name -> the module that defines it
 _EXPORTS = {
-    "LARS": ".optim", "LAMB": ".lamb", "Layerwise": ".wrapper", "centralize_gradients_": ".wrapper",
+    "LARS": ".optim", "LAMB": ".lamb", "Layerwise": ".wrapper", "LayerwiseAdamW": ".wrapper", "LarsRanger": ".ranger",
+    "centralize_gradients_": ".wrapper", "OptimizerEntry": ".registry", "register_optimizer": ".registry",
+    "optimizer_names": ".registry",
     "WarmupDecayLR": ".schedules", "TrustRatioMonitor": ".monitor", "TrustRatioHistory": ".history",
     "param_groups": ".groups", "default_exclude": ".groups", "is_bias_or_norm": ".groups", "block_ids": ".blocks",
     "lars": ".functional", "trust_ratio": ".functional",
 }
 
-__all__ = ["LARS", "LAMB", "Layerwise", "centralize_gradients_", "WarmupDecayLR", "TrustRatioMonitor",
-           "TrustRatioHistory", "param_groups", "default_exclude", "is_bias_or_norm", "block_ids", "lars",
-           "trust_ratio", "__version__"]
+__all__ = ["LARS", "LAMB", "Layerwise", "LayerwiseAdamW", "LarsRanger", "centralize_gradients_", "WarmupDecayLR",
+           "TrustRatioMonitor", "TrustRatioHistory", "param_groups", "default_exclude", "is_bias_or_norm", "block_ids",
+           "lars", "trust_ratio", "OptimizerEntry", "register_optimizer", "optimizer_names", "__version__"]
 
 if TYPE_CHECKING:
     from .blocks import block_ids
@@ -35,8 +37,10 @@ if TYPE_CHECKING:
     from .lamb import LAMB
     from .monitor import TrustRatioMonitor
     from .optim import LARS
+    from .ranger import LarsRanger
+    from .registry import OptimizerEntry, optimizer_names, register_optimizer
     from .schedules import WarmupDecayLR
-    from .wrapper import Layerwise, centralize_gradients_
+    from .wrapper import Layerwise, LayerwiseAdamW, centralize_gradients_
 
 
 def __getattr__(name: str) -> Any:

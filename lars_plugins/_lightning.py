@@ -17,7 +17,7 @@ from torch import nn
 from .groups import ExcludeT, param_groups
 from .history import METRICS, STATS_SUFFIX
 from .monitor import TrustRatioMonitor, check_options
-from .names import optimizer_by_name
+from .registry import optimizer_entry
 from .schedules import WarmupDecayLR
 
 __all__ = ["configure_lars", "TrustRatioCallbackMixin", "LarsCLIMixin"]
@@ -38,11 +38,13 @@ def configure_lars(
     exclude: ExcludeT = None,
     **optimizer_kwargs: Any,
 ) -> dict[str, Any]:
-    """What ``LightningModule.configure_optimizers`` returns for LARS (or LAMB) with a per-step LR schedule.
+    """What ``LightningModule.configure_optimizers`` returns for one of the registry's optimizers (LARS
+    by default) with a per-step LR schedule.
 
-    ``optimizer`` is one of :data:`lars_plugins.names.OPTIMIZERS` (``lars``, ``larc``, ``nlars``,
-    ``nlarc``, ``lamb``, ``lamb_clip``); ``optimizer_kwargs`` go to its class (LARS: ``momentum``,
-    ``trust_coefficient``…; LAMB: ``betas``, ``eps``…, their defaults otherwise).
+    ``optimizer`` is a name of :mod:`lars_plugins.registry` (``lars``, ``larc``, ``nlars``, ``nlarc``,
+    ``lamb``, ``lamb_clip``, ``layerwise_adamw``, ``lars_ranger``, or one you registered);
+    ``optimizer_kwargs`` go to it (LARS: ``momentum``, ``trust_coefficient``…; LAMB: ``betas``,
+    ``eps``…, their defaults otherwise).
     Groups from :func:`lars_plugins.param_groups` (biases and norms not adapted, not decayed;
     optional ``layer_decay``), then :class:`~lars_plugins.schedules.WarmupDecayLR`: linear warm-up
     over ``warmup_steps``, then ``decay`` (``cosine``, ``poly`` -- the paper's ``(1 - t/T)^power`` --,
@@ -58,10 +60,10 @@ def configure_lars(
         if estimated == float("inf"):
             raise ValueError("the Trainer has no finite length (max_steps=-1 and max_epochs=-1): pass total_steps")
         total_steps = int(estimated)
-    cls, implied = optimizer_by_name(optimizer)
+    entry = optimizer_entry(optimizer)
     groups = param_groups(module, weight_decay=weight_decay, exclude=exclude, layer_decay=layer_decay,
                           lr=lr if layer_decay is not None else None)
-    built = cls(groups, lr=lr, **{**implied, **optimizer_kwargs})
+    built = entry.build(groups, lr=lr, **optimizer_kwargs)
     scheduler = WarmupDecayLR(built, total_steps=total_steps, warmup_steps=warmup_steps, decay=decay,
                               power=power, min_lr_ratio=min_lr_ratio)
     return {"optimizer": built, "lr_scheduler": {"scheduler": scheduler, "interval": "step", "frequency": 1}}

@@ -1,15 +1,17 @@
-"""Hugging Face Trainer integration: ``optim="lars"`` or ``"lamb"``, and per-layer trust ratios in the logs.
+"""Hugging Face Trainer integration: ``optim="lars"``, ``"lamb"`` or any name of the registry, and
+per-layer trust ratios in the logs.
 
 transformers validates ``TrainingArguments.optim`` against a closed enum and has no public optimizer
 registry, so the integration is two mixins (and ready-made classes built from them):
 
-* :class:`LarsArgsMixin` / :class:`LarsTrainingArguments`: ``optim`` accepts ``lars``, ``larc``,
-  ``nlars``, ``nlarc`` (:class:`~lars_plugins.LARS`) and ``lamb``, ``lamb_clip``
-  (:class:`~lars_plugins.LAMB`) besides transformers' names (also ``--optim lamb`` through
-  ``HfArgumentParser``), with ``optim_args`` such as ``trust_coefficient=0.02,momentum=0.9``
-  converted to the optimizer's types, plus ``lars_layer_decay`` and ``lars_monitor``;
+* :class:`LarsArgsMixin` / :class:`LarsTrainingArguments`: ``optim`` accepts the names of
+  :mod:`lars_plugins.registry` (``lars``, ``larc``, ``nlars``, ``nlarc``, ``lamb``, ``lamb_clip``,
+  ``layerwise_adamw``, ``lars_ranger``, and yours) besides transformers' names (also
+  ``--optim lamb`` through ``HfArgumentParser``), with ``optim_args`` such as
+  ``trust_coefficient=0.02,momentum=0.9`` converted to the optimizer's types, plus
+  ``lars_layer_decay`` and ``lars_monitor``;
 * :class:`LarsTrainerMixin` / :class:`LarsTrainer`: builds the optimizer with bias/norm exclusion,
-  the weight decay of ``args.weight_decay`` (and for LAMB ``adam_beta1``, ``adam_beta2``,
+  the weight decay of ``args.weight_decay`` (and for the Adam family ``adam_beta1``, ``adam_beta2``,
   ``adam_epsilon``, as transformers does for every Adam-family optimizer), and merges trust-ratio
   metrics into the Trainer's own ``log()`` on logging steps, so they reach ``state.log_history``
   and every reporting integration.
@@ -31,9 +33,8 @@ from transformers import Trainer, TrainerCallback, TrainingArguments
 
 from .base import FOREIGN_KEYS, translate_foreign
 from .groups import param_groups
-from .lamb import LAMB
 from .monitor import TrustRatioMonitor
-from .names import OPTIMIZERS, optimizer_by_name
+from .registry import OptimizerEntry, optimizer_entry, optimizer_names
 
 __all__ = [
     "LarsArgsMixin",
@@ -55,17 +56,18 @@ def _optim_name(optim: Any) -> str:
 
 def is_ours(optim: Any) -> bool:
     """Whether ``optim`` (a ``TrainingArguments.optim`` value) names one of our optimizers."""
-    return _optim_name(optim) in OPTIMIZERS
+    return _optim_name(optim) in optimizer_names()
 
 
 @dataclass
 class LarsArgsMixin:
-    """``TrainingArguments`` fields for LARS and LAMB. Put it first: ``class A(LarsArgsMixin, TrainingArguments)``."""
+    """``TrainingArguments`` fields for the registry's optimizers. Put it first:
+    ``class A(LarsArgsMixin, TrainingArguments)``."""
 
     optim: str = field(
         default=_HF_DEFAULT_OPTIM,
-        metadata={"help": f"The optimizer: {', '.join(OPTIMIZERS)} (lars_plugins.LARS, LAMB) or any of "
-                          "transformers' OptimizerNames."},
+        metadata={"help": f"The optimizer: one of lars_plugins' names ({', '.join(optimizer_names())}; "
+                          "lars_plugins.register_optimizer adds yours) or any of transformers' OptimizerNames."},
     )
     lars_layer_decay: Optional[float] = field(
         default=None,
@@ -81,21 +83,21 @@ class LarsArgsMixin:
 
     def __post_init__(self) -> None:
         name = _optim_name(self.optim)
-        ours = name in OPTIMIZERS
+        ours = name in optimizer_names()
         if not ours:
             from transformers.training_args import OptimizerNames
 
             known = [o.value for o in OptimizerNames]
             if name not in known:
                 raise ValueError(f"optim={self.optim!r} is not an optimizer name. lars_plugins adds "
-                                 f"{', '.join(OPTIMIZERS)}; transformers knows {', '.join(known)}")
+                                 f"{', '.join(optimizer_names())}; transformers knows {', '.join(known)}")
         if self.lars_monitor not in MONITOR_MODES:
             raise ValueError(f"lars_monitor must be one of {', '.join(MONITOR_MODES)}, got {self.lars_monitor!r}")
         if self.lars_layer_decay is not None and not 0 < self.lars_layer_decay <= 1:
             raise ValueError(f"lars_layer_decay must be in (0, 1] or None, got {self.lars_layer_decay!r}")
         if self.lars_layer_decay is not None and not ours:
             raise ValueError(f"lars_layer_decay={self.lars_layer_decay} with optim={name!r}: layer decay is applied by "
-                             f"lars_plugins' optimizers only ({', '.join(OPTIMIZERS)}), so it would be ignored; "
+                             f"lars_plugins' optimizers only ({', '.join(optimizer_names())}), so it would be ignored; "
                              "choose one of them or drop lars_layer_decay")
         if ours:
             # transformers checks optim against its enum: let it check a stand-in, then put the name back.
@@ -139,11 +141,11 @@ def _convert(key: str, text: str, annotation: Any) -> Any:
         raise ValueError(f"optim_args: {key} must be a number, got {text!r}") from None
 
 
-def _set_by_trainer(cls: type) -> dict[str, str]:
+def _set_by_trainer(entry: OptimizerEntry) -> dict[str, str]:
     """The optimizer's keywords the Trainer sets from its own arguments, and which argument sets each
-    (refused in optim_args, so that they are not given twice)."""
+    (refused in optim_args, so that they are not given twice): the Adam family's betas and eps too."""
     from_args = {"lr": "learning_rate", "weight_decay": "weight_decay", "params": ""}
-    if cls is LAMB:
+    if entry.family == "adam":
         from_args.update(betas="adam_beta1 and --adam_beta2", eps="adam_epsilon")
     return from_args
 
@@ -154,15 +156,17 @@ def parse_optim_args(optim_args: Optional[str], optim: str = "lars") -> dict[str
 
     timm's names (``trust_coeff``, ``always_adapt``) are read as ours (:data:`lars_plugins.base.FOREIGN_KEYS`).
     Unknown keys and keys the Trainer sets from its own arguments (``lr``: ``learning_rate``;
-    ``weight_decay``; for LAMB ``betas`` and ``eps``: ``adam_beta1/2``, ``adam_epsilon``) are
+    ``weight_decay``; for the Adam family ``betas`` and ``eps``: ``adam_beta1/2``, ``adam_epsilon``) are
     refused with the list of what is valid.
     """
     if not optim_args:
         return {}
-    cls, _ = optimizer_by_name(optim)
-    from_args = _set_by_trainer(cls)
-    hints = typing.get_type_hints(cls.__init__)  # resolved: the modules postpone their annotations
-    allowed = [k for k in inspect.signature(cls.__init__).parameters if k in hints and k not in from_args]
+    entry = optimizer_entry(optim)
+    from_args = _set_by_trainer(entry)
+    factory = entry.factory()
+    # resolved: the modules postpone their annotations
+    hints = typing.get_type_hints(factory.__init__ if inspect.isclass(factory) else factory)
+    allowed = [k for k in entry.keywords() if k in hints and k not in from_args]
     out: dict[str, Any] = {}
     for item in optim_args.split(","):
         if not item.strip():
@@ -179,12 +183,13 @@ def parse_optim_args(optim_args: Optional[str], optim: str = "lars") -> dict[str
             raise ValueError(f"optim_args: unknown key {key!r} for {optim}; valid keys: {', '.join(allowed)}")
         out[key] = _convert(key, value, hints[ours])
     # timm's names (trust_coeff, always_adapt) as in the timm factory, from the same table.
-    return translate_foreign(out, allowed, where="optim_args: ", owner=f"lars_plugins.{cls.__name__}")
+    return translate_foreign(out, allowed, where="optim_args: ",
+                             owner=f"lars_plugins.{getattr(factory, '__name__', entry.name)}")
 
 
 def lars_optimizer_kwargs(args: TrainingArguments, model: torch.nn.Module) -> dict[str, Any]:
-    """Keyword arguments (``params`` included) for the optimizer ``args.optim`` names (``LARS`` or
-    ``LAMB``: :func:`optimizer_class`) from a Trainer's arguments.
+    """Keyword arguments (``params`` included) for the optimizer ``args.optim`` names (one of the
+    registry's: :func:`optimizer_class`) from a Trainer's arguments.
 
     Groups come from :func:`lars_plugins.param_groups`: biases and norm weights not adapted and not
     decayed (HF's own decay/no-decay split, by module type and name), the rest decayed by
@@ -195,20 +200,20 @@ def lars_optimizer_kwargs(args: TrainingArguments, model: torch.nn.Module) -> di
     layer_decay = getattr(args, "lars_layer_decay", None)
     groups = param_groups(model, weight_decay=args.weight_decay, layer_decay=layer_decay,
                           lr=args.learning_rate if layer_decay is not None else None)
-    cls, implied = optimizer_by_name(name)
-    kwargs = {"params": groups, "lr": args.learning_rate, **implied, **parse_optim_args(args.optim_args, name)}
-    if cls is LAMB:
+    entry = optimizer_entry(name)
+    kwargs = {"params": groups, "lr": args.learning_rate, **entry.options, **parse_optim_args(args.optim_args, name)}
+    if entry.family == "adam":
         kwargs.update(betas=(args.adam_beta1, args.adam_beta2), eps=args.adam_epsilon)
     return kwargs
 
 
-def optimizer_class(args: TrainingArguments) -> type:
-    """The class of the optimizer ``args.optim`` names (one of ours)."""
-    return optimizer_by_name(_optim_name(args.optim))[0]
+def optimizer_class(args: TrainingArguments) -> Any:
+    """The class (or factory) of the optimizer ``args.optim`` names (one of the registry's)."""
+    return optimizer_entry(_optim_name(args.optim)).factory()
 
 
 class LarsTrainerMixin:
-    """Trainer mixin: LARS or LAMB for ``optim`` in :data:`lars_plugins.names.OPTIMIZERS`, trust ratios in the logs.
+    """Trainer mixin: the registry's optimizer that ``optim`` names, trust ratios in the logs.
 
     Put it first: ``class MyTrainer(LarsTrainerMixin, Trainer)``. Other ``optim`` values go to the
     Trainer unchanged.
@@ -232,7 +237,8 @@ class LarsTrainerMixin:
         args = self.args
         if self.optimizer is None and is_ours(args.optim) and self.optimizer_cls_and_kwargs is None:
             opt_model = self.model if model is None else model
-            self.optimizer = optimizer_class(args)(**lars_optimizer_kwargs(args, opt_model))
+            kwargs = lars_optimizer_kwargs(args, opt_model)
+            self.optimizer = optimizer_entry(_optim_name(args.optim)).build(kwargs.pop("params"), **kwargs)
         optimizer = super().create_optimizer(model)  # type: ignore[misc]
         mode = getattr(args, "lars_monitor", "summary")
         if mode != "off" and self.lars_trust_monitor is None:

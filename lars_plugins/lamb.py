@@ -15,7 +15,7 @@ from .functional import (_buckets, _foreach_or_loop_axpy_, lamb, lamb_directions
 from .fused import fused_lamb
 from .layouts import FlatLayout
 
-__all__ = ["LAMB", "LAMB_VARIANTS"]
+__all__ = ["LAMB"]
 
 
 def _adopt_group_steps(state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -43,14 +43,6 @@ def _adopt_group_steps(state_dict: dict[str, Any]) -> dict[str, Any]:
 def _real(t: Tensor) -> Tensor:
     """A complex tensor as its real view (``[..., 2]``: real and imaginary parts), else itself."""
     return torch.view_as_real(t) if t.is_complex() else t
-
-# The names frameworks select LAMB by, with the keywords each implies. timm already registers
-# lamb, lambc, lambw and lambcw for its own Lamb, so the timm integration prefixes these with "lp".
-LAMB_VARIANTS: dict[str, dict[str, Any]] = {
-    "lamb": {},
-    "lamb_clip": {"trust_clip": True},
-}
-
 
 class LAMB(LayerwiseOptimizer):
     r"""LAMB (You et al. 2019, "Large Batch Optimization for Deep Learning", Algorithm 2).

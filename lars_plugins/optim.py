@@ -13,16 +13,7 @@ from .distributed import ShardedNorms, is_dtensor, like_param, to_local
 from .functional import lars, pick, ratio_dtype, trust_ratio
 from .layouts import FlatLayout
 
-__all__ = ["LARS", "VARIANTS"]
-
-# The names frameworks select LARS by (timm's family, kept by the timm and HF integrations alike),
-# with the LARS keywords each one implies.
-VARIANTS: dict[str, dict[str, Any]] = {
-    "lars": {},
-    "larc": {"trust_clip": True},
-    "nlars": {"nesterov": True},
-    "nlarc": {"nesterov": True, "trust_clip": True},
-}
+__all__ = ["LARS"]
 
 class LARS(LayerwiseOptimizer):
     r"""LARS (You, Gitman & Ginsburg 2017, arXiv:1708.03888) with torch.optim.SGD's momentum.

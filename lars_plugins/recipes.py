@@ -20,14 +20,15 @@ from torch import Tensor, nn
 from .groups import param_groups
 from .optim import LARS
 from .schedules import WarmupDecayLR
-from .wrapper import Layerwise, centralize_gradients_
+from .registry import optimizer_entry
+from .wrapper import centralize_gradients_
 
 __all__ = ["RECIPE_OPTIMIZERS", "Recipe", "RunResult", "mlp_bn", "build_optimizer",
            "train", "evaluate", "sgd_linear_lr", "lars_sqrt_lr"]
 
 RECIPE_OPTIMIZERS = ("sgd", "nesterov", "lars", "ranger", "lars_ranger")
-# Ranger's settings (Wright 2019): RAdam with β1 = 0.95, Lookahead every 6 steps halfway back, and
-# Gradient Centralization.
+# Ranger's settings (Wright 2019), as in lars_plugins.ranger (which imports timm): RAdam with β1 = 0.95,
+# Lookahead every 6 steps halfway back, and Gradient Centralization.
 RANGER_BETAS = (0.95, 0.999)
 LOOKAHEAD_K, LOOKAHEAD_ALPHA = 6, 0.5
 
@@ -95,24 +96,21 @@ def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     """The recipe's optimizer. Weight decay goes on weight matrices only, for every optimizer, and
     LARS adapts only those (biases and BatchNorm take the plain LR γ, as in the paper's recipes).
 
-    ``ranger``: ``Lookahead(RAdam)`` with Gradient Centralization; ``lars_ranger``:
-    ``Lookahead(Layerwise(RAdam, η, centralize_gradients=True))``, the trust ratio on RAdam's update
-    (Lookahead from timm)."""
+    ``ranger``: ``Lookahead(RAdam)`` with Gradient Centralization; ``lars_ranger``: the registry's
+    ``lars_ranger`` (:class:`lars_plugins.LarsRanger`: ``Lookahead(Layerwise(RAdam, η,
+    centralize_gradients=True))``, the trust ratio on RAdam's update; Lookahead from timm)."""
     groups = param_groups(model, weight_decay=recipe.weight_decay)
     if recipe.optimizer == "lars":
         return LARS(groups, lr=recipe.lr, momentum=recipe.momentum, trust_coefficient=recipe.trust_coefficient)
     plain = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups]
-    if recipe.optimizer in ("ranger", "lars_ranger"):
+    if recipe.optimizer == "lars_ranger":
+        return optimizer_entry("lars_ranger").build(plain, lr=recipe.lr, trust_coefficient=recipe.trust_coefficient)
+    if recipe.optimizer == "ranger":
         radam = torch.optim.RAdam(plain, lr=recipe.lr, betas=RANGER_BETAS)
-        if recipe.optimizer == "lars_ranger":
-            inner: torch.optim.Optimizer = Layerwise(radam, trust_coefficient=recipe.trust_coefficient,
-                                                     centralize_gradients=True)
-        else:
-            # Gradient Centralization as a step pre-hook: the same step composes with any optimizer.
-            radam.register_step_pre_hook(lambda optimizer, *_: centralize_gradients_(
-                [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]))
-            inner = radam
-        return _lookahead(inner)
+        # Gradient Centralization as a step pre-hook: the same step composes with any optimizer.
+        radam.register_step_pre_hook(lambda optimizer, *_: centralize_gradients_(
+            [p.grad for group in optimizer.param_groups for p in group["params"] if p.grad is not None]))
+        return _lookahead(radam)
     return torch.optim.SGD(plain, lr=recipe.lr, momentum=recipe.momentum, nesterov=recipe.optimizer == "nesterov")
 
 

@@ -1,13 +1,14 @@
-"""timm integration: ``opt="lars"`` in ``timm.optim.create_optimizer_v2``, ``train.py --opt lars`` and YAML.
+"""timm integration: every optimizer of the registry by name in ``timm.optim.create_optimizer_v2``,
+``train.py --opt`` and YAML.
 
-``import lars_plugins.timm`` registers :class:`lars_plugins.LARS` in timm's optimizer registry under
-timm's own names -- ``lars``, ``larc`` (trust clip), ``nlars`` (Nesterov), ``nlarc`` -- replacing
-timm's ``Lars`` for them, and under names that never collide with timm's built-ins -- ``lplars``,
-``lplarc``, ``lpnlars``, ``lpnlarc`` -- for side-by-side use. :class:`lars_plugins.LAMB` is
-registered as ``lplamb`` and ``lplambc`` (trust clip) only: timm's own ``lamb``, ``lambc``,
-``lambw`` and ``lambcw`` stay timm's. ``register()`` does the same explicitly
-(``override_builtin=False`` registers only the ``lp`` names); ``unregister()`` restores timm's.
-Plain ``import lars_plugins`` registers nothing: it must not import timm.
+``import lars_plugins.timm`` registers each entry of :mod:`lars_plugins.registry` in timm's optimizer
+registry under its ``timm_names`` -- ``lplars``, ``lplarc``, ``lpnlars``, ``lpnlarc``, ``lplamb``,
+``lplambc``, ``lplwadamw``, ``lplarsranger``, names that never collide with timm's built-ins -- and,
+with ``override_builtin=True`` (the default), under the names of timm's own optimizers an entry
+replaces (``lars``, ``larc``, ``nlars``, ``nlarc``: timm's ``Lars`` is wrong at ``weight_decay=0``).
+timm's ``lamb``, ``lambc``, ``lambw`` and ``lambcw`` stay timm's. Entries registered later (your
+own, :func:`lars_plugins.register_optimizer`) join timm's registry as they come. ``unregister()``
+restores timm's. Plain ``import lars_plugins`` registers nothing: it must not import timm.
 
 timm's keyword names are accepted (:data:`lars_plugins.base.FOREIGN_KEYS`): ``trust_coeff``
 (= ``trust_coefficient``) and ``always_adapt`` (``True``: no tensor excluded, biases and norms
@@ -17,6 +18,7 @@ fallback groups) map onto LARS.
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 from typing import Any, Iterable, Optional
 
@@ -24,64 +26,67 @@ from torch.optim import Optimizer
 
 from .base import translate_foreign
 from .lamb import LAMB
-from .optim import LARS, VARIANTS
+from .optim import LARS
+from .registry import OptimizerEntry, entries, on_register, optimizer_entry
 
-__all__ = ["register", "unregister", "TimmLARS", "TimmLAMB", "create_lars", "create_lamb", "apply_lr_scale",
-           "TIMM_NAMES", "PLUGIN_NAMES", "LAMB_NAMES"]
-
-# name -> LARS keyword defaults. Names must not contain "_": timm keeps only the part after the last one.
-TIMM_NAMES: dict[str, dict[str, Any]] = VARIANTS
-PLUGIN_NAMES: dict[str, dict[str, Any]] = {"lp" + name: defaults for name, defaults in TIMM_NAMES.items()}
-LAMB_NAMES: dict[str, dict[str, Any]] = {"lplamb": {}, "lplambc": {"trust_clip": True}}
+__all__ = ["register", "unregister", "timm_class", "TimmLARS", "TimmLAMB", "create_lars", "create_lamb",
+           "apply_lr_scale", "timm_names"]
 
 MIN_TIMM = "1.0.12"  # the first timm with an optimizer registry (OptimInfo)
 _replaced: dict[str, Any] = {}  # timm's own entries that register() replaced, for unregister()
+_classes: dict[Any, type] = {}  # one class per optimizer factory (and refusals)
+_override_builtin = True
+_active = False  # registered (and not unregistered since): entries registered later follow
 
 
-class TimmLARS(LARS):
-    """:class:`LARS` as timm's factory builds it (what the registry holds, under every LARS name).
+def timm_class(entry: OptimizerEntry) -> type:
+    """The class timm's registry holds for ``entry``: an ``Optimizer`` subclass (timm's
+    ``get_optimizer_class(name, bind_defaults=False)`` must return one, as timm's own tests require)
+    whose call builds the entry's optimizer from timm's arguments: the parameter groups (timm's
+    ``use_fallback`` groups excluded), timm's keyword names read as ours. A name's options are not in
+    the class: timm binds them from the registry entry's ``defaults``, as it binds its own variants.
+    Calling it returns the entry's own optimizer (a plain ``LARS``, ``LAMB``…), so what is built,
+    logged, pickled and checkpointed loads without timm."""
+    key = (entry.optimizer, tuple(sorted(entry.refused.items())))
+    if key not in _classes:
+        raw = dataclasses.replace(entry, options={})
+        accepted = raw.keywords()
+        factory = raw.factory()
+        label = getattr(factory, "__name__", entry.name)
 
-    * timm's names are read through :data:`lars_plugins.base.FOREIGN_KEYS`: ``trust_coeff`` is
-      ``trust_coefficient``; ``always_adapt=True`` adapts every tensor (``exclude_bias_and_norm=False``);
-      ``False`` keeps LARS's rule: tensors with ``ndim <= 1`` -- the biases and norm weights timm's
-      filter puts in its no-decay group -- are excluded. Unlike timm's ``Lars``, exclusion never depends
-      on a group's weight decay, so ``weight_decay=0`` is still LARS;
-    * groups timm marks ``use_fallback=True`` are excluded (plain SGD with momentum).
+        def __new__(cls: type, params: Iterable[Any], **kwargs: Any) -> Optimizer:
+            return raw.build(_fallback_groups(params), **translate_foreign(kwargs, accepted,
+                                                                           owner=f"lars_plugins.{label}"))
 
-    A class, so that timm's ``get_optimizer_class(name, bind_defaults=False)`` hands back an
-    optimizer class, as timm's own tests require of every registered name; a name's variant
-    (``larc``: ``trust_clip=True``) is bound the way timm binds it, through the entry's ``defaults``.
-    Calling it returns a plain :class:`LARS`: what is built, logged, pickled and checkpointed is
-    ``lars_plugins.LARS``, loadable without timm.
-    """
-
-    def __new__(cls, params: Iterable[Any], **kwargs: Any) -> LARS:  # type: ignore[misc]
-        return LARS(_fallback_groups(params), **translate_foreign(kwargs, LARS.KEYS, owner="lars_plugins.LARS"))
+        _classes[key] = type(f"Timm{label}", (Optimizer,), {
+            "__new__": __new__, "__module__": __name__,
+            "__doc__": f"{label} as timm's factory builds it (:func:`lars_plugins.timm.timm_class`)."})
+    return _classes[key]
 
 
-class TimmLAMB(LAMB):
-    """:class:`LAMB` as timm's factory builds it (``lr``, ``weight_decay``, ``betas``, ``eps``…).
-    ``always_adapt`` is read as for :class:`TimmLARS`; ``max_grad_norm`` (timm's ``Lamb`` clips the
-    global gradient norm inside the optimizer) is refused unless ``None``: clip with
-    ``train.py --clip-grad`` instead, which clips before every optimizer alike. Calling it returns a
-    plain :class:`LAMB`."""
-
-    def __new__(cls, params: Iterable[Any], *, max_grad_norm: Optional[float] = None,  # type: ignore[misc]
-                **kwargs: Any) -> LAMB:
-        if max_grad_norm is not None:
-            raise ValueError(f"max_grad_norm={max_grad_norm}: lars_plugins.LAMB does not clip gradients inside the "
-                             "optimizer; clip before step() (timm train.py: --clip-grad)")
-        return LAMB(_fallback_groups(params), **translate_foreign(kwargs, LAMB.KEYS, owner="lars_plugins.LAMB"))
+TimmLARS = timm_class(optimizer_entry("lars"))
+TimmLAMB = timm_class(optimizer_entry("lamb"))
 
 
 def create_lars(params: Iterable[Any], **kwargs: Any) -> LARS:
-    """:class:`TimmLARS` (the arguments timm's factory passes)."""
+    """:class:`LARS` from the arguments timm's factory passes (:data:`TimmLARS`)."""
     return TimmLARS(params, **kwargs)
 
 
 def create_lamb(params: Iterable[Any], *, max_grad_norm: Optional[float] = None, **kwargs: Any) -> LAMB:
-    """:class:`TimmLAMB` (the arguments timm's factory passes)."""
+    """:class:`LAMB` from the arguments timm's factory passes (:data:`TimmLAMB`); ``max_grad_norm``
+    (timm's ``Lamb`` clips inside ``step()``) is refused unless ``None``."""
     return TimmLAMB(params, max_grad_norm=max_grad_norm, **kwargs)
+
+
+def timm_names(override_builtin: bool = True) -> dict[str, OptimizerEntry]:
+    """timm name -> registry entry: every entry's ``timm_names`` and, with ``override_builtin``, the
+    names of timm's own optimizers it replaces."""
+    names: dict[str, OptimizerEntry] = {}
+    for entry in entries():
+        for name in (*entry.timm_names, *(entry.timm_replaces if override_builtin else ())):
+            names[name] = entry
+    return names
 
 
 def _fallback_groups(params: Iterable[Any]) -> list[Any]:
@@ -135,59 +140,58 @@ def _registry() -> Any:
     return default_registry
 
 
-def _info(name: str, defaults: dict[str, Any]) -> Any:
-    variant = ", ".join(f"{k}={v}" for k, v in defaults.items()) or "plain"
-    if name in LAMB_NAMES:
-        return _timm_optim().OptimInfo(
-            name=name, opt_class=TimmLAMB, has_eps=True, has_betas=True, defaults=dict(defaults) or None,
-            description=f"lars_plugins.LAMB ({variant}): layer-wise trust ratios over Adam (Algorithm 2), "
-                        "biases and norms not adapted")
+def _info(name: str, entry: OptimizerEntry) -> Any:
+    """timm's ``OptimInfo`` for ``entry`` under ``name``: its class, its options as timm's
+    ``defaults``, and which of timm's arguments it takes (momentum, or betas: its family)."""
     return _timm_optim().OptimInfo(
-        name=name,
-        opt_class=TimmLARS,
-        description=f"lars_plugins.LARS ({variant}): layer-wise adaptive rate scaling, adaptation "
-                    "independent of weight decay, biases and norms not adapted",
-        has_eps=True,
-        has_momentum=True,
-        defaults=dict(defaults) or None,
-    )
+        name=name, opt_class=timm_class(entry), description=f"lars_plugins {entry.name}: {entry.description}",
+        has_eps=True, has_momentum=entry.family == "sgd", has_betas=entry.family == "adam",
+        defaults=dict(entry.options) or None)
 
 
-# What an entry of ours holds (the factory functions: what earlier versions registered).
-_OURS = (TimmLARS, TimmLAMB, create_lars, create_lamb)
+def _ours(info: Any) -> bool:
+    return info.opt_class in _classes.values()
 
 
 def register(override_builtin: bool = True) -> list[str]:
-    """Register LARS in timm's registry; return the names registered. Idempotent and quiet.
-
-    ``override_builtin=True`` also takes timm's names (``lars``, ``larc``, ``nlars``, ``nlarc``);
-    the ``lp``-prefixed names are always registered.
-    """
+    """Register the registry's optimizers in timm's registry; return the names registered.
+    Idempotent and quiet. ``override_builtin=True`` also takes the names of timm's own optimizers
+    an entry replaces (``lars``, ``larc``, ``nlars``, ``nlarc``)."""
+    global _override_builtin, _active
     _timm_optim()
+    _override_builtin, _active = override_builtin, True
     registry = _registry()
-    names = {**PLUGIN_NAMES, **LAMB_NAMES, **(TIMM_NAMES if override_builtin else {})}
-    for name, defaults in names.items():
+    names = timm_names(override_builtin)
+    for name, entry in names.items():
+        info = _info(name, entry)
         current = registry._optimizers.get(name)
-        if current is not None and current.opt_class in _OURS:
+        if current is not None and _ours(current) and current == info:
             continue  # already ours: nothing to do, nothing to log
-        if current is not None:
+        if current is not None and not _ours(current):
             _replaced.setdefault(name, current)
         # timm logs a warning when a name is overwritten; replacing its Lars is the point here.
         with _quiet(logging.getLogger(registry.__module__)):
-            registry.register(_info(name, defaults))
+            registry.register(info)
     return list(names)
 
 
 def unregister() -> None:
     """Remove our names from timm's registry and give timm's own ``lars`` family back."""
+    global _active
+    _active = False
     registry = _registry()
-    for name in [*TIMM_NAMES, *PLUGIN_NAMES, *LAMB_NAMES]:
-        current = registry._optimizers.get(name)
-        if current is not None and current.opt_class in _OURS:
+    for name in list(registry._optimizers):
+        if _ours(registry._optimizers[name]):
             del registry._optimizers[name]
     for name, info in _replaced.items():
         registry._optimizers[name] = info
     _replaced.clear()
+
+
+def _registered_later(entry: OptimizerEntry) -> None:
+    """An entry registered after this module was imported joins timm's registry too."""
+    if _active:
+        register(_override_builtin)
 
 
 class _quiet:
@@ -204,3 +208,4 @@ class _quiet:
 
 
 register()
+on_register(_registered_later)

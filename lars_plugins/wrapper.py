@@ -15,11 +15,12 @@ from __future__ import annotations
 
 import functools
 import math
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Union
 
 import torch
 from torch import Tensor
 from torch.optim import Optimizer
+from torch.optim.optimizer import ParamsT
 
 from .base import (EXCLUSION_KEYS, FOREIGN_KEYS, LayerwiseOptimizer, count_group_step, evaluate, flag, real,
                    restore_trust_ratios, saved_trust_ratios, without_trust_ratios)
@@ -27,7 +28,7 @@ from .distributed import ShardedNorms, is_dtensor, to_local
 from .functional import _buckets, _host_norm, pick, _host_scalars, _host_trust_ratio, ratio_dtype, trust_ratio
 from .layouts import FlatLayout, layer_shape
 
-__all__ = ["Layerwise", "centralize_gradients_"]
+__all__ = ["Layerwise", "LayerwiseAdamW", "centralize_gradients_"]
 
 
 def centralize_gradients_(grads: list[Tensor]) -> None:
@@ -334,3 +335,35 @@ def _add_scaled_(ys: list[Tensor], xs: list[Tensor], scales: Tensor) -> None:
     factors = scales.unbind()
     for idx in _buckets(ys).values():
         torch._foreach_addcmul_([ys[i] for i in idx], [xs[i] for i in idx], [factors[i] for i in idx])
+
+
+class LayerwiseAdamW(Layerwise):
+    """``Layerwise(torch.optim.AdamW(params, ...))`` as one class: the registry's ``layerwise_adamw``,
+    and a class path for LightningCLI (``--optimizer lars_plugins.LayerwiseAdamW``).
+
+    ``trust_coefficient`` defaults to 1: each adapted layer then moves by ``lr`` of its norm per step,
+    LAMB's scale (with ``trust_eps=0`` it is LAMB, as docs/optimizers.md shows); AdamW's own options
+    keep AdamW's defaults.
+    """
+
+    def __init__(
+        self,
+        params: ParamsT,
+        lr: Union[float, Tensor] = 1e-3,
+        betas: tuple[float, float] = (0.9, 0.999),
+        eps: float = 1e-8,
+        weight_decay: float = 1e-2,
+        *,
+        amsgrad: bool = False,
+        maximize: bool = False,
+        foreach: Optional[bool] = None,
+        trust_coefficient: float = 1.0,
+        trust_eps: float = 1e-8,
+        trust_clip: bool = False,
+        exclude_bias_and_norm: bool = True,
+        centralize_gradients: bool = False,
+    ) -> None:
+        super().__init__(torch.optim.AdamW(params, lr=lr, betas=betas, eps=eps, weight_decay=weight_decay,
+                                           amsgrad=amsgrad, maximize=maximize, foreach=foreach),
+                         trust_coefficient=trust_coefficient, trust_eps=trust_eps, trust_clip=trust_clip,
+                         exclude_bias_and_norm=exclude_bias_and_norm, centralize_gradients=centralize_gradients)

@@ -265,7 +265,7 @@ def test_old_timm_gets_a_clear_error(monkeypatch):
 # deepcopy keeps its public attributes; and (test_lars, test_lamb) the Rosenbrock function's
 # cyclic coordinate descent ends no farther from the solution than it began. Restated here.
 
-OUR_NAMES = [*lars_timm.PLUGIN_NAMES, *lars_timm.LAMB_NAMES, *lars_timm.TIMM_NAMES]
+OUR_NAMES = list(lars_timm.timm_names())
 
 
 def _lowers_the_loss(build, weight, bias, x):
