@@ -18,6 +18,9 @@ def test_python_snippets_run(path, tmp_path, monkeypatch):
     blocks = BLOCK.findall(path.read_text())
     monkeypatch.chdir(tmp_path)  # snippets that write files write them here
     environment = dict(os.environ)  # and what they set in the environment is undone after them
+    from lars_plugins import registry
+
+    entries = dict(registry._ENTRIES)  # as are the optimizers they register
     namespace: dict = {"__name__": "__docs__"}
     try:
         for i, block in enumerate(blocks):
@@ -28,3 +31,5 @@ def test_python_snippets_run(path, tmp_path, monkeypatch):
     finally:
         os.environ.clear()
         os.environ.update(environment)
+        registry._ENTRIES.clear()
+        registry._ENTRIES.update(entries)
