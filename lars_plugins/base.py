@@ -22,7 +22,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
-from .functional import ratio_dtype
+from .tensor_lists import ratio_dtype
 from .layouts import FlatLayout, LayoutResolver, layer_shape
 
 __all__ = ["LayerwiseOptimizer", "ForeignKey", "FOREIGN_KEYS", "translate_foreign", "count_group_step"]

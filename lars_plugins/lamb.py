@@ -10,8 +10,8 @@ from torch.optim.optimizer import ParamsT
 
 from .base import EXCLUSION_KEYS, LayerwiseOptimizer, flag, learning_rate, pair, real
 from .distributed import ShardedNorms, is_dtensor, to_local
-from .functional import (_buckets, _foreach_or_loop_axpy_, lamb, lamb_directions, lamb_trust_ratio, pick, ratio_dtype,
-                         use_fused_step)
+from .lamb_rule import lamb, lamb_directions, lamb_trust_ratio
+from .tensor_lists import buckets, foreach_or_loop_axpy_, pick, ratio_dtype, use_fused_step
 from .fused import fused_lamb
 from .layouts import FlatLayout
 
@@ -157,14 +157,14 @@ class LAMB(LayerwiseOptimizer):
                 group["foreach"] is not None or params[0].device.type != "cuda")):
             return False
         states = [self.state[p] for p in params]
-        buckets = _buckets(params)
+        by_bucket = buckets(params)
         if not all(use_fused_step("LAMB", group["fused"], group["foreach"], any(is_dtensor(params[i]) for i in idx),
                                   [tuple(_real(t) if t is not None else None for t in (
                                       params[i], params[i].grad, states[i].get("exp_avg"), states[i].get("exp_avg_sq")))
-                                   for i in idx]) for idx in buckets.values()):
+                                   for i in idx]) for idx in by_bucket.values()):
             return False
         hyper = self._hyper(group)
-        for idx in buckets.values():
+        for idx in by_bucket.values():
             bucket = [params[i] for i in idx]
             tensors = [self._state(p, step_on_device=True) for p in bucket]
             excluded = [self.is_excluded(group, p) for p in bucket]
@@ -266,4 +266,4 @@ class LAMB(LayerwiseOptimizer):
             per_piece = torch.where(layout.constant([adapted[layout.pieces[j].layer] for j in kept], device),
                                     ratios[layout.constant([layout.pieces[j].layer for j in kept], device)], 1.0)
             scale = list((per_piece * -lr).unbind())
-        _foreach_or_loop_axpy_(pick(values, kept), pick(directions, kept), scale, -lr, use_foreach)
+        foreach_or_loop_axpy_(pick(values, kept), pick(directions, kept), scale, -lr, use_foreach)

@@ -31,7 +31,7 @@ import torch
 from torch import Tensor
 
 from .distributed import device_constant, is_dtensor
-from .functional import pick
+from .tensor_lists import pick
 
 __all__ = ["Layer", "Piece", "FlatLayout"]
 

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 from torch.optim import Optimizer
 
 from .distributed import ShardedNorms, is_dtensor, to_local
-from .functional import _buckets, _indices_by, ratio_dtype
+from .tensor_lists import buckets, indices_by, ratio_dtype
 from .groups import unwrapped_name
 from .history import METRICS, STATS_SUFFIX, TrustRatioHistory
 from .layouts import FlatLayout, LayoutResolver, merge
@@ -337,7 +337,7 @@ def _to_host(
     w_host, g_host = [0.0] * len(devices), [0.0] * len(devices)
     r_host: list[Optional[float]] = [None] * len(devices)
     lr_host = [lr if not isinstance(lr, Tensor) else math.nan for lr in lrs]
-    for device, idx in _indices_by(devices).items():
+    for device, idx in indices_by(devices).items():
         with_ratio = [i for i in idx if ratios[i] is not None]
         tensor_lr = [i for i in idx if isinstance(lrs[i], Tensor)]
         parts = [_stack([w_norms[i] for i in idx]), _stack([g_norms[i] for i in idx])]
@@ -397,7 +397,7 @@ def _norms(tensors: Sequence[Tensor]) -> list[Tensor]:
             out[i] = torch.linalg.vector_norm(t.coalesce().values(), dtype=ratio_dtype(t.dtype))
         else:
             dense.append(i)
-    for (_, dtype), idx in _buckets([tensors[i] for i in dense]).items():
+    for (_, dtype), idx in buckets([tensors[i] for i in dense]).items():
         idx = [dense[k] for k in idx]
         bucket_norms = torch._foreach_norm([tensors[i] for i in idx], 2, dtype=ratio_dtype(dtype))
         for i, n in zip(idx, bucket_norms):

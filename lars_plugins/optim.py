@@ -10,7 +10,8 @@ from torch.optim.optimizer import ParamsT
 
 from .base import EXCLUSION_KEYS, LayerwiseOptimizer, flag, learning_rate, real
 from .distributed import ShardedNorms, is_dtensor, like_param, to_local
-from .functional import lars, pick, ratio_dtype, trust_ratio
+from .lars_rule import lars, trust_ratio
+from .tensor_lists import pick, ratio_dtype
 from .layouts import FlatLayout
 
 __all__ = ["LARS"]

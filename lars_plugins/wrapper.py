@@ -25,7 +25,8 @@ from torch.optim.optimizer import ParamsT
 from .base import (EXCLUSION_KEYS, FOREIGN_KEYS, LayerwiseOptimizer, count_group_step, evaluate, flag, real,
                    restore_trust_ratios, saved_trust_ratios, without_trust_ratios)
 from .distributed import ShardedNorms, is_dtensor, to_local
-from .functional import _buckets, _host_norm, pick, _host_scalars, _host_trust_ratio, ratio_dtype, trust_ratio
+from .lars_rule import host_trust_ratio, trust_ratio
+from .tensor_lists import buckets, host_norm, host_scalars, pick, ratio_dtype
 from .layouts import FlatLayout, layer_shape
 
 __all__ = ["Layerwise", "LayerwiseAdamW", "centralize_gradients_"]
@@ -211,7 +212,7 @@ class Layerwise(LayerwiseOptimizer):
         local = [to_local(p) for p in params]
         dtype = ratio_dtype(local[0].dtype)
         old = [t.clone() for t in local]  # the one copy
-        if norms is None and all(_host_scalars(t.device) for t in local):
+        if norms is None and all(host_scalars(t.device) for t in local):
             return functools.partial(self._rescale_on_host, params, old)
         w_squares = _squares(local, dtype)
 
@@ -233,14 +234,14 @@ class Layerwise(LayerwiseOptimizer):
         to back, while its memory is in cache (on the CPU a host read costs nothing)."""
         lr = group["lr"].item() if isinstance(group["lr"], Tensor) else group["lr"]
         for p, o in zip(params, old):
-            w_norm = _host_norm(o)
+            w_norm = host_norm(o)
             o.sub_(p)  # w_old - w_new = -Δw
-            delta_norm = _host_norm(o)
+            delta_norm = host_norm(o)
             if lr == 0:  # see _ratios: the update is 0 (NaN only from NaN or inf)
                 ratio = 0.0 if math.isfinite(w_norm) and math.isfinite(delta_norm) else math.nan
             else:
                 d_norm = 0.0 if delta_norm == 0 else delta_norm / lr
-                ratio = _host_trust_ratio(w_norm, d_norm, trust_coefficient=group["trust_coefficient"],
+                ratio = host_trust_ratio(w_norm, d_norm, trust_coefficient=group["trust_coefficient"],
                                           weight_decay=0.0, eps=group["trust_eps"], lr=lr,
                                           trust_clip=group["trust_clip"])
             self._trust_ratio_slot(p).fill_(ratio)
@@ -333,7 +334,7 @@ def _add_scaled_(ys: list[Tensor], xs: list[Tensor], scales: Tensor) -> None:
     """``y += s·x`` per pair with ``s`` from the vector ``scales`` (0-d views, no host read, no index
     tensor), one foreach call per device/dtype bucket."""
     factors = scales.unbind()
-    for idx in _buckets(ys).values():
+    for idx in buckets(ys).values():
         torch._foreach_addcmul_([ys[i] for i in idx], [xs[i] for i in idx], [factors[i] for i in idx])
 
 

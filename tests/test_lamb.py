@@ -11,7 +11,7 @@ from checkpoints import weights_only_round_trip
 from torch import nn
 
 from lars_plugins import LAMB
-from lars_plugins import functional
+from lars_plugins import functional, lamb_rule, tensor_lists
 from lars_plugins.functional import lamb, lamb_trust_ratio
 
 SHAPES = [(16, 8), (8,), (4, 3, 3, 3), (32, 16)]
@@ -77,7 +77,7 @@ PATHS = ["cpu", "single", "foreach"]
 def use_path(path, monkeypatch):
     """The ``foreach`` argument for ``path``; "single" also turns the CPU path off."""
     if path == "single":
-        monkeypatch.setattr(functional, "_host_scalars", lambda device: False)
+        monkeypatch.setattr(tensor_lists, "_FORCED_PATH", "tensor")
     return path == "foreach"
 
 
@@ -249,7 +249,7 @@ def test_resume_from_a_weights_only_checkpoint_equals_the_uninterrupted_run():
 @pytest.mark.parametrize("foreach", [False, True])
 def test_step_reads_nothing_on_the_host_but_its_cpu_step_counts(foreach, monkeypatch):
     """The accelerator paths, run here on CPU tensors (the CPU path reads its norms on purpose)."""
-    monkeypatch.setattr(functional, "_host_scalars", lambda device: False)
+    monkeypatch.setattr(tensor_lists, "_FORCED_PATH", "tensor")
     params = make_params()
     opt = LAMB(params, lr=torch.tensor(1e-2), trust_clip=True, weight_norm_bounds=(0.0, 5.0), foreach=foreach)
 
@@ -387,8 +387,8 @@ def test_the_cpu_path_goes_through_torchs_fused_adamw_kernel(dtype, monkeypatch)
     """The CPU path's fast route (AdamW's fused kernel on a copy of w gives w − u) is the one taken for
     dense tensors with bias correction, and it is Algorithm 2 (the float64 reference)."""
     calls = []
-    real = functional._host_lamb_fused
-    monkeypatch.setattr(functional, "_host_lamb_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
+    real = lamb_rule._host_lamb_fused
+    monkeypatch.setattr(lamb_rule, "_host_lamb_fused", lambda *a, **k: calls.append(1) or real(*a, **k))
     params = [p.to(dtype) for p in tensors(0)]
     adapt = [len(s) > 1 for s in SHAPES]
     ref = ReferenceLAMB(params, adapt, lr=1e-2, weight_decay=0.05)

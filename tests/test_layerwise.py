@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lars_plugins import LAMB, LARS, Layerwise, TrustRatioMonitor, centralize_gradients_, functional, wrapper
+from lars_plugins import LAMB, LARS, Layerwise, TrustRatioMonitor, centralize_gradients_, tensor_lists
 from checkpoints import weights_only_round_trip
 
 SHAPES = [(16, 8), (16,), (4, 3, 3), (4,)]  # weights are adapted, vectors excluded
@@ -69,8 +69,7 @@ def path(request, monkeypatch):
     """"cpu": norms and ratios as Python floats, one tensor at a time (the CPU path); "tensor": the
     accelerator path (0-d tensors, no host reads), forced here on CPU tensors."""
     if request.param == "tensor":
-        for module in (functional, wrapper):  # the bases' steps and the wrapper's rescaling
-            monkeypatch.setattr(module, "_host_scalars", lambda device: False)
+        monkeypatch.setattr(tensor_lists, "_FORCED_PATH", "tensor")  # the bases' steps and the wrapper's rescaling
 
         def host_path(*_):
             raise AssertionError("the CPU rescaling ran where the tensor path was asked for")

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 import lars_plugins
-from lars_plugins import LARS, TrustRatioHistory, TrustRatioMonitor, functional
+from lars_plugins import LARS, TrustRatioHistory, TrustRatioMonitor, tensor_lists
 
 ETA, WD, EPS, LR = 2e-3, 1e-4, 1e-8, 3.0
 
@@ -158,7 +158,7 @@ def test_nothing_is_computed_on_non_recording_steps(monkeypatch):
 def test_one_host_transfer_per_recording_step(monkeypatch):
     # The optimizer's own CPU path reads its norms on the host on purpose; its accelerator path
     # (run here on CPU tensors) reads nothing, so every read counted is the monitor's.
-    monkeypatch.setattr(functional, "_host_scalars", lambda device: False)
+    monkeypatch.setattr(tensor_lists, "_FORCED_PATH", "tensor")
     model = make_model()
     opt = lars_for(model, lr=torch.tensor(LR))  # a tensor lr comes back in the same transfer
     monitor = TrustRatioMonitor(model, opt)

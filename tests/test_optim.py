@@ -9,7 +9,7 @@ import pytest
 import torch
 from torch import nn
 
-from lars_plugins import LARS, Layerwise, functional
+from lars_plugins import LARS, Layerwise, tensor_lists
 from checkpoints import weights_only_round_trip
 
 SHAPES = [(16, 8), (8,), (4, 3, 3, 3), (5,), (32, 16)]
@@ -298,7 +298,7 @@ def test_lr_scheduler_and_zero_grad_and_grad_untouched():
 def test_a_zero_lr_with_trust_clip_is_a_no_op_with_ratio_one(host, monkeypatch):
     """A schedule reaches lr = 0 (warm-up from 0, decay to 0): LARC's ratio/lr is then inf, clipped to 1."""
     if not host:
-        monkeypatch.setattr(functional, "_host_scalars", lambda device: False)
+        monkeypatch.setattr(tensor_lists, "_FORCED_PATH", "tensor")
     params = make_params()
     before = [p.detach().clone() for p in params]
     opt = LARS(params, lr=0.0, momentum=0.9, weight_decay=1e-4, trust_clip=True)
@@ -357,7 +357,7 @@ def test_step_reads_no_tensor_on_host(foreach, monkeypatch):
 
     On the CPU the single-tensor path reads its coefficients on purpose (nothing to wait for there);
     the accelerator path, run here on CPU tensors, must not."""
-    monkeypatch.setattr(functional, "_host_scalars", lambda device: False)
+    monkeypatch.setattr(tensor_lists, "_FORCED_PATH", "tensor")
     params = make_params()
     opt = LARS(params, lr=torch.tensor(2.0), momentum=0.9, weight_decay=1e-4, trust_clip=True,
                nesterov=True, foreach=foreach)
