@@ -249,7 +249,7 @@ def fused_lars(
     maximize: bool,
     norms_out: Optional[list] = None,
 ) -> None:
-    """:func:`lars_plugins.lars` for tensors of one device and dtype (:func:`unsupported` says
+    """:func:`lars_plugins.functional.lars` for tensors of one device and dtype (:func:`unsupported` says
     which), in two launches. New momentum buffers are written into ``momentum_buffers``;
     ``norms_out[i]`` receives ``(‖w‖, ‖g‖)`` of adapted tensor ``i`` as 0-d tensors."""
     from . import _kernels as k

@@ -21,7 +21,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
     raise ImportError('lars_plugins.lightning needs lightning: pip install "lars_plugins[lightning]"') from err
 
 from ._lightning import LarsCLIMixin, TrustRatioCallbackMixin, configure_lars
-from .optim import LARS
+from .lars import LARS
 from .schedules import WarmupDecayLR
 
 __all__ = ["configure_lars", "TrustRatioCallback", "LarsCLI", "LARS", "WarmupDecayLR"]

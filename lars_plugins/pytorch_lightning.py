@@ -11,7 +11,7 @@ except ImportError as err:  # pragma: no cover - exercised only without the extr
                       'pip install "lars_plugins[pytorch-lightning]"') from err
 
 from ._lightning import LarsCLIMixin, TrustRatioCallbackMixin, configure_lars
-from .optim import LARS
+from .lars import LARS
 from .schedules import WarmupDecayLR
 
 __all__ = ["configure_lars", "TrustRatioCallback", "LarsCLI", "LARS", "WarmupDecayLR"]

@@ -18,7 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .groups import param_groups
-from .optim import LARS
+from .lars import LARS
 from .schedules import WarmupDecayLR
 from .registry import optimizer_entry
 from .wrapper import centralize_gradients_

@@ -148,13 +148,13 @@ _LAMB_CLIPS = ("lars_plugins.LAMB does not clip gradients inside the optimizer; 
                "train.py: --clip-grad; the HF Trainer: max_grad_norm)")
 
 for _entry in [
-    OptimizerEntry("lars", "lars_plugins.optim:LARS", "LARS: layer-wise adaptive rate scaling, adaptation independent "
+    OptimizerEntry("lars", "lars_plugins.lars:LARS", "LARS: layer-wise adaptive rate scaling, adaptation independent "
                    "of weight decay, biases and norms not adapted", timm_names=("lplars",), timm_replaces=("lars",)),
-    OptimizerEntry("larc", "lars_plugins.optim:LARS", "LARS with the trust ratio clipped at the global LR (LARC)",
+    OptimizerEntry("larc", "lars_plugins.lars:LARS", "LARS with the trust ratio clipped at the global LR (LARC)",
                    {"trust_clip": True}, timm_names=("lplarc",), timm_replaces=("larc",)),
-    OptimizerEntry("nlars", "lars_plugins.optim:LARS", "LARS with Nesterov momentum", {"nesterov": True},
+    OptimizerEntry("nlars", "lars_plugins.lars:LARS", "LARS with Nesterov momentum", {"nesterov": True},
                    timm_names=("lpnlars",), timm_replaces=("nlars",)),
-    OptimizerEntry("nlarc", "lars_plugins.optim:LARS", "LARS with Nesterov momentum, clipped (LARC)",
+    OptimizerEntry("nlarc", "lars_plugins.lars:LARS", "LARS with Nesterov momentum, clipped (LARC)",
                    {"nesterov": True, "trust_clip": True}, timm_names=("lpnlarc",), timm_replaces=("nlarc",)),
     OptimizerEntry("lamb", "lars_plugins.lamb:LAMB", "LAMB: layer-wise trust ratios over Adam (Algorithm 2), biases "
                    "and norms not adapted", timm_names=("lplamb",), family="adam",

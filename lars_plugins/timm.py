@@ -26,7 +26,7 @@ from torch.optim import Optimizer
 
 from .base import translate_foreign
 from .lamb import LAMB
-from .optim import LARS
+from .lars import LARS
 from .registry import OptimizerEntry, entries, on_register, optimizer_entry
 
 __all__ = ["register", "unregister", "timm_class", "TimmLARS", "TimmLAMB", "create_lars", "create_lamb",

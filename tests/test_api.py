@@ -15,7 +15,8 @@ import lars_plugins
 from lars_plugins import LAMB, LARS, Layerwise
 
 # Modules whose import needs an optional extra: (module, the package it needs).
-NEEDS = {"lars_plugins.timm": "timm", "lars_plugins.ranger": "timm", "lars_plugins.hf": "transformers", "lars_plugins.lightning": "lightning",
+NEEDS = {"lars_plugins.timm": "timm", "lars_plugins.ranger": "timm", "lars_plugins.hf": "transformers",
+         "lars_plugins.lightning": "lightning",
          "lars_plugins.pytorch_lightning": "pytorch_lightning", "lars_plugins.plot": "matplotlib"}
 MODULES = ["lars_plugins", *(m.name for m in pkgutil.walk_packages(lars_plugins.__path__, "lars_plugins."))]
 

@@ -210,7 +210,7 @@ def test_a_plain_lightning_cli_takes_the_full_path_and_warns_of_per_epoch_schedu
                          "--lr_scheduler", "lars_plugins.WarmupDecayLR", "--lr_scheduler.total_steps", "8",
                          "--lr_scheduler.warmup_steps", "2")
     assert done.returncode == 0, done.stderr[-3000:]
-    assert "OPTIMIZER lars_plugins.optim.LARS" in done.stdout
+    assert "OPTIMIZER lars_plugins.lars.LARS" in done.stdout
     assert "WarmupDecayLR was stepped once for 4 optimizer steps" in done.stderr
     assert done.stderr.count("WarmupDecayLR was stepped") == 1  # once, not every epoch
     short = run_plain_cli(tmp_path, "--optimizer", "LARS", "--optimizer.lr", "2.0")

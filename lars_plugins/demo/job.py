@@ -32,7 +32,7 @@ from .datasets import ImageSplit, find_fashion_mnist, load_fashion_mnist
 from ..groups import param_groups
 from ..history import TrustRatioHistory
 from ..monitor import TrustRatioMonitor
-from ..optim import LARS
+from ..lars import LARS
 from ..schedules import WarmupDecayLR
 from ..recipes import Recipe, evaluate, lars_sqrt_lr, mlp_bn, sgd_linear_lr, train
 
