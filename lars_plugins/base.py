@@ -237,10 +237,10 @@ class LayerwiseOptimizer(Optimizer):
     """
 
     NAME: ClassVar[str] = "layer-wise"
-    # Set to a dict by TrustRatioMonitor on the steps it records; where takes_norms() says so, the
-    # step puts (‖w‖, ‖g‖ or None) of its adapted parameters there, as it took them.
+    # Where a step hands (‖w‖, ‖g‖ or None) of its adapted parameters, as it took them, on the steps
+    # a monitor records (hand_norms_to); None otherwise.
     _norm_sink: Optional[dict[Tensor, tuple[Any, Any]]] = None
-    HANDS_NORMS: ClassVar[bool] = False  # whether _step_group fills _norm_sink
+    HANDS_NORMS: ClassVar[bool] = False  # whether a step of whole tensors hands its norms (_hand_norms)
     KEYS: ClassVar[dict[str, Check]] = {}
     # Keys older checkpoints may lack, with the value that behaves as they did.
     LOADED_DEFAULTS: ClassVar[dict[str, Any]] = {"exclude": None, "exclude_bias_and_norm": True,
@@ -399,10 +399,38 @@ class LayerwiseOptimizer(Optimizer):
         """The flat layout (FSDP1, DeepSpeed ZeRO) of ``group``'s current tensors, or ``None``."""
         return self._layouts(group["params"])
 
+    # --- what a monitor asks (lars_plugins.monitor.MonitoredOptimizer) ------------------------------
+
     def takes_norms(self, group: dict[str, Any]) -> bool:
-        """Whether a step of ``group`` hands a monitor the norms of its adapted parameters (see
-        ``_norm_sink``): groups of whole tensors, where the step computes them itself."""
+        """Whether a step of ``group`` hands a monitor the norms of its adapted parameters
+        (:meth:`hand_norms_to`): groups of whole tensors, where the step computes them itself."""
         return self.HANDS_NORMS and self._layouts(group["params"]) is None
+
+    def hand_norms_to(self, sink: Optional[dict[Tensor, tuple[Any, Any]]]) -> None:
+        """From the next step on, put ``(‖w‖, ‖g‖ or None)`` of each adapted parameter a step takes
+        (in groups where :meth:`takes_norms`) into ``sink``, as the step took them; ``None`` stops.
+        What :class:`~lars_plugins.TrustRatioMonitor` does on the steps it records."""
+        self._norm_sink = sink
+
+    @property
+    def handed_norms(self) -> Optional[dict[Tensor, tuple[Any, Any]]]:
+        """Where this step hands its norms (:meth:`hand_norms_to`), or ``None``: two monitors of one
+        optimizer share it."""
+        return self._norm_sink
+
+    @property
+    def collects_norms(self) -> bool:
+        """Whether this step's norms are wanted (a monitor records it)."""
+        return self._norm_sink is not None
+
+    def _hand_norms(self, params: Iterable[Tensor], weight_norms: Iterable[Any],
+                    grad_norms: Optional[Iterable[Any]] = None) -> None:
+        """What a step calls with the norms it took (``None`` entries are skipped; a ``grad_norms``
+        of ``None``: the monitor takes ``‖g‖`` itself, as for LAMB, whose ratio divides by ‖u‖)."""
+        if self._norm_sink is None:
+            return
+        pairs = zip(weight_norms, grad_norms) if grad_norms is not None else ((w, None) for w in weight_norms)
+        self._norm_sink.update((p, (w, g)) for p, (w, g) in zip(params, pairs) if w is not None)
 
     def _trust_ratio_slot(self, p: Tensor) -> Tensor:
         """``state[p]["trust_ratio"]``, made on first use: a 0-d tensor on ``p``'s device."""

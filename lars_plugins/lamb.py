@@ -168,7 +168,7 @@ class LAMB(LayerwiseOptimizer):
             bucket = [params[i] for i in idx]
             tensors = [self._state(p, step_on_device=True) for p in bucket]
             excluded = [self.is_excluded(group, p) for p in bucket]
-            taken: Optional[list] = [None] * len(bucket) if self._norm_sink is not None else None
+            taken: Optional[list] = [None] * len(bucket) if self.collects_norms else None
             fused_lamb([_real(p) for p in bucket], [_real(p.grad) for p in bucket],  # type: ignore[arg-type]
                        [_real(m) for _, m, _ in tensors], [_real(v) for _, _, v in tensors], [s for s, _, _ in tensors],
                        [None if ex else self._trust_ratio_slot(p) for p, ex in zip(bucket, excluded)],
@@ -176,8 +176,8 @@ class LAMB(LayerwiseOptimizer):
                        weight_decay=group["weight_decay"], bias_correction=hyper["bias_correction"],
                        weight_norm_bounds=group["weight_norm_bounds"], trust_clip=group["trust_clip"],
                        maximize=hyper["maximize"], weight_norms_out=taken)
-            if taken is not None and self._norm_sink is not None:
-                self._norm_sink.update((p, (w, None)) for p, w in zip(bucket, taken) if w is not None)
+            if taken is not None:
+                self._hand_norms(bucket, taken)
         return True
 
     def _step_group(self, group: dict[str, Any], where: str) -> None:
@@ -206,14 +206,14 @@ class LAMB(LayerwiseOptimizer):
         if not params:
             return
         norms = ShardedNorms(params, where=where, owner=self.NAME) if any(is_dtensor(p) for p in params) else None
-        taken: Optional[list] = [None] * len(params) if self._norm_sink is not None else None
+        taken: Optional[list] = [None] * len(params) if self.collects_norms else None
         lamb([_real(to_local(p)) for p in params], [to_local(g) for g in grads], [to_local(m) for m in exp_avgs],
              [to_local(v) for v in exp_avg_sqs], ratios, excluded=excluded, step=steps, lr=group["lr"],
              weight_decay=group["weight_decay"], weight_norm_bounds=group["weight_norm_bounds"],
              trust_clip=group["trust_clip"], foreach=group["foreach"], norms=norms, weight_norms_out=taken,
              **self._hyper(group))
-        if taken is not None and self._norm_sink is not None:
-            self._norm_sink.update((p, (w, None)) for p, w in zip(params, taken) if w is not None)
+        if taken is not None:
+            self._hand_norms(params, taken)
 
     def _step_flat(self, group: dict[str, Any], layout: FlatLayout) -> None:
         if any(t.is_complex() for t in group["params"]):

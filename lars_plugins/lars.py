@@ -157,7 +157,7 @@ class LARS(LayerwiseOptimizer):
             params, grads = [to_local(p) for p in params], [to_local(g) for g in grads]
             buffers = [None if b is None else to_local(b) for b in buffers]
         new_buffer = [b is None for b in buffers]
-        taken: Optional[list] = [None] * len(params) if self._norm_sink is not None else None
+        taken: Optional[list] = [None] * len(params) if self.collects_norms else None
         lars(
             params,
             grads,
@@ -178,8 +178,9 @@ class LARS(LayerwiseOptimizer):
             norms_out=taken,
             fused=group["fused"],
         )
-        if taken is not None and self._norm_sink is not None:
-            self._norm_sink.update((p, pair) for p, pair in zip(owners, taken) if pair is not None)
+        if taken is not None:
+            self._hand_norms(owners, [pair[0] if pair is not None else None for pair in taken],
+                             [pair[1] if pair is not None else None for pair in taken])
         if group["momentum"] != 0:
             for p, buf, new in zip(owners, buffers, new_buffer):
                 if new and buf is not None:  # an existing buffer was updated in place (a DTensor's shard too)

@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import math
 import statistics
-from typing import Any, Callable, Iterable, Optional, Sequence, Union, cast
+from typing import Any, Callable, Iterable, NamedTuple, Optional, Protocol, Sequence, Union, cast, runtime_checkable
 
 import torch
 from torch import Tensor, nn
@@ -23,9 +23,47 @@ from .groups import unwrapped_name
 from .history import METRICS, STATS_SUFFIX, TrustRatioHistory
 from .layouts import FlatLayout, LayoutResolver, merge
 
-__all__ = ["TrustRatioMonitor"]
+__all__ = ["TrustRatioMonitor", "MonitoredOptimizer", "LayerRecord"]
 
 _ADAPTED_ONLY = ("trust_ratio", "effective_lr")  # for layer-wise optimizers, summarised over adapted layers
+
+
+@runtime_checkable
+class MonitoredOptimizer(Protocol):
+    """What the monitor asks of a layer-wise optimizer beyond torch's ``Optimizer`` (every
+    :class:`~lars_plugins.base.LayerwiseOptimizer` provides it; any other optimizer is monitored
+    from its parameters alone, its ratio reported as ``‖w‖/‖g‖``)."""
+
+    def is_excluded(self, group: dict[str, Any], param: Any) -> bool:
+        """Whether ``param`` of ``group`` takes no trust ratio."""
+
+    def takes_norms(self, group: dict[str, Any]) -> bool:
+        """Whether a step of ``group`` hands over the norms it takes (:meth:`hand_norms_to`)."""
+
+    def hand_norms_to(self, sink: Optional[dict[Tensor, tuple[Any, Any]]]) -> None:
+        """Put ``(‖w‖, ‖g‖ or None)`` of the adapted parameters a step takes into ``sink``."""
+
+    @property
+    def handed_norms(self) -> Optional[dict[Tensor, tuple[Any, Any]]]:
+        """The sink of :meth:`hand_norms_to`, or ``None``."""
+
+    def layout(self, group: dict[str, Any]) -> Optional[FlatLayout]:
+        """The flat layout (FSDP1, ZeRO) of ``group``, or ``None`` for whole tensors."""
+
+    def layer_trust_ratios(self, group: dict[str, Any]) -> Optional[tuple[FlatLayout, Tensor]]:
+        """The last step's ratio of each layer of a flat group."""
+
+
+class LayerRecord(NamedTuple):
+    """One layer as a recording step saw it (values as tensors on its device, or Python floats)."""
+
+    order: float  # its place in the model
+    name: str
+    device: torch.device
+    weight_norm: Any
+    grad_norm: Any
+    lr: Any
+    ratio: Any  # None: not adapted, or no layer-wise optimizer
 
 def unwrap_optimizer(optimizer: Any) -> Optimizer:
     """The torch optimizer inside wrappers (Lightning's ``LightningOptimizer``, Accelerate's
@@ -108,7 +146,7 @@ class TrustRatioMonitor:
         self._calls = 0  # step() calls seen in the current optimizer step
         self._weight_norms: dict[Any, Tensor] = {}
         self._sink: Optional[dict[Tensor, tuple[Any, Any]]] = None  # norms the optimizer hands over
-        self._entries: list[tuple] = []
+        self._entries: list[LayerRecord] = []
         self._handles = [
             self.optimizer.register_step_pre_hook(self._before_step),
             self.optimizer.register_step_post_hook(self._after_step),
@@ -151,14 +189,13 @@ class TrustRatioMonitor:
         # gradients of this step do not exist yet, so which parameters get one is not known. Those
         # whose norms the optimizer takes itself (LARS's, LAMB's adapted parameters) are handed over.
         plain, flat = self._split(optimizer)
-        taken_by_step = getattr(optimizer, "takes_norms", None)
-        if callable(taken_by_step):
-            handed = {p for group in optimizer.param_groups if taken_by_step(group)  # one layout lookup a group
-                      for p in group["params"] if not optimizer.is_excluded(group, p)}  # type: ignore[attr-defined]
+        if isinstance(optimizer, MonitoredOptimizer):
+            handed = {p for group in optimizer.param_groups if optimizer.takes_norms(group)  # one layout lookup
+                      for p in group["params"] if not optimizer.is_excluded(group, p)}
             if handed:
-                if optimizer._norm_sink is None:  # type: ignore[attr-defined]
-                    optimizer._norm_sink = {}  # type: ignore[attr-defined]
-                self._sink = optimizer._norm_sink  # type: ignore[attr-defined]  # kept: another monitor may reset it
+                sink = optimizer.handed_norms  # another monitor of this optimizer may have asked already
+                self._sink = sink if sink is not None else {}
+                optimizer.hand_norms_to(self._sink)
                 plain = [p for p in plain if p not in handed]
         if plain:
             self._weight_norms.update(zip(plain, _norms(plain)))
@@ -200,8 +237,8 @@ class TrustRatioMonitor:
         if self._calls < self._calls_per_step(optimizer):
             return
         # The optimizer step is complete (DeepSpeed ZeRO steps the optimizer once per partition).
-        if getattr(optimizer, "_norm_sink", None) is not None:
-            optimizer._norm_sink = None  # type: ignore[attr-defined]
+        if isinstance(optimizer, MonitoredOptimizer) and optimizer.handed_norms is not None:
+            optimizer.hand_norms_to(None)
         self._sink = None
         step = self._armed_step if self._armed_step is not None else self.step
         entries, recording = self._entries, self._recording
@@ -229,14 +266,16 @@ class TrustRatioMonitor:
     def _layout(self, optimizer: Optimizer, group: dict[str, Any]) -> Optional[FlatLayout]:
         if not group["params"]:
             return None
-        layout_of = getattr(optimizer, "layout", None)
-        return layout_of(group) if callable(layout_of) else self._layouts(group["params"])
+        if isinstance(optimizer, MonitoredOptimizer):
+            return optimizer.layout(group)
+        return self._layouts(group["params"])
 
     # --- collection ----------------------------------------------------------------------------
 
-    def _collect(self, optimizer: Optimizer) -> list[tuple]:
-        """``(model order, name, device, ‖w‖, ‖g‖, lr, ratio or None)`` of every layer stepped now."""
-        entries: list[tuple] = []
+    def _collect(self, optimizer: Optimizer) -> list[LayerRecord]:
+        """A :class:`LayerRecord` of every layer stepped now."""
+        entries: list[LayerRecord] = []
+        layerwise = optimizer if isinstance(optimizer, MonitoredOptimizer) else None
         unnamed = len(self._names)
         plain_params, flat = self._split(optimizer)
         flat = [(group, layout) for group, layout in flat if id(layout) in self._weight_norms]
@@ -250,7 +289,7 @@ class TrustRatioMonitor:
             members_all = self._members[key]
         for (group, layout), span in zip(flat, spans if flat else []):
             g_norms, members, w_norms = g_all[span], members_all[span], self._weight_norms[id(layout)]
-            flat_ratios = getattr(optimizer, "layer_trust_ratios", lambda g: None)(group)
+            flat_ratios = layerwise.layer_trust_ratios(group) if layerwise is not None else None
             ratios = flat_ratios[1] if flat_ratios is not None else None
             device = group["params"][0].device
             for k, layer in enumerate(layout.layers):
@@ -263,9 +302,9 @@ class TrustRatioMonitor:
                 else:
                     order, name = self._names.get(layer.key, (unnamed + len(entries), layer.name or f"layer{k}"))
                 ratio = None
-                if ratios is not None and not optimizer.is_excluded(group, layer.shape):  # type: ignore[attr-defined]
+                if ratios is not None and layerwise is not None and not layerwise.is_excluded(group, layer.shape):
                     ratio = ratios[k]
-                entries.append((order, name, device, w_norms[k], g_norms[k], group["lr"], ratio))
+                entries.append(LayerRecord(order, name, device, w_norms[k], g_norms[k], group["lr"], ratio))
         lr_of = {id(p): group["lr"] for group in optimizer.param_groups for p in group["params"]}
         handed = {p: pair for p, pair in (self._sink or {}).items() if p.grad is not None}
         params = [p for p in plain_params if p.grad is not None and p in self._weight_norms and p not in handed]
@@ -278,20 +317,24 @@ class TrustRatioMonitor:
             w, g = (t if isinstance(t, Tensor) else torch.tensor(t, dtype=torch.float64)
                     for t in (w, grad_norms[p] if g is None else g))
             order, name = self._names.get(p, (unnamed + len(entries), f"param{len(entries)}"))
-            entries.append((order, name, w.device, w, g, lr_of[id(p)], optimizer.state[p].get("trust_ratio")))
+            ratio = optimizer.state[p].get("trust_ratio")
+            entries.append(LayerRecord(order, name, w.device, w, g, lr_of[id(p)], ratio))
         for p in params:
             order, name = self._names.get(p, (unnamed + len(entries), f"param{len(entries)}"))
             ratio = optimizer.state.get(p, {}).get("trust_ratio")
-            entries.append((order, name, p.device, self._weight_norms[p], grad_norms[p], lr_of[id(p)], ratio))
+            entries.append(LayerRecord(order, name, p.device, self._weight_norms[p], grad_norms[p], lr_of[id(p)],
+                                       ratio))
         return entries
 
-    def _record(self, entries: list[tuple]) -> dict[str, float]:
+    def _record(self, entries: list[LayerRecord]) -> dict[str, float]:
         if not entries:
             return {}
-        entries.sort(key=lambda entry: entry[0])
-        _, names, devices, w_norms, g_norms, lrs, ratios = (list(column) for column in zip(*entries))
-        names = _unique(names)  # a parameter the model does not name may take a fallback name that it does
-        w_host, g_host, r_host, lr_host = _to_host(devices, w_norms, g_norms, ratios, lrs)
+        entries.sort(key=lambda entry: entry.order)
+        # A parameter the model does not name may take a fallback name that it does.
+        names = _unique([e.name for e in entries])
+        ratios = [e.ratio for e in entries]
+        w_host, g_host, r_host, lr_host = _to_host([e.device for e in entries], [e.weight_norm for e in entries],
+                                                   [e.grad_norm for e in entries], ratios, [e.lr for e in entries])
 
         is_lars = any(r is not None for r in ratios)
         per_metric: dict[str, dict[str, float]] = {m: {} for m in self.metrics}

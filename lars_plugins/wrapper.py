@@ -223,8 +223,8 @@ class Layerwise(LayerwiseOptimizer):
             ratios = self._ratios(group, w_norms, delta_norms)
             for p, ratio in zip(params, ratios.unbind()):
                 self._trust_ratio_slot(p).copy_(ratio)
-            if self._norm_sink is not None:  # a monitor records this step: ‖w‖ before the update is taken
-                self._norm_sink.update((p, (w, None)) for p, w in zip(params, w_norms.unbind()))
+            if self.collects_norms:  # a monitor records this step: ‖w‖ before the update is taken
+                self._hand_norms(params, w_norms.unbind())
             _add_scaled_(local, old, 1.0 - ratios)  # w ← w_new + (1 - r)·(w_old - w_new) = w_old + r·Δw
 
         return rescale
@@ -245,8 +245,8 @@ class Layerwise(LayerwiseOptimizer):
                                           weight_decay=0.0, eps=group["trust_eps"], lr=lr,
                                           trust_clip=group["trust_clip"])
             self._trust_ratio_slot(p).fill_(ratio)
-            if self._norm_sink is not None:  # a monitor records this step: ‖w‖ before the update is taken
-                self._norm_sink[p] = (w_norm, None)
+            if self.collects_norms:  # a monitor records this step: ‖w‖ before the update is taken
+                self._hand_norms([p], [w_norm])
             p.add_(o, alpha=1.0 - ratio)  # w_old + r·Δw
 
     def _before_flat(self, group: dict[str, Any], layout: FlatLayout) -> Optional[Callable[[dict[str, Any]], None]]:

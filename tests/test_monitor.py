@@ -498,7 +498,7 @@ def test_lars_hands_its_own_norms_to_the_monitor_instead_of_their_being_taken_tw
     for name in w:
         assert monitor.latest[f"weight_norm/{name}"] == pytest.approx(w[name], rel=1e-5)
         assert monitor.latest[f"grad_norm/{name}"] == pytest.approx(g[name], rel=1e-5)
-    assert opt._norm_sink is None  # nothing is kept once the step is recorded
+    assert opt.handed_norms is None  # nothing is kept once the step is recorded
 
 
 @pytest.mark.parametrize("foreach", [False, True])
