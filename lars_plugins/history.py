@@ -16,7 +16,7 @@ from typing import Any, Container, Iterable, Mapping, Optional, Sequence, Union
 
 import numpy as np
 
-__all__ = ["TrustRatioHistory", "METRICS", "STATS", "STATS_SUFFIX", "BLOCK_ROWS"]
+__all__ = ["TrustRatioHistory", "METRICS", "STATS", "STATS_SUFFIX", "BLOCK_ROWS", "wanted"]
 
 # The per-layer quantities, in the order they are reported.
 METRICS = ("trust_ratio", "effective_lr", "weight_norm", "grad_norm")
@@ -238,7 +238,7 @@ class TrustRatioHistory:
             if not header or "step" not in header:
                 raise ValueError(f"{path}: no 'step' column (columns: {header})")
             step_at = header.index("step")
-            kept = [j for j, key in enumerate(header) if _wanted(key, metrics)]
+            kept = [j for j, key in enumerate(header) if wanted(key, metrics)]
             keys = [header[j] for j in kept]
             every = kept == list(range(1, len(header)))
             simple = step_at == 0 and bool(kept)  # our own files: the step first, then numbers
@@ -276,7 +276,7 @@ class TrustRatioHistory:
                 if record:
                     history.append(step, record)
         if not history.steps:
-            present = list(dict.fromkeys(key.split("/", 1)[0] for key in header if _wanted(key, None)))
+            present = list(dict.fromkeys(key.split("/", 1)[0] for key in header if wanted(key, None)))
             if metrics is not None and present:
                 raise ValueError(f"{path}: no metric {' or '.join(map(repr, metrics))} with a value; "
                                  f"available: {', '.join(present) or 'none'}")
@@ -323,7 +323,7 @@ class TrustRatioHistory:
         schema = pq.read_schema(str(path))
         if "step" not in schema.names:
             raise ValueError(f"{path}: no 'step' column")
-        keys = [k for k in schema.names if _wanted(k, metrics)]
+        keys = [k for k in schema.names if wanted(k, metrics)]
         source = pq.ParquetFile(str(path))
         step_column = source.read(columns=["step"]).column("step")
         if step_column.null_count:
@@ -353,54 +353,19 @@ class TrustRatioHistory:
     @classmethod
     def from_hf_state(cls, path: PathLike, metrics: Optional[Sequence[str]] = None) -> "TrustRatioHistory":
         """Read the HF Trainer's ``trainer_state.json`` (its ``log_history``; a checkpoint folder
-        holding one works too): the trust ratios the HF integration merged into the Trainer's logs."""
-        path = Path(path)
-        if path.is_dir():
-            path = path / "trainer_state.json"
-        import json
+        holding one works too): the trust ratios the HF integration merged into the Trainer's logs
+        (:func:`lars_plugins.log_readers.read_hf_state`)."""
+        from .log_readers import read_hf_state
 
-        with path.open() as f:
-            state = json.load(f)
-        if not isinstance(state, dict) or not isinstance(state.get("log_history"), list):
-            raise ValueError(f"{path}: no 'log_history' list; is this an HF trainer_state.json?")
-        history = cls()
-        for entry in state["log_history"]:
-            # A bool is an int in Python: a flag the Trainer logs must not be read as 1.0.
-            record = {k: v for k, v in entry.items() if _wanted(k, metrics) and isinstance(v, (int, float))
-                      and not isinstance(v, bool)}
-            if record and "step" in entry:
-                history.append(int(entry["step"]), record)
-        if not history.steps:
-            raise ValueError(f"{path}: no recorded metrics in its log_history (train with lars_monitor on)")
-        history._natural_order()  # the Trainer saves its state with sort_keys=True
-        return history
+        return read_hf_state(cls(), Path(path), metrics)
 
     @classmethod
     def from_tensorboard(cls, path: PathLike, metrics: Optional[Sequence[str]] = None) -> "TrustRatioHistory":
         """Read TensorBoard event files (a file, or the folder of a run; needs ``tensorboard``): the
-        monitor's metrics among everything the run logged. Tags the HF Trainer writes as
-        ``train/<metric>/<layer>`` are read as ``<metric>/<layer>``."""
-        try:
-            from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
-        except ImportError as err:
-            raise ImportError("reading TensorBoard event files needs tensorboard: pip install tensorboard") from err
-        accumulator = EventAccumulator(str(path), size_guidance={"scalars": 0})  # 0: keep every event
-        accumulator.Reload()
-        by_step: dict[int, dict[str, float]] = {}
-        for tag in accumulator.Tags().get("scalars", []):
-            key = tag[len("train/"):] if tag.startswith("train/") else tag
-            # A run's events hold everything it logged (losses, LRs...): only the monitor's metrics are read.
-            if not _wanted(key, metrics):
-                continue
-            for event in accumulator.Scalars(tag):
-                by_step.setdefault(int(event.step), {})[key] = float(event.value)
-        history = cls()
-        for step in sorted(by_step):
-            history.append(step, by_step[step])
-        if not history.steps:
-            raise ValueError(f"{path}: no 'metric/layer' scalars in these TensorBoard events")
-        history._natural_order(always=True)  # TensorBoard keeps no order of its own
-        return history
+        monitor's metrics among everything the run logged (:func:`lars_plugins.log_readers.read_tensorboard`)."""
+        from .log_readers import read_tensorboard
+
+        return read_tensorboard(cls(), Path(path), metrics)
 
     @staticmethod
     def file_metrics(path: PathLike) -> list[str]:
@@ -414,7 +379,7 @@ class TrustRatioHistory:
         else:
             with Path(path).open(newline="") as f:
                 keys = next(csv.reader([f.readline()]), [])
-        return list(dict.fromkeys(key.split("/", 1)[0] for key in keys if _wanted(key, None)))
+        return list(dict.fromkeys(key.split("/", 1)[0] for key in keys if wanted(key, None)))
 
     @classmethod
     def load(cls, path: PathLike, metrics: Optional[Sequence[str]] = None) -> "TrustRatioHistory":
@@ -487,7 +452,7 @@ def _file_kind(path: Path) -> str:
 _KNOWN = frozenset(METRICS) | {metric + STATS_SUFFIX for metric in METRICS}
 
 
-def _wanted(key: str, metrics: Optional[Sequence[str]]) -> bool:
+def wanted(key: str, metrics: Optional[Sequence[str]]) -> bool:
     """Whether ``key`` is one of the monitor's ``metric/layer`` keys (of ``metrics``, where given).
     The rest of what loggers write (``train/loss``, ``val/acc``) is no layer's metric."""
     if not key or "/" not in key:
