@@ -14,7 +14,7 @@ from typing import Any, Optional, Sequence
 
 from torch import nn
 
-from .groups import ExcludeT, param_groups
+from .groups import ExcludeT, param_groups, renamed_exclude
 from .history import METRICS, STATS_SUFFIX
 from .monitor import TrustRatioMonitor, check_options
 from .registry import optimizer_entry
@@ -35,7 +35,7 @@ def configure_lars(
     min_lr_ratio: float = 0.0,
     total_steps: Optional[int] = None,
     layer_decay: Optional[float] = None,
-    exclude: ExcludeT = None,
+    exclude_if: ExcludeT = None,
     **optimizer_kwargs: Any,
 ) -> dict[str, Any]:
     """What ``LightningModule.configure_optimizers`` returns for one of the registry's optimizers (LARS
@@ -61,7 +61,9 @@ def configure_lars(
             raise ValueError("the Trainer has no finite length (max_steps=-1 and max_epochs=-1): pass total_steps")
         total_steps = int(estimated)
     entry = optimizer_entry(optimizer)
-    groups = param_groups(module, weight_decay=weight_decay, exclude=exclude, layer_decay=layer_decay,
+    if "exclude" in optimizer_kwargs:  # its former name
+        exclude_if = renamed_exclude(exclude_if, {"exclude": optimizer_kwargs.pop("exclude")}, "configure_lars")
+    groups = param_groups(module, weight_decay=weight_decay, exclude_if=exclude_if, layer_decay=layer_decay,
                           lr=lr if layer_decay is not None else None)
     built = entry.build(groups, lr=lr, **optimizer_kwargs)
     scheduler = WarmupDecayLR(built, total_steps=total_steps, warmup_steps=warmup_steps, decay=decay,

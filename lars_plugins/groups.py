@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import fnmatch
 import re
+import warnings
 from typing import Any, Callable, Optional, Sequence, Union
 
 import torch
@@ -96,17 +97,33 @@ def _hf_decay_parameter_names(model: nn.Module) -> list[str]:
     return Trainer.get_decay_parameter_names(None, model)  # type: ignore[arg-type]
 
 
-def _exclusion_rule(exclude: ExcludeT, model: nn.Module) -> Callable[[str, nn.Parameter, nn.Module], bool]:
-    if exclude is None:
+def renamed_exclude(exclude_if: ExcludeT, renamed: dict[str, Any], function: str) -> ExcludeT:
+    """``exclude_if``, or the value given under its former name ``exclude`` (with a ``FutureWarning``);
+    any other extra keyword is a ``TypeError``, as Python would raise it."""
+    unknown = [key for key in renamed if key != "exclude"]
+    if unknown:
+        raise TypeError(f"{function}() got an unexpected keyword argument {unknown[0]!r}")
+    if "exclude" not in renamed:
+        return exclude_if
+    if exclude_if is not None:
+        raise TypeError(f"{function}(): give exclude_if (the rule choosing excluded parameters), not also exclude, "
+                        "its former name")
+    warnings.warn(f"{function}(exclude=...) is now {function}(exclude_if=...): 'exclude' is the per-group bool the "
+                  "rule decides", FutureWarning, stacklevel=3)
+    return renamed["exclude"]
+
+
+def _exclusion_rule(exclude_if: ExcludeT, model: nn.Module) -> Callable[[str, nn.Parameter, nn.Module], bool]:
+    if exclude_if is None:
         return default_exclude(model)
-    if callable(exclude):
-        return exclude
-    if isinstance(exclude, str):
-        raise TypeError("exclude must be a callable or a sequence of name patterns, got a single string; "
-                        f"write exclude=[{exclude!r}]")
-    patterns = list(exclude)
+    if callable(exclude_if):
+        return exclude_if
+    if isinstance(exclude_if, str):
+        raise TypeError("exclude_if must be a callable or a sequence of name patterns, got a single string; "
+                        f"write exclude_if=[{exclude_if!r}]")
+    patterns = list(exclude_if)
     if not all(isinstance(p, str) for p in patterns):
-        raise TypeError(f"exclude patterns must be strings, got {patterns!r}")
+        raise TypeError(f"exclude_if patterns must be strings, got {patterns!r}")
     return lambda name, param, module: any(fnmatch.fnmatchcase(name, p) for p in patterns)
 
 
@@ -130,23 +147,25 @@ def timm_layer_ids(model: nn.Module) -> Optional[dict[str, int]]:
 def param_groups(
     model: nn.Module,
     weight_decay: float = 0.0,
-    exclude: ExcludeT = None,
+    exclude_if: ExcludeT = None,
     *,
     lr: Optional[float] = None,
     layer_decay: Optional[float] = None,
     layer_id: Optional[Callable[[str], int]] = None,
+    **renamed: Any,
 ) -> list[dict[str, Any]]:
     """Parameter groups for :class:`lars_plugins.LARS` (or any torch optimizer).
 
-    Parameters chosen by ``exclude`` (default :func:`default_exclude`: what the model's own framework
+    Parameters chosen by ``exclude_if`` (default :func:`default_exclude`: what the model's own framework
     leaves without weight decay -- timm's rule, or the HF Trainer's for a transformers model) go to
     groups with ``exclude=True, weight_decay=0``;
     the rest to groups with ``exclude=False, weight_decay=weight_decay``. Every group carries
     ``(name, parameter)`` pairs, so ``group["param_names"]`` is filled in by torch.
     Frozen parameters (``requires_grad=False``) are left out.
 
-    ``exclude`` may be a callable ``(name, param, module) -> bool`` or a sequence of ``fnmatch``
-    patterns on qualified names (``["*.bias", "*norm*", "pos_embed"]``).
+    ``exclude_if`` may be a callable ``(name, param, module) -> bool`` or a sequence of ``fnmatch``
+    patterns on qualified names (``["*.bias", "*norm*", "pos_embed"]``). (It was called ``exclude``,
+    the name of the per-group bool it decides; that spelling still works, with a ``FutureWarning``.)
 
     With ``layer_decay`` (in ``(0, 1]``, fine-tuning): each group gets ``lr = lr·layer_decay**(D-d)``
     for depth ``d`` of ``D`` (a timm model's own grouping, :func:`timm_layer_ids`, as timm's
@@ -157,6 +176,7 @@ def param_groups(
     schedulers (which multiply a group's ``lr_scale`` in) do not apply it a second time. Without
     ``layer_decay``, ``lr`` (if given) is set on every group as it is.
     """
+    exclude_if = renamed_exclude(exclude_if, renamed, "param_groups")
     if isinstance(weight_decay, bool) or not isinstance(weight_decay, (int, float)) or weight_decay < 0:
         raise ValueError(f"weight_decay must be a number >= 0, got {weight_decay!r}")
     if layer_decay is not None:
@@ -166,7 +186,7 @@ def param_groups(
             raise ValueError(f"layer_decay needs the base learning rate: lr must be a number >= 0, got {lr!r}")
     elif lr is not None and (isinstance(lr, bool) or not isinstance(lr, (int, float)) or lr < 0):
         raise ValueError(f"lr must be a number >= 0, got {lr!r}")
-    rule = _exclusion_rule(exclude, model)
+    rule = _exclusion_rule(exclude_if, model)
 
     modules = dict(model.named_modules())
     named = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -188,9 +208,9 @@ def param_groups(
         if hasattr(param, "_shard_param_infos"):
             # An FSDP1 FlatParameter holds weights, biases and norms together: LARS decides per
             # original layer by its shape (exclude=None), which the name rules cannot do.
-            if exclude is not None:
+            if exclude_if is not None:
                 raise ValueError(f"{name} is an FSDP1 flat parameter, so exclusion by name cannot apply to the layers "
-                                 "inside it; wrap with use_orig_params=True, or leave exclude=None (biases and "
+                                 "inside it; wrap with use_orig_params=True, or leave exclude_if=None (biases and "
                                  "norms are then excluded by their original shapes)")
             excluded = None
         d = depth.get(name, 0)

@@ -477,7 +477,7 @@ def test_param_groups_keep_a_flat_parameter_whole_and_refuse_name_rules_for_it()
     # Decided per original layer by its shape at step time, with the group's weight decay.
     assert flat_group["exclude"] is None and flat_group["weight_decay"] == 1e-4
     with pytest.raises(ValueError, match="flat parameter.*use_orig_params=True"):
-        lars_plugins.param_groups(model, weight_decay=1e-4, exclude=["*.bias"])
+        lars_plugins.param_groups(model, weight_decay=1e-4, exclude_if=["*.bias"])
 
 
 def test_layout_constants_of_equal_values_but_other_types_are_distinct():

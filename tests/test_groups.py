@@ -66,18 +66,30 @@ def test_name_rule_does_not_depend_on_ndim_nor_over_match_class_names():
     model.flat = nn.Linear(4, 4)
     model.flat.weight = nn.Parameter(torch.randn(16))
     model.normalizer = Normalizer()
-    by = names_by_exclusion(param_groups(model, exclude=is_bias_or_norm))
+    by = names_by_exclusion(param_groups(model, exclude_if=is_bias_or_norm))
     assert by[False] == {"flat.weight", "normalizer.proj.weight"}
     assert by[True] == {"flat.bias", "normalizer.scale"}
 
 
 def test_patterns_and_callables():
-    by = names_by_exclusion(param_groups(Net(), exclude=["*.bias", "scale_1d"]))
+    by = names_by_exclusion(param_groups(Net(), exclude_if=["*.bias", "scale_1d"]))
     assert by[True] == {"conv.bias", "bn.bias", "gn.bias", "ln.bias", "fc.bias", "scale_1d"}
-    by = names_by_exclusion(param_groups(Net(), exclude=lambda name, p, m: name.startswith("fc")))
+    by = names_by_exclusion(param_groups(Net(), exclude_if=lambda name, p, m: name.startswith("fc")))
     assert by[True] == {"fc.weight", "fc.bias"}
-    with pytest.raises(TypeError, match="exclude"):
-        param_groups(Net(), exclude="*.bias")
+    with pytest.raises(TypeError, match=r"exclude_if=\['\*\.bias'\]"):
+        param_groups(Net(), exclude_if="*.bias")
+
+
+def test_the_former_name_of_exclude_if_still_selects_with_a_warning():
+    """``exclude`` names the per-group bool; the rule's argument is ``exclude_if``. Code written
+    with the former name keeps its groups, is told the new name, and cannot give both."""
+    with pytest.warns(FutureWarning, match="exclude_if"):
+        by = names_by_exclusion(param_groups(Net(), exclude=["*.bias"]))
+    assert by[True] == {"conv.bias", "bn.bias", "gn.bias", "ln.bias", "fc.bias"}
+    with pytest.raises(TypeError, match="not also exclude"):
+        param_groups(Net(), exclude_if=["*.bias"], exclude=["*.bias"])
+    with pytest.raises(TypeError, match="unexpected keyword argument 'exclud'"):
+        param_groups(Net(), exclud=["*.bias"])
 
 
 def test_torch_records_param_names():

@@ -248,6 +248,18 @@ def test_configure_lars_builds_lamb_by_name(tmp_path):
         lars_plugins.lightning.configure_lars(module, lr=1e-2, optimizer="lanb", total_steps=10)
 
 
+def test_configure_lars_excludes_by_exclude_if_and_its_former_name():
+    module = models.Net()
+    names = [n for n, p in module.named_parameters()]
+    for kwargs in ({"exclude_if": ["*.weight"]}, {"exclude": ["*.weight"]}):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            opt = lars_plugins.lightning.configure_lars(module, lr=0.1, total_steps=10, **kwargs)["optimizer"]
+        assert [w.category for w in caught] == ([FutureWarning] if "exclude" in kwargs else [])
+        excluded = {n for g in opt.param_groups if g["exclude"] for n in g["param_names"]}
+        assert excluded == {n for n in names if n.endswith(".weight")}
+
+
 def test_callback_arguments_are_checked():
     with pytest.raises(ValueError, match="metrics"):
         lars_l.TrustRatioCallback(metrics=["ratio"])
