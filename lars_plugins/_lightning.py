@@ -14,6 +14,7 @@ from typing import Any, Optional, Sequence
 
 from torch import nn
 
+from .adapters import lightning as lightning_adapter
 from .groups import ExcludeT, param_groups, renamed_exclude
 from .history import METRICS, STATS_SUFFIX
 from .monitor import TrustRatioMonitor, check_options
@@ -51,7 +52,7 @@ def configure_lars(
     ``linear`` or ``constant``) to ``min_lr_ratio·lr`` at ``total_steps``, stepped every optimizer step.
     ``total_steps`` defaults to ``module.trainer.estimated_stepping_batches``.
     """
-    trainer = getattr(module, "_trainer", None)
+    trainer = lightning_adapter.attached_trainer(module)
     if total_steps is None:
         if trainer is None:
             raise ValueError("total_steps is needed when the module is not attached to a Trainer "
@@ -114,7 +115,7 @@ class TrustRatioCallbackMixin:
     def on_train_batch_start(self, trainer: Any, pl_module: Any, batch: Any, batch_idx: int) -> None:
         if not self.monitors:
             return
-        if trainer._logger_connector.should_update_logs:  # what Lightning's LearningRateMonitor checks
+        if lightning_adapter.logs_this_batch(trainer):  # what Lightning's LearningRateMonitor checks
             for monitor in self.monitors:
                 monitor.record_next_step()
         else:
@@ -124,7 +125,7 @@ class TrustRatioCallbackMixin:
     def on_train_batch_end(self, trainer: Any, pl_module: Any, outputs: Any, batch: Any, batch_idx: int) -> None:
         if not self._pending:
             return
-        step = trainer.fit_loop.epoch_loop._batches_that_stepped  # the step of this batch's self.log metrics
+        step = lightning_adapter.logging_step(trainer)  # the step of this batch's self.log metrics
         for logger in trainer.loggers:
             logger.log_metrics(self._pending, step=step)
         self._pending = {}

@@ -11,7 +11,8 @@ import torch
 from torch import nn
 
 from .blocks import block_ids
-from .layouts import find_fsdp1_handles, is_fsdp1, layer_shape
+from .adapters import fsdp1, transformers as hf_adapter
+from .layouts import is_fsdp1, layer_shape
 
 __all__ = ["param_groups", "default_exclude", "is_bias_or_norm", "block_ids", "timm_layer_ids", "NORM_TYPES"]
 
@@ -72,12 +73,12 @@ def default_exclude(model: nn.Module) -> Callable[[str, nn.Parameter, nn.Module]
 def _original_shapes(model: nn.Module) -> dict[int, torch.Size]:
     """Shapes of FSDP1 ``use_orig_params`` parameters, which are 1-D views of their shard: the timm
     rule must see the original shape (ZeRO-3's ``ds_shape`` is read by :func:`layer_shape`)."""
-    if not any(is_fsdp1(p) and not hasattr(p, "_shard_param_infos") for p in model.parameters()):
+    if not any(is_fsdp1(p) and not fsdp1.is_flat_parameter(p) for p in model.parameters()):
         return {}
     shapes = {}
-    for key, (handle, index) in find_fsdp1_handles().items():
+    for key, (handle, index) in fsdp1.find_handles().items():
         if index is not None:
-            shapes[key] = torch.Size(handle.flat_param._shapes[index])
+            shapes[key] = fsdp1.original_shapes(fsdp1.flat_parameter(handle))[index]
     return shapes
 
 
@@ -92,9 +93,7 @@ def unwrapped_name(name: str) -> str:
 
 def _hf_decay_parameter_names(model: nn.Module) -> list[str]:
     """The HF Trainer's own decay split (it needs the model alone, not a Trainer)."""
-    from transformers import Trainer
-
-    return Trainer.get_decay_parameter_names(None, model)  # type: ignore[arg-type]
+    return hf_adapter.decay_parameter_names(model)
 
 
 def renamed_exclude(exclude_if: ExcludeT, renamed: dict[str, Any], function: str) -> ExcludeT:
@@ -205,7 +204,7 @@ def param_groups(
     for name, param in named:
         module = modules[name.rpartition(".")[0]]
         excluded: Optional[bool] = bool(rule(name, param, module))
-        if hasattr(param, "_shard_param_infos"):
+        if fsdp1.is_flat_parameter(param):
             # An FSDP1 FlatParameter holds weights, biases and norms together: LARS decides per
             # original layer by its shape (exclude=None), which the name rules cannot do.
             if exclude_if is not None:

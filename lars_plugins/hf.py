@@ -31,6 +31,7 @@ from typing import Any, Callable, Optional, Union, get_args, get_origin
 import torch
 from transformers import Trainer, TrainerCallback, TrainingArguments
 
+from .adapters import transformers as transformers_adapter
 from .base import FOREIGN_KEYS, translate_foreign
 from .groups import param_groups
 from .monitor import TrustRatioMonitor
@@ -85,9 +86,7 @@ class LarsArgsMixin:
         name = _optim_name(self.optim)
         ours = name in optimizer_names()
         if not ours:
-            from transformers.training_args import OptimizerNames
-
-            known = [o.value for o in OptimizerNames]
+            known = transformers_adapter.optimizer_names()
             if name not in known:
                 raise ValueError(f"optim={self.optim!r} is not an optimizer name. lars_plugins adds "
                                  f"{', '.join(optimizer_names())}; transformers knows {', '.join(known)}")

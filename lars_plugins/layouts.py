@@ -18,19 +18,19 @@ the engine's own shard metadata:
 ranks with one ``all_reduce`` per process group, over a vector indexed by every layer the layout
 knows. That vector is the same on every rank, so ranks that hold no piece of a layer (or no piece
 at all) take part in the same collective. Nothing here imports FSDP or DeepSpeed: the engines are
-recognised by the attributes they set.
+recognised by the attributes they set, read through :mod:`lars_plugins.adapters`.
 """
 
 from __future__ import annotations
 
-import gc
 from dataclasses import dataclass, field
 from typing import Any, NamedTuple, Optional, Sequence
 
 import torch
 from torch import Tensor
 
-from .distributed import device_constant, is_dtensor
+from .adapters import deepspeed, fsdp1
+from .distributed import device_constant
 from .tensor_lists import pick
 
 __all__ = ["Layer", "Piece", "FlatLayout"]
@@ -183,17 +183,13 @@ def _all_reduce(squared: Tensor, reductions: list[tuple[Any, list[int]]], n: int
 
 def is_fsdp1(tensor: Tensor) -> bool:
     """Whether ``tensor`` is an FSDP1 ``FlatParameter`` or an FSDP1 ``use_orig_params`` view."""
-    return bool(getattr(tensor, "_fsdp_flattened", False)) and not is_dtensor(tensor)
+    return fsdp1.is_flattened(tensor)
 
 
 def layer_shape(param: Tensor) -> torch.Size:
-    """The shape of the whole parameter (ZeRO-3 keeps it in ``ds_shape``: the tensor itself is empty)."""
-    shape = getattr(param, "ds_shape", None)
-    return torch.Size(shape) if shape is not None else param.shape
-
-
-def _is_flat_parameter(tensor: Tensor) -> bool:
-    return hasattr(tensor, "_shard_param_infos") and hasattr(tensor, "_shapes")
+    """The shape of the whole parameter (ZeRO-3 keeps it aside: the tensor itself is empty)."""
+    shape = deepspeed.whole_shape(param)
+    return shape if shape is not None else param.shape
 
 
 class LayoutResolver:
@@ -229,10 +225,10 @@ class LayoutResolver:
         if all(id(t) in known for t in tensors):
             return None
         # A tensor the optimizer was not built with: DeepSpeed ZeRO swapped in its flat fp32 partitions.
-        z3 = next((getattr(p, "_z3_optimizer") for p in self.candidates if hasattr(p, "_z3_optimizer")), None)
+        z3 = deepspeed.zero3_optimizer(self.candidates)
         if z3 is not None:
             return _zero3_layout(tensors, z3, where)
-        if any(hasattr(p, "_hp_mapping") for p in self.candidates):
+        if any(deepspeed.has_zero12_fragment(p) for p in self.candidates):
             return _zero12_layout(tensors, self.candidates, where)
         raise ValueError(
             f"{where}a tensor of shape {tuple(tensors[0].shape)} that this optimizer was not built with replaced its "
@@ -243,7 +239,7 @@ class LayoutResolver:
 
     def _fsdp1_handles(self) -> dict[int, Any]:
         if self._fsdp1 is None:  # once per optimizer
-            self._fsdp1 = find_fsdp1_handles()
+            self._fsdp1 = fsdp1.find_handles()
         return self._fsdp1
 
     def _fsdp1_layout(self, tensors: list[Tensor], where: str) -> FlatLayout:
@@ -257,38 +253,21 @@ class LayoutResolver:
                 raise ValueError(f"{where}an FSDP1 parameter whose FlatParamHandle cannot be found; build the "
                                  "optimizer after wrapping the model in FullyShardedDataParallel")
             handle, index = entry
-            flat = handle.flat_param
-            sharded = bool(getattr(handle, "uses_sharded_strategy", True))
-            group = handle.process_group if sharded else None
+            flat = fsdp1.flat_parameter(handle)
+            group = fsdp1.reduction_group(handle)
             reduce_into = groups.setdefault(id(group), (group, []))[1]
+            shapes, names = fsdp1.original_shapes(flat), fsdp1.original_names(flat)
             if index is not None:  # use_orig_params=True: the tensor is the layer's (possibly empty) piece
                 pieces.append(Piece(t_index, 0, tensor.numel(), len(layers)))
                 reduce_into.append(len(layers))
-                layers.append(Layer(tensor, torch.Size(flat._shapes[index]), flat._fqns[index]))
+                layers.append(Layer(tensor, shapes[index], names[index]))
                 continue
-            for i, info in enumerate(flat._shard_param_infos):
-                if info.in_shard and info.numel_in_shard:
-                    pieces.append(Piece(t_index, info.offset_in_shard, info.numel_in_shard, len(layers)))
+            for i, piece in enumerate(fsdp1.shard_pieces(flat)):
+                if piece.numel:
+                    pieces.append(Piece(t_index, piece.offset, piece.numel, len(layers)))
                 reduce_into.append(len(layers))
-                layers.append(Layer((tensor, i), torch.Size(flat._shapes[i]), flat._fqns[i]))
+                layers.append(Layer((tensor, i), shapes[i], names[i]))
         return FlatLayout("FSDP1", layers, pieces, list(groups.values()))
-
-
-def find_fsdp1_handles() -> dict[int, Any]:
-    """``id(flat parameter or original parameter) -> (FlatParamHandle, index or None)``.
-
-    FSDP1 keeps no link from a parameter to its ``FlatParamHandle``; the handles are found among
-    live objects (0.14 s with 458k live objects: docs/distributed.md). Call it once, not per step.
-    """
-    found: dict[int, Any] = {}
-    for obj in gc.get_objects():
-        if type(obj).__name__ != "FlatParamHandle" or not hasattr(obj, "flat_param"):
-            continue
-        flat = obj.flat_param
-        found[id(flat)] = (obj, None)
-        for i, param in enumerate(getattr(flat, "_params", None) or []):
-            found[id(param)] = (obj, i)
-    return found
 
 
 # --- DeepSpeed ZeRO ---------------------------------------------------------------------------------
@@ -306,25 +285,23 @@ def _zero12_layout(tensors: list[Tensor], candidates: list[Tensor], where: str) 
     groups: dict[int, tuple[Any, list[int]]] = {}
     for index, param in enumerate(candidates):
         layers.append(Layer(param, layer_shape(param)))
-        if hasattr(param, "_hp_mapping") and not hasattr(param, "_dp_group"):
+        if deepspeed.has_zero12_fragment(param) and not deepspeed.records_data_parallel_group(param):
             raise ValueError(f"{where}this DeepSpeed does not record the data-parallel group of its partitions "
                              "(_dp_group), which whole-parameter norms need; use deepspeed >= 0.19")
-        group = getattr(param, "_dp_group", None)
+        group = deepspeed.data_parallel_group(param)
         groups.setdefault(id(group), (group, []))[1].append(index)
-        mapping = getattr(param, "_hp_mapping", None)
-        if mapping is None:
+        fragment = deepspeed.zero12_fragment(param)
+        if fragment is None:
             continue
-        fragment = mapping.hp_fragment
-        t_index = storages.get(fragment.untyped_storage().data_ptr())
+        t_index = storages.get(fragment.tensor.untyped_storage().data_ptr())
         if t_index is None:
             continue  # a fragment of another group's partition
         tensor = tensors[t_index]
-        start = (fragment.storage_offset() - tensor.storage_offset())
-        address = mapping.get_hp_fragment_address()
-        if start != address.start or fragment.numel() != address.numel:
+        start = (fragment.tensor.storage_offset() - tensor.storage_offset())
+        if start != fragment.start or fragment.tensor.numel() != fragment.numel:
             raise ValueError(f"{where}DeepSpeed's fragment address of a parameter does not match its place in the "
                              "flat partition; this DeepSpeed layout is not supported")
-        pieces.append(Piece(t_index, address.start, address.numel, index))
+        pieces.append(Piece(t_index, fragment.start, fragment.numel, index))
     return FlatLayout("DeepSpeed ZeRO-1/2", layers, pieces, list(groups.values()))
 
 
@@ -333,8 +310,7 @@ def _zero3_layout(tensors: list[Tensor], z3: Any, where: str) -> FlatLayout:
     sub-group holds ``partition_numel()`` elements of it, in order, the real ones first."""
     import torch.distributed as dist
 
-    flats = getattr(z3, "fp32_partitioned_groups_flat", [])
-    group = getattr(z3, "dp_process_group", None)
+    flats, sub_groups, group = deepspeed.zero3_sub_groups(z3)
     rank = dist.get_rank(group=group)
     layers: list[Layer] = []
     pieces: list[Piece] = []
@@ -343,12 +319,12 @@ def _zero3_layout(tensors: list[Tensor], z3: Any, where: str) -> FlatLayout:
         if sub is None:
             raise ValueError(f"{where}a tensor in a param group is none of DeepSpeed ZeRO-3's flat fp32 partitions")
         offset = 0
-        for param in z3.fp16_groups[sub]:
-            size = param.partition_numel()
-            real = min(size, max(0, param.ds_numel - rank * size))
+        for param in sub_groups[sub]:
+            size, whole = deepspeed.zero3_share(param)
+            real = min(size, max(0, whole - rank * size))
             if real:
                 pieces.append(Piece(t_index, offset, real, len(layers)))
             layers.append(Layer(param, layer_shape(param)))
             offset += size
     return FlatLayout("DeepSpeed ZeRO-3", layers, pieces, [(group, list(range(len(layers))))],
-                      calls_per_step=len(z3.fp16_groups))
+                      calls_per_step=len(sub_groups))

@@ -17,6 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim import Optimizer
 
+from .adapters import fsdp1, lightning, timm
 from .distributed import ShardedNorms, is_dtensor, to_local
 from .tensor_lists import buckets, indices_by, ratio_dtype
 from .groups import unwrapped_name
@@ -69,8 +70,9 @@ def unwrap_optimizer(optimizer: Any) -> Optimizer:
     """The torch optimizer inside wrappers (Lightning's ``LightningOptimizer``, Accelerate's
     ``AcceleratedOptimizer``, timm's ``Lookahead``), whose ``step()`` is the one that really runs."""
     for _ in range(8):
-        inner = next((getattr(optimizer, a) for a in ("_optimizer", "optimizer", "_base_optimizer", "base_optimizer")
-                      if isinstance(getattr(optimizer, a, None), Optimizer)), None)
+        candidates = [lightning.wrapped_optimizer(optimizer), getattr(optimizer, "optimizer", None),
+                      timm.lookahead_base(optimizer)]
+        inner = next((c for c in candidates if isinstance(c, Optimizer)), None)
         if inner is None:
             break
         optimizer = inner
@@ -134,8 +136,8 @@ class TrustRatioMonitor:
         self.step = 0  # optimizer steps seen (skipped AMP steps are not steps)
         self._names = _parameter_names(model, self.optimizer)  # param -> (model order, name)
         # FSDP1 flat parameters: their layers are named by the flat parameter's place in the model.
-        self._flat_names = {id(p): name.rpartition("_flat_param")[0] for p, (_, name) in self._names.items()
-                            if name.endswith("_flat_param")}
+        self._flat_names = {id(p): name.rpartition(fsdp1.FLAT_PARAM_NAME)[0] for p, (_, name) in self._names.items()
+                            if name.endswith(fsdp1.FLAT_PARAM_NAME)}
         built_with = [p for g in self.optimizer.param_groups for p in g["params"]]
         self._layouts = LayoutResolver(list(self._names) or built_with, owner="TrustRatioMonitor")
         self._n_groups = len(self.optimizer.param_groups)

@@ -24,6 +24,7 @@ from typing import Any, Iterable, Optional
 
 from torch.optim import Optimizer
 
+from .adapters import timm as timm_adapter
 from .base import translate_foreign
 from .lamb import LAMB
 from .lars import LARS
@@ -135,9 +136,7 @@ def _timm_optim() -> Any:
 
 
 def _registry() -> Any:
-    from timm.optim._optim_factory import default_registry  # the registry create_optimizer_v2 uses
-
-    return default_registry
+    return timm_adapter.default_registry()  # the registry create_optimizer_v2 uses
 
 
 def _info(name: str, entry: OptimizerEntry) -> Any:
@@ -164,7 +163,7 @@ def register(override_builtin: bool = True) -> list[str]:
     names = timm_names(override_builtin)
     for name, entry in names.items():
         info = _info(name, entry)
-        current = registry._optimizers.get(name)
+        current = timm_adapter.registered(registry, name)
         if current is not None and _ours(current) and current == info:
             continue  # already ours: nothing to do, nothing to log
         if current is not None and not _ours(current):
@@ -180,11 +179,11 @@ def unregister() -> None:
     global _active
     _active = False
     registry = _registry()
-    for name in list(registry._optimizers):
-        if _ours(registry._optimizers[name]):
-            del registry._optimizers[name]
+    for name in timm_adapter.registered_names(registry):
+        if _ours(timm_adapter.registered(registry, name)):
+            timm_adapter.remove(registry, name)
     for name, info in _replaced.items():
-        registry._optimizers[name] = info
+        timm_adapter.put(registry, name, info)
     _replaced.clear()
 
 

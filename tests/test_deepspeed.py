@@ -17,6 +17,7 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import lars_plugins
+from optim_db import DISTRIBUTED
 from test_distributed import WORLD, CollectiveCounter, finish, free_port, make_model
 
 pytestmark = pytest.mark.slow  # DeepSpeed in 2 processes: `python -m pytest -m "not slow"` leaves them out
@@ -25,7 +26,7 @@ pytest.importorskip("deepspeed")
 
 STEPS = 6
 MICRO = 4  # samples per micro-batch and rank: 2 micro-batches (gradient accumulation) of the rank's 8
-LARS_KWARGS = dict(lr=2.0, momentum=0.9, nesterov=True, weight_decay=1e-4, trust_coefficient=0.01)
+OTHER_KINDS = [kind for kind in DISTRIBUTED if kind != "lars"]
 
 
 def batches(steps=STEPS):
@@ -48,12 +49,9 @@ def reference(clip=1.0, kind="lars"):
 
 
 def make_optimizer(model, kind="lars"):
-    groups = lars_plugins.param_groups(model, weight_decay=1e-4)
-    if kind == "lamb":
-        return lars_plugins.LAMB(groups, lr=1e-2)
-    if kind == "layerwise":  # the wrapper over AdamW: DeepSpeed steps AdamW's groups one by one through it
-        return lars_plugins.Layerwise(torch.optim.AdamW(groups, lr=1e-2), trust_coefficient=0.5)
-    return lars_plugins.LARS(groups, **LARS_KWARGS)
+    """The optimizers of tests/optim_db.py that run under every engine (the wrapper over AdamW: DeepSpeed
+    steps AdamW's groups one by one through it)."""
+    return DISTRIBUTED[kind](lars_plugins.param_groups(model, weight_decay=1e-4))
 
 
 def config(stage, **extra):
@@ -101,7 +99,9 @@ def bf16_steps(stage, rank, **extra):
                                                "DeepSpeedZeroOptimizer")
     names = [n for n, _ in model.named_parameters()]
     adapted = {n for g in optimizer.param_groups if not g["exclude"] for n in g["param_names"]}
-    lr, m, wd, eta = (LARS_KWARGS[k] for k in ("lr", "momentum", "weight_decay", "trust_coefficient"))
+    adapted_group = next(g for g in optimizer.param_groups if not g["exclude"])  # the settings of optim_db's row
+    assert adapted_group["nesterov"] and adapted_group["dampening"] == 0  # as the reference below steps
+    lr, m, wd, eta = (adapted_group[k] for k in ("lr", "momentum", "weight_decay", "trust_coefficient"))
     buffers, errors = {}, []
     for x, y in batches(3):
         for micro in range(2):
@@ -188,7 +188,7 @@ def worker(rank, port, stage, checkpoint, out):
     result["adamw"] = {"steps": monitor.step, "record": monitor.latest, "norm_before": before}
 
     # 6. LAMB and the Layerwise wrapper over AdamW, through the same flat layouts.
-    for kind in ("lamb", "layerwise"):
+    for kind in OTHER_KINDS:
         model, _, engine = engine_for(stage, kind)
         train(engine, rank, data)
         result[kind] = full_params(model, stage)
@@ -196,7 +196,7 @@ def worker(rank, port, stage, checkpoint, out):
     # 7. ZeRO-1/2's elastic checkpoints, which restore a step count per param group on loading.
     if stage in (1, 2):
         elastic = {"zero_optimization": {**config(stage)["zero_optimization"], "elastic_checkpoint": True}}
-        for kind in ("lars", "lamb", "layerwise"):
+        for kind in DISTRIBUTED:
             _, _, engine = engine_for(stage, kind, **elastic)
             train(engine, rank, data[:3])
             engine.save_checkpoint(checkpoint, tag=f"elastic-{kind}")
@@ -204,9 +204,43 @@ def worker(rank, port, stage, checkpoint, out):
             engine.load_checkpoint(checkpoint, tag=f"elastic-{kind}")
             train(engine, rank, data[3:])
             result[f"elastic-{kind}"] = full_params(model, stage)
+    # 8. What lars_plugins.adapters.deepspeed reads from this DeepSpeed's engines.
+    model, optimizer, engine = engine_for(stage)
+    result["adapter"] = deepspeed_adapter_reads(model, optimizer, engine, stage)
     if rank == 0:
         torch.save(result, out)
     finish()
+
+
+def deepspeed_adapter_reads(model, optimizer, engine, stage):
+    """Each function of lars_plugins.adapters.deepspeed on this DeepSpeed's partitions, with every
+    rank's share gathered."""
+    import torch.distributed as dist
+
+    from lars_plugins.adapters import deepspeed as ds
+
+    params = list(model.parameters())
+    reads = {"shapes": [None if ds.whole_shape(p) is None else tuple(ds.whole_shape(p)) for p in params]}
+    if stage == 3:
+        index = {id(p): i for i, p in enumerate(params)}
+        z3 = ds.zero3_optimizer(params)
+        flats, sub_groups, group = ds.zero3_sub_groups(z3)
+        reads.update(is_engine_optimizer=z3 is engine.optimizer, flat_numels=[f.numel() for f in flats],
+                     sub_group_params=sorted(index[id(p)] for sub in sub_groups for p in sub),
+                     shares=[ds.zero3_share(p) for p in params], group_size=dist.get_world_size(group))
+    else:
+        fragments = [ds.zero12_fragment(p) for p in params]
+        numels = [0 if f is None else f.numel for f in fragments]
+        gathered = [None] * WORLD
+        dist.all_gather_object(gathered, numels)
+        storages = {t.untyped_storage().data_ptr() for g in optimizer.param_groups for t in g["params"]}
+        reads.update(mapped=[ds.has_zero12_fragment(p) for p in params],
+                     recorded=[ds.records_data_parallel_group(p) for p in params],
+                     group_sizes=[dist.get_world_size(ds.data_parallel_group(p)) for p in params],
+                     numels=gathered,
+                     in_partitions=all(f.tensor.untyped_storage().data_ptr() in storages
+                                       for f in fragments if f is not None and f.numel))
+    return reads
 
 
 @pytest.fixture(scope="module", params=[1, 2, 3], ids=lambda s: f"zero{s}")
@@ -215,6 +249,30 @@ def zero(request, tmp_path_factory):
     os.environ.setdefault("TORCH_EXTENSIONS_DIR", str(tmp_path_factory.getbasetemp().parent / "torch_extensions"))
     mp.spawn(worker, args=(free_port(), request.param, str(tmp / "ckpt"), str(tmp / "out.pt")), nprocs=WORLD)
     return request.param, torch.load(tmp / "out.pt", weights_only=True)
+
+
+def test_adapters_deepspeed_reads_this_deepspeed_s_partitions(zero):
+    """lars_plugins.adapters.deepspeed (the one module that reads DeepSpeed's private attributes)
+    on this DeepSpeed: each parameter's shape, group and share of the partitions, from its ZeRO
+    stage's own records, add up to the model's parameters."""
+    stage, result = zero
+    reads = result["adapter"]
+    numels = [p.numel() for p in make_model().parameters()]
+    shapes = [tuple(p.shape) for p in make_model().parameters()]
+    if stage == 3:
+        assert reads["shapes"] == shapes
+        assert reads["is_engine_optimizer"]
+        assert reads["sub_group_params"] == list(range(len(numels)))
+        # The flat fp32 partitions hold this rank's share of every parameter, one after another.
+        assert sum(reads["flat_numels"]) == sum(share for share, _ in reads["shares"])
+        assert [whole for _, whole in reads["shares"]] == numels
+        assert all(share * WORLD >= whole >= share for share, whole in reads["shares"])  # ranks' shares cover it
+        assert reads["group_size"] == WORLD
+    else:
+        assert reads["shapes"] == [None] * len(numels)  # ZeRO-1/2 leave parameters whole
+        assert all(reads["mapped"]) and all(reads["recorded"]) and reads["in_partitions"]
+        assert reads["group_sizes"] == [WORLD] * len(numels)
+        assert [sum(rank[i] for rank in reads["numels"]) for i in range(len(numels))] == numels
 
 
 def test_parameters_equal_one_process(zero):
@@ -235,7 +293,7 @@ def test_zero_offload_equals_one_process(zero):
         torch.testing.assert_close(result["offload"][name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("kind", ["lamb", "layerwise"])
+@pytest.mark.parametrize("kind", OTHER_KINDS)
 def test_lamb_and_the_wrapper_equal_one_process(zero, kind):
     _, result = zero
     expected, _ = reference(kind=kind)
@@ -243,7 +301,7 @@ def test_lamb_and_the_wrapper_equal_one_process(zero, kind):
         torch.testing.assert_close(result[kind][name], value, rtol=1e-5, atol=1e-6, msg=name)
 
 
-@pytest.mark.parametrize("kind", ["lars", "lamb", "layerwise"])
+@pytest.mark.parametrize("kind", list(DISTRIBUTED))
 def test_an_elastic_checkpoint_resumes_where_it_stopped(zero, kind):
     """DeepSpeed's elastic checkpoints (ZeRO-1/2) refused to load without a step count per param group."""
     stage, result = zero

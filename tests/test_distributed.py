@@ -3,6 +3,7 @@ FSDP2 takes one collective per bucket and step; setups that hide the layers are 
 
 from __future__ import annotations
 
+import math
 import os
 import socket
 
@@ -13,6 +14,8 @@ import torch.multiprocessing as mp
 from torch import nn
 
 import lars_plugins
+from conftest import SESSION_PORTS
+from optim_db import DISTRIBUTED
 from lars_plugins import LARS
 from lars_plugins import distributed as lars_distributed
 
@@ -23,9 +26,12 @@ STEPS = 5
 
 
 def free_port():
+    """A free port for a rendezvous, recorded so that conftest.py removes what DeepSpeed leaves under it."""
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+        port = s.getsockname()[1]
+    SESSION_PORTS.add(port)
+    return port
 
 
 def make_model():
@@ -38,13 +44,9 @@ def batches():
     return [(torch.randn(16, 8, generator=gen), torch.randint(0, 5, (16,), generator=gen)) for _ in range(STEPS)]
 
 
-# The optimizers every engine is run with: LAMB and the wrapper share LARS's sharded-norm machinery.
-OPTIMIZERS = {
-    "lars": lambda params: LARS(params, lr=2.0, momentum=0.9, nesterov=True, weight_decay=1e-4,
-                                trust_coefficient=0.01),
-    "lamb": lambda params: lars_plugins.LAMB(params, lr=1e-2, trust_clip=True),
-    "layerwise": lambda params: lars_plugins.Layerwise(torch.optim.AdamW(params, lr=1e-2), trust_coefficient=0.5),
-}
+# The optimizers every engine is run with: tests/optim_db.py's rows that name one (LAMB and the
+# wrapper share LARS's sharded-norm machinery).
+OPTIMIZERS = DISTRIBUTED
 
 
 def make_opt(params, kind="lars"):
@@ -158,6 +160,8 @@ def worker(rank, port, engines, out):
                 calls.append(counter.calls)
         params = full_params(wrapped if engine.startswith("fsdp1") else model)
         results[key] = {"params": params, "calls": calls, "monitor": monitor.latest}
+        if engine.startswith("fsdp1") and not kind.startswith(("lamb", "layerwise")):
+            results[key]["adapter"] = fsdp1_adapter_reads(wrapped)
         if key in RESUMED:
             results[key]["resumed"] = resumed(engine, kind, rank, f"{out}.{key.replace('/', '-')}.checkpoint")
         if key in SAVED_FOR_ONE_PROCESS:
@@ -166,6 +170,28 @@ def worker(rank, port, engines, out):
     if rank == 0:
         torch.save(results, out)
     finish()
+
+
+def fsdp1_adapter_reads(wrapped):
+    """What each function of lars_plugins.adapters.fsdp1 reads from this torch's FSDP1 model, with
+    every rank's shard pieces gathered."""
+    from lars_plugins.adapters import fsdp1
+
+    mine = {id(p) for p in wrapped.parameters()}
+    handles = {id(h): h for key, (h, _) in fsdp1.find_handles().items() if key in mine}
+    reads = []
+    for handle in handles.values():
+        flat = fsdp1.flat_parameter(handle)
+        pieces = [None] * WORLD
+        dist.all_gather_object(pieces, [tuple(p) for p in fsdp1.shard_pieces(flat)])
+        group = fsdp1.reduction_group(handle)
+        originals = {i for key, (h, i) in fsdp1.find_handles().items() if h is handle and i is not None}
+        reads.append({"shapes": [tuple(s) for s in fsdp1.original_shapes(flat)], "names": fsdp1.original_names(flat),
+                      "pieces": pieces, "group_size": None if group is None else dist.get_world_size(group),
+                      "is_flat_parameter": fsdp1.is_flat_parameter(flat),
+                      "flattened": all(fsdp1.is_flattened(p) for p in wrapped.parameters()),
+                      "originals": sorted(originals)})
+    return reads
 
 
 def resumed(engine, kind, rank, path):
@@ -228,7 +254,7 @@ TORCH_ENGINES = ["ddp", "fsdp2", "fsdp2-default-mesh", "fsdp2-two-meshes", "fsdp
 # recording steps two more (weight norms before the step, gradient norms after it).
 COLLECTIVES = {"ddp": 0, "fsdp2-two-meshes": 2}
 # LAMB and the wrapper over AdamW ("engine/optimizer"), on every kind of layout: DTensor, FSDP1 views, flat.
-OTHER_OPTIMIZERS = [f"{engine}/{kind}" for kind in ("lamb", "layerwise")
+OTHER_OPTIMIZERS = [f"{engine}/{kind}" for kind in OPTIMIZERS if kind != "lars"
                     for engine in ("ddp", "fsdp2-two-meshes", "fsdp1-orig-full", "fsdp1-flat-gradop")]
 RESUMED = ["fsdp2", "fsdp1-orig-full", "fsdp1-flat-full", "fsdp2-two-meshes/lamb", "fsdp1-flat-gradop/layerwise"]
 MONITOR_COLLECTIVES = {"ddp": 0, "fsdp2-two-meshes": 3}  # the norm layers sit on a third (default) mesh
@@ -301,6 +327,26 @@ def test_parameters_equal_one_process(engine, torch_engines):
     assert result["monitor"]["weight_norm/0.weight"] == pytest.approx(weight_norms[last_recorded], rel=1e-5)
     assert result["monitor"]["trust_ratio/3.weight"] > 0
     assert "trust_ratio/0.bias" not in result["monitor"] and "grad_norm/0.bias" in result["monitor"]
+
+
+@pytest.mark.slow  # processes of their own
+@pytest.mark.parametrize("engine", [e for e in TORCH_ENGINES if e.startswith("fsdp1")])
+def test_adapters_fsdp1_reads_this_torch_s_flat_parameters(engine, torch_engines):
+    """lars_plugins.adapters.fsdp1 on this torch's FSDP1 (the one module that reads its private
+    attributes): the layers, names and shard pieces it reports are the model's own, and the pieces
+    of all ranks tile each layer exactly."""
+    model = make_model()
+    expected = [(name, tuple(p.shape)) for name, p in model.named_parameters()]
+    [reads] = torch_engines[engine]["adapter"]  # the root wraps everything: one flat parameter
+    assert list(zip(reads["names"], reads["shapes"])) == expected
+    assert reads["is_flat_parameter"] and reads["flattened"]
+    assert reads["group_size"] == WORLD
+    assert reads["originals"] == (list(range(len(expected))) if "orig" in engine else [])
+    for i, (_, shape) in enumerate(expected):
+        assert sum(rank_pieces[i][1] for rank_pieces in reads["pieces"]) == math.prod(shape)
+    for rank_pieces in reads["pieces"]:  # within a shard the layers follow one another without overlap
+        spans = sorted((offset, offset + numel) for offset, numel in rank_pieces if numel)
+        assert all(end <= start for (_, end), (start, _) in zip(spans, spans[1:]))
 
 
 @pytest.mark.slow  # processes of their own
