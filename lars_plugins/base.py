@@ -188,8 +188,21 @@ def evaluate(closure: Optional[Callable[[], float]]) -> Optional[float]:
         return closure()
 
 
+@dataclass(frozen=True)
+class Option:
+    """One keyword of a layer-wise optimizer, declared once: the check every value passes (in the
+    constructor, in added groups, in loaded checkpoints), and the default, which is the
+    constructor's and also the value of a checkpoint or pickle written before the key existed.
+    ``keyword=False``: a group key that is not a constructor keyword (``exclude``, which groups set)."""
+
+    check: Check
+    default: Any
+    keyword: bool = True
+
+
 # The group keys of exclusion, which is_excluded() reads: every layer-wise optimizer declares them.
-EXCLUSION_KEYS: dict[str, Check] = {"exclude": flag(optional=True), "exclude_bias_and_norm": flag()}
+EXCLUSION_OPTIONS: dict[str, Option] = {"exclude": Option(flag(optional=True), None, keyword=False),
+                                        "exclude_bias_and_norm": Option(flag(), True)}
 
 
 def without_trust_ratios(state_dict: dict[str, Any]) -> dict[str, Any]:
@@ -230,7 +243,9 @@ def count_group_step(group: dict[str, Any], layout: Optional[FlatLayout]) -> Non
 class LayerwiseOptimizer(Optimizer):
     """Base of the optimizers that give each layer (whole original parameter) its own rate.
 
-    Subclasses set :attr:`KEYS` (group key -> :data:`Check`) and implement :meth:`_step_group` (whole tensors,
+    Subclasses declare :attr:`OPTIONS` (group key -> :class:`Option`), from which :attr:`KEYS` (the
+    checks) and :attr:`LOADED_DEFAULTS` (for checkpoints without a key) follow, build their defaults
+    with :meth:`declared_defaults`, and implement :meth:`_step_group` (whole tensors,
     DTensors included) and :meth:`_step_flat` (an FSDP1/ZeRO :class:`FlatLayout`). Exclusion:
     a group's ``exclude`` decides where it is not ``None``; else ``exclude_bias_and_norm``
     excludes tensors whose whole shape has ``ndim <= 1``.
@@ -241,11 +256,22 @@ class LayerwiseOptimizer(Optimizer):
     # a monitor records (hand_norms_to); None otherwise.
     _norm_sink: Optional[dict[Tensor, tuple[Any, Any]]] = None
     HANDS_NORMS: ClassVar[bool] = False  # whether a step of whole tensors hands its norms (_hand_norms)
+    OPTIONS: ClassVar[dict[str, Option]] = {}
+    # Derived from OPTIONS (__init_subclass__): each key's check, and the value a checkpoint that lacks
+    # the key is read with (the default, which behaves as versions before the key did).
     KEYS: ClassVar[dict[str, Check]] = {}
-    # Keys older checkpoints may lack, with the value that behaves as they did.
-    LOADED_DEFAULTS: ClassVar[dict[str, Any]] = {"exclude": None, "exclude_bias_and_norm": True,
-                                                 "maximize": False, "foreach": None, "fused": None,
-                                                 "trust_clip": False}
+    LOADED_DEFAULTS: ClassVar[dict[str, Any]] = {}
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        cls.KEYS = {key: option.check for key, option in cls.OPTIONS.items()}
+        cls.LOADED_DEFAULTS = {key: option.default for key, option in cls.OPTIONS.items()}
+
+    @classmethod
+    def declared_defaults(cls, arguments: Mapping[str, Any]) -> dict[str, Any]:
+        """The defaults dict of a constructor whose keywords are ``arguments`` (its ``locals()``):
+        every declared option, from ``arguments`` where it is a keyword, else its default."""
+        return {key: arguments[key] if option.keyword else option.default for key, option in cls.OPTIONS.items()}
 
     def __init__(self, params: ParamsT, defaults: dict[str, Any]) -> None:
         self._validate(defaults, explicit=defaults, where="")
@@ -314,11 +340,13 @@ class LayerwiseOptimizer(Optimizer):
                 "no weight decay, so this weight_decay would be ignored; set it to 0 or adapt the group")
 
     def _to_python_numbers(self, group: dict[str, Any]) -> None:
-        """NumPy and other ``numbers.Real`` scalars become Python floats (as torch's optimizers accept them)."""
+        """NumPy and other ``numbers.Real`` scalars become Python floats (as torch's optimizers accept
+        them). ``numpy.float64`` is a subclass of ``float``, but a checkpoint holding one does not
+        load under ``torch.load(weights_only=True)``: only exact ``int`` and ``float`` stay."""
         for key, check in self.KEYS.items():
             value = group.get(key)
             if getattr(check, "is_number", False) and isinstance(value, numbers.Real) \
-                    and not isinstance(value, (bool, int, float)):
+                    and type(value) not in (bool, int, float):
                 group[key] = float(value)
 
     # --- state -----------------------------------------------------------------------------------

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from .base import EXCLUSION_KEYS, LayerwiseOptimizer, flag, learning_rate, pair, real
+from .base import EXCLUSION_OPTIONS, LayerwiseOptimizer, Option, flag, learning_rate, pair, real
 from .distributed import ShardedNorms, is_dtensor, to_local
 from .lamb_rule import lamb, lamb_directions, lamb_trust_ratio
 from .tensor_lists import buckets, foreach_or_loop_axpy_, pick, ratio_dtype, use_fused_step
@@ -82,20 +82,19 @@ class LAMB(LayerwiseOptimizer):
     """
 
     NAME = "LAMB"
-    KEYS = {
-        "lr": learning_rate(),
-        "betas": pair(real(0.0, 1.0, high_open=True)),
-        "eps": real(),
-        "weight_decay": real(),
-        "bias_correction": flag(),
-        "weight_norm_bounds": pair(real(), optional=True, ordered=True),
-        "trust_clip": flag(),
-        **EXCLUSION_KEYS,
-        "maximize": flag(),
-        "foreach": flag(optional=True),
-        "fused": flag(optional=True),
+    OPTIONS = {
+        "lr": Option(learning_rate(), 1e-3),
+        "betas": Option(pair(real(0.0, 1.0, high_open=True)), (0.9, 0.999)),
+        "eps": Option(real(), 1e-6),
+        "weight_decay": Option(real(), 0.01),
+        "bias_correction": Option(flag(), True),
+        "weight_norm_bounds": Option(pair(real(), optional=True, ordered=True), None),
+        "trust_clip": Option(flag(), False),
+        **EXCLUSION_OPTIONS,
+        "maximize": Option(flag(), False),
+        "foreach": Option(flag(optional=True), None),
+        "fused": Option(flag(optional=True), None),
     }
-    LOADED_DEFAULTS = {**LayerwiseOptimizer.LOADED_DEFAULTS, "bias_correction": True, "weight_norm_bounds": None}
     HANDS_NORMS = True  # ‖w‖ only: the ratio divides by ‖u‖, so a monitor takes ‖g‖ itself
 
     def __init__(
@@ -114,10 +113,7 @@ class LAMB(LayerwiseOptimizer):
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
     ) -> None:
-        defaults = dict(lr=lr, betas=betas, eps=eps, weight_decay=weight_decay, bias_correction=bias_correction,
-                        weight_norm_bounds=weight_norm_bounds, trust_clip=trust_clip, exclude=None,
-                        exclude_bias_and_norm=exclude_bias_and_norm, maximize=maximize, foreach=foreach,
-                        fused=fused)
+        defaults = self.declared_defaults(locals())
         super().__init__(params, defaults)
 
     def _hyper(self, group: dict[str, Any]) -> dict[str, Any]:

@@ -8,7 +8,7 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from .base import EXCLUSION_KEYS, LayerwiseOptimizer, flag, learning_rate, real
+from .base import EXCLUSION_OPTIONS, LayerwiseOptimizer, Option, flag, learning_rate, real
 from .distributed import ShardedNorms, is_dtensor, like_param, to_local
 from .lars_rule import lars, trust_ratio
 from .tensor_lists import pick, ratio_dtype
@@ -68,21 +68,20 @@ class LARS(LayerwiseOptimizer):
     """
 
     NAME = "LARS"
-    KEYS = {
-        "lr": learning_rate(),
-        "momentum": real(),
-        "dampening": real(0.0, 1.0),
-        "weight_decay": real(),
-        "nesterov": flag(),
-        "trust_coefficient": real(low_open=True),
-        "eps": real(),
-        "trust_clip": flag(),
-        **EXCLUSION_KEYS,
-        "maximize": flag(),
-        "foreach": flag(optional=True),
-        "fused": flag(optional=True),
+    OPTIONS = {
+        "lr": Option(learning_rate(), 0.1),
+        "momentum": Option(real(), 0.9),
+        "dampening": Option(real(0.0, 1.0), 0.0),
+        "weight_decay": Option(real(), 0.0),
+        "nesterov": Option(flag(), False),
+        "trust_coefficient": Option(real(low_open=True), 0.001),
+        "eps": Option(real(), 1e-8),
+        "trust_clip": Option(flag(), False),
+        **EXCLUSION_OPTIONS,
+        "maximize": Option(flag(), False),
+        "foreach": Option(flag(optional=True), None),
+        "fused": Option(flag(optional=True), None),
     }
-    LOADED_DEFAULTS = {**LayerwiseOptimizer.LOADED_DEFAULTS, "nesterov": False}
     HANDS_NORMS = True  # ‖w‖ and ‖g‖: the ratio's own
 
     def __init__(
@@ -102,21 +101,7 @@ class LARS(LayerwiseOptimizer):
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
     ) -> None:
-        defaults = dict(
-            lr=lr,
-            momentum=momentum,
-            dampening=dampening,
-            weight_decay=weight_decay,
-            nesterov=nesterov,
-            trust_coefficient=trust_coefficient,
-            eps=eps,
-            trust_clip=trust_clip,
-            exclude=None,
-            exclude_bias_and_norm=exclude_bias_and_norm,
-            maximize=maximize,
-            foreach=foreach,
-            fused=fused,
-        )
+        defaults = self.declared_defaults(locals())
         super().__init__(params, defaults)
 
     def _check_group(self, group: dict[str, Any], *, explicit: dict[str, Any], where: str) -> None:

@@ -13,6 +13,7 @@ is LARS exactly; over AdamW with ``η = 1, ε = 0`` it is LAMB exactly.
 
 from __future__ import annotations
 
+import numbers
 import functools
 import math
 from typing import Any, Callable, Optional, Union
@@ -22,8 +23,8 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
-from .base import (EXCLUSION_KEYS, FOREIGN_KEYS, LayerwiseOptimizer, count_group_step, evaluate, flag, real,
-                   restore_trust_ratios, saved_trust_ratios, without_trust_ratios)
+from .base import (EXCLUSION_OPTIONS, FOREIGN_KEYS, LayerwiseOptimizer, Option, count_group_step, evaluate, flag,
+                   meant_key, real, restore_trust_ratios, saved_trust_ratios, without_trust_ratios)
 from .distributed import ShardedNorms, is_dtensor, to_local
 from .lars_rule import host_trust_ratio, trust_ratio
 from .tensor_lists import buckets, host_norm, host_scalars, pick, ratio_dtype
@@ -70,15 +71,13 @@ class Layerwise(LayerwiseOptimizer):
     """
 
     NAME = "Layerwise"
-    KEYS = {
-        "trust_coefficient": real(low_open=True),
-        "trust_eps": real(),
-        "trust_clip": flag(),
-        **EXCLUSION_KEYS,
-        "centralize_gradients": flag(),
+    OPTIONS = {
+        "trust_coefficient": Option(real(low_open=True), 0.001),
+        "trust_eps": Option(real(), 1e-8),
+        "trust_clip": Option(flag(), False),
+        **EXCLUSION_OPTIONS,
+        "centralize_gradients": Option(flag(), False),
     }
-    LOADED_DEFAULTS = {"exclude": None, "exclude_bias_and_norm": True, "trust_clip": False,
-                       "centralize_gradients": False}
     HANDS_NORMS = True  # ‖w‖ of adapted layers (the ratio's own); a monitor takes ‖g‖ itself
 
     def __init__(
@@ -100,13 +99,14 @@ class Layerwise(LayerwiseOptimizer):
             raise ValueError("base is LBFGS, whose step() calls its closure many times (a line search) and "
                              "moves the weights between calls; the wrapper rescales one update per step and cannot "
                              "stand between them. Wrap a first-order optimizer (SGD, AdamW, RAdam...)")
-        defaults = dict(trust_coefficient=trust_coefficient, trust_eps=trust_eps, trust_clip=trust_clip,
-                        exclude=None, exclude_bias_and_norm=exclude_bias_and_norm,
-                        centralize_gradients=centralize_gradients)
+        defaults = self.declared_defaults(locals())
         groups = base.param_groups
         for index, group in enumerate(groups):
             self._validate({**defaults, **group}, explicit=group, where=f"param group {index}: ")
+            _check_base_keys(group, base, f"param group {index}: ")
             _check_base_lr(group, f"param group {index}: ", type(base).__name__)
+            _python_numbers(group)
+        _python_numbers(base.defaults)
         self.base = base
         # torch's constructor adds every group of the base (the same dicts: our keys land in them),
         # then the wrapper takes the base's list and state themselves, so the two never diverge.
@@ -137,10 +137,12 @@ class Layerwise(LayerwiseOptimizer):
             raise TypeError(f"param_group must be a dict, got {type(param_group).__name__}")
         self._validate({**self.wrapper_defaults, **param_group}, explicit=param_group,
                        where=f"param group {len(self.param_groups)}: ")
+        _check_base_keys(param_group, self.base, f"param group {len(self.param_groups)}: ")
         _check_base_lr(param_group if "lr" in param_group else {**self.base.defaults, **param_group},
                        f"param group {len(self.param_groups)}: ", type(self.base).__name__)
         self.base.add_param_group(param_group)
         added = self.base.param_groups[-1]
+        _python_numbers(added)
         for key, value in self.wrapper_defaults.items():
             added.setdefault(key, value)
         self._layouts = type(self._layouts)([*self._layouts.candidates, *added["params"]], owner=self.NAME)
@@ -314,6 +316,30 @@ class Layerwise(LayerwiseOptimizer):
         centralize_gradients_(grads)
 
 
+def _check_base_keys(group: dict[str, Any], base: Optimizer, where: str) -> None:
+    """A group key that is a short form, prefix or misspelling of one of the base's keys (``wd``,
+    ``beta1``, ``momentu``) is refused: the base, as every torch optimizer, would keep it and
+    ignore it."""
+    known = [k for k in base.defaults if isinstance(k, str)]
+    for key in group:
+        if not isinstance(key, str) or key in known or key.startswith(("trust", "exclude", "centraliz")):
+            continue
+        meant = meant_key(key, known)
+        if meant:
+            name = type(base).__name__
+            raise TypeError(f"{where}unknown {name} key {key!r}; did you mean {' or '.join(repr(k) for k in meant)}? "
+                            f"{name} would ignore it (torch keeps any key in a group): give the full name, or another "
+                            "name to a key of your own")
+
+
+def _python_numbers(group: dict[str, Any]) -> None:
+    """The base's NumPy scalars (``lr=np.float64(0.1)``) as Python numbers, as the wrapper's own keys
+    are: a checkpoint holding a NumPy scalar does not load under ``torch.load(weights_only=True)``."""
+    for key, value in group.items():
+        if isinstance(value, numbers.Real) and type(value) not in (bool, int, float):
+            group[key] = int(value) if isinstance(value, numbers.Integral) else float(value)
+
+
 def _check_base_lr(group: dict[str, Any], where: str, base: str) -> None:
     """The ratio divides the base's update by its lr: a group without a numeric lr is refused
     before any step (transformers' Adafactor leaves lr=None and computes its own step size)."""
@@ -346,6 +372,8 @@ class LayerwiseAdamW(Layerwise):
     LAMB's scale (with ``trust_eps=0`` it is LAMB, as docs/optimizers.md shows); AdamW's own options
     keep AdamW's defaults.
     """
+
+    OPTIONS = {**Layerwise.OPTIONS, "trust_coefficient": Option(real(low_open=True), 1.0)}
 
     def __init__(
         self,
