@@ -22,6 +22,7 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
+from .distributed import WholeTensors
 from .tensor_lists import ratio_dtype
 from .layouts import FlatLayout, LayoutResolver, layer_shape
 
@@ -245,8 +246,9 @@ class LayerwiseOptimizer(Optimizer):
 
     Subclasses declare :attr:`OPTIONS` (group key -> :class:`Option`), from which :attr:`KEYS` (the
     checks) and :attr:`LOADED_DEFAULTS` (for checkpoints without a key) follow, build their defaults
-    with :meth:`declared_defaults`, and implement :meth:`_step_group` (whole tensors,
-    DTensors included) and :meth:`_step_flat` (an FSDP1/ZeRO :class:`FlatLayout`). Exclusion:
+    with :meth:`declared_defaults`, and implement :meth:`_step_group` (whole tensors, as
+    :meth:`whole_tensors` resolves them: DTensors as their local shards with a norms collective) and
+    :meth:`_step_flat` (an FSDP1/ZeRO :class:`FlatLayout`). Exclusion:
     a group's ``exclude`` decides where it is not ``None``; else ``exclude_bias_and_norm``
     excludes tensors whose whole shape has ``ndim <= 1``.
     """
@@ -484,10 +486,19 @@ class LayerwiseOptimizer(Optimizer):
                 self._step_flat(group, layout)
                 count_group_step(group, layout)
             else:
-                self._step_group(group, where)
+                tensors = self.whole_tensors(group, where)
+                if tensors.owners:
+                    self._step_group(group, tensors)
         return loss
 
-    def _step_group(self, group: dict[str, Any], where: str) -> None:
+    def whole_tensors(self, group: dict[str, Any], where: str = "") -> WholeTensors:
+        """The group's parameters that have gradients as a step of whole tensors takes them (local
+        shards of DTensors, with the collective that gives whole-parameter norms), each with its
+        exclusion: resolved here once, for every optimizer."""
+        owners = [p for p in group["params"] if p.grad is not None]
+        return WholeTensors(owners, [self.is_excluded(group, p) for p in owners], where=where, owner=self.NAME)
+
+    def _step_group(self, group: dict[str, Any], tensors: WholeTensors) -> None:
         raise NotImplementedError
 
     def _step_flat(self, group: dict[str, Any], layout: FlatLayout) -> None:

@@ -20,7 +20,7 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
-__all__ = ["ShardedNorms", "deepspeed_shm_buffers", "remove_deepspeed_shm_buffers"]
+__all__ = ["ShardedNorms", "WholeTensors", "deepspeed_shm_buffers", "remove_deepspeed_shm_buffers"]
 
 SHM = Path("/dev/shm")
 
@@ -139,3 +139,39 @@ class ShardedNorms:
             if index is not None:
                 squared[index] = part
         return list(squared.sqrt().split(len(indices)))
+
+
+class WholeTensors:
+    """A group's parameters that have gradients, as a step of whole tensors takes them: the local
+    tensors to update (a DTensor's local shard, the same storage), their gradients, whether each is
+    excluded, and ``norms`` for the whole-parameter norms of DTensors (``None`` where every tensor
+    is whole here, so that local norms are the layers' own).
+
+    Made once per group and step by :class:`~lars_plugins.base.LayerwiseOptimizer`, so that no
+    optimizer unwraps DTensors itself; state is keyed by the parameters (``owners``), and state made
+    by a step is stored laid out like its parameter (:meth:`store`).
+    """
+
+    def __init__(self, owners: list[Tensor], excluded: list[bool], where: str = "", owner: str = "LARS") -> None:
+        self.owners = owners
+        self.excluded = excluded
+        self.params = [to_local(p) for p in owners]
+        self.grads = [to_local(p.grad) for p in owners]  # type: ignore[arg-type]
+        self.sharded = any(is_dtensor(p) for p in owners)
+        self.norms: Optional[ShardedNorms] = ShardedNorms(owners, where=where, owner=owner) if self.sharded else None
+
+    def state(self, state: dict[Tensor, dict[str, Any]], key: str) -> list[Optional[Tensor]]:
+        """The local tensor of ``state[p][key]`` for each parameter (``None`` where it does not exist yet)."""
+        out: list[Optional[Tensor]] = []
+        for p in self.owners:
+            value = state[p].get(key)
+            out.append(None if value is None else to_local(value))
+        return out
+
+    def store(self, state: dict[Tensor, dict[str, Any]], key: str, values: Sequence[Optional[Tensor]],
+              new: Sequence[bool]) -> None:
+        """Store the local tensors a step made (``new``) as ``state[p][key]``, laid out like ``p`` (a
+        DTensor's shard as a DTensor, which distributed checkpoints see as sharded state)."""
+        for p, value, made in zip(self.owners, values, new):
+            if made and value is not None:
+                state[p][key] = like_param(value, p)

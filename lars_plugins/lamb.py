@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from .base import EXCLUSION_OPTIONS, LayerwiseOptimizer, Option, flag, learning_rate, pair, real
-from .distributed import ShardedNorms, is_dtensor, to_local
+from .distributed import WholeTensors
 from .lamb_rule import lamb, lamb_directions, lamb_trust_ratio
 from .tensor_lists import buckets, foreach_or_loop_axpy_, pick, ratio_dtype, use_fused_step
 from .fused import fused_lamb
@@ -147,14 +147,14 @@ class LAMB(LayerwiseOptimizer):
         step += 1
         return step, exp_avg, exp_avg_sq
 
-    def _step_fused(self, group: dict[str, Any], params: list[Tensor]) -> bool:
+    def _step_fused(self, group: dict[str, Any], params: list[Tensor], sharded: bool) -> bool:
         """The fused CUDA step of the whole group, where every bucket takes it (see ``fused``)."""
         if not params or group["fused"] is False or (group["fused"] is None and (
                 group["foreach"] is not None or params[0].device.type != "cuda")):
             return False
         states = [self.state[p] for p in params]
         by_bucket = buckets(params)
-        if not all(use_fused_step("LAMB", group["fused"], group["foreach"], any(is_dtensor(params[i]) for i in idx),
+        if not all(use_fused_step("LAMB", group["fused"], group["foreach"], sharded,
                                   [tuple(_real(t) if t is not None else None for t in (
                                       params[i], params[i].grad, states[i].get("exp_avg"), states[i].get("exp_avg_sq")))
                                    for i in idx]) for idx in by_bucket.values()):
@@ -176,40 +176,27 @@ class LAMB(LayerwiseOptimizer):
                 self._hand_norms(bucket, taken)
         return True
 
-    def _step_group(self, group: dict[str, Any], where: str) -> None:
-        if self._step_fused(group, [p for p in group["params"] if p.grad is not None]):
+    def _step_group(self, group: dict[str, Any], tensors: WholeTensors) -> None:
+        """One step of the group's whole tensors (local shards of DTensors, whose whole-parameter
+        norms of ``w`` and ``u`` come from ``tensors.norms``)."""
+        if self._step_fused(group, tensors.owners, tensors.sharded):
             return
-        params: list[Tensor] = []
-        grads: list[Tensor] = []
-        exp_avgs: list[Tensor] = []
-        exp_avg_sqs: list[Tensor] = []
-        steps: list[Tensor] = []
-        ratios: list[Optional[Tensor]] = []
-        excluded: list[bool] = []
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            step, exp_avg, exp_avg_sq = self._moments(p)
-            excluded.append(self.is_excluded(group, p))
-            params.append(p)
-            # A complex parameter is stepped as its real view (as torch's Adam does): the second
-            # moment then accumulates the squares of the real and imaginary parts, not g·g.
-            grads.append(_real(p.grad))
-            exp_avgs.append(_real(exp_avg))
-            exp_avg_sqs.append(_real(exp_avg_sq))
-            steps.append(step)  # per parameter: one that had no gradient on some step has its own count
-            ratios.append(None if excluded[-1] else self._trust_ratio_slot(p))
-        if not params:
-            return
-        norms = ShardedNorms(params, where=where, owner=self.NAME) if any(is_dtensor(p) for p in params) else None
-        taken: Optional[list] = [None] * len(params) if self.collects_norms else None
-        lamb([_real(to_local(p)) for p in params], [to_local(g) for g in grads], [to_local(m) for m in exp_avgs],
-             [to_local(v) for v in exp_avg_sqs], ratios, excluded=excluded, step=steps, lr=group["lr"],
+        moments = [self._moments(p) for p in tensors.owners]
+        exp_avgs, exp_avg_sqs = tensors.state(self.state, "exp_avg"), tensors.state(self.state, "exp_avg_sq")
+        ratios = [None if excluded else self._trust_ratio_slot(p) for p, excluded in zip(tensors.owners,
+                                                                                         tensors.excluded)]
+        taken: Optional[list] = [None] * len(tensors.params) if self.collects_norms else None
+        # A complex parameter is stepped as its real view (as torch's Adam does): the second moment
+        # then accumulates the squares of the real and imaginary parts, not g·g. Each parameter at its
+        # own count: one that had no gradient on some step has taken fewer.
+        lamb([_real(p) for p in tensors.params], [_real(g) for g in tensors.grads],
+             [_real(m) for m in exp_avgs], [_real(v) for v in exp_avg_sqs],  # type: ignore[arg-type]
+             ratios, excluded=tensors.excluded, step=[step for step, _, _ in moments], lr=group["lr"],
              weight_decay=group["weight_decay"], weight_norm_bounds=group["weight_norm_bounds"],
-             trust_clip=group["trust_clip"], foreach=group["foreach"], norms=norms, weight_norms_out=taken,
+             trust_clip=group["trust_clip"], foreach=group["foreach"], norms=tensors.norms, weight_norms_out=taken,
              **self._hyper(group))
         if taken is not None:
-            self._hand_norms(params, taken)
+            self._hand_norms(tensors.owners, taken)
 
     def _step_flat(self, group: dict[str, Any], layout: FlatLayout) -> None:
         if any(t.is_complex() for t in group["params"]):

@@ -9,7 +9,7 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from .base import EXCLUSION_OPTIONS, LayerwiseOptimizer, Option, flag, learning_rate, real
-from .distributed import ShardedNorms, is_dtensor, like_param, to_local
+from .distributed import WholeTensors
 from .lars_rule import lars, trust_ratio
 from .tensor_lists import pick, ratio_dtype
 from .layouts import FlatLayout
@@ -112,43 +112,20 @@ class LARS(LayerwiseOptimizer):
             )
         super()._check_group(group, explicit=explicit, where=where)
 
-    def _init_group(self, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                    momentum_buffers: list[Optional[Tensor]], trust_ratios: list[Optional[Tensor]],
-                    excluded: list[bool]) -> None:
-        """Gather the group's parameters that have gradients, with their state (as torch's SGD does)."""
-        for p in group["params"]:
-            if p.grad is None:
-                continue
-            params.append(p)
-            grads.append(p.grad)
-            momentum_buffers.append(self.state[p].get("momentum_buffer"))
-            excluded.append(self.is_excluded(group, p))
-            trust_ratios.append(None if excluded[-1] else self._trust_ratio_slot(p))
-
-    def _step_group(self, group: dict[str, Any], where: str) -> None:
-        params: list[Tensor] = []
-        grads: list[Tensor] = []
-        buffers: list[Optional[Tensor]] = []
-        ratios: list[Optional[Tensor]] = []
-        excluded: list[bool] = []
-        self._init_group(group, params, grads, buffers, ratios, excluded)
-        if not params:
-            return
-        # Sharded parameters (FSDP2, tensor parallel): the update runs on the local shards, the
-        # norms of whole parameters come from one all_reduce per bucket and mesh dimension.
-        owners, norms = params, None
-        if any(is_dtensor(p) for p in params):
-            norms = ShardedNorms(params, where=where, owner=self.NAME)
-            params, grads = [to_local(p) for p in params], [to_local(g) for g in grads]
-            buffers = [None if b is None else to_local(b) for b in buffers]
+    def _step_group(self, group: dict[str, Any], tensors: WholeTensors) -> None:
+        """One step of the group's whole tensors (local shards of DTensors, whose whole-parameter
+        norms come from ``tensors.norms``: one all_reduce per bucket and mesh dimension)."""
+        buffers = tensors.state(self.state, "momentum_buffer")
         new_buffer = [b is None for b in buffers]
-        taken: Optional[list] = [None] * len(params) if self.collects_norms else None
+        ratios = [None if excluded else self._trust_ratio_slot(p) for p, excluded in zip(tensors.owners,
+                                                                                         tensors.excluded)]
+        taken: Optional[list] = [None] * len(tensors.params) if self.collects_norms else None
         lars(
-            params,
-            grads,
+            tensors.params,
+            tensors.grads,
             buffers,
             ratios,
-            excluded=excluded,
+            excluded=tensors.excluded,
             lr=group["lr"],
             momentum=group["momentum"],
             dampening=group["dampening"],
@@ -159,17 +136,15 @@ class LARS(LayerwiseOptimizer):
             trust_clip=group["trust_clip"],
             maximize=group["maximize"],
             foreach=group["foreach"],
-            norms=norms,
+            norms=tensors.norms,
             norms_out=taken,
             fused=group["fused"],
         )
         if taken is not None:
-            self._hand_norms(owners, [pair[0] if pair is not None else None for pair in taken],
+            self._hand_norms(tensors.owners, [pair[0] if pair is not None else None for pair in taken],
                              [pair[1] if pair is not None else None for pair in taken])
-        if group["momentum"] != 0:
-            for p, buf, new in zip(owners, buffers, new_buffer):
-                if new and buf is not None:  # an existing buffer was updated in place (a DTensor's shard too)
-                    self.state[p]["momentum_buffer"] = like_param(buf, p)
+        if group["momentum"] != 0:  # an existing buffer was updated in place (a DTensor's shard too)
+            tensors.store(self.state, "momentum_buffer", buffers, new_buffer)
 
     def _step_flat(self, group: dict[str, Any], layout: FlatLayout) -> None:
         """One step of a group whose tensors hold pieces of layers (FSDP1, DeepSpeed ZeRO).

@@ -25,7 +25,7 @@ from torch.optim.optimizer import ParamsT
 
 from .base import (EXCLUSION_OPTIONS, FOREIGN_KEYS, LayerwiseOptimizer, Option, count_group_step, evaluate, flag,
                    meant_key, real, restore_trust_ratios, saved_trust_ratios, without_trust_ratios)
-from .distributed import ShardedNorms, is_dtensor, to_local
+from .distributed import WholeTensors, is_dtensor
 from .lars_rule import host_trust_ratio, trust_ratio
 from .tensor_lists import buckets, host_norm, host_scalars, pick, ratio_dtype
 from .layouts import FlatLayout, layer_shape
@@ -203,15 +203,21 @@ class Layerwise(LayerwiseOptimizer):
         """Take what the rescaling needs before the base's step; return the rescaling."""
         where = f"param group {index}: "
         layout = self._layouts(group["params"], where)
-        if group["centralize_gradients"]:
-            self._centralize(group, layout, where)
         if layout is not None:
+            if group["centralize_gradients"]:
+                raise ValueError(f"{where}centralize_gradients needs whole gradients, but {layout.engine} hands the "
+                                 "optimizer flattened pieces of layers. Centralise in a hook before the engine "
+                                 "flattens (or use FSDP2, whose row-sharded gradients centralise locally)")
             return self._before_flat(group, layout)
-        params = [p for p in group["params"] if p.grad is not None and not self.is_excluded(group, p)]
-        if not params:
+        tensors = self.whole_tensors(group, where)
+        if group["centralize_gradients"]:
+            _centralize(tensors, where)
+        adapted = [i for i, excluded in enumerate(tensors.excluded) if not excluded]
+        if not adapted:
             return None
-        norms = ShardedNorms(params, where=where, owner=self.NAME) if any(is_dtensor(p) for p in params) else None
-        local = [to_local(p) for p in params]
+        params = pick(tensors.owners, adapted)
+        local = pick(tensors.params, adapted)
+        norms = tensors.norms
         dtype = ratio_dtype(local[0].dtype)
         old = [t.clone() for t in local]  # the one copy
         if norms is None and all(host_scalars(t.device) for t in local):
@@ -221,7 +227,7 @@ class Layerwise(LayerwiseOptimizer):
         def rescale(group: dict[str, Any]) -> None:
             torch._foreach_sub_(old, local)  # old ← w_old - w_new = -Δw
             squares = [w_squares, _squares(old, dtype)]
-            w_norms, delta_norms = norms.reduce(range(len(params)), squares) if norms else [s.sqrt() for s in squares]
+            w_norms, delta_norms = norms.reduce(adapted, squares) if norms else [s.sqrt() for s in squares]
             ratios = self._ratios(group, w_norms, delta_norms)
             for p, ratio in zip(params, ratios.unbind()):
                 self._trust_ratio_slot(p).copy_(ratio)
@@ -299,21 +305,20 @@ class Layerwise(LayerwiseOptimizer):
             ratios = torch.where(lr == 0, stays, ratios)
         return ratios
 
-    def _centralize(self, group: dict[str, Any], layout: Optional[FlatLayout], where: str) -> None:
-        if layout is not None:
-            raise ValueError(f"{where}centralize_gradients needs whole gradients, but {layout.engine} hands the "
-                             "optimizer flattened pieces of layers. Centralise in a hook before the engine flattens "
-                             "(or use FSDP2, whose row-sharded gradients centralise locally)")
-        grads = []
-        for p in group["params"]:
-            if p.grad is None or len(layer_shape(p)) <= 1:
-                continue
-            if is_dtensor(p) and any(not (pl.is_replicate() or (pl.is_shard() and pl.dim == 0))
-                                     for pl in p.placements):
-                raise ValueError(f"{where}centralize_gradients needs each gradient's rows whole on a rank; a "
-                                 f"parameter has placements {p.placements}")
-            grads.append(to_local(p.grad))
-        centralize_gradients_(grads)
+
+def _centralize(tensors: WholeTensors, where: str) -> None:
+    """Gradient Centralization of the gradients of multi-dimensional parameters, on their local
+    tensors: a DTensor's rows must be whole on a rank (``Shard(0)`` or ``Replicate``)."""
+    grads = []
+    for p, grad in zip(tensors.owners, tensors.grads):
+        if len(layer_shape(p)) <= 1:
+            continue
+        if is_dtensor(p) and any(not (pl.is_replicate() or (pl.is_shard() and pl.dim == 0))
+                                 for pl in p.placements):  # type: ignore[attr-defined]
+            raise ValueError(f"{where}centralize_gradients needs each gradient's rows whole on a rank; a "
+                             f"parameter has placements {p.placements}")  # type: ignore[attr-defined]
+        grads.append(grad)
+    centralize_gradients_(grads)
 
 
 def _check_base_keys(group: dict[str, Any], base: Optimizer, where: str) -> None:
