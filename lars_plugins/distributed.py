@@ -160,6 +160,25 @@ class WholeTensors:
         self.sharded = any(is_dtensor(p) for p in owners)
         self.norms: Optional[ShardedNorms] = ShardedNorms(owners, where=where, owner=owner) if self.sharded else None
 
+    whole = True
+
+    def ratio_slots(self, optimizer: Any) -> list[Optional[Tensor]]:
+        """Where the rules write each adapted parameter's ratio: ``state[p]["trust_ratio"]``."""
+        return [None if excluded else optimizer._trust_ratio_slot(p) for p, excluded in zip(self.owners,
+                                                                                            self.excluded)]
+
+    def finish(self) -> None:
+        """Nothing to do: the norms' collectives ran inside the step (:class:`ShardedNorms`)."""
+
+    needs_collective = False  # a step without adapted tensors needs no norms at all
+
+    def reduce(self, indices: Sequence[int], squares: Sequence[Tensor]) -> list[Tensor]:
+        """Whole-parameter norms of the parameters ``indices`` from the squared norms of their local
+        tensors (one vector per set): :meth:`ShardedNorms.reduce` for DTensors, else their roots."""
+        if self.norms is not None:
+            return self.norms.reduce(indices, squares)
+        return [s.sqrt() for s in squares]
+
     def state(self, state: dict[Tensor, dict[str, Any]], key: str) -> list[Optional[Tensor]]:
         """The local tensor of ``state[p][key]`` for each parameter (``None`` where it does not exist yet)."""
         out: list[Optional[Tensor]] = []

@@ -8,12 +8,13 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from .base import EXCLUSION_OPTIONS, LayerwiseOptimizer, Option, flag, learning_rate, pair, real
+from .base import LayerwiseOptimizer
+from .options import EXCLUSION_OPTIONS, Option, flag, learning_rate, pair, real
 from .distributed import WholeTensors
-from .lamb_rule import lamb, lamb_directions, lamb_trust_ratio
-from .tensor_lists import buckets, foreach_or_loop_axpy_, pick, ratio_dtype, use_fused_step
+from .layouts import FlatPieces
+from .lamb_rule import lamb, lamb_trust_ratio
+from .tensor_lists import buckets, use_fused_step
 from .fused import fused_lamb
-from .layouts import FlatLayout
 
 __all__ = ["LAMB"]
 
@@ -176,77 +177,31 @@ class LAMB(LayerwiseOptimizer):
                 self._hand_norms(bucket, taken)
         return True
 
-    def _step_group(self, group: dict[str, Any], tensors: WholeTensors) -> None:
-        """One step of the group's whole tensors (local shards of DTensors, whose whole-parameter
-        norms of ``w`` and ``u`` come from ``tensors.norms``)."""
-        if self._step_fused(group, tensors.owners, tensors.sharded):
+    def _step_group(self, group: dict[str, Any], tensors: Union[WholeTensors, FlatPieces]) -> None:
+        """One step of the group's tensors: whole ones, local shards of DTensors, or the pieces of a
+        flat layout, the whole-layer norms of ``w`` and ``u`` coming from ``tensors.norms``."""
+        if not tensors.whole and any(t.is_complex() for t in tensors.owners):
+            raise ValueError("a flat layout (FSDP1, DeepSpeed ZeRO) holds complex parameters in flat tensors; LAMB "
+                             "steps complex parameters as their real views, which it can only do for whole parameters")
+        if tensors.whole and self._step_fused(group, tensors.owners, tensors.sharded):
             return
-        moments = [self._moments(p) for p in tensors.owners]
+        # One count per tensor (a flat tensor's pieces share it), advanced once: a parameter, or an
+        # FSDP1 unit, that had no gradient on some step has taken fewer steps and keeps its own count.
+        unique = {id(t): t for t in tensors.owners}
+        counts = {key: self._moments(t)[0] for key, t in unique.items()}
         exp_avgs, exp_avg_sqs = tensors.state(self.state, "exp_avg"), tensors.state(self.state, "exp_avg_sq")
-        ratios = [None if excluded else self._trust_ratio_slot(p) for p, excluded in zip(tensors.owners,
-                                                                                         tensors.excluded)]
-        taken: Optional[list] = [None] * len(tensors.params) if self.collects_norms else None
+        taken: Optional[list] = [None] * len(tensors.params) if self.collects_norms and tensors.whole else None
         # A complex parameter is stepped as its real view (as torch's Adam does): the second moment
-        # then accumulates the squares of the real and imaginary parts, not g·g. Each parameter at its
-        # own count: one that had no gradient on some step has taken fewer.
+        # then accumulates the squares of the real and imaginary parts, not g·g.
         lamb([_real(p) for p in tensors.params], [_real(g) for g in tensors.grads],
              [_real(m) for m in exp_avgs], [_real(v) for v in exp_avg_sqs],  # type: ignore[arg-type]
-             ratios, excluded=tensors.excluded, step=[step for step, _, _ in moments], lr=group["lr"],
-             weight_decay=group["weight_decay"], weight_norm_bounds=group["weight_norm_bounds"],
+             tensors.ratio_slots(self), excluded=tensors.excluded, step=[counts[id(t)] for t in tensors.owners],
+             lr=group["lr"], weight_decay=group["weight_decay"], weight_norm_bounds=group["weight_norm_bounds"],
              trust_clip=group["trust_clip"], foreach=group["foreach"], norms=tensors.norms, weight_norms_out=taken,
              **self._hyper(group))
         if taken is not None:
             self._hand_norms(tensors.owners, taken)
 
-    def _step_flat(self, group: dict[str, Any], layout: FlatLayout) -> None:
-        if any(t.is_complex() for t in group["params"]):
-            raise ValueError(f"{layout.engine} holds complex parameters in flat tensors; LAMB steps complex "
-                             "parameters as their real views, which it can only do for whole parameters")
-        self._step_pieces(group, layout)
-
-    def _step_pieces(self, group: dict[str, Any], layout: FlatLayout) -> None:
-        """One step of a group whose tensors hold pieces of layers (FSDP1, DeepSpeed ZeRO).
-
-        The moments and ``u`` are computed on the pieces; ``‖w‖`` and ``‖u‖`` of whole layers then
-        come from one collective that every rank runs whatever pieces it holds (the same
-        :meth:`FlatLayout.norms` LARS uses); the update runs on the pieces.
-        """
-        tensors = group["params"]
-        adapted = [not self.is_excluded(group, layer.shape) for layer in layout.layers]
-        stepped = [t for t in tensors if t.grad is not None]
-        moments = {id(t): self._moments(t) for t in stepped}
-        grad_views = layout.views([t.grad for t in tensors])
-        values = layout.views(tensors)
-        m_views = layout.views([moments[id(t)][1] if id(t) in moments else None for t in tensors])
-        v_views = layout.views([moments[id(t)][2] if id(t) in moments else None for t in tensors])
-        kept = [j for j, p in enumerate(layout.pieces) if p.numel and grad_views[j] is not None]
-        # Each piece at its own tensor's count: an FSDP1 unit without gradients on some step lags behind.
-        counts = [moments[id(tensors[piece.tensor])][0] if id(tensors[piece.tensor]) in moments else None
-                  for piece in layout.pieces]
-        use_foreach = group["foreach"] if group["foreach"] is not None else tensors[0].device.type != "cpu"
-        directions: list[Optional[Tensor]] = [None] * len(layout.pieces)
-        for adapted_part in (True, False):
-            part = [j for j in kept if adapted[layout.pieces[j].layer] == adapted_part]
-            if part:
-                u = lamb_directions(pick(values, part), pick(grad_views, part), pick(m_views, part),
-                                    pick(v_views, part), step=pick(counts, part),
-                                    weight_decay=group["weight_decay"] if adapted_part else 0.0,
-                                    foreach=use_foreach, **self._hyper(group))
-                for j, direction in zip(part, u):
-                    directions[j] = direction
-        device = tensors[0].device
-        ratios = None
-        if any(adapted):  # decided by the layout alone: every rank takes part in the collective
-            w_norms, u_norms, _ = layout.norms(values, directions, dtype=ratio_dtype(tensors[0].dtype), device=device)
-            ratios = lamb_trust_ratio(w_norms, u_norms, weight_norm_bounds=group["weight_norm_bounds"],
-                                      trust_clip=group["trust_clip"])
-            self._keep_flat_ratios(layout, ratios, adapted)
-        if not kept:
-            return
-        lr = group["lr"]
-        scale: Optional[list[Tensor]] = None
-        if ratios is not None:
-            per_piece = torch.where(layout.constant([adapted[layout.pieces[j].layer] for j in kept], device),
-                                    ratios[layout.constant([layout.pieces[j].layer for j in kept], device)], 1.0)
-            scale = list((per_piece * -lr).unbind())
-        foreach_or_loop_axpy_(pick(values, kept), pick(directions, kept), scale, -lr, use_foreach)
+    def _layer_ratios(self, group: dict[str, Any], weight_norms: Tensor, other_norms: Tensor) -> Tensor:
+        return lamb_trust_ratio(weight_norms, other_norms, weight_norm_bounds=group["weight_norm_bounds"],
+                                trust_clip=group["trust_clip"])

@@ -2,17 +2,16 @@
 
 from __future__ import annotations
 
-from typing import Any, Optional, Sequence, Union
+from typing import Any, Optional, Union
 
-import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
-from .base import EXCLUSION_OPTIONS, LayerwiseOptimizer, Option, flag, learning_rate, real
+from .base import LayerwiseOptimizer
+from .options import EXCLUSION_OPTIONS, Option, flag, learning_rate, real
 from .distributed import WholeTensors
+from .layouts import FlatPieces
 from .lars_rule import lars, trust_ratio
-from .tensor_lists import pick, ratio_dtype
-from .layouts import FlatLayout
 
 __all__ = ["LARS"]
 
@@ -112,14 +111,14 @@ class LARS(LayerwiseOptimizer):
             )
         super()._check_group(group, explicit=explicit, where=where)
 
-    def _step_group(self, group: dict[str, Any], tensors: WholeTensors) -> None:
-        """One step of the group's whole tensors (local shards of DTensors, whose whole-parameter
-        norms come from ``tensors.norms``: one all_reduce per bucket and mesh dimension)."""
+    def _step_group(self, group: dict[str, Any], tensors: Union[WholeTensors, FlatPieces]) -> None:
+        """One step of the group's tensors: whole ones, local shards of DTensors (whose
+        whole-parameter norms come from ``tensors.norms``: one all_reduce per bucket and mesh
+        dimension), or the pieces of a flat layout (whole-layer norms in one collective)."""
         buffers = tensors.state(self.state, "momentum_buffer")
         new_buffer = [b is None for b in buffers]
-        ratios = [None if excluded else self._trust_ratio_slot(p) for p, excluded in zip(tensors.owners,
-                                                                                         tensors.excluded)]
-        taken: Optional[list] = [None] * len(tensors.params) if self.collects_norms else None
+        ratios = tensors.ratio_slots(self)
+        taken: Optional[list] = [None] * len(tensors.params) if self.collects_norms and tensors.whole else None
         lars(
             tensors.params,
             tensors.grads,
@@ -143,58 +142,10 @@ class LARS(LayerwiseOptimizer):
         if taken is not None:
             self._hand_norms(tensors.owners, [pair[0] if pair is not None else None for pair in taken],
                              [pair[1] if pair is not None else None for pair in taken])
-        if group["momentum"] != 0:  # an existing buffer was updated in place (a DTensor's shard too)
+        if group["momentum"] != 0:  # an existing buffer was updated in place (a DTensor's shard, a piece)
             tensors.store(self.state, "momentum_buffer", buffers, new_buffer)
 
-    def _step_flat(self, group: dict[str, Any], layout: FlatLayout) -> None:
-        """One step of a group whose tensors hold pieces of layers (FSDP1, DeepSpeed ZeRO).
-
-        Whole-layer norms come first, for every layer of the layout, in one collective that every
-        rank runs whatever pieces it holds; the update then runs on the pieces, as views.
-        """
-        tensors = group["params"]
-        grads = [t.grad for t in tensors]
-        values, grad_views = layout.views(tensors), layout.views(grads)
-        adapted = [not self.is_excluded(group, layer.shape) for layer in layout.layers]
-        dtype, device = ratio_dtype(tensors[0].dtype), tensors[0].device
-        if any(adapted):  # decided by the layout alone: the same on every rank
-            w_norms, g_norms, _ = layout.norms(values, grad_views, dtype=dtype, device=device)
-            ratios = trust_ratio(w_norms, g_norms, trust_coefficient=group["trust_coefficient"],
-                                 weight_decay=group["weight_decay"], eps=group["eps"], lr=group["lr"],
-                                 trust_clip=group["trust_clip"])
-            self._keep_flat_ratios(layout, ratios, adapted)
-        kept = [j for j, p in enumerate(layout.pieces) if p.numel and grad_views[j] is not None]
-        if not kept:
-            return
-        pieces = [layout.pieces[j] for j in kept]
-        buffers = [self.state[t].get("momentum_buffer") for t in tensors]
-        buffer_views = layout.views(buffers)
-        piece_buffers = [buffer_views[j] for j in kept]
-        adapt = [adapted[p.layer] for p in pieces]
-        norms = None
-        if any(adapt):
-            index = layout.constant([p.layer for p in pieces], device)
-            piece_w, piece_g = w_norms[index], g_norms[index]
-
-            def norms(idx: Sequence[int], *_: Any) -> tuple[Tensor, Tensor]:
-                where = layout.constant(list(idx), device)
-                return piece_w.index_select(0, where), piece_g.index_select(0, where)
-        scratch = list(torch.empty(len(pieces), dtype=dtype, device=device).unbind())
-        lars(pick(values, kept), pick(grad_views, kept), piece_buffers,
-             [r if a else None for r, a in zip(scratch, adapt)], excluded=[not a for a in adapt],
-             lr=group["lr"], momentum=group["momentum"], dampening=group["dampening"],
-             weight_decay=group["weight_decay"], nesterov=group["nesterov"],
-             trust_coefficient=group["trust_coefficient"], eps=group["eps"], trust_clip=group["trust_clip"],
-             maximize=group["maximize"], foreach=group["foreach"], norms=norms)
-        if group["momentum"] != 0:
-            for t_index, tensor in enumerate(tensors):
-                if buffers[t_index] is None and any(p.tensor == t_index for p in pieces):
-                    # First step: the pieces' new buffers (d itself) go into one buffer shaped like
-                    # the tensor, which the engines checkpoint and re-partition as their own.
-                    flat = torch.zeros_like(tensor, memory_format=torch.contiguous_format)
-                    flat_views = layout.views([flat if k == t_index else None for k in range(len(tensors))])
-                    for j, buf in zip(kept, piece_buffers):
-                        view = flat_views[j]
-                        if view is not None and buf is not None:
-                            view.copy_(buf)
-                    self.state[tensor]["momentum_buffer"] = flat
+    def _layer_ratios(self, group: dict[str, Any], weight_norms: Tensor, other_norms: Tensor) -> Tensor:
+        return trust_ratio(weight_norms, other_norms, trust_coefficient=group["trust_coefficient"],
+                           weight_decay=group["weight_decay"], eps=group["eps"], lr=group["lr"],
+                           trust_clip=group["trust_clip"])

@@ -328,3 +328,121 @@ def _zero3_layout(tensors: list[Tensor], z3: Any, where: str) -> FlatLayout:
             offset += size
     return FlatLayout("DeepSpeed ZeRO-3", layers, pieces, [(group, list(range(len(layers))))],
                       calls_per_step=len(sub_groups))
+
+
+class FlatPieces:
+    """A group's tensors under a flat layout (FSDP1, DeepSpeed ZeRO) as a step takes them: the
+    pieces of layers this rank holds that have gradients (``params``, ``grads``: 1-D views), whether
+    each piece's layer is excluded, and ``norms``, the whole-layer norms the update rules ask for.
+
+    The same face as :class:`~lars_plugins.distributed.WholeTensors`, so that an optimizer writes
+    one step for both. What differs is inside: whole-layer norms need one collective that every rank
+    runs, whatever pieces it holds, so :meth:`norms` reduces every layer of the layout at its first
+    call (``‖w‖`` from all this rank's pieces, the other norm from the pieces it is given) and
+    :meth:`finish` runs the same collective on a rank whose pieces never asked. State lives in
+    tensors shaped like the flat tensors (the engines checkpoint and re-partition it as their own),
+    and the ratios of whole layers are kept per layer (:meth:`layer_norms`), not per piece.
+    """
+
+    whole = False
+    sharded = True
+
+    def __init__(self, layout: FlatLayout, tensors: list[Tensor], excluded_layers: list[bool], where: str = "",
+                 owner: str = "LARS") -> None:
+        from .tensor_lists import buckets, ratio_dtype
+
+        self.layout = layout
+        self.tensors = tensors
+        self.adapted_layers = [not excluded for excluded in excluded_layers]
+        self._values = layout.views(tensors)
+        grad_views = layout.views([t.grad for t in tensors])
+        self.kept = [j for j, piece in enumerate(layout.pieces) if piece.numel and grad_views[j] is not None]
+        self.params: list[Tensor] = pick(self._values, self.kept)
+        self.grads: list[Tensor] = pick(grad_views, self.kept)
+        self.excluded = [excluded_layers[layout.pieces[j].layer] for j in self.kept]
+        self.owners = [tensors[layout.pieces[j].tensor] for j in self.kept]
+        if len(buckets(self.params)) > 1:
+            raise ValueError(f"{where}the flat tensors of one param group hold several dtypes or devices; "
+                             f"{owner} takes the whole-layer norms of a flat layout in one collective: put the "
+                             "tensors of each dtype and device in a param group of their own")
+        self.dtype, self.device = ratio_dtype(tensors[0].dtype), tensors[0].device
+        self._layer_norms: Optional[tuple[Tensor, Tensor]] = None
+
+    @property
+    def needs_collective(self) -> bool:
+        """Whether this step reduces norms: decided by the layout alone, so the same on every rank."""
+        return any(self.adapted_layers)
+
+    def norms(self, indices: Sequence[int], local_params: Sequence[Tensor], local_others: Sequence[Tensor],
+              dtype: torch.dtype) -> tuple[Tensor, Tensor]:
+        """Whole-layer ``‖w‖`` and ``‖other‖`` (gradient, LAMB's ``u``) of the pieces ``indices``
+        (positions in :attr:`params`), given ``local_others`` of those pieces."""
+        if self._layer_norms is not None:
+            raise RuntimeError("a flat layout's norms were asked for twice in one step")
+        others: list[Optional[Tensor]] = [None] * len(self.layout.pieces)
+        for item, other in zip(indices, local_others):
+            others[self.kept[item]] = other
+        self._reduce(others)
+        assert self._layer_norms is not None
+        w_norms, other_norms = self._layer_norms
+        per_item = self.layout.constant([self.layout.pieces[self.kept[i]].layer for i in indices], self.device)
+        return w_norms[per_item], other_norms[per_item]
+
+    def reduce(self, indices: Sequence[int], squares: Sequence[Tensor]) -> list[Tensor]:
+        """Whole-layer norms of the pieces ``indices`` from their squared norms (one vector per set,
+        taken when convenient: the wrapper takes ``‖w‖`` before its base's step and ``‖Δw‖`` after),
+        in the step's one collective; :attr:`layer_norms` then holds the first two sets per layer."""
+        if self._layer_norms is not None:
+            raise RuntimeError("a flat layout's norms were asked for twice in one step")
+        index = self.layout.constant([self.kept[i] for i in indices], self.device, torch.long)
+        per_piece = []
+        for piece_squares in squares:
+            full = torch.zeros(len(self.layout.pieces), dtype=self.dtype, device=self.device)
+            if len(indices):
+                full.index_copy_(0, index, piece_squares.to(self.dtype))
+            per_piece.append(full)
+        *layer_norms, _ = self.layout.reduce(per_piece, dtype=self.dtype, device=self.device)
+        self._layer_norms = (layer_norms[0], layer_norms[1])
+        per_item = self.layout.constant([self.layout.pieces[self.kept[i]].layer for i in indices], self.device,
+                                        torch.long)
+        return [norms[per_item] for norms in layer_norms]
+
+    def _reduce(self, others: Sequence[Optional[Tensor]]) -> None:
+        w_norms, other_norms, _ = self.layout.norms(self._values, others, dtype=self.dtype, device=self.device)
+        self._layer_norms = (w_norms, other_norms)
+
+    def finish(self) -> None:
+        """Run the step's collective if this rank's pieces never asked for norms (it holds no piece
+        of an adapted layer, or none with a gradient): the other ranks run it."""
+        if self.needs_collective and self._layer_norms is None:
+            self._reduce([None] * len(self.layout.pieces))
+
+    @property
+    def layer_norms(self) -> Optional[tuple[Tensor, Tensor]]:
+        """``(‖w‖, ‖other‖)`` of every layer of the layout at this step, once reduced."""
+        return self._layer_norms
+
+    def ratio_slots(self, optimizer: Any) -> list[Optional[Tensor]]:
+        """Where the rules write each piece's ratio: scratch (the per-layer ratios are kept from
+        :attr:`layer_norms`)."""
+        scratch = torch.empty(len(self.params), dtype=self.dtype, device=self.device).unbind()
+        return [None if excluded else slot for slot, excluded in zip(scratch, self.excluded)]
+
+    def state(self, state: dict[Tensor, dict[str, Any]], key: str) -> list[Optional[Tensor]]:
+        """Each piece's view of ``state[t][key]`` of its flat tensor ``t`` (``None`` where it does not exist yet)."""
+        return pick(self.layout.views([state[t].get(key) for t in self.tensors]), self.kept)
+
+    def store(self, state: dict[Tensor, dict[str, Any]], key: str, values: Sequence[Optional[Tensor]],
+              new: Sequence[bool]) -> None:
+        """On a flat tensor's first step, the pieces' new state goes into one tensor shaped like it."""
+        for t_index, tensor in enumerate(self.tensors):
+            mine = [k for k, j in enumerate(self.kept) if self.layout.pieces[j].tensor == t_index and new[k]]
+            if not mine or key in state[tensor]:
+                continue
+            flat = torch.zeros_like(tensor, memory_format=torch.contiguous_format)
+            views = self.layout.views([flat if k == t_index else None for k in range(len(self.tensors))])
+            for k in mine:
+                view, value = views[self.kept[k]], values[k]
+                if view is not None and value is not None:
+                    view.copy_(value)
+            state[tensor][key] = flat

@@ -23,12 +23,14 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
-from .base import (EXCLUSION_OPTIONS, FOREIGN_KEYS, LayerwiseOptimizer, Option, count_group_step, evaluate, flag,
-                   meant_key, real, restore_trust_ratios, saved_trust_ratios, without_trust_ratios)
+from .base import (LayerwiseOptimizer, count_group_step, evaluate, restore_trust_ratios, saved_trust_ratios,
+                   without_trust_ratios)
+from .options import EXCLUSION_OPTIONS, FOREIGN_KEYS, Option, flag, meant_key, real
 from .distributed import WholeTensors, is_dtensor
+from .layouts import FlatPieces
 from .lars_rule import host_trust_ratio, trust_ratio
 from .tensor_lists import buckets, host_norm, host_scalars, pick, ratio_dtype
-from .layouts import FlatLayout, layer_shape
+from .layouts import layer_shape
 
 __all__ = ["Layerwise", "LayerwiseAdamW", "centralize_gradients_"]
 
@@ -200,40 +202,48 @@ class Layerwise(LayerwiseOptimizer):
         return loss
 
     def _before(self, group: dict[str, Any], index: int) -> Optional[Callable[[dict[str, Any]], None]]:
-        """Take what the rescaling needs before the base's step; return the rescaling."""
+        """Take what the rescaling needs before the base's step; return the rescaling. The group's
+        tensors as the base resolves them: whole ones, local shards of DTensors, or the pieces of a
+        flat layout (FSDP1, DeepSpeed ZeRO), whose whole-layer norms take one collective that every
+        rank runs, whatever pieces it holds."""
         where = f"param group {index}: "
-        layout = self._layouts(group["params"], where)
-        if layout is not None:
-            if group["centralize_gradients"]:
-                raise ValueError(f"{where}centralize_gradients needs whole gradients, but {layout.engine} hands the "
-                                 "optimizer flattened pieces of layers. Centralise in a hook before the engine "
-                                 "flattens (or use FSDP2, whose row-sharded gradients centralise locally)")
-            return self._before_flat(group, layout)
-        tensors = self.whole_tensors(group, where)
+        tensors = self.resolve(group, where)
         if group["centralize_gradients"]:
+            if isinstance(tensors, FlatPieces):
+                raise ValueError(f"{where}centralize_gradients needs whole gradients, but {tensors.layout.engine} "
+                                 "hands the optimizer flattened pieces of layers. Centralise in a hook before the "
+                                 "engine flattens (or use FSDP2, whose row-sharded gradients centralise locally)")
             _centralize(tensors, where)
         adapted = [i for i, excluded in enumerate(tensors.excluded) if not excluded]
-        if not adapted:
+        if not adapted and not tensors.needs_collective:
             return None
         params = pick(tensors.owners, adapted)
         local = pick(tensors.params, adapted)
-        norms = tensors.norms
-        dtype = ratio_dtype(local[0].dtype)
-        old = [t.clone() for t in local]  # the one copy
-        if norms is None and all(host_scalars(t.device) for t in local):
-            return functools.partial(self._rescale_on_host, params, old)
-        w_squares = _squares(local, dtype)
+        old = [t.clone() for t in local]  # the one copy (of the adapted tensors or pieces)
+        if isinstance(tensors, WholeTensors):
+            dtype, device = ratio_dtype(local[0].dtype), local[0].device
+            if tensors.norms is None and all(host_scalars(t.device) for t in local):
+                return functools.partial(self._rescale_on_host, params, old)
+        else:
+            dtype, device = tensors.dtype, tensors.device
+        w_squares = _squares(local, dtype, device)
 
         def rescale(group: dict[str, Any]) -> None:
-            torch._foreach_sub_(old, local)  # old ← w_old - w_new = -Δw
-            squares = [w_squares, _squares(old, dtype)]
-            w_norms, delta_norms = norms.reduce(adapted, squares) if norms else [s.sqrt() for s in squares]
+            if old:
+                torch._foreach_sub_(old, local)  # old ← w_old - w_new = -Δw
+            w_norms, delta_norms = tensors.reduce(adapted, [w_squares, _squares(old, dtype, device)])
             ratios = self._ratios(group, w_norms, delta_norms)
-            for p, ratio in zip(params, ratios.unbind()):
-                self._trust_ratio_slot(p).copy_(ratio)
-            if self.collects_norms:  # a monitor records this step: ‖w‖ before the update is taken
-                self._hand_norms(params, w_norms.unbind())
-            _add_scaled_(local, old, 1.0 - ratios)  # w ← w_new + (1 - r)·(w_old - w_new) = w_old + r·Δw
+            if isinstance(tensors, FlatPieces):  # each whole layer's ratio, for the monitor
+                assert tensors.layer_norms is not None
+                self._keep_flat_ratios(tensors.layout, self._ratios(group, *tensors.layer_norms),
+                                       tensors.adapted_layers)
+            else:
+                for p, ratio in zip(params, ratios.unbind()):
+                    self._trust_ratio_slot(p).copy_(ratio)
+                if self.collects_norms:  # a monitor records this step: ‖w‖ before the update is taken
+                    self._hand_norms(params, w_norms.unbind())
+            if local:
+                _add_scaled_(local, old, 1.0 - ratios)  # w ← w_new + (1 - r)·(w_old - w_new) = w_old + r·Δw
 
         return rescale
 
@@ -256,35 +266,6 @@ class Layerwise(LayerwiseOptimizer):
             if self.collects_norms:  # a monitor records this step: ‖w‖ before the update is taken
                 self._hand_norms([p], [w_norm])
             p.add_(o, alpha=1.0 - ratio)  # w_old + r·Δw
-
-    def _before_flat(self, group: dict[str, Any], layout: FlatLayout) -> Optional[Callable[[dict[str, Any]], None]]:
-        """The same on the pieces of a flat layout (FSDP1, DeepSpeed ZeRO): whole-layer norms from
-        one collective, which every rank runs whatever pieces it holds."""
-        adapted = [not self.is_excluded(group, layer.shape) for layer in layout.layers]
-        if not any(adapted):  # decided by the layout alone: the same on every rank
-            return None
-        tensors = group["params"]
-        dtype, device = ratio_dtype(tensors[0].dtype), tensors[0].device
-        stepped = [t.grad is not None for t in tensors]
-        old = [t.clone() if s else None for t, s in zip(tensors, stepped)]
-        w_squares = layout.piece_squares(layout.views(old), dtype=dtype, device=device)
-
-        def rescale(group: dict[str, Any]) -> None:
-            for o, t in zip(old, tensors):
-                if o is not None:
-                    o.sub_(t)
-            old_views, values = layout.views(old), layout.views(tensors)
-            delta_squares = layout.piece_squares(old_views, dtype=dtype, device=device)
-            w_norms, delta_norms, _ = layout.reduce([w_squares, delta_squares], dtype=dtype, device=device)
-            ratios = self._ratios(group, w_norms, delta_norms)
-            self._keep_flat_ratios(layout, ratios, adapted)
-            kept = [j for j, piece in enumerate(layout.pieces)
-                    if piece.numel and old_views[j] is not None and adapted[piece.layer]]
-            if kept:
-                piece_ratios = ratios[layout.constant([layout.pieces[j].layer for j in kept], device)]
-                _add_scaled_(pick(values, kept), pick(old_views, kept), 1.0 - piece_ratios)
-
-        return rescale
 
     def _ratios(self, group: dict[str, Any], w_norms: Tensor, delta_norms: Tensor) -> Tensor:
         """:func:`trust_ratio` of ``‖w‖`` and the base's direction ``‖Δw‖/lr`` (a layer the base did
@@ -357,7 +338,9 @@ def _check_base_lr(group: dict[str, Any], where: str, base: str) -> None:
                      f"the trust ratio measures the base's update in units of lr{hint}")
 
 
-def _squares(tensors: list[Tensor], dtype: torch.dtype) -> Tensor:
+def _squares(tensors: list[Tensor], dtype: torch.dtype, device: torch.device) -> Tensor:
+    if not tensors:  # a rank holding no adapted piece of a flat layout still takes part in its collective
+        return torch.zeros(0, dtype=dtype, device=device)
     return torch.stack(torch._foreach_norm(tensors, 2, dtype=dtype)).square()
 
 
