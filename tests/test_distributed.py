@@ -536,6 +536,53 @@ def test_layout_constants_of_equal_values_but_other_types_are_distinct():
     assert layout.constant([True, False], torch.device("cpu")) is mask  # made once
 
 
+def flat_layout_of(*shapes_per_tensor):
+    """A hand-made flat layout: each tensor holds whole layers of the given shapes, one after another
+    (what one rank of an engine would see), with no process group to reduce over."""
+    from lars_plugins.layouts import FlatLayout, Layer, Piece
+
+    layers, pieces = [], []
+    for t_index, shapes in enumerate(shapes_per_tensor):
+        start = 0
+        for shape in shapes:
+            numel = math.prod(shape)
+            pieces.append(Piece(t_index, start, numel, len(layers)))
+            layers.append(Layer(len(layers), torch.Size(shape)))
+            start += numel
+    return FlatLayout("test", layers, pieces, [(None, list(range(len(layers))))])
+
+
+def test_a_flat_layout_s_norms_are_whole_layers_and_taken_even_where_no_piece_asks():
+    """FlatPieces, the base's view of a flat group: a rank whose pieces have no gradient (or belong
+    to excluded layers only) still reduces every layer once, as the other ranks do."""
+    from lars_plugins.layouts import FlatPieces
+
+    layout = flat_layout_of([(3, 4), (4,)], [(2, 2)])
+    tensors = [torch.randn(16), torch.randn(4)]
+    tensors[0].grad = torch.randn(16)  # the second tensor (one whole layer) has no gradient this step
+    pieces = FlatPieces(layout, tensors, [False, True, False])
+    assert [p.numel() for p in pieces.params] == [12, 4] and pieces.excluded == [False, True]
+    assert pieces.needs_collective and pieces.layer_norms is None
+    pieces.finish()  # nobody asked: the step's one reduction still runs
+    w_norms, g_norms = pieces.layer_norms
+    expected = [tensors[0][:12].norm(), tensors[0][12:].norm(), tensors[1].norm()]
+    torch.testing.assert_close(w_norms, torch.stack(expected))
+    assert g_norms.tolist() == [0.0, 0.0, 0.0]
+    with pytest.raises(RuntimeError, match="twice"):
+        pieces.norms([0], pieces.params[:1], pieces.grads[:1], torch.float32)
+
+
+def test_a_flat_group_in_two_dtypes_is_refused_before_any_update():
+    from lars_plugins.layouts import FlatPieces
+
+    layout = flat_layout_of([(4, 4)], [(4,)])
+    tensors = [torch.randn(16), torch.randn(4, dtype=torch.float64)]
+    for t in tensors:
+        t.grad = torch.randn_like(t)
+    with pytest.raises(ValueError, match="param group of their own"):
+        FlatPieces(layout, tensors, [False, True], owner="LAMB")
+
+
 def test_deepspeed_shm_buffers_of_one_run_are_found_and_removed(tmp_path, monkeypatch):
     monkeypatch.setattr(lars_distributed, "SHM", tmp_path)
     names = ["deepspeed_allreduce_buffer_0_127.0.0.1_29500_0", "deepspeed_allreduce_buffer_0_127.0.0.1_29500_1",
