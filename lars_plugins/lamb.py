@@ -183,7 +183,7 @@ class LAMB(LayerwiseOptimizer):
         if not tensors.whole and any(t.is_complex() for t in tensors.owners):
             raise ValueError("a flat layout (FSDP1, DeepSpeed ZeRO) holds complex parameters in flat tensors; LAMB "
                              "steps complex parameters as their real views, which it can only do for whole parameters")
-        if tensors.whole and self._step_fused(group, tensors.owners, tensors.sharded):
+        if self._step_fused(group, tensors.owners, tensors.sharded):  # never for sharded tensors (fused=True: refused)
             return
         # One count per tensor (a flat tensor's pieces share it), advanced once: a parameter, or an
         # FSDP1 unit, that had no gradient on some step has taken fewer steps and keeps its own count.
