@@ -20,6 +20,8 @@ from typing import Any, Optional, Sequence
 import torch
 from torch import Tensor
 
+from .adapters import dtensor
+
 __all__ = ["ShardedNorms", "WholeTensors", "deepspeed_shm_buffers", "remove_deepspeed_shm_buffers"]
 
 SHM = Path("/dev/shm")
@@ -82,7 +84,8 @@ class ShardedNorms:
     """Exact whole-parameter L2 norms of a bucket of (possibly DTensor) parameters and gradients.
 
     DTensors are summed over their device mesh (equal meshes are one); plain tensors in the bucket
-    are whole and need no collective. Placements must be ``Shard`` or ``Replicate``.
+    are whole and need no collective. Placements must be ``Shard``, ``_StridedShard`` (FSDP2 over
+    tensor parallelism) or ``Replicate``; others (``Partial``) are refused by name, before any update.
     """
 
     def __init__(self, params: Sequence[Tensor], where: str = "", owner: str = "LARS") -> None:
@@ -101,9 +104,10 @@ class ShardedNorms:
             for dim, placement in enumerate(p.placements):  # type: ignore[attr-defined]
                 if placement.is_replicate():
                     factor *= sizes[dim]
-                elif not placement.is_shard():
-                    raise ValueError(f"{where}a parameter has placement {placement}; {owner} supports Shard "
-                                     "and Replicate placements")
+                elif not dtensor.partitions_elements(placement):
+                    raise ValueError(f"{where}a parameter has placement {placement!r}; {owner} supports Shard, "
+                                     "_StridedShard (FSDP2 over tensor parallelism) and Replicate placements, "
+                                     "whose squared norms add up over each mesh dimension")
             self.replication.append(factor)
         self.meshes = list(meshes)
 

@@ -151,6 +151,20 @@ def test_adapters_lightning_reads_the_batches_and_steps_lightning_logs(namespace
     assert all(seen["trainer_is_attached"]) and all(seen["optimizer_is_torch"])
 
 
+# --- torch's DTensor placements ---------------------------------------------------------------------
+
+
+def test_adapters_dtensor_knows_torch_s_strided_shard():
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.placement_types import _StridedShard
+
+    from lars_plugins.adapters import dtensor as adapter
+
+    strided = _StridedShard(0, split_factor=2)  # what fully_shard records over a tensor-parallel split
+    assert adapter.is_strided_shard(strided) and not adapter.is_strided_shard(Shard(0))
+    assert [adapter.partitions_elements(p) for p in (Shard(1), strided, Replicate())] == [True, True, False]
+
+
 # --- nothing else reaches into another library -------------------------------------------------------
 
 # Names our own modules define with a leading underscore (reading them is no foreign access) are
@@ -203,7 +217,7 @@ def test_only_the_adapters_read_other_libraries_private_attributes():
 
 
 def test_the_adapters_import_no_framework_at_import_time():
-    for module in ("fsdp1", "deepspeed", "timm", "lightning", "transformers"):
+    for module in ("fsdp1", "deepspeed", "timm", "lightning", "transformers", "dtensor"):
         importlib.import_module(f"lars_plugins.adapters.{module}")
     source = "\n".join(p.read_text() for p in (PACKAGE / "adapters").glob("*.py"))
     top_level = [line for line in source.splitlines() if re.match(r"(import|from) (timm|transformers|lightning|"

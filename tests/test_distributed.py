@@ -53,12 +53,13 @@ def make_opt(params, kind="lars"):
     return OPTIMIZERS[kind](params)
 
 
-def reference(kind="lars"):
-    """One process, the whole batch: final parameters, and ‖w‖ of 0.weight before each step."""
-    model = make_model()
+def reference(kind="lars", model_fn=None, data=None):
+    """One process, the whole batch (``data``, default :func:`batches`) on ``model_fn()`` (default
+    :func:`make_model`): final parameters, and ‖w‖ of 0.weight before each step."""
+    model = (model_fn or make_model)()
     opt = make_opt(lars_plugins.param_groups(model, weight_decay=1e-4), kind)
     norms = []
-    for x, y in batches():
+    for x, y in (data or batches)():
         opt.zero_grad()
         nn.functional.cross_entropy(model(x), y).backward()
         norms.append(model[0].weight.detach().norm().item())
@@ -124,6 +125,21 @@ class CollectiveCounter:
         dist.all_reduce = self._real
 
 
+def train_counting_collectives(forward, opt, part, data=None):
+    """Train on ``part`` of each batch of ``data`` (default :func:`batches`); the ``all_reduce``
+    calls made inside each ``opt.step()``."""
+    calls = []
+    with CollectiveCounter() as counter:
+        for x, y in (data or batches)():
+            opt.zero_grad(set_to_none=True)
+            nn.functional.cross_entropy(forward(x[part]), y[part]).backward()
+            counter.calls, counter.counting = 0, True
+            opt.step()
+            counter.counting = False
+            calls.append(counter.calls)
+    return calls
+
+
 def finish():
     """End a worker process: leave the process group together, then exit without interpreter
     teardown, where a still-joinable communication thread (gloo, DeepSpeed's shared-memory op) makes
@@ -148,16 +164,7 @@ def worker(rank, port, engines, out):
         groups = lars_plugins.param_groups(model, weight_decay=1e-4)
         opt = make_opt(groups, kind)
         monitor = lars_plugins.TrustRatioMonitor(model, opt, every_n_steps=2)
-        calls = []
-        with CollectiveCounter() as counter:
-            for x, y in batches():
-                half = slice(rank * 8, (rank + 1) * 8)  # this rank's half of the global batch
-                opt.zero_grad(set_to_none=True)
-                nn.functional.cross_entropy(wrapped(x[half]), y[half]).backward()
-                counter.calls, counter.counting = 0, True
-                opt.step()
-                counter.counting = False
-                calls.append(counter.calls)
+        calls = train_counting_collectives(wrapped, opt, slice(rank * 8, (rank + 1) * 8))  # this rank's half
         params = full_params(wrapped if engine.startswith("fsdp1") else model)
         results[key] = {"params": params, "calls": calls, "monitor": monitor.latest}
         if engine.startswith("fsdp1") and not kind.startswith(("lamb", "layerwise")):

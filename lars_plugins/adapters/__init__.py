@@ -11,7 +11,8 @@ functions that need it: ``import lars_plugins`` still needs torch alone.
 * :mod:`.deepspeed`: ZeRO-1/2 fragments and ZeRO-3 partitions;
 * :mod:`.timm`: the optimizer registry ``create_optimizer_v2`` reads;
 * :mod:`.lightning`: the Trainer's logging decision and step (``lightning`` or ``pytorch_lightning``);
-* :mod:`.transformers`: the Trainer's optimizer names and its weight-decay split.
+* :mod:`.transformers`: the Trainer's optimizer names and its weight-decay split;
+* :mod:`.dtensor`: torch's ``_StridedShard`` placement (FSDP2 over tensor parallelism).
 """
 
 __all__: list[str] = []  # the modules are the API: lars_plugins.adapters.fsdp1, ...

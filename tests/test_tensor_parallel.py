@@ -1,0 +1,141 @@
+"""Whole-layer norms on 2-D meshes: tensor parallelism alone, FSDP2 over tensor parallelism
+(torchtitan's layout: ``parallelize_module`` on ``mesh["tp"]``, then ``fully_shard`` on
+``mesh["dp"]``, which records ``_StridedShard``) and HSDP, in 4 CPU processes (gloo), each against
+one process on the same global batch, with the collectives of each step counted.
+"""
+
+from __future__ import annotations
+
+import os
+
+import pytest
+import torch
+import torch.distributed as dist
+import torch.multiprocessing as mp
+from torch import nn
+
+import lars_plugins
+from optim_db import DISTRIBUTED
+from test_distributed import finish, free_port, reference, train_counting_collectives
+
+pytestmark = pytest.mark.slow  # 4 processes
+
+WORLD = 4
+STEPS = 4
+SETUPS = ["tp", "fsdp2_tp", "hsdp"]
+
+
+def make_model():
+    torch.manual_seed(0)
+    # 0: column-parallel, 2: row-parallel (their output is replicated), then replicated layers.
+    return nn.Sequential(nn.Linear(8, 32), nn.ReLU(), nn.Linear(32, 16), nn.LayerNorm(16), nn.ReLU(),
+                         nn.Linear(16, 5))
+
+
+def batches():
+    gen = torch.Generator().manual_seed(3)
+    return [(torch.randn(16, 8, generator=gen), torch.randint(0, 5, (16,), generator=gen)) for _ in range(STEPS)]
+
+
+def parallelize(model, setup, rank):
+    """The model laid out for ``setup``; returns it and this rank's slice of each global batch."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    plan = {"0": ColwiseParallel(), "2": RowwiseParallel()}
+    if setup == "tp":  # every rank sees the whole batch
+        parallelize_module(model, init_device_mesh("cpu", (WORLD,), mesh_dim_names=("tp",)), plan)
+        return model, slice(None)
+    if setup == "fsdp2_tp":
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("dp", "tp"))
+        parallelize_module(model, mesh["tp"], plan)
+        for layer in (model[0], model[2], model):
+            fully_shard(layer, mesh=mesh["dp"])
+        dp = mesh["dp"].get_local_rank()
+    else:  # hsdp: replicate over the first dimension, shard over the second
+        mesh = init_device_mesh("cpu", (2, 2), mesh_dim_names=("replicate", "shard"))
+        for layer in (model[0], model[2], model):
+            fully_shard(layer, mesh=mesh)
+        dp = rank  # every rank its own quarter of the batch
+        return model, slice(dp * 4, (dp + 1) * 4)
+    return model, slice(dp * 8, (dp + 1) * 8)
+
+
+def worker(rank, port, out):
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    results = {}
+    for setup in SETUPS:
+        for kind in DISTRIBUTED:
+            model, part = parallelize(make_model(), setup, rank)
+            opt = DISTRIBUTED[kind](lars_plugins.param_groups(model, weight_decay=1e-4))
+            monitor = lars_plugins.TrustRatioMonitor(model, opt, every_n_steps=1)
+            placements = sorted({str(pl) for p in model.parameters() for pl in getattr(p, "placements", ())})
+            calls = train_counting_collectives(model, opt, part, batches)
+            params = {n: (p.full_tensor() if hasattr(p, "full_tensor") else p).detach().clone()
+                      for n, p in model.named_parameters()}
+            results[f"{setup}/{kind}"] = {"params": params, "calls": calls, "placements": placements,
+                                          "monitor": monitor.latest}
+            monitor.remove()
+            dist.barrier()
+    results["partial"] = refusal_of_a_partial_placement()
+    if rank == 0:
+        torch.save(results, out)
+    finish()
+
+
+def refusal_of_a_partial_placement():
+    """A parameter whose placement does not partition its elements (Partial: each rank holds a
+    summand) is refused by name, before any update."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Partial
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    weight = nn.Parameter(DTensor.from_local(torch.ones(4, 4), mesh, [Partial()], run_check=False))
+    weight.grad = DTensor.from_local(torch.ones(4, 4), mesh, [Partial()], run_check=False)
+    opt = lars_plugins.LARS([weight], lr=0.1)
+    before = weight.to_local().clone()
+    try:
+        opt.step()
+    except ValueError as error:
+        return {"message": str(error), "unchanged": bool(torch.equal(weight.to_local(), before))}
+    return {"message": "", "unchanged": bool(torch.equal(weight.to_local(), before))}
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    out = tmp_path_factory.mktemp("tp") / "out.pt"
+    mp.spawn(worker, args=(free_port(), str(out)), nprocs=WORLD)
+    return torch.load(out, weights_only=True)
+
+
+@pytest.mark.parametrize("kind", list(DISTRIBUTED))
+@pytest.mark.parametrize("setup", SETUPS)
+def test_parameters_equal_one_process(setup, kind, runs):
+    result = runs[f"{setup}/{kind}"]
+    expected, weight_norms = reference(kind, make_model, batches)
+    assert sorted(result["params"]) == sorted(expected)
+    for name, value in expected.items():
+        torch.testing.assert_close(result["params"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    # The monitor saw whole layers (rank 0's record of the last step; every rank ran its collectives).
+    assert result["monitor"]["weight_norm/0.weight"] == pytest.approx(weight_norms[-1], rel=1e-5)
+    assert result["monitor"]["trust_ratio/2.weight"] > 0 and "trust_ratio/3.weight" not in result["monitor"]
+
+
+def test_a_placement_that_does_not_partition_elements_is_refused_by_name(runs):
+    refusal = runs["partial"]
+    assert "placement Partial(sum)" in refusal["message"] and "_StridedShard" in refusal["message"], refusal
+    assert refusal["unchanged"]
+
+
+def test_fsdp2_over_tensor_parallel_is_the_strided_layout_and_takes_one_collective_per_mesh_dimension(runs):
+    """The case that was refused: FSDP2 shards the dimension tensor parallelism split, which torch
+    records as _StridedShard. Norms of a bucket take one all_reduce per mesh dimension."""
+    result = runs["fsdp2_tp/lars"]
+    assert any(p.startswith("_S(") for p in result["placements"]), result["placements"]
+    # One bucket: the adapted DTensors on one 2-D mesh (dp x tp) and on the 1-D dp mesh (the
+    # replicated layers fully_shard alone): 2 + 1 collectives per step, never one per tensor; and on
+    # each (recorded) step the monitor's two reductions (weights before, gradients after) as many.
+    assert set(result["calls"]) == {3 + 2 * 3}
+    assert set(runs["tp/lars"]["calls"]) == {1 + 2 * 1}  # the 1-D tp mesh
