@@ -62,10 +62,64 @@ def parallelize(model, setup, rank):
     return model, slice(dp * 8, (dp + 1) * 8)
 
 
+HALF = STEPS // 2  # checkpoints are taken after this many steps
+
+
+def save(model, opt, path):
+    """torch's recipe: get_state_dict, then dcp.save (one process or many)."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict
+
+    model_state, optim_state = get_state_dict(model, opt)
+    dcp.save({"model": model_state, "optim": optim_state}, checkpoint_id=path)
+
+
+def load(model, opt, path):
+    """torch's recipe: get_state_dict for the layout at hand, dcp.load into it, set_state_dict."""
+    import torch.distributed.checkpoint as dcp
+    from torch.distributed.checkpoint.state_dict import get_state_dict, set_state_dict
+
+    model_state, optim_state = get_state_dict(model, opt)
+    state = {"model": model_state, "optim": optim_state}
+    dcp.load(state, checkpoint_id=path)
+    set_state_dict(model, opt, model_state_dict=state["model"], optim_state_dict=state["optim"])
+
+
+def one_process(kind, steps, resume_from=None):
+    """A plain model and optimizer: ``steps`` of the batches, after resuming from a checkpoint if given."""
+    model = make_model()
+    opt = DISTRIBUTED[kind](lars_plugins.param_groups(model, weight_decay=1e-4))
+    if resume_from is not None:
+        load(model, opt, resume_from)
+    for x, y in steps:
+        opt.zero_grad()
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+    return model, opt
+
+
+def across_mesh_shapes(kind, rank, where):
+    """Checkpoints between FSDP2 over tensor parallelism (4 processes) and one process, both ways:
+    save here after HALF steps (for the test to resume in one process), and resume here from the
+    one-process checkpoint the fixture saved; returns the parameters after the remaining steps."""
+    model, part = parallelize(make_model(), "fsdp2_tp", rank)
+    opt = DISTRIBUTED[kind](lars_plugins.param_groups(model, weight_decay=1e-4))
+    train_counting_collectives(model, opt, part, lambda: batches()[:HALF])
+    save(model, opt, f"{where}/{kind}.fsdp2_tp.dcp")
+    model, part = parallelize(make_model(), "fsdp2_tp", rank)
+    opt = DISTRIBUTED[kind](lars_plugins.param_groups(model, weight_decay=1e-4))
+    load(model, opt, f"{where}/{kind}.one_process.dcp")
+    train_counting_collectives(model, opt, part, lambda: batches()[HALF:])
+    return {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+
+
 def worker(rank, port, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     results = {}
+    for kind in DISTRIBUTED:
+        results[f"resumed/{kind}"] = across_mesh_shapes(kind, rank, os.path.dirname(out))
+        dist.barrier()
     for setup in SETUPS:
         for kind in DISTRIBUTED:
             model, part = parallelize(make_model(), setup, rank)
@@ -105,9 +159,11 @@ def refusal_of_a_partial_placement():
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("tp") / "out.pt"
-    mp.spawn(worker, args=(free_port(), str(out)), nprocs=WORLD)
-    return torch.load(out, weights_only=True)
+    where = tmp_path_factory.mktemp("tp")
+    for kind in DISTRIBUTED:  # one-process checkpoints for the 4 processes to resume from
+        save(*one_process(kind, batches()[:HALF]), str(where / f"{kind}.one_process.dcp"))
+    mp.spawn(worker, args=(free_port(), str(where / "out.pt")), nprocs=WORLD)
+    return {**torch.load(where / "out.pt", weights_only=True), "dir": where}
 
 
 @pytest.mark.parametrize("kind", list(DISTRIBUTED))
@@ -121,6 +177,19 @@ def test_parameters_equal_one_process(setup, kind, runs):
     # The monitor saw whole layers (rank 0's record of the last step; every rank ran its collectives).
     assert result["monitor"]["weight_norm/0.weight"] == pytest.approx(weight_norms[-1], rel=1e-5)
     assert result["monitor"]["trust_ratio/2.weight"] > 0 and "trust_ratio/3.weight" not in result["monitor"]
+
+
+@pytest.mark.parametrize("kind", list(DISTRIBUTED))
+def test_checkpoints_move_between_fsdp2_over_tensor_parallel_and_one_process(kind, runs):
+    """Saved by 4 processes (dp 2 x tp 2, _StridedShard state) and resumed by one, and the reverse:
+    both end where the uninterrupted one-process run does."""
+    expected, _ = reference(kind, make_model, batches)
+    model, _ = one_process(kind, batches()[HALF:], resume_from=str(runs["dir"] / f"{kind}.fsdp2_tp.dcp"))
+    for name, value in expected.items():
+        torch.testing.assert_close(dict(model.named_parameters())[name].detach(), value, rtol=1e-5, atol=1e-6,
+                                   msg=f"one process from 4: {name}")
+        torch.testing.assert_close(runs[f"resumed/{kind}"][name], value, rtol=1e-5, atol=1e-6,
+                                   msg=f"4 processes from one: {name}")
 
 
 def test_a_placement_that_does_not_partition_elements_is_refused_by_name(runs):
