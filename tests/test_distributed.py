@@ -140,12 +140,23 @@ def train_counting_collectives(forward, opt, part, data=None):
     return calls
 
 
-def finish():
-    """End a worker process: leave the process group together, then exit without interpreter
-    teardown, where a still-joinable communication thread (gloo, DeepSpeed's shared-memory op) makes
-    the C++ runtime abort a finished process now and then."""
+def spawned(worker, nprocs, directory, *args):
+    """Run ``worker(rank, port, *args, out)`` in ``nprocs`` processes; what rank 0 saved to ``out``
+    (:func:`finish`)."""
+    out = str(directory / "out.pt")
+    mp.spawn(worker, args=(free_port(), *args, out), nprocs=nprocs)
+    return torch.load(out, weights_only=True)
+
+
+def finish(results=None, out=None):
+    """End a worker process: rank 0 saves ``results`` to ``out`` (where given), then all leave the
+    process group together and exit without interpreter teardown, where a still-joinable
+    communication thread (gloo, DeepSpeed's shared-memory op) makes the C++ runtime abort a finished
+    process now and then."""
     import sys
 
+    if out is not None and dist.get_rank() == 0:
+        torch.save(results, out)
     dist.barrier()
     dist.destroy_process_group()
     sys.stdout.flush()

@@ -10,12 +10,11 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import lars_plugins
 from optim_db import DISTRIBUTED
-from test_distributed import CollectiveCounter, finish, free_port, reference
+from test_distributed import CollectiveCounter, finish, reference, spawned
 from test_tensor_parallel import make_model  # the same six layers, split here into two stages
 
 pytestmark = pytest.mark.slow  # processes of their own
@@ -64,16 +63,12 @@ def worker(rank, port, out):
         gathered = [None] * STAGES
         dist.all_gather_object(gathered, {"params": params, "calls": calls})
         results[kind] = gathered
-    if rank == 0:
-        torch.save(results, out)
-    finish()
+    finish(results, out)
 
 
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    out = tmp_path_factory.mktemp("pipeline") / "out.pt"
-    mp.spawn(worker, args=(free_port(), str(out)), nprocs=STAGES)
-    return torch.load(out, weights_only=True)
+    return spawned(worker, STAGES, tmp_path_factory.mktemp("pipeline"))
 
 
 @pytest.mark.parametrize("kind", list(DISTRIBUTED))

@@ -11,12 +11,11 @@ import os
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from torch import nn
 
 import lars_plugins
 from optim_db import DISTRIBUTED
-from test_distributed import finish, free_port, reference, train_counting_collectives
+from test_distributed import finish, reference, spawned, train_counting_collectives
 
 pytestmark = pytest.mark.slow  # 4 processes
 
@@ -134,9 +133,7 @@ def worker(rank, port, out):
             monitor.remove()
             dist.barrier()
     results["partial"] = refusal_of_a_partial_placement()
-    if rank == 0:
-        torch.save(results, out)
-    finish()
+    finish(results, out)
 
 
 def refusal_of_a_partial_placement():
@@ -162,8 +159,7 @@ def runs(tmp_path_factory):
     where = tmp_path_factory.mktemp("tp")
     for kind in DISTRIBUTED:  # one-process checkpoints for the 4 processes to resume from
         save(*one_process(kind, batches()[:HALF]), str(where / f"{kind}.one_process.dcp"))
-    mp.spawn(worker, args=(free_port(), str(where / "out.pt")), nprocs=WORLD)
-    return {**torch.load(where / "out.pt", weights_only=True), "dir": where}
+    return {**spawned(worker, WORLD, where), "dir": where}
 
 
 @pytest.mark.parametrize("kind", list(DISTRIBUTED))
@@ -190,6 +186,45 @@ def test_checkpoints_move_between_fsdp2_over_tensor_parallel_and_one_process(kin
                                    msg=f"one process from 4: {name}")
         torch.testing.assert_close(runs[f"resumed/{kind}"][name], value, rtol=1e-5, atol=1e-6,
                                    msg=f"4 processes from one: {name}")
+
+
+def hsdp_tp_worker(rank, port, out):
+    """HSDP over tensor parallelism: a 3-D mesh (replicate 2 x shard 2 x tp 2) of 8 processes."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+    from torch.distributed.tensor.parallel import ColwiseParallel, RowwiseParallel, parallelize_module
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=8)
+    results = {}
+    for kind in DISTRIBUTED:
+        mesh = init_device_mesh("cpu", (2, 2, 2), mesh_dim_names=("replicate", "shard", "tp"))
+        model = make_model()
+        parallelize_module(model, mesh["tp"], {"0": ColwiseParallel(), "2": RowwiseParallel()})
+        for layer in (model[0], model[2], model):
+            fully_shard(layer, mesh=mesh["replicate", "shard"])
+        dp = mesh["replicate"].get_local_rank() * 2 + mesh["shard"].get_local_rank()
+        opt = DISTRIBUTED[kind](lars_plugins.param_groups(model, weight_decay=1e-4))
+        calls = train_counting_collectives(model, opt, slice(dp * 4, (dp + 1) * 4), batches)
+        results[kind] = {"params": {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()},
+                         "calls": calls}
+        dist.barrier()
+    finish(results, out)
+
+
+@pytest.fixture(scope="module")
+def hsdp_tp_runs(tmp_path_factory):
+    return spawned(hsdp_tp_worker, 8, tmp_path_factory.mktemp("hsdp_tp"))
+
+
+@pytest.mark.parametrize("kind", list(DISTRIBUTED))
+def test_hsdp_over_tensor_parallel_on_eight_processes_equals_one_process(kind, hsdp_tp_runs):
+    expected, _ = reference(kind, make_model, batches)
+    result = hsdp_tp_runs[kind]
+    for name, value in expected.items():
+        torch.testing.assert_close(result["params"][name], value, rtol=1e-5, atol=1e-6, msg=name)
+    if kind == "lars":  # the 3-D mesh (3 dimensions) and the 2-D one of the layers outside tensor parallelism
+        assert set(result["calls"]) == {3 + 2}
 
 
 def test_a_placement_that_does_not_partition_elements_is_refused_by_name(runs):
