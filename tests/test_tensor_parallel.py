@@ -109,7 +109,39 @@ def across_mesh_shapes(kind, rank, where):
     opt = DISTRIBUTED[kind](lars_plugins.param_groups(model, weight_decay=1e-4))
     load(model, opt, f"{where}/{kind}.one_process.dcp")
     train_counting_collectives(model, opt, part, lambda: batches()[HALF:])
-    return {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+    resumed = {"resumed": {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}}
+    model, part = parallelize(make_model(), "fsdp2_tp", rank)  # and from 2 processes of FSDP2 alone
+    opt = DISTRIBUTED[kind](lars_plugins.param_groups(model, weight_decay=1e-4))
+    load(model, opt, f"{where}/{kind}.fsdp2.dcp")
+    train_counting_collectives(model, opt, part, lambda: batches()[HALF:])
+    return {**resumed, "from_fsdp2": {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}}
+
+
+def fsdp2_worker(rank, port, where, mode, out):
+    """FSDP2 alone on 2 processes: ``save`` after HALF steps, or ``resume`` from the checkpoint of
+    FSDP2 over tensor parallelism and take the remaining steps."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.fsdp import fully_shard
+
+    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
+    dist.init_process_group("gloo", rank=rank, world_size=2)
+    results = {}
+    for kind in DISTRIBUTED:
+        model = make_model()
+        mesh = init_device_mesh("cpu", (2,))
+        for layer in (model[0], model[2], model):
+            fully_shard(layer, mesh=mesh)
+        opt = DISTRIBUTED[kind](lars_plugins.param_groups(model, weight_decay=1e-4))
+        half = slice(rank * 8, (rank + 1) * 8)
+        if mode == "save":
+            train_counting_collectives(model, opt, half, lambda: batches()[:HALF])
+            save(model, opt, f"{where}/{kind}.fsdp2.dcp")
+        else:
+            load(model, opt, f"{where}/{kind}.fsdp2_tp.dcp")
+            train_counting_collectives(model, opt, half, lambda: batches()[HALF:])
+            results[kind] = {n: p.full_tensor().detach().clone() for n, p in model.named_parameters()}
+        dist.barrier()
+    finish(results, out)
 
 
 def worker(rank, port, out):
@@ -117,7 +149,8 @@ def worker(rank, port, out):
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
     results = {}
     for kind in DISTRIBUTED:
-        results[f"resumed/{kind}"] = across_mesh_shapes(kind, rank, os.path.dirname(out))
+        for key, params in across_mesh_shapes(kind, rank, os.path.dirname(out)).items():
+            results[f"{key}/{kind}"] = params
         dist.barrier()
     for setup in SETUPS:
         for kind in DISTRIBUTED:
@@ -159,7 +192,12 @@ def runs(tmp_path_factory):
     where = tmp_path_factory.mktemp("tp")
     for kind in DISTRIBUTED:  # one-process checkpoints for the 4 processes to resume from
         save(*one_process(kind, batches()[:HALF]), str(where / f"{kind}.one_process.dcp"))
-    return {**spawned(worker, WORLD, where), "dir": where}
+    (where / "fsdp2").mkdir()
+    spawned(fsdp2_worker, 2, where / "fsdp2", str(where), "save")  # and 2-process ones
+    results = spawned(worker, WORLD, where)
+    (where / "resume").mkdir()
+    from_fsdp2_tp = spawned(fsdp2_worker, 2, where / "resume", str(where), "resume")
+    return {**results, **{f"fsdp2_from_tp/{kind}": params for kind, params in from_fsdp2_tp.items()}, "dir": where}
 
 
 @pytest.mark.parametrize("kind", list(DISTRIBUTED))
@@ -176,16 +214,18 @@ def test_parameters_equal_one_process(setup, kind, runs):
 
 
 @pytest.mark.parametrize("kind", list(DISTRIBUTED))
-def test_checkpoints_move_between_fsdp2_over_tensor_parallel_and_one_process(kind, runs):
-    """Saved by 4 processes (dp 2 x tp 2, _StridedShard state) and resumed by one, and the reverse:
-    both end where the uninterrupted one-process run does."""
+def test_checkpoints_move_between_fsdp2_over_tensor_parallel_fsdp2_alone_and_one_process(kind, runs):
+    """Saved by 4 processes (dp 2 x tp 2, _StridedShard state) and resumed by one and by FSDP2 alone
+    on 2, and the reverse of both: every one ends where the uninterrupted one-process run does."""
     expected, _ = reference(kind, make_model, batches)
     model, _ = one_process(kind, batches()[HALF:], resume_from=str(runs["dir"] / f"{kind}.fsdp2_tp.dcp"))
-    for name, value in expected.items():
-        torch.testing.assert_close(dict(model.named_parameters())[name].detach(), value, rtol=1e-5, atol=1e-6,
-                                   msg=f"one process from 4: {name}")
-        torch.testing.assert_close(runs[f"resumed/{kind}"][name], value, rtol=1e-5, atol=1e-6,
-                                   msg=f"4 processes from one: {name}")
+    resumed = {"one process from 4": {n: p.detach() for n, p in model.named_parameters()},
+               "4 processes from one": runs[f"resumed/{kind}"],
+               "4 processes from FSDP2 on 2": runs[f"from_fsdp2/{kind}"],
+               "FSDP2 on 2 from 4": runs[f"fsdp2_from_tp/{kind}"]}
+    for how, params in resumed.items():
+        for name, value in expected.items():
+            torch.testing.assert_close(params[name], value, rtol=1e-5, atol=1e-6, msg=f"{how}: {name}")
 
 
 def hsdp_tp_worker(rank, port, out):
