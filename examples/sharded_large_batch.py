@@ -1,8 +1,10 @@
-"""LARS at a large global batch under a sharding engine: DDP, FSDP1, FSDP2 or DeepSpeed ZeRO-1/2/3.
+"""LARS at a large global batch under a sharding engine: DDP, FSDP1, FSDP2, FSDP2 over tensor
+parallelism or DeepSpeed ZeRO-1/2/3.
 
     python examples/sharded_large_batch.py --engine zero3             # 2 CPU processes, batch 1024
     python examples/sharded_large_batch.py --engine fsdp1 --processes 4 --epochs 10
     python examples/sharded_large_batch.py --engine fsdp2 --out-dir run   # trust ratios -> run/
+    python examples/sharded_large_batch.py --engine fsdp2-tp --processes 4  # dp 2 x tp 2
 
 scikit-learn's bundled digits (real scans, nothing downloaded) and the demo's small CNN. Every
 process takes its share of each global batch; the optimizer is ``lars_plugins.LARS`` built as for one
@@ -30,7 +32,8 @@ import lars_plugins
 from lars_plugins.demo import load_digits, small_cnn
 from lars_plugins.distributed import remove_deepspeed_shm_buffers
 
-ENGINES = ["ddp", "fsdp1", "fsdp1-flat", "fsdp2", "zero1", "zero2", "zero3"]
+ENGINES = ["ddp", "fsdp1", "fsdp1-flat", "fsdp2", "fsdp2-tp", "zero1", "zero2", "zero3"]
+TP = 2  # fsdp2-tp: tensor-parallel degree (the data-parallel degree is --processes / TP)
 
 
 def wrap(model: nn.Module, args: argparse.Namespace):
@@ -48,13 +51,24 @@ def wrap(model: nn.Module, args: argparse.Namespace):
         return engine, engine.optimizer, lambda loss: (engine.backward(loss), engine.step())
     if args.engine == "ddp":
         module = nn.parallel.DistributedDataParallel(model)
-    elif args.engine == "fsdp2":
+    elif args.engine.startswith("fsdp2"):
         from torch.distributed.fsdp import fully_shard
 
+        mesh = None
+        if args.engine == "fsdp2-tp":  # torchtitan's layout: tensor parallelism, then FSDP2 over "dp"
+            from torch.distributed.device_mesh import init_device_mesh
+            from torch.distributed.tensor import Replicate
+            from torch.distributed.tensor.parallel import ColwiseParallel, parallelize_module
+
+            mesh = init_device_mesh("cpu" if args.backend == "gloo" else "cuda", (args.processes // TP, TP),
+                                    mesh_dim_names=("dp", "tp"))
+            head = str(len(model) - 1)  # the linear head, split by rows over "tp", its output gathered
+            parallelize_module(model, mesh["tp"], {head: ColwiseParallel(output_layouts=Replicate())})
+            mesh = mesh["dp"]
         for layer in model:
             if isinstance(layer, (nn.Conv2d, nn.Linear)):
-                fully_shard(layer)
-        module = fully_shard(model)
+                fully_shard(layer, mesh=mesh)
+        module = fully_shard(model, mesh=mesh)
     else:
         from torch.distributed.fsdp import FullyShardedDataParallel as FSDP
 
@@ -88,11 +102,13 @@ def worker(rank: int, args: argparse.Namespace, port: int) -> None:
     # Names as in the model; the monitor runs on every rank (its norms are collectives).
     monitor = lars_plugins.TrustRatioMonitor(module if args.engine.startswith("fsdp1") else model, optimizer,
                                              every_n_steps=args.record_every)
+    tp = TP if args.engine == "fsdp2-tp" else 1
     order = torch.Generator().manual_seed(1)  # the same shuffle on every process
     for epoch in range(1, args.epochs + 1):
         module.train()
         for batch in torch.randperm(len(data.y_train), generator=order).split(args.batch):
-            mine = batch.tensor_split(args.processes)[rank]  # every rank steps, the last batch too
+            # Every rank steps, the last batch too; the ranks of one tensor-parallel group share a share.
+            mine = batch.tensor_split(args.processes // tp)[rank // tp]
             step(nn.functional.cross_entropy(module(data.x_train[mine]), data.y_train[mine]))
         module.eval()
         with torch.no_grad():  # every rank evaluates: sharded forwards are collective
@@ -129,6 +145,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.batch % args.processes:
         parser.error(f"--batch {args.batch} must be a multiple of --processes {args.processes}")
+    if args.engine == "fsdp2-tp" and args.processes % TP:
+        parser.error(f"--engine fsdp2-tp needs --processes a multiple of {TP} (the tensor-parallel degree)")
     if args.engine.startswith("zero"):
         os.environ.setdefault("DS_ACCELERATOR", "cpu" if args.backend == "gloo" else "cuda")
     with contextlib.closing(socket.socket()) as s:

@@ -88,13 +88,14 @@ def test_lightning_example_trains_logs_and_plots(tmp_path):
     assert "trust_ratio/net.0.weight" in header and "train_loss" in header
 
 
-@pytest.mark.parametrize("engine", ["fsdp1-flat", "zero3"])
-def test_sharded_example_trains_and_reports_whole_parameter_ratios(engine, tmp_path):
+@pytest.mark.parametrize("engine, processes", [("fsdp1-flat", 2), ("zero3", 2), ("fsdp2-tp", 4)])
+def test_sharded_example_trains_and_reports_whole_parameter_ratios(engine, processes, tmp_path):
     pytest.importorskip("sklearn")
     if engine.startswith("zero"):
         pytest.importorskip("deepspeed")
     shm_before = deepspeed_shm_buffers()
-    out = run_example("sharded_large_batch.py", "--engine", engine, "--epochs", "7", "--out-dir", "run", cwd=tmp_path)
+    out = run_example("sharded_large_batch.py", "--engine", engine, "--processes", str(processes), "--epochs", "7",
+                      "--out-dir", "run", cwd=tmp_path)
     assert deepspeed_shm_buffers() <= shm_before  # the example removed what DeepSpeed left in /dev/shm
     accuracies = [float(line.split()[-1]) for line in out.splitlines() if line.startswith("epoch")]
     assert len(accuracies) == 7 and accuracies[-1] > 0.6  # 10 classes: chance is 0.1
