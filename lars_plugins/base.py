@@ -11,7 +11,6 @@ exclusion from whole-parameter shapes, and keeps the per-layer ratios of flat gr
 
 from __future__ import annotations
 
-import numbers
 from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, Union
 
 import torch
@@ -20,7 +19,8 @@ from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
 from .distributed import WholeTensors
-from .options import FOREIGN_KEYS, Check, ForeignKey, Option, foreign_message, meant_key, translate_foreign
+from .options import (FOREIGN_KEYS, Check, ForeignKey, Option, foreign_message, is_foreign_number, meant_key,
+                      translate_foreign)
 from .tensor_lists import ratio_dtype
 from .layouts import FlatLayout, FlatPieces, LayoutResolver, layer_shape
 
@@ -171,13 +171,11 @@ class LayerwiseOptimizer(Optimizer):
                 "no weight decay, so this weight_decay would be ignored; set it to 0 or adapt the group")
 
     def _to_python_numbers(self, group: dict[str, Any]) -> None:
-        """NumPy and other ``numbers.Real`` scalars become Python floats (as torch's optimizers accept
-        them). ``numpy.float64`` is a subclass of ``float``, but a checkpoint holding one does not
-        load under ``torch.load(weights_only=True)``: only exact ``int`` and ``float`` stay."""
+        """NumPy and other ``numbers.Real`` scalars of numeric keys become Python floats (as torch's
+        optimizers accept them; :func:`~lars_plugins.options.is_foreign_number`)."""
         for key, check in self.KEYS.items():
             value = group.get(key)
-            if getattr(check, "is_number", False) and isinstance(value, numbers.Real) \
-                    and type(value) not in (bool, int, float):
+            if getattr(check, "is_number", False) and is_foreign_number(value):
                 group[key] = float(value)
 
     # --- state -----------------------------------------------------------------------------------

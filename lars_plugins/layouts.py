@@ -30,8 +30,8 @@ import torch
 from torch import Tensor
 
 from .adapters import deepspeed, fsdp1
-from .distributed import device_constant
-from .tensor_lists import pick
+from .distributed import device_constant, is_dtensor
+from .tensor_lists import buckets, pick, ratio_dtype
 
 __all__ = ["Layer", "Piece", "FlatLayout"]
 
@@ -183,7 +183,7 @@ def _all_reduce(squared: Tensor, reductions: list[tuple[Any, list[int]]], n: int
 
 def is_fsdp1(tensor: Tensor) -> bool:
     """Whether ``tensor`` is an FSDP1 ``FlatParameter`` or an FSDP1 ``use_orig_params`` view."""
-    return fsdp1.is_flattened(tensor)
+    return fsdp1.is_flattened(tensor) and not is_dtensor(tensor)
 
 
 def layer_shape(param: Tensor) -> torch.Size:
@@ -349,8 +349,6 @@ class FlatPieces:
 
     def __init__(self, layout: FlatLayout, tensors: list[Tensor], excluded_layers: list[bool], where: str = "",
                  owner: str = "LARS") -> None:
-        from .tensor_lists import buckets, ratio_dtype
-
         self.layout = layout
         self.tensors = tensors
         self.adapted_layers = [not excluded for excluded in excluded_layers]
@@ -436,8 +434,10 @@ class FlatPieces:
               new: Sequence[bool]) -> None:
         """On a flat tensor's first step, the pieces' new state goes into one tensor shaped like it."""
         for t_index, tensor in enumerate(self.tensors):
+            if key in state[tensor]:  # every step after the first
+                continue
             mine = [k for k, j in enumerate(self.kept) if self.layout.pieces[j].tensor == t_index and new[k]]
-            if not mine or key in state[tensor]:
+            if not mine:
                 continue
             flat = torch.zeros_like(tensor, memory_format=torch.contiguous_format)
             views = self.layout.views([flat if k == t_index else None for k in range(len(self.tensors))])

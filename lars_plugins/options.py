@@ -9,12 +9,12 @@ import difflib
 import math
 import numbers
 from dataclasses import dataclass
-from typing import Any, Callable, Iterable, Mapping, Optional
+from typing import Any, Callable, Iterable, Mapping, Optional, TypeGuard
 
 from torch import Tensor
 
-__all__ = ["Option", "Check", "ForeignKey", "FOREIGN_KEYS", "EXCLUSION_OPTIONS", "SHORT_FORMS", "meant_key",
-           "translate_foreign", "real", "flag", "learning_rate", "pair"]
+__all__ = ["Option", "is_foreign_number", "Check", "ForeignKey", "FOREIGN_KEYS", "EXCLUSION_OPTIONS", "SHORT_FORMS",
+           "meant_key", "translate_foreign", "real", "flag", "learning_rate", "pair"]
 
 # check(where, key, value) raises a ValueError/TypeError naming the key and what it accepts.
 Check = Callable[[str, str, Any], None]
@@ -82,6 +82,13 @@ def pair(item: Check, *, optional: bool = False, ordered: bool = False) -> Check
 
     check.is_pair = True  # type: ignore[attr-defined]
     return check
+
+
+def is_foreign_number(value: Any) -> TypeGuard[numbers.Real]:
+    """Whether ``value`` is a real number that is not a Python ``bool``, ``int`` or ``float`` (a NumPy
+    scalar: ``numpy.float64`` subclasses ``float``, but a checkpoint holding one does not load under
+    ``torch.load(weights_only=True)``), so an optimizer stores it as a Python number."""
+    return isinstance(value, numbers.Real) and type(value) not in (bool, int, float)
 
 
 @dataclass(frozen=True)

@@ -25,7 +25,7 @@ from torch.optim.optimizer import ParamsT
 
 from .base import (LayerwiseOptimizer, count_group_step, evaluate, restore_trust_ratios, saved_trust_ratios,
                    without_trust_ratios)
-from .options import EXCLUSION_OPTIONS, FOREIGN_KEYS, Option, flag, meant_key, real
+from .options import EXCLUSION_OPTIONS, FOREIGN_KEYS, Option, flag, is_foreign_number, meant_key, real
 from .distributed import WholeTensors, is_dtensor
 from .layouts import FlatPieces
 from .lars_rule import host_trust_ratio, trust_ratio
@@ -322,7 +322,7 @@ def _python_numbers(group: dict[str, Any]) -> None:
     """The base's NumPy scalars (``lr=np.float64(0.1)``) as Python numbers, as the wrapper's own keys
     are: a checkpoint holding a NumPy scalar does not load under ``torch.load(weights_only=True)``."""
     for key, value in group.items():
-        if isinstance(value, numbers.Real) and type(value) not in (bool, int, float):
+        if is_foreign_number(value):
             group[key] = int(value) if isinstance(value, numbers.Integral) else float(value)
 
 

@@ -196,14 +196,15 @@ def fsdp1_adapter_reads(wrapped):
     from lars_plugins.adapters import fsdp1
 
     mine = {id(p) for p in wrapped.parameters()}
-    handles = {id(h): h for key, (h, _) in fsdp1.find_handles().items() if key in mine}
+    found = fsdp1.find_handles()
+    handles = {id(h): h for key, (h, _) in found.items() if key in mine}
     reads = []
     for handle in handles.values():
         flat = fsdp1.flat_parameter(handle)
         pieces = [None] * WORLD
         dist.all_gather_object(pieces, [tuple(p) for p in fsdp1.shard_pieces(flat)])
         group = fsdp1.reduction_group(handle)
-        originals = {i for key, (h, i) in fsdp1.find_handles().items() if h is handle and i is not None}
+        originals = {i for h, i in found.values() if h is handle and i is not None}
         reads.append({"shapes": [tuple(s) for s in fsdp1.original_shapes(flat)], "names": fsdp1.original_names(flat),
                       "pieces": pieces, "group_size": None if group is None else dist.get_world_size(group),
                       "is_flat_parameter": fsdp1.is_flat_parameter(flat),

@@ -28,9 +28,9 @@ class ShardPiece(NamedTuple):
 
 
 def is_flattened(tensor: Tensor) -> bool:
-    """Whether FSDP1 manages ``tensor``: a ``FlatParameter``, or a ``use_orig_params`` view
-    (``_fsdp_flattened``; FSDP2's DTensors are not)."""
-    return bool(getattr(tensor, "_fsdp_flattened", False)) and type(tensor).__name__ != "DTensor"
+    """Whether ``tensor`` carries FSDP's managed mark (``_fsdp_flattened``): a ``FlatParameter`` or a
+    ``use_orig_params`` view (DTensors are told apart by :func:`lars_plugins.layouts.is_fsdp1`)."""
+    return bool(getattr(tensor, "_fsdp_flattened", False))
 
 
 def is_flat_parameter(tensor: Tensor) -> bool:
