@@ -1,6 +1,6 @@
 """Every GPU check of the project in one run (GPU time is scarce: one call should answer everything).
 
-    python benchmarks/gpu_check.py [--out DIR]        # about 6 minutes on one H200
+    python benchmarks/gpu_check.py [--out DIR]        # about 7 minutes on one H200
 
 In order, each part in its own process with its own time limit, so that a failure or a hang in one
 part leaves the others' results:
@@ -13,7 +13,9 @@ part leaves the others' results:
    kernel time, against torch's fused SGD and AdamW;
 3. ``benchmarks/transformer_step.py``: a 0.94B-parameter transformer's training iteration;
 4. the fused kernels' block size and warp count against achieved memory bandwidth, on the
-   transformer's parameters (what the defaults in ``lars_plugins/fused.py`` were chosen from).
+   transformer's parameters (what the defaults in ``lars_plugins/fused.py`` were chosen from);
+5. torchtitan's own Trainer on one GPU with LAMB (``examples/torchtitan_llama.py --tp 1``: its llama3
+   debug model, FlexAttention, bfloat16 compute, FSDP2 on a mesh of one), where torchtitan is installed.
 
 Logs go to ``--out`` (default ``$OUT``, else ``gpu_check_output``); the summary table is printed last.
 """
@@ -35,6 +37,9 @@ PARTS = [
      130),
     ("transformer", [sys.executable, "benchmarks/transformer_step.py"], 100),
     ("kernel sweep", [sys.executable, "benchmarks/gpu_check.py", "--sweep"], 70),
+    ("torchtitan", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
+                    "examples/torchtitan_llama.py", "--tp", "1", "--steps", "10", "--assets", "/tmp/torchtitan_assets",
+                    "--dump-folder", "/tmp/torchtitan_outputs"], 100),
 ]
 
 
@@ -110,7 +115,7 @@ def main() -> None:
         print(f"\n===== {name}: {status}, {seconds:.0f} s (log: {log.name}) =====\n{text[-6000:]}", flush=True)
         lines = text.strip().splitlines()
         tail = [line for line in lines if "passed" in line or "failed" in line or "target" in line.lower()
-                or "GPU kernel time" in line or "x the fastest" in line]
+                or "GPU kernel time" in line or "x the fastest" in line or line.startswith('{"losses"')]
         summary.append(f"{name}: {status}, {seconds:.0f} s" + "".join(f"\n    {line}" for line in tail[-12:]))
     print("\n===== summary =====\n" + "\n".join(summary))
     (out / "summary.txt").write_text("\n".join(summary) + "\n")

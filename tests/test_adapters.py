@@ -37,7 +37,7 @@ def declared_requirements() -> dict[str, Requirement]:
 
 
 @pytest.mark.parametrize("distribution", ["torch", "timm", "transformers", "lightning", "pytorch-lightning",
-                                          "deepspeed"])
+                                          "deepspeed", "torchtitan"])
 def test_the_installed_versions_are_those_the_extras_allow(distribution):
     """The adapters' tests below (and the distributed ones) ran against these versions."""
     requirement = declared_requirements()[distribution]
@@ -165,6 +165,46 @@ def test_adapters_dtensor_knows_torch_s_strided_shard():
     assert [adapter.partitions_elements(p) for p in (Shard(1), strided, Replicate())] == [True, True, False]
 
 
+# --- torchtitan's optimizer container -----------------------------------------------------------------
+
+
+def test_adapters_torchtitan_builtin_factory_is_what_its_container_builds():
+    components = pytest.importorskip("torchtitan.components.optimizer")
+    from lars_plugins.adapters import torchtitan as adapter
+
+    assert adapter.builtin_factory("AdamW") is torch.optim.AdamW and adapter.builtin_factory("lamb") is None
+    built = components.OptimizersContainer.Config(param_groups=[components.ParamGroupConfig(
+        pattern=".*", optimizer_name="AdamW", optimizer_kwargs={"lr": 1e-3})]).build(
+        model_parts=[torch.nn.Linear(2, 2)])
+    assert [type(o) for o in built.optimizers] == [torch.optim.AdamW]
+
+
+def test_adapters_torchtitan_container_resolving_is_the_lookup_its_init_calls():
+    components = pytest.importorskip("torchtitan.components.optimizer")
+    from dataclasses import dataclass
+
+    from lars_plugins.adapters import torchtitan as adapter
+
+    asked = []
+
+    def resolve(container, name):
+        asked.append((type(container).__name__, name))
+        return torch.optim.SGD
+
+    @adapter.container_resolving(components.OptimizersContainer, resolve)
+    class SGDContainer(components.OptimizersContainer):
+        @dataclass(kw_only=True, slots=True)
+        class Config(components.OptimizersContainer.Config):
+            pass
+
+    built = SGDContainer.Config(param_groups=[components.ParamGroupConfig(
+        pattern=".*", optimizer_name="anything", optimizer_kwargs={"lr": 0.1})]).build(
+        model_parts=[torch.nn.Linear(2, 2)])
+    assert asked == [("SGDContainer", "anything")] and [type(o) for o in built.optimizers] == [torch.optim.SGD]
+    with pytest.raises(TypeError, match="must subclass OptimizersContainer"):
+        adapter.container_resolving(components.OptimizersContainer, resolve)(object)
+
+
 # --- nothing else reaches into another library -------------------------------------------------------
 
 # Names our own modules define with a leading underscore (reading them is no foreign access) are
@@ -214,12 +254,13 @@ def test_only_the_adapters_read_other_libraries_private_attributes():
     assert {read.split()[-1] for path in adapters for read in foreign_private_reads(path, own)} >= {
         "_shapes", "_fqns", "_shard_param_infos", "_hp_mapping", "_z3_optimizer", "_optimizers",
         "_logger_connector", "_batches_that_stepped", "_trainer", "_base_optimizer"}
+    assert "OptimizersContainer._resolve_optimizer_factory" in (PACKAGE / "adapters" / "torchtitan.py").read_text()
 
 
 def test_the_adapters_import_no_framework_at_import_time():
-    for module in ("fsdp1", "deepspeed", "timm", "lightning", "transformers", "dtensor"):
+    for module in ("fsdp1", "deepspeed", "timm", "lightning", "transformers", "dtensor", "torchtitan"):
         importlib.import_module(f"lars_plugins.adapters.{module}")
     source = "\n".join(p.read_text() for p in (PACKAGE / "adapters").glob("*.py"))
     top_level = [line for line in source.splitlines() if re.match(r"(import|from) (timm|transformers|lightning|"
-                                                                  r"pytorch_lightning|deepspeed)\b", line)]
+                                                                  r"pytorch_lightning|deepspeed|torchtitan)\b", line)]
     assert top_level == []

@@ -137,5 +137,5 @@ def test_the_gpu_check_lists_its_parts():
     out = run_script("gpu_check.py", "--help")
     assert "tests/test_cuda.py" in out and "transformer_step.py" in out and "step_time.py" in out
     for part in ("tests/test_cuda.py", "tests/test_fused.py", "benchmarks/step_time.py",
-                 "benchmarks/transformer_step.py"):
+                 "benchmarks/transformer_step.py", "examples/torchtitan_llama.py"):
         assert (ROOT / part).exists(), part
