@@ -96,14 +96,29 @@ def test_sharded_step_quick(tmp_path):
     pytest.importorskip("deepspeed")
     out = run_script("sharded_step.py", "--engines", "ddp", "fsdp1-flat", "zero2", "--blocks", "2", "--reps", "2",
                      "--warmup", "1", "--csv", str(tmp_path / "sharded.csv"))
-    rows = {r["engine"]: r for r in csv.DictReader((tmp_path / "sharded.csv").open())}
-    assert list(rows) == ["ddp", "fsdp1-flat", "zero2"]
-    # LARS's collectives per step: none under DDP, one for the adapted group under the sharded engines.
-    assert [float(rows[e]["lars_all_reduce"]) for e in rows] == [0.0, 1.0, 1.0]
+    rows = {(r["engine"], r["optimizer"]): r for r in csv.DictReader((tmp_path / "sharded.csv").open())}
+    assert list(rows) == [(e, o) for e in ("ddp", "fsdp1-flat", "zero2") for o in ("LARS", "LAMB")]
+    # Collectives per step: none under DDP, one for the adapted group under the sharded engines.
+    assert [float(rows[e, "LARS"]["all_reduce"]) for e in ("ddp", "fsdp1-flat", "zero2")] == [0.0, 1.0, 1.0]
+    assert [float(rows[e, "LAMB"]["all_reduce"]) for e in ("ddp", "fsdp1-flat", "zero2")] == [0.0, 1.0, 1.0]
     for row in rows.values():
-        assert float(row["lars_max_dw"]) < 1e-5  # the same parameters as one process ("nan" fails too)
-        assert float(row["lars_opt_ms"]) > 0 and float(row["sgd_opt_ms"]) > 0
-    assert "| zero2 |" in out and "x SGD" in out
+        assert float(row["max_dw"]) < 1e-5  # the same parameters as one process ("nan" fails too)
+        assert float(row["opt_ms"]) > 0 and float(row["baseline_opt_ms"]) > 0
+    assert {(r["optimizer"], r["baseline"]) for r in rows.values()} == {("LARS", "SGD"), ("LAMB", "AdamW")}
+    assert "| zero2 | LAMB |" in out and "x base" in out
+
+
+def test_sharded_step_fsdp2_over_tensor_parallelism(tmp_path):
+    """4 processes, dp 2 x tp 2: two collectives per step (the Linears' dp x tp mesh and the
+    LayerNorms' dp mesh), and the parameters of one process on both data-parallel ranks' batches."""
+    run_script("sharded_step.py", "--processes", "4", "--engines", "fsdp2-tp", "--blocks", "2", "--reps", "2",
+               "--warmup", "1", "--csv", str(tmp_path / "tp.csv"))
+    rows = {r["optimizer"]: r for r in csv.DictReader((tmp_path / "tp.csv").open())}
+    assert set(rows) == {"LARS", "LAMB"}
+    for row in rows.values():
+        assert float(row["all_reduce"]) == 2.0 and float(row["max_dw"]) < 1e-5
+    with pytest.raises(AssertionError, match="needs a dp x tp mesh"):
+        run_script("sharded_step.py", "--engines", "fsdp2-tp")
 
 
 def test_norm_paths_reports_both_paths_with_finite_errors():
