@@ -2,7 +2,7 @@
 
     torchrun --nproc_per_node 4 examples/torchtitan_llama.py                    # dp 2 x tp 2, LAMB
     torchrun --nproc_per_node 4 examples/torchtitan_llama.py --optimizer lars --lr 1.0
-    torchrun --nproc_per_node 4 examples/torchtitan_llama.py -- --training.steps 50   # torchtitan's flags
+    torchrun --nproc_per_node 4 examples/torchtitan_llama.py -- --debug.seed 0   # torchtitan's own flags
 
 This is torchtitan's training loop, configuration and parallelize function (``parallelize_llama``:
 tensor parallelism on the ``tp`` mesh dimension, then FSDP2 on ``dp_shard``) with nothing replaced

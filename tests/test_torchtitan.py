@@ -330,10 +330,11 @@ def test_parallelize_llama_dp2_tp2_equals_one_process(tmp_path, monkeypatch):
 @pytest.mark.slow
 def test_torchtitan_s_trainer_trains_the_debug_model_with_lamb_from_its_command_line(tmp_path):
     """examples/torchtitan_llama.py: torchtitan's Trainer, its default (spmd_types) backend, dp 2 x tp 2,
-    LAMB selected with ``--override.imports``; 6 steps on CPU."""
+    LAMB selected with ``--override.imports``; 10 steps on CPU from torchtitan's seed 0 (without a
+    seed its initial weights differ from run to run)."""
     script = ROOT / "examples" / "torchtitan_llama.py"
     run = subprocess.run([sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(WORLD),
-                          "--standalone", str(script), "--steps", "6"],
+                          "--standalone", str(script), "--steps", "10", "--lr", "0.01", "--", "--debug.seed", "0"],
                          cwd=tmp_path, capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stderr[-4000:]
     summary = json.loads(run.stdout.strip().splitlines()[-1])
@@ -341,5 +342,6 @@ def test_torchtitan_s_trainer_trains_the_debug_model_with_lamb_from_its_command_
     assert summary["optimizers"] == ["lars_plugins.lamb.LAMB"]
     assert "(_StridedShard(dim=0, sf=2), Shard(dim=0))" in summary["placements"]
     losses = summary["losses"]
-    assert len(losses) == 6 and all(map(lambda v: v == v and abs(v) < 1e3, losses)), losses
-    assert losses[-1] < losses[0] - 0.05, losses  # ln(2048) = 7.62 is chance; it starts above
+    assert len(losses) == 10 and all(map(lambda v: v == v and abs(v) < 1e3, losses)), losses
+    # Chance is ln(2048) = 7.62; it starts above and learns the lines' strides (8.03 -> 7.06 here).
+    assert sum(losses[-3:]) / 3 < losses[0] - 0.3, losses
