@@ -27,6 +27,7 @@ from .base import (LayerwiseOptimizer, count_group_step, evaluate, restore_trust
                    without_trust_ratios)
 from .options import EXCLUSION_OPTIONS, FOREIGN_KEYS, Option, flag, is_foreign_number, meant_key, real
 from .distributed import WholeTensors, is_dtensor
+from .known_directions import known_direction_step, takes_known_direction
 from .layouts import FlatPieces
 from .lars_rule import host_trust_ratio, trust_ratio
 from .tensor_lists import buckets, host_norm, host_scalars, pick, ratio_dtype
@@ -61,6 +62,9 @@ class Layerwise(LayerwiseOptimizer):
 
     Memory: during ``step()`` one copy of the adapted parameters that have gradients (in their
     dtype), freed when the step ends; nothing between steps; no copy when no layer is adapted.
+    Over torch's ``Adam`` and ``AdamW`` on the CPU the wrapper computes their direction itself, one
+    tensor at a time through their fused kernel (:mod:`lars_plugins.known_directions`): then the
+    copy is one tensor's, and the base's step serves the excluded tensors only.
     Sharded training works as for :class:`~lars_plugins.LARS` (DDP, FSDP2, FSDP1, DeepSpeed ZeRO).
 
     Args:
@@ -190,14 +194,22 @@ class Layerwise(LayerwiseOptimizer):
         # DeepSpeed ZeRO-1/2 step one group at a time by swapping the optimizer's group list: the
         # base must see the same list.
         self.base.param_groups = self.param_groups
+        # Gradients of the tensors stepped by the known-direction route, hidden from the base's step.
+        self._stepped_here: list[tuple[Tensor, Optional[Tensor]]] = []
         try:
             plans = [self._before(group, index) for index, group in enumerate(self.param_groups)]
             self.base.step()
+            for p, grad in self._stepped_here:
+                p.grad = grad
+            self._stepped_here = []
             for group, plan in zip(self.param_groups, plans):
                 if plan is not None:
                     plan(group)
                 count_group_step(group, self._layouts(group["params"]))
         finally:
+            for p, grad in self._stepped_here:
+                p.grad = grad
+            self._stepped_here = []
             self.base.param_groups = base_groups
         return loss
 
@@ -219,6 +231,16 @@ class Layerwise(LayerwiseOptimizer):
             return None
         params = pick(tensors.owners, adapted)
         local = pick(tensors.params, adapted)
+        if isinstance(tensors, WholeTensors) and tensors.norms is None and adapted \
+                and all(host_scalars(t.device) and not is_dtensor(t) for t in params):
+            grads = pick(tensors.grads, adapted)
+            if takes_known_direction(self.base, group, params, grads):
+                known_direction_step(self.base, group, params, grads, functools.partial(_host_ratio, group),
+                                     self._took_ratio)
+                for p in params:  # the base steps the group's other tensors only
+                    self._stepped_here.append((p, p.grad))
+                    p.grad = None
+                return None
         old = [t.clone() for t in local]  # the one copy (of the adapted tensors or pieces)
         if isinstance(tensors, WholeTensors):
             dtype, device = ratio_dtype(local[0].dtype), local[0].device
@@ -255,17 +277,15 @@ class Layerwise(LayerwiseOptimizer):
             w_norm = host_norm(o)
             o.sub_(p)  # w_old - w_new = -Δw
             delta_norm = host_norm(o)
-            if lr == 0:  # see _ratios: the update is 0 (NaN only from NaN or inf)
-                ratio = 0.0 if math.isfinite(w_norm) and math.isfinite(delta_norm) else math.nan
-            else:
-                d_norm = 0.0 if delta_norm == 0 else delta_norm / lr
-                ratio = host_trust_ratio(w_norm, d_norm, trust_coefficient=group["trust_coefficient"],
-                                          weight_decay=0.0, eps=group["trust_eps"], lr=lr,
-                                          trust_clip=group["trust_clip"])
-            self._trust_ratio_slot(p).fill_(ratio)
-            if self.collects_norms:  # a monitor records this step: ‖w‖ before the update is taken
-                self._hand_norms([p], [w_norm])
+            ratio = _host_ratio(group, w_norm, delta_norm if delta_norm == 0 or lr == 0 else delta_norm / lr)
+            self._took_ratio(p, w_norm, ratio)
             p.add_(o, alpha=1.0 - ratio)  # w_old + r·Δw
+
+    def _took_ratio(self, p: Tensor, w_norm: float, ratio: float) -> None:
+        """Keep the ratio a CPU route took for ``p``, and hand ``‖w‖`` to a monitor recording this step."""
+        self._trust_ratio_slot(p).fill_(ratio)
+        if self.collects_norms:  # ‖w‖ before the update is taken
+            self._hand_norms([p], [w_norm])
 
     def _ratios(self, group: dict[str, Any], w_norms: Tensor, delta_norms: Tensor) -> Tensor:
         """:func:`trust_ratio` of ``‖w‖`` and the base's direction ``‖Δw‖/lr`` (a layer the base did
@@ -285,6 +305,16 @@ class Layerwise(LayerwiseOptimizer):
             stays = torch.where(torch.isfinite(w_norms) & torch.isfinite(delta_norms), 0.0, torch.nan)
             ratios = torch.where(lr == 0, stays, ratios)
         return ratios
+
+
+def _host_ratio(group: dict[str, Any], w_norm: float, d_norm: float) -> float:
+    """:meth:`Layerwise._ratios` for one layer's ``‖w‖`` and direction norm ``‖Δw‖/lr`` as Python
+    floats (the CPU routes)."""
+    lr = group["lr"].item() if isinstance(group["lr"], Tensor) else group["lr"]
+    if lr == 0:  # see _ratios: the update is 0 (NaN only from NaN or inf)
+        return 0.0 if math.isfinite(w_norm) and math.isfinite(d_norm) else math.nan
+    return host_trust_ratio(w_norm, d_norm, trust_coefficient=group["trust_coefficient"], weight_decay=0.0,
+                            eps=group["trust_eps"], lr=lr, trust_clip=group["trust_clip"])
 
 
 def _centralize(tensors: WholeTensors, where: str) -> None:

@@ -165,6 +165,27 @@ def test_adapters_dtensor_knows_torch_s_strided_shard():
     assert [adapter.partitions_elements(p) for p in (Shard(1), strided, Replicate())] == [True, True, False]
 
 
+# --- torch's optimizer step hooks -----------------------------------------------------------------------
+
+
+def test_adapters_torch_optimizer_sees_own_and_global_step_hooks():
+    from torch.optim.optimizer import register_optimizer_step_post_hook
+
+    from lars_plugins.adapters import torch_optimizer as adapter
+
+    optimizer = torch.optim.AdamW([torch.nn.Parameter(torch.ones(2))])
+    assert not adapter.has_step_hooks(optimizer)
+    handle = optimizer.register_step_pre_hook(lambda *_: None)
+    assert adapter.has_step_hooks(optimizer)
+    handle.remove()
+    handle = register_optimizer_step_post_hook(lambda *_: None)
+    try:
+        assert adapter.has_step_hooks(optimizer)
+    finally:
+        handle.remove()
+    assert not adapter.has_step_hooks(optimizer)
+
+
 # --- torchtitan's optimizer container -----------------------------------------------------------------
 
 
@@ -258,7 +279,8 @@ def test_only_the_adapters_read_other_libraries_private_attributes():
 
 
 def test_the_adapters_import_no_framework_at_import_time():
-    for module in ("fsdp1", "deepspeed", "timm", "lightning", "transformers", "dtensor", "torchtitan"):
+    for module in ("fsdp1", "deepspeed", "timm", "lightning", "transformers", "dtensor", "torchtitan",
+                   "torch_optimizer"):
         importlib.import_module(f"lars_plugins.adapters.{module}")
     source = "\n".join(p.read_text() for p in (PACKAGE / "adapters").glob("*.py"))
     top_level = [line for line in source.splitlines() if re.match(r"(import|from) (timm|transformers|lightning|"

@@ -364,3 +364,86 @@ def test_bases_the_wrapper_cannot_serve_are_refused_at_construction():
     assert not torch.equal(params[0], before[0])
     with pytest.raises(ValueError, match="param group 1: the base Adafactor has lr=None"):
         wrapped.add_param_group({"params": [nn.Parameter(torch.zeros(3, 3, dtype=torch.float64))], "lr": None})
+
+
+# --- the CPU route over torch's Adam and AdamW (lars_plugins.known_directions) ---------------------------
+
+ROUTE_BASES = {
+    "adamw": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.05),
+    "adamw-amsgrad-maximize": lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.05, amsgrad=True,
+                                                           maximize=True),
+    "adam-l2": lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=0.05),  # coupled decay, inside g
+    "adamw-tensor-lr-fused": lambda ps: torch.optim.AdamW(ps, lr=torch.tensor(1e-2, dtype=torch.float64),
+                                                          weight_decay=0.05, fused=True),
+}
+
+
+def count_route(monkeypatch):
+    import lars_plugins.wrapper as wrapper
+
+    calls = []
+    real = wrapper.known_direction_step
+    monkeypatch.setattr(wrapper, "known_direction_step", lambda *a, **k: (calls.append(1), real(*a, **k)))
+    return calls
+
+
+@pytest.mark.parametrize("name", list(ROUTE_BASES))
+def test_the_route_over_adam_and_adamw_is_the_documented_rule(name, monkeypatch):
+    """The base's fused CPU kernel at lr 1 on a copy, instead of its step then a rescaling: the same
+    result as the rule written here over torch's own step, and the same state as the generic route."""
+    calls = count_route(monkeypatch)
+    expected, expected_ratios = reference(ROUTE_BASES[name], 4, eta=0.02)
+    params = make_params()
+    given = grads_at(3)
+    opt = Layerwise(ROUTE_BASES[name](params), trust_coefficient=0.02)
+    run(opt, params, 3)
+    for p, g in zip(params, given):
+        p.grad = g
+    opt.step()
+    assert len(calls) == 4  # every step took the route
+    assert all(p.grad is g for p, g in zip(params, given))  # the gradients are back where they were
+    for a, b in zip(params, expected):
+        torch.testing.assert_close(a.detach(), b, rtol=1e-9, atol=1e-12)
+    for p, r in zip(params, expected_ratios):
+        if r is not None:  # (a tensor where lr is one)
+            assert opt.state[p]["trust_ratio"].item() == pytest.approx(float(r), rel=1e-9)
+    # The generic route (taken when the base has a step hook) leaves the same state, key by key.
+    generic_params = make_params()
+    base = ROUTE_BASES[name](generic_params)
+    base.register_step_pre_hook(lambda *_: None)
+    generic = Layerwise(base, trust_coefficient=0.02)
+    run(generic, generic_params, 4)
+    assert len(calls) == 4  # the hook kept the route away
+    ours, theirs = opt.state_dict()["state"], generic.state_dict()["state"]
+    assert ours.keys() == theirs.keys()
+    for key in ours:
+        assert ours[key].keys() == theirs[key].keys()
+        for k in ours[key]:
+            assert ours[key][k].dtype == theirs[key][k].dtype and ours[key][k].device == theirs[key][k].device
+            torch.testing.assert_close(ours[key][k], theirs[key][k], rtol=1e-9, atol=1e-12)
+
+
+def test_a_base_hook_sees_every_gradient_and_the_route_is_not_taken(monkeypatch):
+    calls = count_route(monkeypatch)
+    params = make_params()
+    base = torch.optim.AdamW(params, lr=1e-2)
+    seen = []
+    base.register_step_pre_hook(lambda opt, *_: seen.append(sum(p.grad is not None for p in params)))
+    run(Layerwise(base, trust_coefficient=0.02), params, 2)
+    assert seen == [4, 4] and calls == []
+
+
+def test_gradients_come_back_when_the_base_step_fails(monkeypatch):
+    params = make_params()
+    opt = Layerwise(torch.optim.AdamW(params, lr=1e-2), trust_coefficient=0.02)
+    given = grads_at(0)
+    for p, g in zip(params, given):
+        p.grad = g
+
+    def fails(*_, **__):
+        raise RuntimeError("the base's step failed")
+
+    monkeypatch.setattr(opt.base, "step", fails)
+    with pytest.raises(RuntimeError, match="failed"):
+        opt.step()
+    assert all(p.grad is g for p, g in zip(params, given))

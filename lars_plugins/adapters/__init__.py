@@ -13,7 +13,8 @@ functions that need it: ``import lars_plugins`` still needs torch alone.
 * :mod:`.lightning`: the Trainer's logging decision and step (``lightning`` or ``pytorch_lightning``);
 * :mod:`.transformers`: the Trainer's optimizer names and its weight-decay split;
 * :mod:`.dtensor`: torch's ``_StridedShard`` placement (FSDP2 over tensor parallelism);
-* :mod:`.torchtitan`: how ``OptimizersContainer`` resolves an optimizer name.
+* :mod:`.torchtitan`: how ``OptimizersContainer`` resolves an optimizer name;
+* :mod:`.torch_optimizer`: the step hooks registered on a torch optimizer.
 """
 
 __all__: list[str] = []  # the modules are the API: lars_plugins.adapters.fsdp1, ...
