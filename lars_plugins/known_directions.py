@@ -1,17 +1,18 @@
-"""The wrapper's CPU route over bases whose direction it can compute itself: torch's Adam and AdamW.
+"""The wrapper's CPU route over bases whose direction it can compute itself: torch's SGD, Adam and AdamW.
 
 ``Layerwise`` measures the base's update ``Δw = lr·d`` and rescales it. For most bases that needs
-the base's whole step, then a copy of the old weights and three more passes. For torch's Adam and
-AdamW, ``d`` does not depend on ``lr``: their fused CPU kernel, run at ``lr = 1`` on a copy ``s`` of
-``w``, updates the moments once and leaves ``s − w = −d``, the decoupled decay included. So one
+the base's whole step, then a copy of the old weights and three more passes. For torch's SGD, Adam
+and AdamW, ``d`` does not depend on ``lr``: their fused CPU kernel, run at ``lr = 1`` on a copy ``s``
+of ``w``, updates the momentum buffer or the moments once and leaves ``s − w = −d``, weight decay
+(coupled or decoupled), Nesterov and ``maximize`` included. So one
 tensor at a time, while it is in cache: ``‖w‖``, the copy, the kernel, ``‖d‖``, the ratio, and
 ``w ← w + r·lr·(s − w)``. That is the route :mod:`lars_plugins.lamb_rule` takes for LAMB, whose
-``u`` is AdamW's ``d``. The base keeps its state as it would: ``step``, ``exp_avg`` and
-``exp_avg_sq`` (``max_exp_avg_sq`` with ``amsgrad``) are created as torch creates them, so
-checkpoints are the same whichever route stepped.
+``u`` is AdamW's ``d``. The base keeps its state as it would: SGD's ``momentum_buffer`` (the first
+step's ``d``, as torch starts it), Adam's ``step``, ``exp_avg`` and ``exp_avg_sq``
+(``max_exp_avg_sq`` with ``amsgrad``), so checkpoints are the same whichever route stepped.
 
 The route is taken only where it is exact and nothing can notice it. That means: the base is
-exactly ``torch.optim.Adam`` or ``AdamW``, with no step hooks of its own or global ones (they would
+exactly ``torch.optim.SGD``, ``Adam`` or ``AdamW``, with no step hooks of its own or global ones (they would
 run around the base's step, which no longer sees these tensors). The tensors are whole, dense CPU
 tensors of a dtype the kernel takes. The group's options have a fused CPU kernel: numbers for the
 betas, no ``capturable``, no ``differentiable``. Everything else takes the generic route.
@@ -26,11 +27,11 @@ from torch import Tensor
 from torch.optim import Optimizer
 
 from .adapters import torch_optimizer
-from .tensor_lists import cpu_fused_adamw, host_norm, same_dense_layout
+from .tensor_lists import cpu_fused_adamw, cpu_fused_sgd, host_norm, same_dense_layout
 
 __all__ = ["takes_known_direction", "known_direction_step"]
 
-_KERNELS = {torch.optim.Adam: "adam", torch.optim.AdamW: "adamw"}
+_KERNELS = {torch.optim.SGD: "sgd", torch.optim.Adam: "adam", torch.optim.AdamW: "adamw"}
 
 
 def takes_known_direction(base: Optimizer, group: dict[str, Any], params: list[Tensor],
@@ -38,18 +39,21 @@ def takes_known_direction(base: Optimizer, group: dict[str, Any], params: list[T
     """Whether the adapted tensors ``params`` (with ``grads``) of ``group`` take the known-direction route."""
     if type(base) not in _KERNELS or torch_optimizer.has_step_hooks(base) or not params:
         return False
-    betas = group.get("betas", (None, None))
-    if group.get("capturable") or group.get("differentiable") or \
-            not all(isinstance(b, float) for b in betas) or isinstance(group.get("eps"), Tensor) \
-            or isinstance(group.get("weight_decay"), Tensor):
+    sgd = _KERNELS[type(base)] == "sgd"
+    numbers = [group.get(k) for k in (("momentum", "dampening") if sgd else ("eps",))]
+    numbers += [] if sgd else list(group.get("betas", (None, None)))
+    if group.get("capturable") or group.get("differentiable") or isinstance(group.get("weight_decay"), Tensor) \
+            or not all(isinstance(x, (int, float)) and not isinstance(x, bool) for x in numbers):
         return False
+    kernel_takes = cpu_fused_sgd if sgd else cpu_fused_adamw
+    state_keys = ("momentum_buffer",) if sgd else ("exp_avg", "exp_avg_sq")
     for w, g in zip(params, grads):
-        if w.device.type != "cpu" or g.is_sparse or not cpu_fused_adamw(w.dtype) or g.dtype != w.dtype \
+        if w.device.type != "cpu" or g.is_sparse or not kernel_takes(w.dtype) or g.dtype != w.dtype \
                 or not same_dense_layout(w, g, None):
             return False
         state = base.state.get(w)
-        if state and any(not isinstance(state.get(k), Tensor) or state[k].stride() != w.stride()
-                         for k in ("exp_avg", "exp_avg_sq")):
+        if state and any(state.get(k) is not None and (not isinstance(state[k], Tensor)
+                                                       or state[k].stride() != w.stride()) for k in state_keys):
             return False
     return True
 
@@ -74,19 +78,16 @@ def known_direction_step(base: Optimizer, group: dict[str, Any], params: list[Te
     """Step the adapted ``params`` of ``group`` through the base's fused CPU kernel at ``lr = 1`` on a
     copy: ``ratio_of(‖w‖, ‖d‖)`` gives each tensor's ratio ``r``, then ``w ← w + r·lr·(s − w)``.
     ``after(w, ‖w‖, r)`` is told each tensor's norm and ratio (the ratio slot, the monitor)."""
-    kernel = torch._fused_adamw_ if _KERNELS[type(base)] == "adamw" else torch._fused_adam_
+    kind = _KERNELS[type(base)]
     lr = group["lr"].item() if isinstance(group["lr"], Tensor) else group["lr"]
-    beta1, beta2 = group["betas"]
-    amsgrad = bool(group.get("amsgrad"))
     for w, g in zip(params, grads):
-        state = _state(base, group, w)
-        state["step"].add_(1)
         w_norm = host_norm(w)
         s = torch.empty_like(w)
         s.copy_(w)
-        kernel([s], [g], [state["exp_avg"]], [state["exp_avg_sq"]], [state["max_exp_avg_sq"]] if amsgrad else [],
-               [state["step"]], lr=1.0, beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"],
-               eps=group["eps"], amsgrad=amsgrad, maximize=bool(group.get("maximize")))
+        if kind == "sgd":
+            _sgd_direction(base, group, w, g, s)
+        else:
+            _adam_direction(base, group, w, g, s, decoupled=kind == "adamw")
         s.sub_(w)  # −d
         ratio = ratio_of(w_norm, host_norm(s))
         if after is not None:
@@ -95,3 +96,32 @@ def known_direction_step(base: Optimizer, group: dict[str, Any], params: list[Te
         # Freed before the next tensor's copy is taken: the allocator hands the same memory back
         # (still mapped and in cache) instead of mapping fresh pages for every tensor.
         del s
+
+
+def _adam_direction(base: Optimizer, group: dict[str, Any], w: Tensor, g: Tensor, s: Tensor, *,
+                    decoupled: bool) -> None:
+    """Adam's or AdamW's step at ``lr = 1`` on ``s`` (a copy of ``w``), with ``w``'s state."""
+    state = _state(base, group, w)
+    state["step"].add_(1)
+    amsgrad = bool(group.get("amsgrad"))
+    beta1, beta2 = group["betas"]
+    kernel = torch._fused_adamw_ if decoupled else torch._fused_adam_
+    kernel([s], [g], [state["exp_avg"]], [state["exp_avg_sq"]], [state["max_exp_avg_sq"]] if amsgrad else [],
+           [state["step"]], lr=1.0, beta1=beta1, beta2=beta2, weight_decay=group["weight_decay"], eps=group["eps"],
+           amsgrad=amsgrad, maximize=bool(group.get("maximize")))
+
+
+def _sgd_direction(base: Optimizer, group: dict[str, Any], w: Tensor, g: Tensor, s: Tensor) -> None:
+    """SGD's step at ``lr = 1`` on ``s`` (a copy of ``w``), with ``w``'s momentum buffer: on its first
+    step the buffer becomes the decayed gradient itself, as torch starts it."""
+    momentum = group["momentum"]
+    state = base.state[w]
+    buf = state.get("momentum_buffer") if momentum != 0 else None
+    first = momentum != 0 and buf is None
+    if first:
+        buf = torch.empty_like(w)
+    torch._fused_sgd_([s], [g], [buf] if buf is not None else [], weight_decay=group["weight_decay"],
+                      momentum=momentum, lr=1.0, dampening=group["dampening"], nesterov=bool(group["nesterov"]),
+                      maximize=bool(group.get("maximize")), is_first_step=first)
+    if first:
+        state["momentum_buffer"] = buf

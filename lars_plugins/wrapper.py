@@ -62,7 +62,7 @@ class Layerwise(LayerwiseOptimizer):
 
     Memory: during ``step()`` one copy of the adapted parameters that have gradients (in their
     dtype), freed when the step ends; nothing between steps; no copy when no layer is adapted.
-    Over torch's ``Adam`` and ``AdamW`` on the CPU the wrapper computes their direction itself, one
+    Over torch's ``SGD``, ``Adam`` and ``AdamW`` on the CPU the wrapper computes their direction itself, one
     tensor at a time through their fused kernel (:mod:`lars_plugins.known_directions`): then the
     copy is one tensor's, and the base's step serves the excluded tensors only.
     Sharded training works as for :class:`~lars_plugins.LARS` (DDP, FSDP2, FSDP1, DeepSpeed ZeRO).

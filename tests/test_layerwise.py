@@ -242,8 +242,9 @@ def test_bad_bases_and_keys_are_refused():
 
 
 def test_one_copy_of_the_adapted_parameters_during_the_step_and_none_when_nothing_is_adapted(monkeypatch):
-    """What the wrapper allocates: a clone of each adapted parameter with a gradient, nothing else
-    (SGD without momentum allocates nothing of its own)."""
+    """What the generic route allocates: a clone of each adapted parameter with a gradient, nothing
+    else (SGD without momentum allocates nothing of its own; a step hook on it keeps the route that
+    computes SGD's direction itself away)."""
     clones = []
     real_clone = torch.Tensor.clone
 
@@ -253,7 +254,9 @@ def test_one_copy_of_the_adapted_parameters_during_the_step_and_none_when_nothin
 
     for excluded, expected in ((False, [p.numel() for p in make_params()]), (True, [])):
         params = make_params()
-        opt = Layerwise(torch.optim.SGD([{"params": params, "exclude": excluded}], lr=0.1))
+        base = torch.optim.SGD([{"params": params, "exclude": excluded}], lr=0.1)
+        base.register_step_pre_hook(lambda *_: None)
+        opt = Layerwise(base)
         for p, g in zip(params, grads_at(0)):
             p.grad = g
         clones.clear()
@@ -375,6 +378,10 @@ ROUTE_BASES = {
     "adam-l2": lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=0.05),  # coupled decay, inside g
     "adamw-tensor-lr-fused": lambda ps: torch.optim.AdamW(ps, lr=torch.tensor(1e-2, dtype=torch.float64),
                                                           weight_decay=0.05, fused=True),
+    "sgd-momentum": lambda ps: torch.optim.SGD(ps, lr=0.5, momentum=0.9, weight_decay=1e-3),
+    "sgd-nesterov-maximize": lambda ps: torch.optim.SGD(ps, lr=0.5, momentum=0.9, nesterov=True, maximize=True),
+    "sgd-dampening": lambda ps: torch.optim.SGD(ps, lr=0.5, momentum=0.8, dampening=0.3, weight_decay=1e-3),
+    "sgd-plain": lambda ps: torch.optim.SGD(ps, lr=0.5, weight_decay=1e-3),
 }
 
 
@@ -388,7 +395,7 @@ def count_route(monkeypatch):
 
 
 @pytest.mark.parametrize("name", list(ROUTE_BASES))
-def test_the_route_over_adam_and_adamw_is_the_documented_rule(name, monkeypatch):
+def test_the_route_over_sgd_adam_and_adamw_is_the_documented_rule(name, monkeypatch):
     """The base's fused CPU kernel at lr 1 on a copy, instead of its step then a rescaling: the same
     result as the rule written here over torch's own step, and the same state as the generic route."""
     calls = count_route(monkeypatch)
