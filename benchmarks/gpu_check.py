@@ -1,6 +1,6 @@
 """Every GPU check of the project in one run (GPU time is scarce: one call should answer everything).
 
-    python benchmarks/gpu_check.py [--out DIR]        # about 7 minutes on one H200
+    python benchmarks/gpu_check.py [--out DIR]        # about 6 minutes on one H200
 
 In order, each part in its own process with its own time limit, so that a failure or a hang in one
 part leaves the others' results:
@@ -14,8 +14,9 @@ part leaves the others' results:
 3. ``benchmarks/transformer_step.py``: a 0.94B-parameter transformer's training iteration;
 4. the fused kernels' block size and warp count against achieved memory bandwidth, on the
    transformer's parameters (what the defaults in ``lars_plugins/fused.py`` were chosen from);
-5. torchtitan's own Trainer on one GPU with LAMB (``examples/torchtitan_llama.py --tp 1``: its llama3
-   debug model, FlexAttention, bfloat16 compute, FSDP2 on a mesh of one), where torchtitan is installed.
+5. with ``--with-torchtitan`` (about 1.5 minutes more): torchtitan's own Trainer on one GPU with LAMB
+   (``examples/torchtitan_llama.py --tp 1``: its llama3 debug model, FlexAttention, bfloat16
+   compute, FSDP2 on a mesh of one), where torchtitan is installed.
 
 Logs go to ``--out`` (default ``$OUT``, else ``gpu_check_output``); the summary table is printed last.
 """
@@ -37,6 +38,8 @@ PARTS = [
      130),
     ("transformer", [sys.executable, "benchmarks/transformer_step.py"], 100),
     ("kernel sweep", [sys.executable, "benchmarks/gpu_check.py", "--sweep"], 70),
+]
+TORCHTITAN_PART = [
     ("torchtitan", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
                     "examples/torchtitan_llama.py", "--tp", "1", "--steps", "10", "--assets", "/tmp/torchtitan_assets",
                     "--dump-folder", "/tmp/torchtitan_outputs"], 100),
@@ -85,6 +88,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", default=os.environ.get("OUT", "gpu_check_output"))
     parser.add_argument("--sweep", action="store_true", help="run part 4 in this process (used by the run itself)")
+    parser.add_argument("--with-torchtitan", action="store_true", help="also run part 5 (torchtitan's Trainer)")
     args = parser.parse_args()
     if args.sweep:
         sys.path.insert(0, str(ROOT / "benchmarks"))
@@ -101,7 +105,7 @@ def main() -> None:
                           "--format=csv,noheader"], capture_output=True, text=True)
     summary = [f"machine: {info.stdout.strip() or info.stderr.strip()[-300:]} | nvidia-smi: {smi.stdout.strip()}"]
     print(summary[0], flush=True)
-    for name, command, limit in PARTS:
+    for name, command, limit in PARTS + (TORCHTITAN_PART if args.with_torchtitan else []):
         log = out / f"{name.replace(' ', '_')}.log"
         start = time.perf_counter()
         try:
