@@ -5,6 +5,7 @@ about it, how it compares with a tuned Nesterov baseline, and how sensitive it i
     python benchmarks/large_batch.py eta       # table 2 (η and γ·η sweeps at two batch sizes)
     python benchmarks/large_batch.py ranger    # table 7 (LARS + Ranger vs LARS vs Ranger, tuned baselines)
     python benchmarks/large_batch.py all       # all three
+    python benchmarks/large_batch.py pilot     # the pilot LARS's γ rule was anchored on (table 0)
     add --quick for a smoke run (minutes; what the tests run)
 
 Data: Fashion-MNIST from a local copy (Debian's dataset-fashion-mnist, or torchvision's layout under
@@ -59,6 +60,9 @@ ETAS = [1e-4, 3e-4, 1e-3, 3e-3, 1e-2, 3e-2, 1e-1]
 PRODUCTS = [1e-3 * 2**k for k in range(-2, 6)]  # γ·η from 2.5e-4 to 3.2e-2
 RANGER_LRS = [1e-3, 3e-3, 1e-2, 3e-2, 1e-1, 3e-1, 1.0]  # RAdam's LR
 LARS_RANGER_PRODUCTS = [2.5e-3, 5e-3, 1e-2, 2e-2, 4e-2, 8e-2]  # γ·η of LARS + Ranger
+# The pilot: γ per batch size at η = 0.001, one seed, held-out split. The rule γ = 2·√(B/128) was
+# anchored on its large-batch end.
+PILOT = {128: [1.0, 2.0, 4.0, 8.0], 8192: [4.0, 8.0, 16.0, 32.0]}
 
 
 @dataclass(frozen=True)
@@ -401,9 +405,33 @@ def plot_eta(rows: list[dict], batches: list[int], seeds: int, epochs: int, out:
     fig.savefig(out / "accuracy_vs_eta.png", dpi=110)
 
 
+def pilot_study(data: Data, grids: dict[int, list[float]], seeds: list[int], epochs: int, out: Path,
+                clock: Clock) -> None:
+    """LARS's γ at η = 0.001 per batch size on the held-out split: where the square-root rule for γ
+    came from (anchored at the large batch, the rule's γ = 16 at 8,192 gives γ = 2 at 128)."""
+    rows = []
+    for batch, gammas in grids.items():
+        for gamma in gammas:
+            accs = [run(Recipe("lars", gamma), data.x_fit, data.y_fit, (data.x_val, data.y_val), batch, seed, epochs)
+                    for seed in seeds]
+            mean, std = mean_std(accs)
+            rows.append({"batch_size": batch, "gamma": gamma, "rule_gamma": lars_sqrt_lr(batch), "runs": len(accs),
+                         "mean": mean, "std": std})
+            print(f"batch {batch:>5} γ {gamma:<6g}: {mean:.1%} ± {std:.1%} {clock}", flush=True)
+    write_csv(out / "pilot.csv", rows)
+    print(f"\nTable 0: LARS validation accuracy (held-out 10,000), η = 0.001, no warm-up, {len(seeds)} seed(s), "
+          f"{epochs} epochs; the rule γ = 2·√(B/128)")
+    for batch in grids:
+        pts = [r for r in rows if r["batch_size"] == batch]
+        print(f"\nbatch {batch} (rule: γ = {lars_sqrt_lr(batch):g})")
+        print("| γ | " + " | ".join(f"{r['gamma']:g}" for r in pts) + " |")
+        print("|---|" + "---:|" * len(pts))
+        print("| accuracy | " + " | ".join(f"{r['mean']:.1%}" for r in pts) + " |")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("study", choices=("batch", "eta", "ranger", "all"), nargs="?", default="all")
+    parser.add_argument("study", choices=("batch", "eta", "ranger", "all", "pilot"), nargs="?", default="all")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 12,000 images, 2 batch sizes, 1 seed")
     parser.add_argument("--epochs", type=int, default=None, help=f"epochs at every batch size (default {EPOCHS})")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3)")
@@ -417,7 +445,7 @@ def main(argv: Optional[list[str]] = None) -> None:
                  "(add --download to let torchvision fetch it there)")
     torch.set_num_threads(torch.get_num_threads())
     epochs = args.epochs or (2 if args.quick else EPOCHS)
-    seeds = list(range(args.seeds or (1 if args.quick else 3)))
+    seeds = list(range(args.seeds or (1 if args.quick or args.study == "pilot" else 3)))
     data = load(args.data_dir, args.download, 12_000 if args.quick else None)
     args.out.mkdir(parents=True, exist_ok=True)
     clock = Clock()
@@ -438,6 +466,9 @@ def main(argv: Optional[list[str]] = None) -> None:
         if args.quick:
             grids = {name: grid[1::3] for name, grid in grids.items()}
         ranger_study(data, batches, seeds, epochs, grids, args.out, clock)
+    if args.study == "pilot":
+        pilot = {256: PILOT[128][1:3], 4096: PILOT[8192][1:3]} if args.quick else PILOT
+        pilot_study(data, pilot, seeds, epochs, args.out, clock)
     print(f"\nmachine: {machine()}; took {time.perf_counter() - clock.start:.0f} s; wrote {args.out}")
 
 
