@@ -6,6 +6,7 @@ about it, how it compares with a tuned Nesterov baseline, and how sensitive it i
     python benchmarks/large_batch.py ranger    # table 7 (LARS + Ranger vs LARS vs Ranger, tuned baselines)
     python benchmarks/large_batch.py all       # all three
     python benchmarks/large_batch.py pilot     # the pilot LARS's γ rule was anchored on (table 0)
+    python benchmarks/large_batch.py lamb      # table 9: LAMB, AdamW and LARS, each tuned alike, 1K-32K
     add --quick for a smoke run (minutes; what the tests run)
 
 Data: Fashion-MNIST from a local copy (Debian's dataset-fashion-mnist, or torchvision's layout under
@@ -30,7 +31,8 @@ Table 7 (the Ranger lineage), without warm-up, at two large batch sizes:
 * LARS: the rule above (η = 0.001, γ = 2·√(B/128));
 * Nesterov + warm-up, tuned: as in table 1 (the tuned baseline of the regime).
 
-Tuning and the η sweeps use the held-out split only; the test set is used for tables 1 and 7 alone.
+Tuning, the pilot and the η sweeps use the held-out split only; the test set is used for tables 1, 7 and 9
+alone.
 """
 
 from __future__ import annotations
@@ -51,7 +53,7 @@ import torch
 
 from lars_plugins import TrustRatioHistory, TrustRatioMonitor
 from lars_plugins.demo.datasets import find_fashion_mnist, load_fashion_mnist
-from lars_plugins.recipes import Recipe, lars_sqrt_lr, mlp_bn, sgd_linear_lr, train
+from lars_plugins.recipes import Recipe, RunResult, lars_sqrt_lr, mlp_bn, sgd_linear_lr, train
 
 EPOCHS = 5
 WARMUP_EPOCHS = 1.0
@@ -63,6 +65,15 @@ LARS_RANGER_PRODUCTS = [2.5e-3, 5e-3, 1e-2, 2e-2, 4e-2, 8e-2]  # γ·η of LARS 
 # The pilot: γ per batch size at η = 0.001, one seed, held-out split. The rule γ = 2·√(B/128) was
 # anchored on its large-batch end.
 PILOT = {128: [1.0, 2.0, 4.0, 8.0], 8192: [4.0, 8.0, 16.0, 32.0]}
+# Table 9: each method tuned over its own 7-point grid (steps of 2-2.5x) times warm-up {none, 1 epoch},
+# 14 runs of seed 0 on the held-out split; weight decay 0.01 on weight matrices for all three.
+ADAM_FAMILY_GRIDS = {
+    "AdamW": ("adamw", [1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1]),  # the LR
+    "LAMB": ("lamb", [1e-3, 2e-3, 5e-3, 1e-2, 2e-2, 5e-2, 1e-1]),  # the LR: a layer's relative step
+    "LARS": ("lars", [1.0, 2.0, 5.0, 10.0, 20.0, 50.0, 100.0]),  # γ at η = 0.001
+}
+LAMB_STUDY_BATCHES = [1024, 8192, 16384, 32768]
+LAMB_STUDY_DECAY = 0.01
 
 
 @dataclass(frozen=True)
@@ -110,9 +121,14 @@ def load(data_dir: Optional[Path], download: bool, subset: Optional[int]) -> Dat
 
 
 def run(recipe: Recipe, x: torch.Tensor, y: torch.Tensor, eval_set: tuple, batch: int, seed: int, epochs: int) -> float:
+    return run_result(recipe, x, y, eval_set, batch, seed, epochs).accuracy
+
+
+def run_result(recipe: Recipe, x: torch.Tensor, y: torch.Tensor, eval_set: tuple, batch: int, seed: int,
+               epochs: int) -> RunResult:
     torch.manual_seed(seed)  # the same initial weights for every method at a seed
     model = mlp_bn()
-    return train(model, recipe, x, y, batch_size=batch, epochs=epochs, seed=seed, eval_set=eval_set).accuracy
+    return train(model, recipe, x, y, batch_size=batch, epochs=epochs, seed=seed, eval_set=eval_set)
 
 
 def recorded_run(recipe: Recipe, x: torch.Tensor, y: torch.Tensor, batch: int, seed: int,
@@ -429,9 +445,58 @@ def pilot_study(data: Data, grids: dict[int, list[float]], seeds: list[int], epo
         print("| accuracy | " + " | ".join(f"{r['mean']:.1%}" for r in pts) + " |")
 
 
+def lamb_study(data: Data, batches: list[int], seeds: list[int], epochs: int,
+               grids: dict[str, tuple[str, list[float]]], out: Path, clock: Clock) -> None:
+    """LAMB against AdamW and LARS, each tuned with the same budget: its LR grid times warm-up
+    {none, 1 epoch}, one seed, on the held-out split. The picked setting then trains with every seed
+    on the same 50,000 images (so tuning and final runs take the same number of steps) and is scored
+    once on the test set. Diverged runs are counted, not averaged in as zeros."""
+    tuning, final = [], []
+    for batch in batches:
+        for method, (optimizer, grid) in grids.items():
+            scores = {}
+            for warmup in (0.0, WARMUP_EPOCHS):
+                for lr in grid:
+                    recipe = Recipe(optimizer, lr, warmup, weight_decay=LAMB_STUDY_DECAY)
+                    result = run_result(recipe, data.x_fit, data.y_fit, (data.x_val, data.y_val), batch, 0, epochs)
+                    scores[lr, warmup] = result.accuracy
+                    tuning.append({"batch_size": batch, "method": method, "lr": lr, "warmup_epochs": warmup,
+                                   "val_acc": result.accuracy, "diverged": result.diverged, "steps": result.steps})
+            lr, warmup = max(scores, key=lambda key: scores[key])
+            results = []
+            for seed in seeds:
+                result = run_result(Recipe(optimizer, lr, warmup, weight_decay=LAMB_STUDY_DECAY), data.x_fit,
+                                    data.y_fit, (data.x_test, data.y_test), batch, seed, epochs)
+                results.append(result)
+                final.append({"batch_size": batch, "method": method, "lr": lr, "warmup_epochs": warmup, "seed": seed,
+                              "test_acc": result.accuracy, "diverged": result.diverged, "steps": result.steps})
+            print(f"batch {batch:>5} {method:<6} picked lr {lr:g}, warm-up {warmup:g} (val {scores[lr, warmup]:.1%}); "
+                  f"test {[f'{r.accuracy:.1%}' for r in results]} {clock}", flush=True)
+    write_csv(out / "lamb_tuning.csv", tuning)
+    write_csv(out / "lamb.csv", final)
+    runs = len(next(iter(grids.values()))[1]) * 2
+    print(f"\nTable 9: test accuracy, mean ± std of the {len(seeds)} seeds that did not diverge, {epochs} epochs on "
+          f"{len(data.y_fit):,} images; each method tuned over {runs} runs (its grid x warm-up none / 1 epoch), "
+          "seed 0, held out")
+    print("| batch | steps | " + " | ".join(grids) + " |")
+    print("|---:|---:|" + "---|" * len(grids))
+    for batch in batches:
+        cells = []
+        for method in grids:
+            rows = [r for r in final if r["batch_size"] == batch and r["method"] == method]
+            kept = [r["test_acc"] for r in rows if not r["diverged"]]
+            mean, std = mean_std(kept) if kept else (math.nan, math.nan)
+            diverged = len(rows) - len(kept)
+            cells.append(f"{mean:.1%} ± {std:.1%} (lr {rows[0]['lr']:g}, warm-up {rows[0]['warmup_epochs']:g}"
+                         + (f", {diverged} of {len(rows)} diverged" if diverged else "") + ")")
+        steps = next(r["steps"] for r in final if r["batch_size"] == batch)
+        print(f"| {batch} | {steps} | " + " | ".join(cells) + " |")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("study", choices=("batch", "eta", "ranger", "all", "pilot"), nargs="?", default="all")
+    parser.add_argument("study", choices=("batch", "eta", "ranger", "all", "pilot", "lamb"), nargs="?",
+                        default="all")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 12,000 images, 2 batch sizes, 1 seed")
     parser.add_argument("--epochs", type=int, default=None, help=f"epochs at every batch size (default {EPOCHS})")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3)")
@@ -469,6 +534,11 @@ def main(argv: Optional[list[str]] = None) -> None:
     if args.study == "pilot":
         pilot = {256: PILOT[128][1:3], 4096: PILOT[8192][1:3]} if args.quick else PILOT
         pilot_study(data, pilot, seeds, epochs, args.out, clock)
+    if args.study == "lamb":
+        batches = [4096] if args.quick else LAMB_STUDY_BATCHES
+        grids = {name: (opt, grid[2::3]) for name, (opt, grid) in ADAM_FAMILY_GRIDS.items()} if args.quick \
+            else ADAM_FAMILY_GRIDS
+        lamb_study(data, batches, seeds, epochs, grids, args.out, clock)
     print(f"\nmachine: {machine()}; took {time.perf_counter() - clock.start:.0f} s; wrote {args.out}")
 
 

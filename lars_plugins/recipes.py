@@ -1,8 +1,8 @@
 """Large-batch image classification in plain PyTorch: the model, optimizers and training loop that
 ``lars-plugins demo`` and ``benchmarks/large_batch.py`` share.
 
-A :class:`Recipe` names one optimizer setting (SGD, Nesterov, LARS, Ranger or LARS + Ranger; its LR;
-warm-up or not).
+A :class:`Recipe` names one optimizer setting (SGD, Nesterov, LARS, AdamW, LAMB, Ranger or
+LARS + Ranger; its LR; warm-up or not).
 :func:`train` runs it for a fixed budget of epochs from a seed, so two recipes compared at one batch
 size see the same initial weights and the same batches. Framework-free: only torch.
 """
@@ -18,6 +18,7 @@ import torch
 from torch import Tensor, nn
 
 from .groups import param_groups
+from .lamb import LAMB
 from .lars import LARS
 from .schedules import WarmupDecayLR
 from .registry import optimizer_entry
@@ -26,7 +27,7 @@ from .wrapper import centralize_gradients_
 __all__ = ["RECIPE_OPTIMIZERS", "Recipe", "RunResult", "mlp_bn", "build_optimizer",
            "train", "evaluate", "sgd_linear_lr", "lars_sqrt_lr"]
 
-RECIPE_OPTIMIZERS = ("sgd", "nesterov", "lars", "ranger", "lars_ranger")
+RECIPE_OPTIMIZERS = ("sgd", "nesterov", "lars", "adamw", "lamb", "ranger", "lars_ranger")
 # Ranger's settings (Wright 2019), as in lars_plugins.ranger (which imports timm): RAdam with β1 = 0.95,
 # Lookahead every 6 steps halfway back, and Gradient Centralization.
 RANGER_BETAS = (0.95, 0.999)
@@ -94,7 +95,9 @@ def mlp_bn(in_features: int = 784, width: int = 512, num_classes: int = 10) -> n
 
 def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     """The recipe's optimizer. Weight decay goes on weight matrices only, for every optimizer, and
-    LARS adapts only those (biases and BatchNorm take the plain LR γ, as in the paper's recipes).
+    LARS and LAMB adapt only those (biases and BatchNorm take the plain LR γ, as in the paper's
+    recipes). ``adamw`` and ``lamb``: torch's AdamW and :class:`lars_plugins.LAMB` with their default
+    betas and ε, ``weight_decay`` decoupled (AdamW's) or inside the update (LAMB's).
 
     ``ranger``: ``Lookahead(RAdam)`` with Gradient Centralization; ``lars_ranger``: the registry's
     ``lars_ranger`` (:class:`lars_plugins.LarsRanger`: ``Lookahead(Layerwise(RAdam, η,
@@ -102,7 +105,11 @@ def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     groups = param_groups(model, weight_decay=recipe.weight_decay)
     if recipe.optimizer == "lars":
         return LARS(groups, lr=recipe.lr, momentum=recipe.momentum, trust_coefficient=recipe.trust_coefficient)
+    if recipe.optimizer == "lamb":
+        return LAMB(groups, lr=recipe.lr)
     plain = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups]
+    if recipe.optimizer == "adamw":
+        return torch.optim.AdamW(plain, lr=recipe.lr)
     if recipe.optimizer == "lars_ranger":
         return optimizer_entry("lars_ranger").build(plain, lr=recipe.lr, trust_coefficient=recipe.trust_coefficient)
     if recipe.optimizer == "ranger":

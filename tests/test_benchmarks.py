@@ -108,6 +108,27 @@ def test_large_batch_pilot_quick(tmp_path):
     assert "Table 0" in out
 
 
+def test_large_batch_lamb_study_quick(tmp_path):
+    """LAMB, AdamW and LARS tuned with one budget: each method's picked setting is the best of its own
+    tuning runs on the held-out split, and the final runs take as many steps as the tuning runs."""
+    from lars_plugins.demo.datasets import find_fashion_mnist
+
+    if find_fashion_mnist() is None:
+        pytest.skip("Fashion-MNIST is not installed here (apt-get install dataset-fashion-mnist)")
+    out = run_script("large_batch.py", "lamb", "--quick", "--out", str(tmp_path))
+    tuning = list(csv.DictReader((tmp_path / "lamb_tuning.csv").open()))
+    final = list(csv.DictReader((tmp_path / "lamb.csv").open()))
+    for method in ("AdamW", "LAMB", "LARS"):
+        runs = [r for r in tuning if r["method"] == method]
+        assert len(runs) == 4  # 2 grid points x warm-up none / 1 epoch: the same budget for each
+        best = max(runs, key=lambda r: float(r["val_acc"]))
+        [picked] = [r for r in final if r["method"] == method]
+        assert (picked["lr"], picked["warmup_epochs"]) == (best["lr"], best["warmup_epochs"])
+        assert picked["steps"] == best["steps"]
+        assert 0.1 < float(picked["test_acc"]) <= 1  # learned something; "nan" fails
+    assert "Table 9" in out
+
+
 def test_sharded_step_quick(tmp_path):
     pytest.importorskip("deepspeed")
     out = run_script("sharded_step.py", "--engines", "ddp", "fsdp1-flat", "zero2", "--blocks", "2", "--reps", "2",
