@@ -147,6 +147,17 @@ def mean_std(values: list[float]) -> tuple[float, float]:
     return statistics.mean(values), (statistics.stdev(values) if len(values) > 1 else 0.0)
 
 
+# Student's t at 97.5% for n - 1 degrees of freedom (n = 2..10): the half-width of a 95% interval of a
+# mean of n runs is T975[n]·s/√n.
+T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+
+
+def interval95(values: list[float]) -> float:
+    """Half-width of the 95% t-interval of the mean of ``values`` (NaN for fewer than 2)."""
+    n = len(values)
+    return T975[n] * statistics.stdev(values) / math.sqrt(n) if n in T975 else math.nan
+
+
 def write_csv(path: Path, rows: list[dict]) -> None:
     with path.open("w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
@@ -487,7 +498,8 @@ def lamb_study(data: Data, batches: list[int], seeds: list[int], epochs: int,
             kept = [r["test_acc"] for r in rows if not r["diverged"]]
             mean, std = mean_std(kept) if kept else (math.nan, math.nan)
             diverged = len(rows) - len(kept)
-            cells.append(f"{mean:.1%} ± {std:.1%} (lr {rows[0]['lr']:g}, warm-up {rows[0]['warmup_epochs']:g}"
+            cells.append(f"{mean:.1%} ± {std:.1%} [95%: ± {interval95(kept):.1%}] "
+                         f"(lr {rows[0]['lr']:g}, warm-up {rows[0]['warmup_epochs']:g}"
                          + (f", {diverged} of {len(rows)} diverged" if diverged else "") + ")")
         steps = next(r["steps"] for r in final if r["batch_size"] == batch)
         print(f"| {batch} | {steps} | " + " | ".join(cells) + " |")
