@@ -199,14 +199,11 @@ class Layerwise(LayerwiseOptimizer):
         try:
             plans = [self._before(group, index) for index, group in enumerate(self.param_groups)]
             self.base.step()
-            for p, grad in self._stepped_here:
-                p.grad = grad
-            self._stepped_here = []
             for group, plan in zip(self.param_groups, plans):
                 if plan is not None:
                     plan(group)
                 count_group_step(group, self._layouts(group["params"]))
-        finally:
+        finally:  # the rescaling plans read no gradient: restoring them here serves success and failure
             for p, grad in self._stepped_here:
                 p.grad = grad
             self._stepped_here = []
@@ -277,7 +274,7 @@ class Layerwise(LayerwiseOptimizer):
             w_norm = host_norm(o)
             o.sub_(p)  # w_old - w_new = -Δw
             delta_norm = host_norm(o)
-            ratio = _host_ratio(group, w_norm, delta_norm if delta_norm == 0 or lr == 0 else delta_norm / lr)
+            ratio = _host_ratio(group, w_norm, delta_norm / lr if lr != 0 else delta_norm)
             self._took_ratio(p, w_norm, ratio)
             p.add_(o, alpha=1.0 - ratio)  # w_old + r·Δw
 
