@@ -18,11 +18,12 @@ from torch import Tensor
 from torch.optim import Optimizer
 from torch.optim.optimizer import ParamsT
 
-from .distributed import WholeTensors
+from .distributed import WholeTensors, like_param, like_param_rows, shards_beyond_first_dimension, to_local
 from .options import (FOREIGN_KEYS, Check, ForeignKey, Option, foreign_message, is_foreign_number, meant_key,
                       translate_foreign)
 from .tensor_lists import ratio_dtype
 from .layouts import FlatLayout, FlatPieces, LayoutResolver, layer_shape
+from .state_precision import SCALE_SUFFIX, StateCodec, form_of, int8_blocks, stored_form
 
 __all__ = ["LayerwiseOptimizer", "ForeignKey", "FOREIGN_KEYS", "translate_foreign", "count_group_step"]
 
@@ -62,6 +63,32 @@ def restore_trust_ratios(state: dict[Tensor, dict[str, Any]], saved: dict[Tensor
             state[p]["trust_ratio"] = ratio.to(device=p.device, dtype=ratio_dtype(p.dtype))
 
 
+def saved_narrow_state(state_dict: dict[str, Any], param_groups: list[dict[str, Any]],
+                       keys: Iterable[str]) -> dict[Tensor, dict[str, Tensor]]:
+    """The narrow state a state dict holds (bfloat16 tensors, 8-bit codes and their scales), by the
+    parameter it will belong to, taken before torch casts every floating state to the parameter's
+    dtype and 8-bit codes to numbers."""
+    names = {name for key in keys for name in (key, key + SCALE_SUFFIX)}
+    found: dict[Tensor, dict[str, Tensor]] = {}
+    for saved_group, group in zip(state_dict["param_groups"], param_groups):
+        for key, p in zip(saved_group["params"], group["params"]):
+            entry = state_dict["state"].get(key)
+            if not isinstance(entry, dict):
+                continue
+            kept = {name: value for name, value in entry.items() if name in names and isinstance(value, Tensor)
+                    and (value.dtype in (torch.uint8, torch.bfloat16) or name.endswith(SCALE_SUFFIX))}
+            if kept:
+                found[p] = kept
+    return found
+
+
+def restore_narrow_state(state: dict[Tensor, dict[str, Any]], saved: dict[Tensor, dict[str, Tensor]]) -> None:
+    """Put the saved narrow state back as it was stored (on the parameter's device)."""
+    for p, entries in saved.items():
+        if p in state:
+            state[p].update({name: value.to(device=p.device) for name, value in entries.items()})
+
+
 def count_group_step(group: dict[str, Any], layout: Optional[FlatLayout]) -> None:
     """Under DeepSpeed ZeRO-1/2, a ``step`` per param group: DeepSpeed's elastic checkpoints save it
     and, on loading, refuse a checkpoint without it (they were written for optimizers that keep one
@@ -92,6 +119,9 @@ class LayerwiseOptimizer(Optimizer):
     # the key is read with (the default, which behaves as versions before the key did).
     KEYS: ClassVar[dict[str, Check]] = {}
     LOADED_DEFAULTS: ClassVar[dict[str, Any]] = {}
+    # The per-parameter state a group's ``state_precision`` narrows: key -> whether 8-bit codes hold its
+    # square root (Adam's second moment).
+    NARROW_STATE: ClassVar[dict[str, bool]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -111,6 +141,7 @@ class LayerwiseOptimizer(Optimizer):
         # flat layouts (DeepSpeed swaps its partitions into the groups after construction).
         self._layouts = LayoutResolver([], owner=self.NAME)
         self._flat_ratios: dict[int, Tensor] = {}
+        self._codec = StateCodec()
         super().__init__(params, defaults)
 
     # --- groups ----------------------------------------------------------------------------------
@@ -126,6 +157,7 @@ class LayerwiseOptimizer(Optimizer):
         self._to_python_numbers(param_group)
         super().add_param_group(param_group)
         self._check_fused(self.param_groups[-1], where)
+        self._check_state_precision(self.param_groups[-1], where)
         self._layouts = LayoutResolver([*self._layouts.candidates, *self.param_groups[-1]["params"]],
                                        owner=self.NAME)
 
@@ -160,8 +192,23 @@ class LayerwiseOptimizer(Optimizer):
                              "Pass fused=None (the default) to take the fastest path available, or move the model "
                              "to a CUDA device before building the optimizer")
 
+    def _check_state_precision(self, group: dict[str, Any], where: str) -> None:
+        """``state_precision='bfloat16'`` is refused for 16-bit parameters, whose state is 16-bit already."""
+        if group.get("state_precision") != "bfloat16":
+            return
+        for p in group["params"]:
+            if p.dtype in (torch.bfloat16, torch.float16):
+                raise ValueError(f"{where}state_precision='bfloat16' with a {p.dtype} parameter: its state is "
+                                 "stored in the parameter's dtype already (state_precision='float32', the default, "
+                                 "keeps it so); use 'int8' for smaller state, or float32 parameters")
+
     def _check_group(self, group: dict[str, Any], *, explicit: dict[str, Any], where: str) -> None:
         """Checks across keys (after each key passed its own)."""
+        precision = group.get("state_precision", "float32")
+        if precision != "float32" and group.get("fused") is True:
+            raise ValueError(f"{where}fused=True with state_precision={precision!r}: the fused CUDA step keeps "
+                             "float32 state; pass fused=None (the default), which takes the unfused step that "
+                             "decodes and encodes narrow state, or state_precision='float32'")
         if "fused" in self.KEYS and group.get("fused") and group.get("foreach"):
             raise ValueError(f"{where}fused=True and foreach=True: choose one (fused=True takes the fused "
                              "CUDA step, foreach=True the multi-tensor one)")
@@ -189,6 +236,8 @@ class LayerwiseOptimizer(Optimizer):
             self._layouts = LayoutResolver([p for group in self.param_groups for p in group["params"]],
                                            owner=self.NAME)
             self._flat_ratios = {}
+        if not hasattr(self, "_codec"):
+            self._codec = StateCodec()
         for group in self.param_groups:
             for key, value in self.LOADED_DEFAULTS.items():
                 group.setdefault(key, value)
@@ -206,12 +255,18 @@ class LayerwiseOptimizer(Optimizer):
         """torch's state dict without the trust ratios of the last step: they are statistics that
         every step computes afresh, not state a resumed run needs, and FSDP1 and ZeRO keep them per
         layer outside the per-tensor state, so leaving them out lets a checkpoint move between
-        layouts (FSDP1, FSDP2, one process)."""
-        return without_trust_ratios(super().state_dict())
+        layouts (FSDP1, FSDP2, one process). Narrow state (``state_precision``) is saved as stored,
+        with the stochastic-rounding generators' states under ``"state_precision_rng"``."""
+        saved = without_trust_ratios(super().state_dict())
+        generators = self._codec.generator_states()
+        if generators:
+            saved["state_precision_rng"] = generators
+        return saved
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict. Hyperparameters come from the checkpoint, as in torch, and pass the
-        constructor's checks; keys it lacks are kept from this optimizer's groups. Trust ratios in
+        constructor's checks; keys it lacks are kept from this optimizer's groups. ``state_precision``
+        is this optimizer's: state saved in another precision is converted to it (to nearest). Trust ratios in
         the checkpoint (written by versions that saved them) keep their float32 precision under
         half-precision parameters."""
         groups = []
@@ -221,6 +276,8 @@ class LayerwiseOptimizer(Optimizer):
             for key, value in current.items():
                 if key != "params":
                     saved.setdefault(key, value)
+            if "state_precision" in current:  # how this optimizer stores state, not a hyperparameter of the run:
+                saved["state_precision"] = current["state_precision"]  # the checkpoint is converted to it
             # A checkpoint must not bring in what the constructor refuses (lr=-1, momentum=nan).
             self._validate(saved, explicit=saved, where=where)
             self._to_python_numbers(saved)
@@ -228,8 +285,15 @@ class LayerwiseOptimizer(Optimizer):
         # A length mismatch is left to torch, which explains it.
         groups += state_dict["param_groups"][len(groups):]
         saved = saved_trust_ratios(state_dict, self.param_groups)
+        narrow = saved_narrow_state(state_dict, self.param_groups, self.NARROW_STATE)
         super().load_state_dict({**state_dict, "param_groups": groups})
         restore_trust_ratios(self.state, saved)
+        restore_narrow_state(self.state, narrow)
+        # State saved in another precision (a float32 checkpoint into a narrow optimizer, or back) is
+        # converted, rounding to nearest; torch has cast 16-bit floating state to the parameters' dtype.
+        for group in self.param_groups:
+            self._conform_state(group, group["params"], stochastic=False)
+        self._codec.load_generator_states(state_dict.get("state_precision_rng", {}))
 
     # --- layers ----------------------------------------------------------------------------------
 
@@ -300,17 +364,106 @@ class LayerwiseOptimizer(Optimizer):
         device = ratios.device
         self._flat_ratios[id(layout)] = torch.where(layout.constant(adapted, device), ratios, torch.nan)
 
+    # --- narrow state (state_precision) -----------------------------------------------------------
+
+    _has_narrow_state = False  # whether any state is stored narrow (then every step decodes it)
+
+    def _narrow(self, group: dict[str, Any]) -> bool:
+        """Whether ``group``'s step goes through :meth:`_decoded_state` (narrow state wanted or stored)."""
+        return bool(self.NARROW_STATE) and (group.get("state_precision", "float32") != "float32"
+                                            or self._has_narrow_state)
+
+    def _decoded_state(self, group: dict[str, Any], tensors: Union[WholeTensors, FlatPieces],
+                       key: str) -> tuple[list[Optional[Tensor]], Callable[[], None]]:
+        """``tensors.state(self.state, key)`` as the rules take it, in the parameters' dtype: narrow
+        state decoded into working copies, and a function that encodes them back (stochastic
+        rounding) after the rule has updated them. State in the parameters' dtype is itself."""
+        stored = tensors.state(self.state, key)
+        if not self._narrow(group):
+            return stored, lambda: None
+        squared = self.NARROW_STATE[key]
+        working: list[Optional[Tensor]] = []
+        narrow: list[tuple[int, Tensor, Optional[Tensor]]] = []
+        for i, value in enumerate(stored):
+            dtype = tensors.params[i].dtype
+            if value is None or not (value.dtype == torch.uint8 or (value.dtype == torch.bfloat16
+                                                                   and dtype != torch.bfloat16)):
+                working.append(value)
+                continue
+            absmax = to_local(self.state[tensors.owners[i]][key + SCALE_SUFFIX]) if value.dtype == torch.uint8 \
+                else None
+            working.append(self._codec.decode(value, absmax, dtype, squared))
+            narrow.append((i, value, absmax))
+
+        def write_back() -> None:
+            for i, value, absmax in narrow:
+                self._codec.encode(working[i], value, absmax, squared)  # type: ignore[arg-type]
+
+        return working, write_back
+
+    def _conform_state(self, group: dict[str, Any], owners: Iterable[Tensor], *, stochastic: bool) -> None:
+        """Store each parameter's :attr:`NARROW_STATE` in the form its group's ``state_precision``
+        asks for, converting what a step just made (in the parameters' dtype) or a checkpoint held."""
+        if not self.NARROW_STATE:
+            return
+        for p in {id(t): t for t in owners}.values():
+            entry = self.state.get(p)
+            if not entry:
+                continue
+            target = stored_form(group.get("state_precision", "float32"), p)
+            for key, squared in self.NARROW_STATE.items():
+                current = form_of(entry, key, p.dtype)
+                if current is None or current == target:
+                    continue
+                value = to_local(entry[key])
+                absmax = to_local(entry.pop(key + SCALE_SUFFIX)) if current == "int8" else None
+                working = value if current == "float32" else self._codec.decode(value, absmax, p.dtype, squared)
+                if target == "float32":
+                    entry[key] = like_param(working.to(p.dtype), p)
+                    continue
+                narrow = torch.empty(working.shape, device=working.device,
+                                     dtype=torch.bfloat16 if target == "bfloat16" else torch.uint8)
+                scales = torch.empty(int8_blocks(working.shape), dtype=torch.float32, device=working.device) \
+                    if target == "int8" else None
+                self._codec.encode(working, narrow, scales, squared, stochastic=stochastic)
+                entry[key] = like_param(narrow, p)
+                if scales is not None:  # rows of p's rows: sharded as p is (FSDP2), checkpointed alike
+                    entry[key + SCALE_SUFFIX] = like_param_rows(scales, p, int8_blocks(p.shape))
+                self._has_narrow_state = True
+
+    def _check_layouts_take_precision(self) -> None:
+        """8-bit state is refused before any group steps where its blocks would not be whole: under
+        flat layouts (FSDP1, ZeRO) and for DTensors sharded beyond their first dimension."""
+        for index, group in enumerate(self.param_groups):
+            if group.get("state_precision") != "int8":
+                continue
+            if self._layouts(group["params"]) is not None:
+                raise ValueError(
+                    f"param group {index}: state_precision='int8' under a flat layout (FSDP1, DeepSpeed ZeRO) is not "
+                    "supported: a flat shard's pieces cut layers at any element, and 8-bit blocks must not span two "
+                    "layers. Use state_precision='bfloat16' there, or FSDP2 (fully_shard), where int8 works")
+            for p in group["params"]:
+                if stored_form("int8", p) == "int8" and shards_beyond_first_dimension(p):
+                    raise ValueError(
+                        f"param group {index}: state_precision='int8' for a parameter sharded along a dimension "
+                        f"other than its first ({p.placements}): 8-bit blocks lie within rows and their scales shard "
+                        "with the rows, which this layout (tensor parallelism) splits. Use state_precision='bfloat16', "
+                        "which shards as it is")
+
     # --- step ------------------------------------------------------------------------------------
 
     @torch.no_grad()
     def step(self, closure: Optional[Callable[[], float]] = None) -> Optional[float]:  # type: ignore[override]
         """Perform one step; ``closure`` (re-evaluating the loss) is called first and its loss returned."""
         loss = evaluate(closure)
+        self._check_layouts_take_precision()
         for index, group in enumerate(self.param_groups):
             where = f"param group {index}: "
             tensors = self.resolve(group, where)
             if tensors.params:
                 self._step_group(group, tensors)
+                if self._narrow(group):
+                    self._conform_state(group, tensors.owners, stochastic=True)
             tensors.finish()
             if isinstance(tensors, FlatPieces):
                 if tensors.layer_norms is not None:  # each whole layer's ratio, for the monitor

@@ -14,6 +14,7 @@ Flat layouts (FSDP1, DeepSpeed ZeRO) are in :mod:`lars_plugins.layouts`.
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 from typing import Any, Optional, Sequence
 
@@ -50,6 +51,26 @@ def is_dtensor(tensor: Tensor) -> bool:
 def to_local(tensor: Tensor) -> Tensor:
     """The local shard of a DTensor (the same storage), or the tensor itself."""
     return tensor.to_local() if is_dtensor(tensor) else tensor  # type: ignore[attr-defined]
+
+
+def like_param_rows(local: Tensor, param: Tensor, shape: Sequence[int]) -> Tensor:
+    """Wrap a local tensor whose rows are those of ``param``'s local shard (one per index of its first
+    dimension) as a DTensor of global ``shape`` laid out like ``param``, else return it. Only for
+    parameters sharded along their first dimension alone (FSDP2), where the rows shard alike."""
+    if not is_dtensor(param):
+        return local
+    from torch.distributed.tensor import DTensor
+
+    size = torch.Size(shape)
+    stride = tuple(math.prod(size[i + 1:]) for i in range(len(size)))
+    return DTensor.from_local(local, param.device_mesh, param.placements, run_check=False,  # type: ignore[attr-defined]
+                              shape=size, stride=stride)
+
+
+def shards_beyond_first_dimension(param: Tensor) -> bool:
+    """Whether a DTensor ``param`` is sharded along a dimension other than its first (tensor parallelism)."""
+    return is_dtensor(param) and any(not placement.is_replicate() and getattr(placement, "dim", 0) != 0
+                                     for placement in param.placements)  # type: ignore[attr-defined]
 
 
 def like_param(local: Tensor, param: Tensor) -> Tensor:

@@ -114,8 +114,8 @@ class LarsTrainingArguments(LarsArgsMixin, TrainingArguments):
 
 
 def _convert(key: str, text: str, annotation: Any) -> Any:
-    """``text`` as the type of the optimizer's ``key`` argument (float, bool, a pair ``low:high``,
-    each possibly Optional)."""
+    """``text`` as the type of the optimizer's ``key`` argument (float, bool, str, a pair
+    ``low:high``, each possibly Optional)."""
     is_union = get_origin(annotation) is Union
     options = [a for a in get_args(annotation) if a is not type(None)] if is_union else [annotation]
     optional = get_origin(annotation) is Union and type(None) in get_args(annotation)
@@ -128,6 +128,8 @@ def _convert(key: str, text: str, annotation: Any) -> Any:
         if len(parts) != 2:
             raise ValueError(f"optim_args: {key} must be two numbers written low:high, got {text!r}")
         return tuple(_convert(key, part, float) for part in parts)
+    if str in options:  # a choice (state_precision): the optimizer checks it and names the values
+        return text.strip()
     if bool in options:
         if low in ("true", "1", "yes"):
             return True

@@ -9,7 +9,8 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from .base import LayerwiseOptimizer
-from .options import EXCLUSION_OPTIONS, Option, flag, learning_rate, pair, real
+from .options import EXCLUSION_OPTIONS, Option, choice, flag, learning_rate, pair, real
+from .state_precision import STATE_PRECISIONS
 from .distributed import WholeTensors
 from .layouts import FlatPieces
 from .lamb_rule import lamb, lamb_trust_ratio
@@ -80,9 +81,14 @@ class LAMB(LayerwiseOptimizer):
             :mod:`lars_plugins.fused`; the step counts then live on the device, as in torch's fused
             Adam, so a step can be captured in a CUDA graph) where it applies and ``foreach`` is not
             given; ``True`` insists on it (refused where it cannot run); ``False`` never takes it.
+        state_precision: how ``m`` and ``v`` are stored: ``"float32"`` (the parameter's dtype, as
+            torch's Adam), ``"bfloat16"`` (stochastic rounding) or ``"int8"`` (8-bit blockwise codes,
+            ``v`` as ``√v``); see :mod:`lars_plugins.state_precision`. Norms, the ratio and the
+            update are computed in float32 from the decoded moments and the true weights.
     """
 
     NAME = "LAMB"
+    NARROW_STATE = {"exp_avg": False, "exp_avg_sq": True}
     OPTIONS = {
         "lr": Option(learning_rate(), 1e-3),
         "betas": Option(pair(real(0.0, 1.0, high_open=True)), (0.9, 0.999)),
@@ -95,6 +101,7 @@ class LAMB(LayerwiseOptimizer):
         "maximize": Option(flag(), False),
         "foreach": Option(flag(optional=True), None),
         "fused": Option(flag(optional=True), None),
+        "state_precision": Option(choice(*STATE_PRECISIONS), "float32"),
     }
     HANDS_NORMS = True  # ‖w‖ only: the ratio divides by ‖u‖, so a monitor takes ‖g‖ itself
 
@@ -113,6 +120,7 @@ class LAMB(LayerwiseOptimizer):
         maximize: bool = False,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
+        state_precision: str = "float32",
     ) -> None:
         defaults = self.declared_defaults(locals())
         super().__init__(params, defaults)
@@ -150,7 +158,7 @@ class LAMB(LayerwiseOptimizer):
 
     def _step_fused(self, group: dict[str, Any], params: list[Tensor], sharded: bool) -> bool:
         """The fused CUDA step of the whole group, where every bucket takes it (see ``fused``)."""
-        if not params or group["fused"] is False or (group["fused"] is None and (
+        if not params or group["fused"] is False or self._narrow(group) or (group["fused"] is None and (
                 group["foreach"] is not None or params[0].device.type != "cuda")):
             return False
         states = [self.state[p] for p in params]
@@ -189,7 +197,8 @@ class LAMB(LayerwiseOptimizer):
         # FSDP1 unit, that had no gradient on some step has taken fewer steps and keeps its own count.
         unique = {id(t): t for t in tensors.owners}
         counts = {key: self._moments(t)[0] for key, t in unique.items()}
-        exp_avgs, exp_avg_sqs = tensors.state(self.state, "exp_avg"), tensors.state(self.state, "exp_avg_sq")
+        exp_avgs, write_avgs = self._decoded_state(group, tensors, "exp_avg")
+        exp_avg_sqs, write_avg_sqs = self._decoded_state(group, tensors, "exp_avg_sq")
         taken: Optional[list] = [None] * len(tensors.params) if self.collects_norms and tensors.whole else None
         # A complex parameter is stepped as its real view (as torch's Adam does): the second moment
         # then accumulates the squares of the real and imaginary parts, not g·g.
@@ -199,6 +208,8 @@ class LAMB(LayerwiseOptimizer):
              lr=group["lr"], weight_decay=group["weight_decay"], weight_norm_bounds=group["weight_norm_bounds"],
              trust_clip=group["trust_clip"], foreach=group["foreach"], norms=tensors.norms, weight_norms_out=taken,
              **self._hyper(group))
+        write_avgs()
+        write_avg_sqs()
         if taken is not None:
             self._hand_norms(tensors.owners, taken)
 

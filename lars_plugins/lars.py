@@ -8,7 +8,8 @@ from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
 from .base import LayerwiseOptimizer
-from .options import EXCLUSION_OPTIONS, Option, flag, learning_rate, real
+from .options import EXCLUSION_OPTIONS, Option, choice, flag, learning_rate, real
+from .state_precision import STATE_PRECISIONS
 from .distributed import WholeTensors
 from .layouts import FlatPieces
 from .lars_rule import lars, trust_ratio
@@ -64,9 +65,14 @@ class LARS(LayerwiseOptimizer):
         fused: ``None`` (default) takes the fused CUDA step (two Triton kernels per bucket:
             :mod:`lars_plugins.fused`) where it applies and ``foreach`` is not given; ``True``
             insists on it (refused where it cannot run); ``False`` never takes it.
+        state_precision: how the momentum buffer is stored: ``"float32"`` (the parameter's dtype,
+            as torch's SGD), ``"bfloat16"`` (stochastic rounding) or ``"int8"`` (8-bit blockwise
+            codes); see :mod:`lars_plugins.state_precision`. The ratio and the update are computed
+            in float32 from the true weights and gradients either way.
     """
 
     NAME = "LARS"
+    NARROW_STATE = {"momentum_buffer": False}
     OPTIONS = {
         "lr": Option(learning_rate(), 0.1),
         "momentum": Option(real(), 0.9),
@@ -80,6 +86,7 @@ class LARS(LayerwiseOptimizer):
         "maximize": Option(flag(), False),
         "foreach": Option(flag(optional=True), None),
         "fused": Option(flag(optional=True), None),
+        "state_precision": Option(choice(*STATE_PRECISIONS), "float32"),
     }
     HANDS_NORMS = True  # ‖w‖ and ‖g‖: the ratio's own
 
@@ -99,6 +106,7 @@ class LARS(LayerwiseOptimizer):
         maximize: bool = False,
         foreach: Optional[bool] = None,
         fused: Optional[bool] = None,
+        state_precision: str = "float32",
     ) -> None:
         defaults = self.declared_defaults(locals())
         super().__init__(params, defaults)
@@ -115,7 +123,7 @@ class LARS(LayerwiseOptimizer):
         """One step of the group's tensors: whole ones, local shards of DTensors (whose
         whole-parameter norms come from ``tensors.norms``: one all_reduce per bucket and mesh
         dimension), or the pieces of a flat layout (whole-layer norms in one collective)."""
-        buffers = tensors.state(self.state, "momentum_buffer")
+        buffers, write_back = self._decoded_state(group, tensors, "momentum_buffer")
         new_buffer = [b is None for b in buffers]
         ratios = tensors.ratio_slots(self)
         taken: Optional[list] = [None] * len(tensors.params) if self.collects_norms and tensors.whole else None
@@ -137,8 +145,9 @@ class LARS(LayerwiseOptimizer):
             foreach=group["foreach"],
             norms=tensors.norms,
             norms_out=taken,
-            fused=group["fused"],
+            fused=False if self._narrow(group) else group["fused"],
         )
+        write_back()
         if taken is not None:
             self._hand_norms(tensors.owners, [pair[0] if pair is not None else None for pair in taken],
                              [pair[1] if pair is not None else None for pair in taken])

@@ -14,7 +14,7 @@ from typing import Any, Callable, Iterable, Mapping, Optional, TypeGuard
 from torch import Tensor
 
 __all__ = ["Option", "is_foreign_number", "Check", "ForeignKey", "FOREIGN_KEYS", "EXCLUSION_OPTIONS", "SHORT_FORMS",
-           "meant_key", "translate_foreign", "real", "flag", "learning_rate", "pair"]
+           "meant_key", "translate_foreign", "real", "flag", "learning_rate", "pair", "choice"]
 
 # check(where, key, value) raises a ValueError/TypeError naming the key and what it accepts.
 Check = Callable[[str, str, Any], None]
@@ -47,6 +47,17 @@ def flag(optional: bool = False) -> Check:
         if not isinstance(value, bool):
             allowed = "True, False or None" if optional else "a bool"
             raise TypeError(f"{where}{key} must be {allowed}, got {value!r}")
+
+    return check
+
+
+def choice(*allowed: str) -> Check:
+    """One of the strings ``allowed``."""
+
+    def check(where: str, key: str, value: Any) -> None:
+        if not isinstance(value, str) or value not in allowed:
+            names = ", ".join(repr(a) for a in allowed)
+            raise ValueError(f"{where}{key} must be one of {names}, got {value!r}")
 
     return check
 

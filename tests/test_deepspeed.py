@@ -50,8 +50,16 @@ def reference(clip=1.0, kind="lars"):
 
 def make_optimizer(model, kind="lars"):
     """The optimizers of tests/optim_db.py that run under every engine (the wrapper over AdamW: DeepSpeed
-    steps AdamW's groups one by one through it)."""
-    return DISTRIBUTED[kind](lars_plugins.param_groups(model, weight_decay=1e-4))
+    steps AdamW's groups one by one through it); ``kind@precision`` sets the state's precision."""
+    name, _, precision = kind.partition("@")
+    optimizer = DISTRIBUTED[name](lars_plugins.param_groups(model, weight_decay=1e-4))
+    for group in optimizer.param_groups:
+        if precision:
+            group["state_precision"] = precision
+    return optimizer
+
+
+NARROW_KINDS = ["lars@bfloat16", "lamb@bfloat16"]
 
 
 def config(stage, **extra):
@@ -193,6 +201,21 @@ def worker(rank, port, stage, checkpoint, out):
         train(engine, rank, data)
         result[kind] = full_params(model, stage)
 
+    # 6b. Narrow state: bfloat16 in the flat partitions; 8-bit blocks would cut layers, so refused.
+    for kind in NARROW_KINDS:
+        model, _, engine = engine_for(stage, kind)
+        train(engine, rank, data)
+        result[kind] = full_params(model, stage)
+    model, _, engine = engine_for(stage, "lamb@int8")
+    before = full_params(model, stage)
+    try:
+        train(engine, rank, data[:1])
+        result["int8"] = {"message": None}
+    except ValueError as err:
+        result["int8"] = {"message": str(err)}
+    after = full_params(model, stage)
+    result["int8"]["unchanged"] = all(torch.equal(before[n], after[n]) for n in before)
+
     # 7. ZeRO-1/2's elastic checkpoints, which restore a step count per param group on loading.
     if stage in (1, 2):
         elastic = {"zero_optimization": {**config(stage)["zero_optimization"], "elastic_checkpoint": True}}
@@ -299,6 +322,27 @@ def test_lamb_and_the_wrapper_equal_one_process(zero, kind):
     expected, _ = reference(kind=kind)
     for name, value in expected.items():
         torch.testing.assert_close(result[kind][name], value, rtol=1e-5, atol=1e-6, msg=name)
+
+
+@pytest.mark.parametrize("kind", NARROW_KINDS)
+def test_bfloat16_state_stays_with_the_float32_run(zero, kind):
+    """As under FSDP1 (tests/test_distributed.py): held to the float32 run within a few times the
+    deviation bfloat16 state makes in one process."""
+    _, result = zero
+    name = kind.partition("@")[0]
+    start = dict(make_model().named_parameters())
+    expected, _ = reference(kind=name)
+    narrow_here, _ = reference(kind=kind)
+    for key, value in expected.items():
+        moved, own = (value - start[key]).norm(), (narrow_here[key] - value).norm()
+        got = (result[kind][key] - value).norm()
+        assert got <= max(3 * own, 0.01 * moved), (key, got, own, moved)
+
+
+def test_int8_state_is_refused_before_any_update(zero):
+    _, result = zero
+    assert "state_precision='int8' under a flat layout" in result["int8"]["message"]
+    assert result["int8"]["unchanged"]
 
 
 @pytest.mark.parametrize("kind", list(DISTRIBUTED))

@@ -50,7 +50,13 @@ OPTIMIZERS = DISTRIBUTED
 
 
 def make_opt(params, kind="lars"):
-    return OPTIMIZERS[kind](params)
+    """``kind``: a row of tests/optim_db.py, optionally ``@precision`` for its state (``lars@int8``)."""
+    name, _, precision = kind.partition("@")
+    opt = OPTIMIZERS[name](params)
+    for group in opt.param_groups:  # a group key, set as a user would set lr
+        if precision:
+            group["state_precision"] = precision
+    return opt
 
 
 def reference(kind="lars", model_fn=None, data=None):
@@ -167,6 +173,7 @@ def finish(results=None, out=None):
 def worker(rank, port, engines, out):
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port))
     dist.init_process_group("gloo", rank=rank, world_size=WORLD)
+    small_tensors_take_int8()
     results = {}
     for key in engines:
         engine, _, kind = key.partition("/")
@@ -174,6 +181,19 @@ def worker(rank, port, engines, out):
         wrapped, model = wrap(make_model(), engine)
         groups = lars_plugins.param_groups(model, weight_decay=1e-4)
         opt = make_opt(groups, kind)
+        if key in REFUSED_PRECISIONS:
+            before = full_params(wrapped if engine.startswith("fsdp1") else model)
+            x, y = batches()[0]
+            nn.functional.cross_entropy(wrapped(x[rank * 8:(rank + 1) * 8]), y[rank * 8:(rank + 1) * 8]).backward()
+            try:
+                opt.step()
+                message = None
+            except ValueError as err:
+                message = str(err)
+            after = full_params(wrapped if engine.startswith("fsdp1") else model)
+            results[key] = {"message": message, "unchanged": all(torch.equal(before[n], after[n]) for n in before)}
+            dist.barrier()
+            continue
         monitor = lars_plugins.TrustRatioMonitor(model, opt, every_n_steps=2)
         calls = train_counting_collectives(wrapped, opt, slice(rank * 8, (rank + 1) * 8))  # this rank's half
         params = full_params(wrapped if engine.startswith("fsdp1") else model)
@@ -188,6 +208,14 @@ def worker(rank, port, engines, out):
     if rank == 0:
         torch.save(results, out)
     finish()
+
+
+def small_tensors_take_int8():
+    """The test model's tensors (160-256 elements) are below INT8_MIN_NUMEL; take 8-bit codes anyway,
+    so that sharded tensors hold partial blocks."""
+    import lars_plugins.state_precision
+
+    lars_plugins.state_precision.INT8_MIN_NUMEL = 0
 
 
 def fsdp1_adapter_reads(wrapped):
@@ -275,8 +303,15 @@ COLLECTIVES = {"ddp": 0, "fsdp2-two-meshes": 2}
 # LAMB and the wrapper over AdamW ("engine/optimizer"), on every kind of layout: DTensor, FSDP1 views, flat.
 OTHER_OPTIMIZERS = [f"{engine}/{kind}" for kind in OPTIMIZERS if kind != "lars"
                     for engine in ("ddp", "fsdp2-two-meshes", "fsdp1-orig-full", "fsdp1-flat-gradop")]
-RESUMED = ["fsdp2", "fsdp1-orig-full", "fsdp1-flat-full", "fsdp2-two-meshes/lamb", "fsdp1-flat-gradop/layerwise"]
+RESUMED = ["fsdp2", "fsdp1-orig-full", "fsdp1-flat-full", "fsdp2-two-meshes/lamb", "fsdp1-flat-gradop/layerwise",
+           "fsdp2/lamb@int8"]
 MONITOR_COLLECTIVES = {"ddp": 0, "fsdp2-two-meshes": 3}  # the norm layers sit on a third (default) mesh
+# Narrow optimizer state (state_precision) on each kind of layout: DDP (replicas round alike), FSDP2
+# (a DTensor's local shard holds its own int8 blocks), FSDP1 (bfloat16 pieces of flat tensors).
+NARROW = ["ddp/lars@int8", "ddp/lamb@bfloat16", "fsdp2/lars@int8", "fsdp2/lamb@int8", "fsdp2-two-meshes/lamb@bfloat16",
+          "fsdp1-flat-full/lars@bfloat16", "fsdp1-orig-full/lamb@bfloat16"]
+# 8-bit blocks would cut across layers in a flat shard: refused before any update.
+REFUSED_PRECISIONS = ["fsdp1-flat-full/lamb@int8", "fsdp1-orig-gradop/lars@int8"]
 # Saved under FSDP1 (either layout, each optimizer), resumed in one process.
 SAVED_FOR_ONE_PROCESS = ["fsdp1-flat-full", "fsdp1-orig-full/lamb", "fsdp1-flat-gradop/layerwise"]
 
@@ -285,7 +320,7 @@ SAVED_FOR_ONE_PROCESS = ["fsdp1-flat-full", "fsdp1-orig-full/lamb", "fsdp1-flat-
 def torch_engines(tmp_path_factory):
     """All torch engines in one pair of processes (a process pair costs seconds to start)."""
     where = tmp_path_factory.mktemp("engines")
-    return {**run(TORCH_ENGINES + OTHER_OPTIMIZERS, where), "dir": where}
+    return {**run(TORCH_ENGINES + OTHER_OPTIMIZERS + NARROW + REFUSED_PRECISIONS, where), "dir": where}
 
 
 @pytest.mark.slow  # processes of their own
@@ -346,6 +381,35 @@ def test_parameters_equal_one_process(engine, torch_engines):
     assert result["monitor"]["weight_norm/0.weight"] == pytest.approx(weight_norms[last_recorded], rel=1e-5)
     assert result["monitor"]["trust_ratio/3.weight"] > 0
     assert "trust_ratio/0.bias" not in result["monitor"] and "grad_norm/0.bias" in result["monitor"]
+
+
+@pytest.mark.slow  # processes of their own
+@pytest.mark.parametrize("engine", NARROW)
+def test_narrow_state_under_every_engine_stays_with_the_float32_run(engine, torch_engines, monkeypatch):
+    """Rounding differs between layouts (per-rank random bits, blocks of local shards), so the run is
+    held to the float32 one-process run within a fraction of how far it moved; a norm taken over a
+    shard instead of the whole layer moves a ratio by about √2 and fails this by far."""
+    monkeypatch.setattr("lars_plugins.state_precision.INT8_MIN_NUMEL", 0)
+    result = torch_engines[engine]
+    engine, _, kind = engine.partition("/")
+    name, _, precision = kind.partition("@")
+    start = dict(make_model().named_parameters())
+    expected, _ = reference(name)
+    narrow_here, _ = reference(kind)  # the same precision in one process: rounding alike in kind
+    for key, value in expected.items():
+        moved = (value - start[key]).norm()
+        own = (narrow_here[key] - value).norm()
+        got = (result["params"][key] - value).norm()
+        assert got <= max(3 * own, 0.01 * moved), (key, got, own, moved)
+    assert result["monitor"]["trust_ratio/3.weight"] > 0
+
+
+@pytest.mark.slow  # processes of their own
+@pytest.mark.parametrize("engine", REFUSED_PRECISIONS)
+def test_int8_state_under_a_flat_layout_is_refused_before_any_update(engine, torch_engines):
+    result = torch_engines[engine]
+    assert "state_precision='int8' under a flat layout" in result["message"] and "bfloat16" in result["message"]
+    assert result["unchanged"]
 
 
 @pytest.mark.slow  # processes of their own

@@ -639,7 +639,7 @@ def test_all_parameters_are_typed_with_defaults():
     names = list(sig.parameters)[1:]
     assert names[0] == "params"
     expected = ["params", "lr", "momentum", "dampening", "weight_decay", "nesterov", "trust_coefficient", "eps",
-                "trust_clip", "exclude_bias_and_norm", "maximize", "foreach", "fused"]
+                "trust_clip", "exclude_bias_and_norm", "maximize", "foreach", "fused", "state_precision"]
     assert names == expected
     for name in expected[1:]:
         param = sig.parameters[name]

@@ -166,6 +166,7 @@ def worker(rank, port, out):
             monitor.remove()
             dist.barrier()
     results["partial"] = refusal_of_a_partial_placement()
+    results["int8_beyond_rows"] = int8_state_sharded_beyond_rows()
     finish(results, out)
 
 
@@ -185,6 +186,30 @@ def refusal_of_a_partial_placement():
     except ValueError as error:
         return {"message": str(error), "unchanged": bool(torch.equal(weight.to_local(), before))}
     return {"message": "", "unchanged": bool(torch.equal(weight.to_local(), before))}
+
+
+def int8_state_sharded_beyond_rows():
+    """8-bit blocks lie within rows; a parameter sharded along its second dimension (tensor
+    parallelism's row-wise layers) would split them: refused before any update. bfloat16 state,
+    elementwise, steps there."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import DTensor, Shard
+
+    mesh = init_device_mesh("cpu", (WORLD,))
+    out = {}
+    for precision in ("int8", "bfloat16"):
+        weight = nn.Parameter(DTensor.from_local(torch.ones(8, 1024), mesh, [Shard(1)], run_check=False))
+        weight.grad = DTensor.from_local(torch.ones(8, 1024), mesh, [Shard(1)], run_check=False)
+        opt = lars_plugins.LARS([weight], lr=0.1, state_precision=precision)
+        before = weight.to_local().clone()
+        try:
+            opt.step()
+            message = ""
+        except ValueError as error:
+            message = str(error)
+        out[precision] = {"message": message, "unchanged": bool(torch.equal(weight.to_local(), before)),
+                          "stored": str(opt.state[weight].get("momentum_buffer", torch.empty(0)).dtype)}
+    return out
 
 
 @pytest.fixture(scope="module")
@@ -271,6 +296,14 @@ def test_a_placement_that_does_not_partition_elements_is_refused_by_name(runs):
     refusal = runs["partial"]
     assert "placement Partial(sum)" in refusal["message"] and "_StridedShard" in refusal["message"], refusal
     assert refusal["unchanged"]
+
+
+def test_int8_state_of_a_parameter_sharded_beyond_its_rows_is_refused_and_bfloat16_steps(runs):
+    refusal, bf16 = runs["int8_beyond_rows"]["int8"], runs["int8_beyond_rows"]["bfloat16"]
+    assert "state_precision='int8' for a parameter sharded along a dimension other than its first" in \
+        refusal["message"] and "bfloat16" in refusal["message"]
+    assert refusal["unchanged"]
+    assert bf16["message"] == "" and not bf16["unchanged"] and bf16["stored"] == "torch.bfloat16"
 
 
 def test_fsdp2_over_tensor_parallel_is_the_strided_layout_and_takes_one_collective_per_mesh_dimension(runs):
