@@ -49,8 +49,9 @@ def lars_sqrt_lr(batch_size: int) -> float:
 @dataclass(frozen=True)
 class Recipe:
     """One optimizer setting. ``lr`` is the peak LR (γ for LARS and LARS + Ranger, RAdam's LR for
-    Ranger); ``warmup_epochs`` of linear warm-up from ~0, then the paper's poly(2) decay to 0 at the
-    end of the budget, per step."""
+    Ranger); ``warmup_epochs`` of linear warm-up, then the paper's poly(2) decay to 0 at the end of the
+    budget, per step. The warm-up starts at ``warmup_start`` times the peak LR, or, where it is
+    ``None``, at ``1/warmup_steps`` of it (:class:`~lars_plugins.WarmupDecay`)."""
 
     optimizer: str
     lr: float
@@ -58,6 +59,8 @@ class Recipe:
     trust_coefficient: float = 1e-3
     momentum: float = 0.9
     weight_decay: float = 5e-4
+    warmup_start: Optional[float] = None
+    state_precision: str = "float32"  # LARS and LAMB only (their state_precision)
 
     def __post_init__(self) -> None:
         if self.optimizer not in RECIPE_OPTIMIZERS:
@@ -70,6 +73,13 @@ class Recipe:
             value = getattr(self, name)
             if isinstance(value, bool) or not (isinstance(value, (int, float)) and math.isfinite(value) and value >= 0):
                 raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+        if self.state_precision != "float32" and self.optimizer not in ("lars", "lamb"):
+            raise ValueError(f"state_precision={self.state_precision!r} needs optimizer 'lars' or 'lamb' (the ones "
+                             f"that store narrow state), got {self.optimizer!r}; leave it at 'float32'")
+        if self.warmup_start is not None and (isinstance(self.warmup_start, bool) or not isinstance(
+                self.warmup_start, (int, float)) or not 0 <= self.warmup_start <= 1):
+            raise ValueError("warmup_start must be None or a factor of the peak LR in [0, 1], "
+                             f"got {self.warmup_start!r}")
 
     def with_lr(self, lr: float) -> "Recipe":
         return replace(self, lr=lr)
@@ -104,9 +114,10 @@ def build_optimizer(model: nn.Module, recipe: Recipe) -> torch.optim.Optimizer:
     centralize_gradients=True))``, the trust ratio on RAdam's update; Lookahead from timm)."""
     groups = param_groups(model, weight_decay=recipe.weight_decay)
     if recipe.optimizer == "lars":
-        return LARS(groups, lr=recipe.lr, momentum=recipe.momentum, trust_coefficient=recipe.trust_coefficient)
+        return LARS(groups, lr=recipe.lr, momentum=recipe.momentum, trust_coefficient=recipe.trust_coefficient,
+                    state_precision=recipe.state_precision)
     if recipe.optimizer == "lamb":
-        return LAMB(groups, lr=recipe.lr)
+        return LAMB(groups, lr=recipe.lr, state_precision=recipe.state_precision)
     plain = [{"params": g["params"], "weight_decay": g["weight_decay"]} for g in groups]
     if recipe.optimizer == "adamw":
         return torch.optim.AdamW(plain, lr=recipe.lr)
@@ -169,7 +180,8 @@ def train(
     total = epochs * steps_per_epoch
     warmup = min(total, round(recipe.warmup_epochs * steps_per_epoch))
     optimizer = build_optimizer(model, recipe)
-    scheduler = WarmupDecayLR(optimizer, total_steps=total, warmup_steps=warmup, decay="poly")
+    scheduler = WarmupDecayLR(optimizer, total_steps=total, warmup_steps=warmup, decay="poly",
+                              warmup_start=recipe.warmup_start)
     generator = torch.Generator().manual_seed(seed)
     loss_fn = nn.CrossEntropyLoss()
     if on_start is not None:

@@ -22,12 +22,17 @@ DECAYS = ("cosine", "poly", "linear", "constant")
 
 
 class WarmupDecay:
-    """LR factor at step ``t``: linear warm-up from ``1/warmup_steps`` to 1 over ``warmup_steps``, then
-    ``decay`` from 1 to ``min_lr_ratio`` at ``total_steps``, constant after. ``poly`` is the paper's
-    ``(1 - t/T)^power`` (power 2 in its experiments)."""
+    """LR factor at step ``t``: linear warm-up over ``warmup_steps``, then ``decay`` from 1 to
+    ``min_lr_ratio`` at ``total_steps``, constant after. ``poly`` is the paper's ``(1 - t/T)^power``
+    (power 2 in its experiments).
+
+    The warm-up climbs from ``1/warmup_steps`` at step 0 to 1 (``(t+1)/warmup_steps``), or, with
+    ``warmup_start=s``, from exactly ``s`` at step 0 to 1 at ``warmup_steps`` (``s + (1-s)·t/warmup_steps``,
+    the form of torch's ``LinearLR``): the first LR is then stated, not a consequence of the length.
+    """
 
     def __init__(self, total_steps: int, warmup_steps: int = 0, decay: str = "cosine", power: float = 2.0,
-                 min_lr_ratio: float = 0.0) -> None:
+                 min_lr_ratio: float = 0.0, warmup_start: Optional[float] = None) -> None:
         if isinstance(total_steps, bool) or not isinstance(total_steps, int) or total_steps < 1:
             raise ValueError(f"total_steps must be an int >= 1, got {total_steps!r}")
         if isinstance(warmup_steps, bool) or not isinstance(warmup_steps, int) or not 0 <= warmup_steps <= total_steps:
@@ -38,12 +43,19 @@ class WarmupDecay:
             raise ValueError(f"power must be > 0, got {power!r}")
         if not 0 <= min_lr_ratio <= 1:
             raise ValueError(f"min_lr_ratio must be in [0, 1], got {min_lr_ratio!r}")
+        if warmup_start is not None and (isinstance(warmup_start, bool) or not isinstance(warmup_start, (int, float))
+                                         or not 0 <= warmup_start <= 1):
+            raise ValueError(f"warmup_start must be None (warm-up from 1/warmup_steps) or a factor of the peak LR in "
+                             f"[0, 1], got {warmup_start!r}")
+        self.warmup_start = None if warmup_start is None else float(warmup_start)
         self.total_steps, self.warmup_steps, self.decay = total_steps, warmup_steps, decay
         self.power, self.min_lr_ratio = float(power), float(min_lr_ratio)
 
     def __call__(self, step: int) -> float:
         if step < self.warmup_steps:
-            return (step + 1) / self.warmup_steps
+            if self.warmup_start is None:
+                return (step + 1) / self.warmup_steps
+            return self.warmup_start + (1.0 - self.warmup_start) * step / self.warmup_steps
         span = self.total_steps - self.warmup_steps
         progress = 1.0 if span <= 0 else min(1.0, (step - self.warmup_steps) / span)
         if self.decay == "constant":
@@ -68,12 +80,14 @@ class WarmupDecayLR(LambdaLR):
     """
 
     def __init__(self, optimizer: Optimizer, total_steps: int, warmup_steps: int = 0, decay: str = "cosine",
-                 power: float = 2.0, min_lr_ratio: float = 0.0, last_epoch: int = -1) -> None:
+                 power: float = 2.0, min_lr_ratio: float = 0.0, last_epoch: int = -1,
+                 warmup_start: Optional[float] = None) -> None:
         # Before the base constructor, whose initial step() reads them.
         self._optimizer_steps = 0  # optimizer steps since this scheduler's last step
         self._slow_steps_in_a_row = 0  # scheduler steps in a row that each followed several optimizer steps
         self._warned_slow_stepping = False
-        super().__init__(optimizer, WarmupDecay(total_steps, warmup_steps, decay, power, min_lr_ratio),
+        super().__init__(optimizer, WarmupDecay(total_steps, warmup_steps, decay, power, min_lr_ratio,
+                                                    warmup_start),
                          last_epoch=last_epoch)
         self._step_hook = optimizer.register_step_post_hook(self._count_optimizer_step)
 

@@ -97,6 +97,8 @@ def test_evaluate_counts_correct_predictions_in_eval_mode():
     (dict(optimizer="sgd", lr=1.0, warmup_epochs=float("nan")), "warmup_epochs must be a finite number >= 0"),
     (dict(optimizer="sgd", lr=1.0, momentum=float("nan")), "momentum must be a finite number >= 0"),
     (dict(optimizer="lars", lr=1.0, weight_decay=-1e-4), "weight_decay must be a finite number >= 0"),
+    (dict(optimizer="lars", lr=1.0, warmup_start=2.0), "warmup_start must be None or a factor"),
+    (dict(optimizer="nesterov", lr=1.0, state_precision="int8"), "needs optimizer 'lars' or 'lamb'"),
 ])
 def test_bad_recipes_are_refused(kwargs, message):
     with pytest.raises(ValueError, match=message):

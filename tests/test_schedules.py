@@ -30,6 +30,25 @@ def test_warmup_then_poly_is_the_papers_schedule():
     assert got == pytest.approx(warm + decay + [0.0] * 4)  # flat at the floor after total_steps
 
 
+def test_warmup_from_a_stated_start_is_torchs_linear_warmup():
+    got = lrs(6, total_steps=10, warmup_steps=4, decay="constant", warmup_start=0.1)
+    assert got == pytest.approx([1.0, 1.0 + 9.0 / 4, 1.0 + 2 * 9.0 / 4, 1.0 + 3 * 9.0 / 4, 10.0, 10.0])
+    # torch's own LinearLR with the same start gives the same warm-up
+    opt = torch.optim.SGD([torch.nn.Parameter(torch.ones(1))], lr=10.0)
+    linear = torch.optim.lr_scheduler.LinearLR(opt, start_factor=0.1, total_iters=4)
+    expected = []
+    for _ in range(5):
+        expected.append(opt.param_groups[0]["lr"])
+        opt.step()
+        linear.step()
+    assert got[:5] == pytest.approx(expected)
+    assert lrs(2, total_steps=4, warmup_steps=2, warmup_start=0.0)[0] == 0.0
+    for bad in (-0.1, 1.5, True, "0.1"):
+        with pytest.raises(ValueError, match="warmup_start must be None"):
+            WarmupDecayLR(LARS([torch.nn.Parameter(torch.ones(2, 2))]), total_steps=4, warmup_steps=2,
+                          warmup_start=bad)
+
+
 def test_cosine_with_floor_never_climbs_again():
     got = lrs(30, total_steps=20, decay="cosine", min_lr_ratio=0.1)
     expected = [10.0 * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * min(t, 20) / 20))) for t in range(30)]
