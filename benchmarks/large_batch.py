@@ -7,6 +7,10 @@ about it, how it compares with a tuned Nesterov baseline, and how sensitive it i
     python benchmarks/large_batch.py all       # all three
     python benchmarks/large_batch.py pilot     # the pilot LARS's γ rule was anchored on (table 0)
     python benchmarks/large_batch.py lamb      # table 9: LAMB, AdamW and LARS, each tuned alike, 1K-32K
+    python benchmarks/large_batch.py precision # table 13: LARS and LAMB with bfloat16 and int8 state, 8K
+    python benchmarks/large_batch.py protocol  # table 10: LARS vs Nesterov, one search budget, 1K-32K
+    python benchmarks/large_batch.py protocol --epochs 20 --trials 12 --batches 8192 16384 32768
+                                               # table 11: the same with a 4x longer budget
     add --quick for a smoke run (minutes; what the tests run)
 
 Data: Fashion-MNIST from a local copy (Debian's dataset-fashion-mnist, or torchvision's layout under
@@ -74,6 +78,15 @@ ADAM_FAMILY_GRIDS = {
 }
 LAMB_STUDY_BATCHES = [1024, 8192, 16384, 32768]
 LAMB_STUDY_DECAY = 0.01
+# Tables 10-11: Nesterov and LARS searched alike, by the same quasi-random points over the peak LR (log-
+# uniform over each method's range), warm-up length, its starting LR and momentum, on the held-out split.
+PROTOCOL_BATCHES = [1024, 4096, 8192, 16384, 32768]
+PROTOCOL_TRIALS = 24
+PROTOCOL_RANGES = {"Nesterov": ("nesterov", (0.0125, 3.2)),  # the LR (TUNING_GRID's range)
+                   "LARS": ("lars", (1.0, 100.0))}  # γ at η = 0.001 (table 9's range)
+WARMUPS = (0.0, 0.25, 1.0)  # epochs
+WARMUP_STARTS = (0.01, 0.1, 0.3)  # the first LR, as a fraction of the peak
+MOMENTA = (0.8, 0.9, 0.95)
 
 
 @dataclass(frozen=True)
@@ -505,9 +518,133 @@ def lamb_study(data: Data, batches: list[int], seeds: list[int], epochs: int,
         print(f"| {batch} | {steps} | " + " | ".join(cells) + " |")
 
 
+# --- table 13: narrow optimizer state -------------------------------------------------------------
+
+# Table 9's picked settings at batch 8,192 (docs/data/lamb_final.csv): no warm-up, weight decay 0.01.
+PRECISION_SETTINGS = {"LARS": ("lars", 20.0), "LAMB": ("lamb", 0.05)}
+PRECISION_BATCH = 8192
+
+
+def precision_study(data: Data, batch: int, seeds: list[int], epochs: int, out: Path, clock: Clock) -> None:
+    """LARS and LAMB at table 9's settings with float32, bfloat16 and int8 state, the same seeds and
+    steps: test accuracy (the float32 rows repeat table 9's runs exactly)."""
+    rows = []
+    for method, (optimizer, lr) in PRECISION_SETTINGS.items():
+        for precision in ("float32", "bfloat16", "int8"):
+            recipe = Recipe(optimizer, lr, weight_decay=LAMB_STUDY_DECAY, state_precision=precision)
+            for seed in seeds:
+                result = run_result(recipe, data.x_fit, data.y_fit, (data.x_test, data.y_test), batch, seed, epochs)
+                rows.append({"method": method, "state_precision": precision, "batch_size": batch, "lr": lr,
+                             "seed": seed, "test_acc": result.accuracy, "diverged": result.diverged,
+                             "steps": result.steps})
+            accs = [r["test_acc"] for r in rows[-len(seeds):]]
+            print(f"{method} {precision:<8}: {', '.join(f'{a:.2%}' for a in accs)} {clock}", flush=True)
+    write_csv(out / "precision.csv", rows)
+    print(f"\nTable 13: test accuracy at batch {batch}, {epochs} epochs on {len(data.y_fit):,} images, seeds "
+          f"{seeds}: mean ± std [95% t-interval], and each seed's difference from its float32 run")
+    print("| method | state | accuracy | per-seed difference from float32 |\n|---|---|---|---|")
+    for method in PRECISION_SETTINGS:
+        base = {r["seed"]: r["test_acc"] for r in rows if r["method"] == method and r["state_precision"] == "float32"}
+        for precision in ("float32", "bfloat16", "int8"):
+            mine = [r for r in rows if r["method"] == method and r["state_precision"] == precision]
+            accs = [r["test_acc"] for r in mine]
+            mean, std = mean_std(accs)
+            diffs = ", ".join(f"{r['test_acc'] - base[r['seed']]:+.2%}" for r in mine)
+            print(f"| {method} | {precision} | {mean:.2%} ± {std:.2%} [± {interval95(accs):.2%}] | {diffs} |")
+
+
+# --- tables 10-11: one search budget for LARS and the baseline --------------------------------------
+
+def halton(index: int, base: int) -> float:
+    """The ``index``-th point (from 1) of the van der Corput sequence in ``base``: a quasi-random
+    coordinate in (0, 1); bases 2, 3, 5, 7 give a 4-d Halton sequence."""
+    point, scale = 0.0, 1.0
+    while index:
+        scale /= base
+        index, digit = divmod(index, base)
+        point += digit * scale
+    return point
+
+
+def search_points(trials: int) -> list[tuple[float, float, float, float]]:
+    """``trials`` Halton points: (LR position in [0, 1], warm-up, its start, momentum); both methods
+    take the same points, each mapping the first coordinate onto its own LR range."""
+    def pick(options: tuple[float, ...], u: float) -> float:
+        return options[min(len(options) - 1, int(u * len(options)))]
+    return [(halton(i, 2), pick(WARMUPS, halton(i, 3)), pick(WARMUP_STARTS, halton(i, 5)), pick(MOMENTA, halton(i, 7)))
+            for i in range(1, trials + 1)]
+
+
+def protocol_study(data: Data, batches: list[int], seeds: list[int], epochs: int, trials: int, out: Path,
+                   clock: Clock) -> None:
+    """LARS against Nesterov momentum with one search budget: ``trials`` quasi-random settings of the
+    peak LR (γ for LARS), warm-up length {0, 0.25, 1 epoch}, warm-up start {1, 10, 30% of the peak}
+    and momentum {0.8, 0.9, 0.95}, seed 0, on the held-out split; the best then trains with every seed
+    on the same 50,000 images (the same number of steps) and is scored once on the test set."""
+    points = search_points(trials)
+    tuning, final = [], []
+    tag = f"{epochs}ep"
+    for batch in batches:
+        for method, (optimizer, (low, high)) in PROTOCOL_RANGES.items():
+            scores: dict[Recipe, float] = {}
+            for trial, (u, warmup, start, momentum) in enumerate(points):
+                lr = float(f"{low * (high / low) ** u:.3g}")
+                recipe = Recipe(optimizer, lr, warmup, momentum=momentum,
+                                warmup_start=start if warmup > 0 else None)
+                result = run_result(recipe, data.x_fit, data.y_fit, (data.x_val, data.y_val), batch, 0, epochs)
+                scores[recipe] = result.accuracy
+                tuning.append({"epochs": epochs, "batch_size": batch, "method": method, "trial": trial, "lr": lr,
+                               "warmup_epochs": warmup, "warmup_start": start if warmup > 0 else "",
+                               "momentum": momentum, "val_acc": result.accuracy, "diverged": result.diverged,
+                               "steps": result.steps})
+            best = max(scores, key=lambda r: scores[r])
+            for seed in seeds:
+                result = run_result(best, data.x_fit, data.y_fit, (data.x_test, data.y_test), batch, seed, epochs)
+                final.append({"epochs": epochs, "batch_size": batch, "method": method, "lr": best.lr,
+                              "warmup_epochs": best.warmup_epochs, "warmup_start": best.warmup_start or "",
+                              "momentum": best.momentum, "seed": seed, "test_acc": result.accuracy,
+                              "diverged": result.diverged, "steps": result.steps})
+            tests = ", ".join(f"{r['test_acc']:.1%}" for r in final[-len(seeds):])
+            diverged = sum(r["diverged"] for r in tuning if r["batch_size"] == batch and r["method"] == method)
+            print(f"batch {batch:>5} {method:<8} picked lr {best.lr:g}, warm-up {best.warmup_epochs:g} from "
+                  f"{best.warmup_start}, momentum {best.momentum:g} (val {scores[best]:.1%}; {diverged} of {trials} "
+                  f"searched diverged); test {tests} {clock}",
+                  flush=True)
+    write_csv(out / f"protocol_{tag}_tuning.csv", tuning)
+    write_csv(out / f"protocol_{tag}_final.csv", final)
+    print_protocol_table(tuning, final, trials, len(data.y_fit))
+
+
+def print_protocol_table(tuning: list[dict], final: list[dict], trials: int, images: int) -> None:
+    """Tables 10-11 from the rows of :func:`protocol_study` (as written, or read back from its CSVs)."""
+    epochs = final[0]["epochs"]
+    methods = list(dict.fromkeys(r["method"] for r in final))
+    print(f"\nTest accuracy, {epochs} epochs on {images:,} images: mean ± std of the seeds that did not diverge "
+          f"[95% t-interval]; each method searched over the same {trials} quasi-random settings (seed 0, held "
+          "out); 'div' counts diverged runs (search / final)")
+    print("| batch | steps | " + " | ".join(methods) + " | difference |")
+    print("|---:|---:|" + "---|" * (len(methods) + 1))
+    for batch in dict.fromkeys(r["batch_size"] for r in final):
+        cells, means = [], []
+        for method in methods:
+            rows = [r for r in final if r["batch_size"] == batch and r["method"] == method]
+            kept = [float(r["test_acc"]) for r in rows if r["diverged"] not in (True, "True")]
+            searched = [r for r in tuning if r["batch_size"] == batch and r["method"] == method]
+            div = sum(r["diverged"] in (True, "True") for r in searched)
+            mean, std = mean_std(kept) if kept else (math.nan, math.nan)
+            means.append(mean)
+            best = rows[0]
+            cells.append(f"{mean:.1%} ± {std:.1%} [± {interval95(kept):.1%}] (lr {float(best['lr']):g}, warm-up "
+                         f"{float(best['warmup_epochs']):g}, m {float(best['momentum']):g}; div {div}/"
+                         f"{len(rows) - len(kept)})")
+        steps = next(r["steps"] for r in final if r["batch_size"] == batch)
+        print(f"| {batch} | {steps} | " + " | ".join(cells) + f" | {means[-1] - means[0]:+.1%} |")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("study", choices=("batch", "eta", "ranger", "all", "pilot", "lamb"), nargs="?",
+    parser.add_argument("study", choices=("batch", "eta", "ranger", "all", "pilot", "lamb", "protocol",
+                                                    "precision"), nargs="?",
                         default="all")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 12,000 images, 2 batch sizes, 1 seed")
     parser.add_argument("--epochs", type=int, default=None, help=f"epochs at every batch size (default {EPOCHS})")
@@ -516,6 +653,10 @@ def main(argv: Optional[list[str]] = None) -> None:
                         help="folder with Fashion-MNIST (torchvision's layout or the 4 idx files)")
     parser.add_argument("--download", action="store_true", help="let torchvision download it into --data-dir")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--trials", type=int, default=None,
+                        help=f"protocol: settings searched per method and batch size (default {PROTOCOL_TRIALS})")
+    parser.add_argument("--batches", type=int, nargs="+", default=None,
+                        help=f"protocol: batch sizes (default {' '.join(map(str, PROTOCOL_BATCHES))})")
     args = parser.parse_args(argv)
     if find_fashion_mnist(args.data_dir) is None and not args.download:
         sys.exit("Fashion-MNIST not found: apt-get install dataset-fashion-mnist, or pass --data-dir DIR "
@@ -551,6 +692,13 @@ def main(argv: Optional[list[str]] = None) -> None:
         grids = {name: (opt, grid[2::3]) for name, (opt, grid) in ADAM_FAMILY_GRIDS.items()} if args.quick \
             else ADAM_FAMILY_GRIDS
         lamb_study(data, batches, seeds, epochs, grids, args.out, clock)
+    if args.study == "precision":
+        precision_study(data, 4096 if args.quick else PRECISION_BATCH, seeds, epochs, args.out, clock)
+    if args.study == "protocol":
+        batches = args.batches or ([4096] if args.quick else PROTOCOL_BATCHES)
+        trials = args.trials or (3 if args.quick else PROTOCOL_TRIALS)
+        protocol_study(data, batches, seeds if args.seeds or args.quick else list(range(5)), epochs, trials,
+                       args.out, clock)
     print(f"\nmachine: {machine()}; took {time.perf_counter() - clock.start:.0f} s; wrote {args.out}")
 
 

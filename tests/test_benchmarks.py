@@ -129,6 +129,43 @@ def test_large_batch_lamb_study_quick(tmp_path):
     assert "Table 9" in out
 
 
+def test_large_batch_protocol_and_precision_quick(tmp_path):
+    """The protocol study searches both methods over the same settings and trains the best of each
+    with the tuning runs' steps; the precision study repeats its float32 runs in every precision."""
+    from lars_plugins.demo.datasets import find_fashion_mnist
+
+    if find_fashion_mnist() is None:
+        pytest.skip("Fashion-MNIST is not installed here (apt-get install dataset-fashion-mnist)")
+    out = run_script("large_batch.py", "protocol", "--quick", "--out", str(tmp_path))
+    tuning = list(csv.DictReader((tmp_path / "protocol_2ep_tuning.csv").open()))
+    final = list(csv.DictReader((tmp_path / "protocol_2ep_final.csv").open()))
+    searched = {m: [(r["warmup_epochs"], r["warmup_start"], r["momentum"]) for r in tuning if r["method"] == m]
+                for m in ("Nesterov", "LARS")}
+    assert len(searched["LARS"]) == 3 and searched["LARS"] == searched["Nesterov"]  # the same points
+    for method in ("Nesterov", "LARS"):
+        best = max((r for r in tuning if r["method"] == method), key=lambda r: float(r["val_acc"]))
+        [picked] = [r for r in final if r["method"] == method]
+        assert (picked["lr"], picked["momentum"], picked["steps"]) == (best["lr"], best["momentum"], best["steps"])
+        assert 0.1 < float(picked["test_acc"]) <= 1
+    assert "quasi-random settings" in out
+    out = run_script("large_batch.py", "precision", "--quick", "--out", str(tmp_path))
+    rows = list(csv.DictReader((tmp_path / "precision.csv").open()))
+    assert sorted({(r["method"], r["state_precision"]) for r in rows}) == sorted(
+        (m, p) for m in ("LARS", "LAMB") for p in ("float32", "bfloat16", "int8"))
+    assert all(0.1 < float(r["test_acc"]) <= 1 for r in rows)
+    assert "Table 13" in out
+
+
+def test_state_memory_counts_narrow_state(tmp_path):
+    out = run_script("state_memory.py", "--models", "resnet50", "--reps", "1")
+    table = {line.split("|")[1].strip(): line.split("|")[2].strip() for line in out.splitlines()
+             if line.startswith("| ") and not line.startswith("| optimizer")}
+    assert float(table["LARS, float32"]) == pytest.approx(4.0, rel=0.01)
+    assert float(table["LAMB, float32"]) == pytest.approx(8.0, rel=0.01)
+    assert float(table["LAMB, bfloat16"]) == pytest.approx(4.0, rel=0.01)
+    assert 2.0 <= float(table["LAMB, int8"]) < 2.2  # 1 byte + scales, small tensors in float32
+
+
 def test_sharded_step_quick(tmp_path):
     pytest.importorskip("deepspeed")
     out = run_script("sharded_step.py", "--engines", "ddp", "fsdp1-flat", "zero2", "--blocks", "2", "--reps", "2",

@@ -1,0 +1,131 @@
+"""LAMB's CPU step against fused AdamW, and the routes tried to bring it closer.
+
+On ResNet-50's or ViT-B/16's parameter set (random gradients and moments), interleaved, medians:
+
+* ``AdamW(fused)``: ``torch._fused_adamw_`` over every tensor, the target's denominator;
+* ``LAMB (shipped)``: lars_plugins' CPU path: per tensor, a copy of ``w``, the fused AdamW kernel on
+  the copy at ``lr = 1`` (which leaves ``w − u``), ``‖w‖``, ``‖u‖``, and ``w += lr·r·(copy − w)``;
+* ``LAMB, chunked``: the same per block of ``--chunk`` elements of a tensor (``‖u‖`` accumulated
+  over the blocks, the update after the last), so that the copy, the kernel, the subtraction and the
+  norms of a block run while it is in cache;
+* ``LAMB, compiled`` (``--compile``): one ``torch.compile``'d function per tensor computing the
+  moments, ``u`` into a scratch and both squared norms in one loop, then ``w -= lr·r·u``;
+
+then where the shipped step spends its time (torch.profiler, by operator).
+
+    python benchmarks/lamb_cpu_routes.py --model resnet50
+    python benchmarks/lamb_cpu_routes.py --model vit_b16 --compile
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import statistics
+import time
+
+import torch
+
+from lars_plugins.lamb_rule import _host_lamb
+from lars_plugins.tensor_lists import host_norm
+from step_time import build_model
+
+BETAS, EPS, DECAY = (0.9, 0.999), 1e-6, 0.01
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="resnet50", choices=["resnet50", "vit_b16"])
+    parser.add_argument("--reps", type=int, default=15)
+    parser.add_argument("--chunk", type=int, default=1 << 18)
+    parser.add_argument("--compile", action="store_true", help="add the torch.compile'd route (needs a C++ compiler)")
+    args = parser.parse_args()
+    torch.manual_seed(0)
+    params = [p.detach().clone() for p in build_model(args.model).parameters()]
+    grads = [torch.randn_like(p) * 1e-2 for p in params]
+    step = torch.tensor(5.0)
+    c1, r2 = 1 - BETAS[0] ** 5, math.sqrt(1 - BETAS[1] ** 5)
+
+    def moments() -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+        return [torch.randn_like(p) * 1e-3 for p in params], [torch.rand_like(p) * 1e-5 for p in params]
+
+    m1, v1 = moments()
+    m2, v2 = moments()
+    m3, v3 = moments()
+    slots = [torch.zeros(()) for _ in params]
+    scratch = torch.empty(max(p.numel() for p in params))
+
+    def adamw() -> None:
+        torch._fused_adamw_(params, grads, m1, v1, [], [step] * len(params), lr=1e-9, beta1=BETAS[0], beta2=BETAS[1],
+                            weight_decay=DECAY, eps=EPS, amsgrad=False, maximize=False)
+
+    def shipped() -> None:
+        _host_lamb([(w, g, m, v, s, step) for w, g, m, v, s in zip(params, grads, m2, v2, slots)], lr=1e-9,
+                   beta1=BETAS[0], beta2=BETAS[1], eps=EPS, weight_decay=DECAY, bias_correction=True,
+                   weight_norm_bounds=None, trust_clip=False, maximize=False)
+
+    def chunked() -> None:
+        for w, g, m, v in zip(params, grads, m3, v3):
+            flat = [t.view(-1) for t in (w, g, m, v)]
+            s = scratch[:w.numel()]
+            w_sq = u_sq = 0.0
+            for a in range(0, w.numel(), args.chunk):
+                b = min(w.numel(), a + args.chunk)
+                wc, gc, mc, vc = (t[a:b] for t in flat)
+                sc = s[a:b]
+                sc.copy_(wc)
+                torch._fused_adamw_([sc], [gc], [mc], [vc], [], [step], lr=1.0, beta1=BETAS[0], beta2=BETAS[1],
+                                    weight_decay=DECAY, eps=EPS, amsgrad=False, maximize=False)
+                w_sq += host_norm(wc) ** 2
+                sc.sub_(wc)
+                u_sq += host_norm(sc) ** 2
+            flat[0].add_(s, alpha=1e-9 * math.sqrt(w_sq) / math.sqrt(u_sq))
+
+    routes = {"AdamW(fused)": adamw, "LAMB (shipped)": shipped, f"LAMB, chunked ({args.chunk})": chunked}
+    if args.compile:
+        def moments_and_norms(w, g, m, v, u):  # type: ignore[no-untyped-def]
+            m.lerp_(g, 1 - BETAS[0])
+            v.mul_(BETAS[1]).addcmul_(g, g, value=1 - BETAS[1])
+            d = (m / c1) / (v.sqrt() / r2 + EPS) + DECAY * w
+            u.copy_(d)
+            return (d * d).sum(), (w * w).sum()
+
+        kernel = torch.compile(moments_and_norms, dynamic=True)
+        m4, v4 = moments()
+
+        def compiled() -> None:
+            for w, g, m, v in zip(params, grads, m4, v4):
+                u = scratch[:w.numel()].view_as(w)
+                u_sq, w_sq = kernel(w, g, m, v, u)
+                w.add_(u, alpha=-1e-9 * math.sqrt(w_sq.item()) / math.sqrt(u_sq.item()))
+
+        start = time.perf_counter()
+        compiled()
+        print(f"torch.compile: first call {time.perf_counter() - start:.1f} s")
+        routes["LAMB, compiled per tensor"] = compiled
+    for route in routes.values():
+        for _ in range(3):
+            route()
+    times: dict[str, list[float]] = {name: [] for name in routes}
+    for _ in range(args.reps):
+        for name, route in routes.items():
+            start = time.perf_counter()
+            route()
+            times[name].append(time.perf_counter() - start)
+    base = statistics.median(times["AdamW(fused)"])
+    print(f"\n{args.model}, {sum(p.numel() for p in params) / 1e6:.1f}M parameters, {torch.get_num_threads()} threads, "
+          f"{args.reps} interleaved steps")
+    print("| route | median ms | × fused AdamW |\n|---|---:|---:|")
+    for name, ts in times.items():
+        print(f"| {name} | {statistics.median(ts) * 1e3:.2f} | {statistics.median(ts) / base:.2f} |")
+    from torch.profiler import profile
+
+    with profile() as prof:
+        for _ in range(5):
+            shipped()
+    print("\nThe shipped step by operator (5 steps):")
+    print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
+
+
+if __name__ == "__main__":
+    main()
