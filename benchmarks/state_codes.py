@@ -93,12 +93,12 @@ def int8_form(code: str, rounding: str) -> Iterator[None]:
 
 @contextmanager
 def bfloat16_to_nearest() -> Iterator[None]:
-    real = sp.stochastic_bfloat16
-    sp.stochastic_bfloat16 = lambda x, generator: x.to(torch.bfloat16)  # type: ignore[assignment]
+    real = sp._bfloat16_grid
+    sp._bfloat16_grid = lambda x, generator: x.float()  # copied into bfloat16: rounded to nearest
     try:
         yield
     finally:
-        sp.stochastic_bfloat16 = real
+        sp._bfloat16_grid = real
 
 
 @contextmanager

@@ -431,6 +431,28 @@ class LayerwiseOptimizer(Optimizer):
                     entry[key + SCALE_SUFFIX] = like_param_rows(scales, p, int8_blocks(p.shape))
                 self._has_narrow_state = True
 
+    # A step decodes narrow state for this many elements at a time (16 MB of float32 per state).
+    NARROW_PART_NUMEL: ClassVar[int] = 1 << 22
+
+    def _narrow_parts(self, group: dict[str, Any], tensors: Union[WholeTensors, FlatPieces],
+                      where: str) -> list[Union[WholeTensors, FlatPieces]]:
+        """The group as the step takes it: whole, or, where narrow state of unsharded whole tensors
+        is decoded, in parts of about :attr:`NARROW_PART_NUMEL` elements (a tensor is never split),
+        so that the float32 working copies never hold more than a part's state. Sharded tensors
+        (DTensor shards, flat pieces) are stepped whole: their norms take one collective per group."""
+        if not self._narrow(group) or not isinstance(tensors, WholeTensors) or tensors.sharded:
+            return [tensors]
+        parts: list[Union[WholeTensors, FlatPieces]] = []
+        start, size = 0, 0
+        for i, p in enumerate(tensors.owners):
+            if size and size + p.numel() > self.NARROW_PART_NUMEL:
+                parts.append(WholeTensors(tensors.owners[start:i], tensors.excluded[start:i], where=where,
+                                          owner=self.NAME))
+                start, size = i, 0
+            size += p.numel()
+        parts.append(WholeTensors(tensors.owners[start:], tensors.excluded[start:], where=where, owner=self.NAME))
+        return parts
+
     def _check_layouts_take_precision(self) -> None:
         """8-bit state is refused before any group steps where its blocks would not be whole: under
         flat layouts (FSDP1, ZeRO) and for DTensors sharded beyond their first dimension."""
@@ -461,9 +483,10 @@ class LayerwiseOptimizer(Optimizer):
             where = f"param group {index}: "
             tensors = self.resolve(group, where)
             if tensors.params:
-                self._step_group(group, tensors)
-                if self._narrow(group):
-                    self._conform_state(group, tensors.owners, stochastic=True)
+                for part in self._narrow_parts(group, tensors, where):
+                    self._step_group(group, part)
+                    if self._narrow(group):
+                        self._conform_state(group, part.owners, stochastic=True)
             tensors.finish()
             if isinstance(tensors, FlatPieces):
                 if tensors.layer_norms is not None:  # each whole layer's ratio, for the monitor

@@ -40,15 +40,21 @@ E4M3_MAX = 448.0
 SCALE_SUFFIX = "_absmax"  # state[p][key + SCALE_SUFFIX]: the blocks' scales of an int8 state
 
 
+def _bfloat16_grid(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
+    """float32 ``x`` moved onto bfloat16's grid stochastically (a float32 tensor whose low 16 bits
+    are zero, so that converting it to bfloat16 is exact): uniform random bits are added to the low
+    16 bits of the sign-magnitude pattern, which are then cut off, so the magnitude rounds up with
+    probability equal to the fraction dropped. Infinities stay; a NaN keeps the high payload bit
+    every NaN arithmetic makes carries."""
+    bits = x.float().contiguous().view(torch.int32)
+    noisy = torch.empty_like(bits).random_(0, 1 << 16, generator=generator)
+    noisy.add_(bits).bitwise_and_(-(1 << 16))
+    return noisy.view(torch.float32)
+
+
 def stochastic_bfloat16(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
-    """``x`` as bfloat16, rounded up with probability equal to the fraction rounding drops: uniform
-    random bits are added to the low 16 bits of float32's sign-magnitude pattern, which are then
-    cut off (so the magnitude is truncated after the addition). Infinities stay; NaN stays NaN."""
-    x = x.float().contiguous()
-    noise = torch.empty(x.shape, dtype=torch.int32, device=x.device).random_(0, 1 << 16, generator=generator)
-    noisy = x.view(torch.int32) + noise
-    rounded = noisy.bitwise_and_(-(1 << 16)).view(torch.float32)
-    return torch.where(torch.isnan(x), x, rounded).to(torch.bfloat16)  # exact: the low bits are zero
+    """``x`` as bfloat16, rounded up with probability equal to the fraction rounding drops."""
+    return _bfloat16_grid(x, generator).to(torch.bfloat16)
 
 
 def int8_blocks(shape: Sequence[int]) -> tuple[int, int]:
@@ -179,4 +185,4 @@ class StateCodec:
         if generator is None:
             stored.copy_(value)
         else:
-            stored.copy_(stochastic_bfloat16(value, generator).view(stored.shape))
+            stored.copy_(_bfloat16_grid(value, generator).view(stored.shape))  # exact: on the grid

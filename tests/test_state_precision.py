@@ -318,3 +318,37 @@ def test_state_precision_by_name_in_the_hf_trainer_and_timm():
     assert isinstance(opt, LAMB) and opt.param_groups[0]["state_precision"] == "bfloat16"
     with pytest.raises(ValueError, match="state_precision must be one of"):
         LARS(model.parameters(), **parse_optim_args("state_precision=int4", "lars"))
+
+
+def step_peak_bytes(step) -> int:
+    """Peak bytes one call of ``step`` allocates above where it started (torch.profiler, CPU)."""
+    from torch.profiler import ProfilerActivity, profile
+
+    with profile(activities=[ProfilerActivity.CPU], profile_memory=True) as prof:
+        step()
+    events = sorted((e for e in prof.profiler.kineto_results.events() if e.name() == "[memory]"),
+                    key=lambda e: e.start_ns())
+    current = peak = 0
+    for event in events:
+        current += event.nbytes()
+        peak = max(peak, current)
+    return peak
+
+
+@pytest.mark.parametrize("name", OPTIMIZERS)
+@pytest.mark.parametrize("precision", ["bfloat16", "int8"])
+def test_a_step_decodes_a_part_of_the_state_at_a_time(name, precision, monkeypatch):
+    """The float32 working copies of narrow state exist for one part (here one 1M-element tensor) at a
+    time, not for the whole group: the step's peak stays below what decoding 8 tensors would take."""
+    monkeypatch.setattr(OPTIMIZERS[name]([nn.Parameter(torch.ones(1))]).__class__, "NARROW_PART_NUMEL", 1 << 20)
+    torch.manual_seed(0)
+    params = [nn.Parameter(torch.randn(1024, 1024)) for _ in range(8)]
+    opt = OPTIMIZERS[name](params, state_precision=precision)
+    for _ in range(2):
+        for p in params:
+            p.grad = torch.randn_like(p)
+        opt.step()
+    states = 2 if name == "LAMB" else 1
+    one_tensor = 1024 * 1024 * 4
+    peak = step_peak_bytes(opt.step)
+    assert peak < 6 * one_tensor < 8 * states * one_tensor, peak / one_tensor
