@@ -141,8 +141,9 @@ def protocol(setup: Setup, start: float, grids: dict[str, list[float]], tuning_s
                           "collapsed": logs[-1]["predicted_classes"] == 1})
         print(f"{family}: picked {best:g} (validation {scores[best]:.1%}) [{time.perf_counter() - start:.0f} s]",
               flush=True)
-    write_csv(setup.out / "finetune_protocol_tuning.csv", tuning)
-    write_csv(setup.out / "finetune_protocol_final.csv", final)
+        # Written after every method, so that a long run stopped early keeps its rows.
+        write_csv(setup.out / "finetune_protocol_tuning.csv", tuning)
+        write_csv(setup.out / "finetune_protocol_final.csv", final)
     print_protocol_table(tuning, final, len(setup.validation), len(setup.test))
 
 

@@ -610,8 +610,9 @@ def protocol_study(data: Data, batches: list[int], seeds: list[int], epochs: int
                   f"{best.warmup_start}, momentum {best.momentum:g} (val {scores[best]:.1%}; {diverged} of {trials} "
                   f"searched diverged); test {tests} {clock}",
                   flush=True)
-    write_csv(out / f"protocol_{tag}_tuning.csv", tuning)
-    write_csv(out / f"protocol_{tag}_final.csv", final)
+            # Written after every method and batch size, so that a long run stopped early keeps its rows.
+            write_csv(out / f"protocol_{tag}_tuning.csv", tuning)
+            write_csv(out / f"protocol_{tag}_final.csv", final)
     print_protocol_table(tuning, final, trials, len(data.y_fit))
 
 
