@@ -1,6 +1,6 @@
 """Every GPU check of the project in one run (GPU time is scarce: one call should answer everything).
 
-    python benchmarks/gpu_check.py [--out DIR]        # about 6 minutes on one H200
+    python benchmarks/gpu_check.py [--out DIR]        # about 6-7 minutes on one H200
 
 In order, each part in its own process with its own time limit, so that a failure or a hang in one
 part leaves the others' results:
@@ -14,7 +14,9 @@ part leaves the others' results:
 3. ``benchmarks/transformer_step.py``: a 0.94B-parameter transformer's training iteration;
 4. the fused kernels' block size and warp count against achieved memory bandwidth, on the
    transformer's parameters (what the defaults in ``lars_plugins/fused.py`` were chosen from);
-5. with ``--with-torchtitan`` (about 1.5 minutes more): torchtitan's own Trainer on one GPU with LAMB
+5. ``benchmarks/state_memory.py --device cuda``: ``state_precision``'s state bytes and step time on
+   ResNet-50 against float32, and bitsandbytes' and torchao's low-bit optimizers where installed;
+6. with ``--with-torchtitan`` (about 1.5 minutes more): torchtitan's own Trainer on one GPU with LAMB
    (``examples/torchtitan_llama.py --tp 1``: its llama3 debug model, FlexAttention, bfloat16
    compute, FSDP2 on a mesh of one), where torchtitan is installed.
 
@@ -38,6 +40,8 @@ PARTS = [
      130),
     ("transformer", [sys.executable, "benchmarks/transformer_step.py"], 100),
     ("kernel sweep", [sys.executable, "benchmarks/gpu_check.py", "--sweep"], 70),
+    ("state memory", [sys.executable, "benchmarks/state_memory.py", "--device", "cuda", "--models", "resnet50",
+                      "--reps", "10"], 60),
 ]
 TORCHTITAN_PART = [
     ("torchtitan", [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "1",
