@@ -656,9 +656,19 @@ def main(argv: Optional[list[str]] = None) -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--trials", type=int, default=None,
                         help=f"protocol: settings searched per method and batch size (default {PROTOCOL_TRIALS})")
+    parser.add_argument("--from-csv", type=Path, default=None, metavar="PREFIX",
+                        help="protocol: print the table from PREFIX_tuning.csv and PREFIX_final.csv (the committed "
+                             "docs/data/protocol_5ep, say) instead of running")
     parser.add_argument("--batches", type=int, nargs="+", default=None,
                         help=f"protocol: batch sizes (default {' '.join(map(str, PROTOCOL_BATCHES))})")
     args = parser.parse_args(argv)
+    if args.from_csv is not None:
+        tuning = list(csv.DictReader(Path(f"{args.from_csv}_tuning.csv").open()))
+        final = list(csv.DictReader(Path(f"{args.from_csv}_final.csv").open()))
+        first = (tuning[0]["batch_size"], tuning[0]["method"])
+        trials = sum((r["batch_size"], r["method"]) == first for r in tuning)
+        print_protocol_table(tuning, final, trials, 50_000)
+        return
     if find_fashion_mnist(args.data_dir) is None and not args.download:
         sys.exit("Fashion-MNIST not found: apt-get install dataset-fashion-mnist, or pass --data-dir DIR "
                  "(add --download to let torchvision fetch it there)")

@@ -148,6 +148,9 @@ def test_large_batch_protocol_and_precision_quick(tmp_path):
         assert (picked["lr"], picked["momentum"], picked["steps"]) == (best["lr"], best["momentum"], best["steps"])
         assert 0.1 < float(picked["test_acc"]) <= 1
     assert "quasi-random settings" in out
+    table = [line for line in out.splitlines() if line.startswith("| 4096 |")]
+    again = run_script("large_batch.py", "protocol", "--from-csv", str(tmp_path / "protocol_2ep"))
+    assert table and [line for line in again.splitlines() if line.startswith("| 4096 |")] == table  # from the CSVs
     out = run_script("large_batch.py", "precision", "--quick", "--out", str(tmp_path))
     rows = list(csv.DictReader((tmp_path / "precision.csv").open()))
     assert sorted({(r["method"], r["state_precision"]) for r in rows}) == sorted(
