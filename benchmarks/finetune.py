@@ -168,7 +168,7 @@ def precision(setup: Setup, start: float, seeds: list[int], settings: dict[str, 
                   flush=True)
     write_csv(setup.out / "finetune_precision.csv", rows)
     print(f"\nTable 14: test accuracy ({len(setup.test)} sentences), mean ± std of seeds {seeds}, and each seed's "
-          "difference from its float32 run (training loss in brackets)")
+          "difference from its float32 run, and the mean training loss")
     print("| method | state | accuracy | per-seed difference | train loss |\n|---|---|---|---|---|")
     for family in settings:
         base = {r["seed"]: r["test_acc"] for r in rows if r["method"] == family and r["state_precision"] == "float32"}
