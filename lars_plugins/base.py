@@ -11,7 +11,7 @@ exclusion from whole-parameter shapes, and keeps the per-layer ratios of flat gr
 
 from __future__ import annotations
 
-from typing import Any, Callable, ClassVar, Iterable, Mapping, Optional, Union
+from typing import Any, Callable, ClassVar, Iterable, Iterator, Mapping, Optional, Union
 
 import torch
 from torch import Tensor
@@ -43,16 +43,21 @@ def without_trust_ratios(state_dict: dict[str, Any]) -> dict[str, Any]:
     return {**state_dict, "state": state}
 
 
-def saved_trust_ratios(state_dict: dict[str, Any], param_groups: list[dict[str, Any]]) -> dict[Tensor, Tensor]:
-    """The ratios a state dict holds, by the parameter they will belong to (matched as torch matches
-    them: group by group, in order), taken before torch casts them to the parameters' dtype."""
-    found = {}
+def saved_entries(state_dict: dict[str, Any], param_groups: list[dict[str, Any]]) -> Iterator[tuple[Tensor, dict]]:
+    """Each saved per-parameter state entry with the parameter it will belong to, matched as torch
+    matches them: group by group, in order."""
     for saved_group, group in zip(state_dict["param_groups"], param_groups):
         for key, p in zip(saved_group["params"], group["params"]):
             entry = state_dict["state"].get(key)
-            if isinstance(entry, dict) and isinstance(entry.get("trust_ratio"), Tensor):
-                found[p] = entry["trust_ratio"]
-    return found
+            if isinstance(entry, dict):
+                yield p, entry
+
+
+def saved_trust_ratios(state_dict: dict[str, Any], param_groups: list[dict[str, Any]]) -> dict[Tensor, Tensor]:
+    """The ratios a state dict holds, by the parameter they will belong to, taken before torch casts
+    them to the parameters' dtype."""
+    return {p: entry["trust_ratio"] for p, entry in saved_entries(state_dict, param_groups)
+            if isinstance(entry.get("trust_ratio"), Tensor)}
 
 
 def restore_trust_ratios(state: dict[Tensor, dict[str, Any]], saved: dict[Tensor, Tensor]) -> None:
@@ -70,15 +75,11 @@ def saved_narrow_state(state_dict: dict[str, Any], param_groups: list[dict[str, 
     dtype and 8-bit codes to numbers."""
     names = {name for key in keys for name in (key, key + SCALE_SUFFIX)}
     found: dict[Tensor, dict[str, Tensor]] = {}
-    for saved_group, group in zip(state_dict["param_groups"], param_groups):
-        for key, p in zip(saved_group["params"], group["params"]):
-            entry = state_dict["state"].get(key)
-            if not isinstance(entry, dict):
-                continue
-            kept = {name: value for name, value in entry.items() if name in names and isinstance(value, Tensor)
-                    and (value.dtype in (torch.uint8, torch.bfloat16) or name.endswith(SCALE_SUFFIX))}
-            if kept:
-                found[p] = kept
+    for p, entry in saved_entries(state_dict, param_groups):
+        kept = {name: value for name, value in entry.items() if name in names and isinstance(value, Tensor)
+                and (value.dtype in (torch.uint8, torch.bfloat16) or name.endswith(SCALE_SUFFIX))}
+        if kept:
+            found[p] = kept
     return found
 
 
@@ -385,13 +386,12 @@ class LayerwiseOptimizer(Optimizer):
         working: list[Optional[Tensor]] = []
         narrow: list[tuple[int, Tensor, Optional[Tensor]]] = []
         for i, value in enumerate(stored):
-            dtype = tensors.params[i].dtype
-            if value is None or not (value.dtype == torch.uint8 or (value.dtype == torch.bfloat16
-                                                                   and dtype != torch.bfloat16)):
+            dtype, entry = tensors.params[i].dtype, self.state[tensors.owners[i]]
+            form = form_of(entry, key, dtype)
+            if value is None or form in (None, "float32"):
                 working.append(value)
                 continue
-            absmax = to_local(self.state[tensors.owners[i]][key + SCALE_SUFFIX]) if value.dtype == torch.uint8 \
-                else None
+            absmax = to_local(entry[key + SCALE_SUFFIX]) if form == "int8" else None
             working.append(self._codec.decode(value, absmax, dtype, squared))
             narrow.append((i, value, absmax))
 
