@@ -23,7 +23,8 @@ from .options import (FOREIGN_KEYS, Check, ForeignKey, Option, foreign_message, 
                       translate_foreign)
 from .tensor_lists import ratio_dtype
 from .layouts import FlatLayout, FlatPieces, LayoutResolver, layer_shape
-from .state_precision import SCALE_SUFFIX, StateCodec, form_of, int8_blocks, stored_form
+from .state_precision import (SCALE_SUFFIX, UNCODED_SUFFIX, StateCodec, form_of, int8_blocks, int8_coded, piece_blocks,
+                              stored_form)
 
 __all__ = ["LayerwiseOptimizer", "ForeignKey", "FOREIGN_KEYS", "translate_foreign", "count_group_step"]
 
@@ -257,12 +258,32 @@ class LayerwiseOptimizer(Optimizer):
         every step computes afresh, not state a resumed run needs, and FSDP1 and ZeRO keep them per
         layer outside the per-tensor state, so leaving them out lets a checkpoint move between
         layouts (FSDP1, FSDP2, one process). Narrow state (``state_precision``) is saved as stored,
-        with the stochastic-rounding generators' states under ``"state_precision_rng"``."""
+        with the stochastic-rounding generators' states under ``"state_precision_rng"``, except 8-bit
+        state of flat tensors (FSDP1, ZeRO), saved as its float32 values."""
         saved = without_trust_ratios(super().state_dict())
+        self._flat_codes_as_values(saved)
         generators = self._codec.generator_states()
         if generators:
             saved["state_precision_rng"] = generators
         return saved
+
+    def _flat_codes_as_values(self, saved: dict[str, Any]) -> None:
+        """8-bit state of flat tensors (FSDP1, ZeRO) saved as the float32 values it holds: the engines
+        gather, slice and re-partition saved state element by element, which codes with per-block
+        scales would not survive. Loading codes it again, to the same codes."""
+        for saved_group, group in zip(saved["param_groups"], self.param_groups):
+            coded = [(index, p, saved["state"][key]) for index, (key, p) in
+                     enumerate(zip(saved_group["params"], group["params"]))
+                     if any(name.endswith(SCALE_SUFFIX) for name in saved["state"].get(key, {}))]
+            layout = self.layout(group) if coded else None
+            if layout is None:
+                continue
+            for index, p, entry in coded:  # each a copy of the optimizer's entry (without_trust_ratios)
+                for name, squared in self.NARROW_STATE.items():
+                    if form_of(entry, name, p.dtype) == "int8":
+                        entry[name] = self._decode_flat(entry[name], entry.pop(name + SCALE_SUFFIX),
+                                                        entry.pop(name + UNCODED_SUFFIX), p.dtype, squared, layout,
+                                                        index)
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
         """Load a state dict. Hyperparameters come from the checkpoint, as in torch, and pass the
@@ -383,6 +404,8 @@ class LayerwiseOptimizer(Optimizer):
         if not self._narrow(group):
             return stored, lambda: None
         squared = self.NARROW_STATE[key]
+        flat = tensors if isinstance(tensors, FlatPieces) else None
+        coded, starts = (self._coded_layers(flat.layout), self._narrow_plan(flat.layout)[0]) if flat else ((), [])
         working: list[Optional[Tensor]] = []
         narrow: list[tuple[int, Tensor, Optional[Tensor]]] = []
         for i, value in enumerate(stored):
@@ -391,13 +414,22 @@ class LayerwiseOptimizer(Optimizer):
             if value is None or form in (None, "float32"):
                 working.append(value)
                 continue
+            shape = value.shape
             absmax = to_local(entry[key + SCALE_SUFFIX]) if form == "int8" else None
-            working.append(self._codec.decode(value, absmax, dtype, squared))
+            if absmax is not None and flat is not None:  # a flat piece (FSDP1, ZeRO)
+                j = flat.kept[i]
+                first = starts[j]
+                if not coded[flat.layout.pieces[j].layer]:  # kept aside in float32: the rule updates it there
+                    working.append(entry[key + UNCODED_SUFFIX][first:first + value.numel()])
+                    continue
+                value = value.view(1, -1)  # one row of its own blocks
+                absmax = absmax[first:first + piece_blocks(value.numel())].view(1, -1)
+            working.append(self._codec.decode(value, absmax, dtype, squared).view(shape))
             narrow.append((i, value, absmax))
 
         def write_back() -> None:
             for i, value, absmax in narrow:
-                self._codec.encode(working[i], value, absmax, squared)  # type: ignore[arg-type]
+                self._codec.encode(working[i].view(value.shape), value, absmax, squared)  # type: ignore[union-attr]
 
         return working, write_back
 
@@ -406,20 +438,34 @@ class LayerwiseOptimizer(Optimizer):
         asks for, converting what a step just made (in the parameters' dtype) or a checkpoint held."""
         if not self.NARROW_STATE:
             return
+        layout = self.layout(group)
+        place = {id(t): i for i, t in enumerate(group["params"])}
         for p in {id(t): t for t in owners}.values():
             entry = self.state.get(p)
             if not entry:
                 continue
-            target = stored_form(group.get("state_precision", "float32"), p)
+            flat = None if layout is None else (layout, place[id(p)])
+            target = self._target_form(group, p, flat)
             for key, squared in self.NARROW_STATE.items():
                 current = form_of(entry, key, p.dtype)
                 if current is None or current == target:
                     continue
                 value = to_local(entry[key])
                 absmax = to_local(entry.pop(key + SCALE_SUFFIX)) if current == "int8" else None
-                working = value if current == "float32" else self._codec.decode(value, absmax, p.dtype, squared)
+                if current == "float32":
+                    working = value
+                elif absmax is not None and flat is not None:
+                    working = self._decode_flat(value, absmax, entry.pop(key + UNCODED_SUFFIX), p.dtype, squared,
+                                                *flat)
+                else:
+                    working = self._codec.decode(value, absmax, p.dtype, squared)
                 if target == "float32":
                     entry[key] = like_param(working.to(p.dtype), p)
+                    continue
+                if target == "int8" and flat is not None:
+                    entry[key], entry[key + SCALE_SUFFIX], entry[key + UNCODED_SUFFIX] = self._encode_flat(
+                        working, squared, *flat)
+                    self._has_narrow_state = True
                     continue
                 narrow = torch.empty(working.shape, device=working.device,
                                      dtype=torch.bfloat16 if target == "bfloat16" else torch.uint8)
@@ -430,6 +476,65 @@ class LayerwiseOptimizer(Optimizer):
                 if scales is not None:  # rows of p's rows: sharded as p is (FSDP2), checkpointed alike
                     entry[key + SCALE_SUFFIX] = like_param_rows(scales, p, int8_blocks(p.shape))
                 self._has_narrow_state = True
+
+    @staticmethod
+    def _coded_layers(layout: FlatLayout) -> tuple[bool, ...]:
+        """Whether each layer of a flat layout takes 8-bit codes under ``"int8"`` (its whole shape decides)."""
+        return tuple(int8_coded(layer.shape) for layer in layout.layers)
+
+    def _narrow_plan(self, layout: FlatLayout) -> tuple[list[int], dict[int, int], dict[int, int]]:
+        return layout.narrow_plan(self._coded_layers(layout))
+
+    def _target_form(self, group: dict[str, Any], p: Tensor, flat: Optional[tuple[FlatLayout, int]]) -> str:
+        """The form ``p``'s state takes under its group's ``state_precision``. Under ``"int8"`` a flat
+        tensor (FSDP1, ZeRO) takes 8-bit codes if it holds a piece of a layer that does; the pieces of
+        the layers that keep float32 (1-D, small) are then kept aside in float32 (``UNCODED_SUFFIX``)."""
+        precision = group.get("state_precision", "float32")
+        if flat is None or precision != "int8":
+            return stored_form(precision, p)
+        layout, index = flat
+        return "int8" if self._narrow_plan(layout)[1].get(index, 0) else "float32"
+
+    def _flat_spans(self, layout: FlatLayout, index: int) -> Iterator[tuple[slice, bool, int, int]]:
+        """Each piece of flat tensor ``index``: its span in the tensor, whether it is coded, and where
+        its blocks (coded) or its float32 values (not) start and end."""
+        coded = self._coded_layers(layout)
+        starts = self._narrow_plan(layout)[0]
+        for j, piece in enumerate(layout.pieces):
+            if piece.tensor == index and piece.numel:
+                size = piece_blocks(piece.numel) if coded[piece.layer] else piece.numel
+                yield slice(piece.start, piece.start + piece.numel), coded[piece.layer], starts[j], starts[j] + size
+
+    def _decode_flat(self, codes: Tensor, absmax: Tensor, uncoded: Tensor, dtype: torch.dtype, squared: bool,
+                     layout: FlatLayout, index: int) -> Tensor:
+        """The values of flat tensor ``index``'s 8-bit state (0 between pieces)."""
+        out = torch.zeros(codes.shape, dtype=dtype, device=codes.device)
+        values, flat_codes = out.view(-1), codes.view(-1)
+        for span, coded, start, end in self._flat_spans(layout, index):
+            if coded:
+                scales = absmax[start:end].view(1, -1)
+                values[span] = self._codec.decode(flat_codes[span].view(1, -1), scales, dtype, squared).view(-1)
+            else:
+                values[span] = uncoded[start:end]
+        return out
+
+    def _encode_flat(self, values: Tensor, squared: bool, layout: FlatLayout,
+                     index: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Flat tensor ``index``'s state ``values`` as 8-bit codes shaped like it, one absmax per block
+        of each coded piece (:func:`~lars_plugins.state_precision.piece_blocks`), and the float32
+        values of the pieces of layers that keep float32."""
+        _, blocks, uncoded_sizes = self._narrow_plan(layout)
+        codes = torch.zeros(values.shape, dtype=torch.uint8, device=values.device)
+        absmax = torch.zeros(blocks.get(index, 0), dtype=torch.float32, device=values.device)
+        uncoded = torch.zeros(uncoded_sizes.get(index, 0), dtype=values.dtype, device=values.device)
+        flat_values, flat_codes = values.reshape(-1), codes.view(-1)
+        for span, coded, start, end in self._flat_spans(layout, index):
+            if coded:
+                self._codec.encode(flat_values[span].view(1, -1), flat_codes[span].view(1, -1),
+                                   absmax[start:end].view(1, -1), squared)
+            else:
+                uncoded[start:end] = flat_values[span]
+        return codes, absmax, uncoded
 
     # A step decodes narrow state for this many elements at a time (16 MB of float32 per state).
     NARROW_PART_NUMEL: ClassVar[int] = 1 << 22
@@ -454,16 +559,11 @@ class LayerwiseOptimizer(Optimizer):
         return parts
 
     def _check_layouts_take_precision(self) -> None:
-        """8-bit state is refused before any group steps where its blocks would not be whole: under
-        flat layouts (FSDP1, ZeRO) and for DTensors sharded beyond their first dimension."""
+        """8-bit state is refused before any group steps where its blocks and their scales would not
+        shard alike: for DTensors sharded beyond their first dimension (tensor parallelism)."""
         for index, group in enumerate(self.param_groups):
-            if group.get("state_precision") != "int8":
-                continue
-            if self._layouts(group["params"]) is not None:
-                raise ValueError(
-                    f"param group {index}: state_precision='int8' under a flat layout (FSDP1, DeepSpeed ZeRO) is not "
-                    "supported: a flat shard's pieces cut layers at any element, and 8-bit blocks must not span two "
-                    "layers. Use state_precision='bfloat16' there, or FSDP2 (fully_shard), where int8 works")
+            if group.get("state_precision") != "int8" or self._layouts(group["params"]) is not None:
+                continue  # flat layouts code each piece of a layer in blocks of its own
             for p in group["params"]:
                 if stored_form("int8", p) == "int8" and shards_beyond_first_dimension(p):
                     raise ValueError(

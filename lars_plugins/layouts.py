@@ -32,6 +32,7 @@ from torch import Tensor
 from .adapters import deepspeed, fsdp1
 from .distributed import device_constant, is_dtensor
 from .tensor_lists import buckets, pick, ratio_dtype
+from .state_precision import piece_blocks
 
 __all__ = ["Layer", "Piece", "FlatLayout"]
 
@@ -92,6 +93,23 @@ class FlatLayout:
                 if j >= 0:
                     out[j] = part
         return out
+
+    def narrow_plan(self, coded: tuple[bool, ...]) -> tuple[list[int], dict[int, int], dict[int, int]]:
+        """8-bit state of flat tensors, for layers ``coded`` (one flag per layer) or not: where each
+        piece starts, among its tensor's blocks (:func:`~lars_plugins.state_precision.piece_blocks`)
+        if its layer is coded, else among its tensor's float32 values kept aside; each tensor's number
+        of blocks; each tensor's number of float32 values. Pieces in order of place."""
+        key = ("narrow", coded)
+        if key not in self._plans:
+            starts = [0] * len(self.pieces)
+            blocks: dict[int, int] = {}
+            uncoded: dict[int, int] = {}
+            for j, piece in sorted(enumerate(self.pieces), key=lambda item: (item[1].tensor, item[1].start)):
+                counts, size = (blocks, piece_blocks(piece.numel)) if coded[piece.layer] else (uncoded, piece.numel)
+                starts[j] = counts.get(piece.tensor, 0)
+                counts[piece.tensor] = starts[j] + size
+            self._plans[key] = (starts, blocks, uncoded)
+        return self._plans[key]
 
     def _split_plan(self, t_index: int, numel: int) -> Optional[tuple[list[int], list[int]]]:
         """Sizes of the consecutive parts of tensor ``t_index`` and the piece each part is (-1: a gap)."""

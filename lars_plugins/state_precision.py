@@ -10,13 +10,16 @@ weights and gradients), and encodes the result back:
   spacing, and rounding to nearest would freeze it.
 * ``"int8"``: 1 byte per element plus one float32 absmax per block of up to :data:`INT8_BLOCK`
   elements within one row (one index of the first dimension) of one tensor, so never of two layers
-  and never across an FSDP2 shard (:func:`int8_blocks`); rounded to nearest (as bitsandbytes and torchao do: with
-  codes this coarse, stochastic rounding makes a slow average such as ``v`` drift as a random walk).
+  and never across an FSDP2 shard (:func:`int8_blocks`); in the flat shards of FSDP1 and ZeRO, of up
+  to :data:`INT8_BLOCK` consecutive elements of a rank's piece of one layer (:func:`piece_blocks`);
+  rounded to nearest (as bitsandbytes and torchao do: with codes this coarse, stochastic rounding
+  makes a slow average such as ``v`` drift as a random walk).
   Momentum and Adam's ``m`` use a linear code, ``round(127·x/absmax)``: a step of absmax/127, and
   a small element that rounds to 0 only stops moving. Adam's second moment is stored as ``√v`` in an
   FP8 E4M3 code of ``448·√v/absmax`` (3 significant bits from absmax down to absmax·2^-18), because
   a ``√v`` rounded to 0 would turn ``m/(√v+ε)`` into ``m/ε``. Tensors smaller than
-  :data:`INT8_MIN_NUMEL` elements (as bitsandbytes' ``min_8bit_size``) and 1-D tensors keep float32.
+:data:`INT8_MIN_NUMEL` elements (as bitsandbytes' ``min_8bit_size``) and 1-D tensors keep float32
+  (in a flat shard, their pieces' values are kept aside in float32, :data:`UNCODED_SUFFIX`).
 
 The random bits of bfloat16 rounding come from a generator per device owned by the optimizer,
 seeded alike on every rank (so that DDP replicas stay identical) and saved in its state dict.
@@ -31,13 +34,16 @@ import torch
 from torch import Tensor
 
 __all__ = ["STATE_PRECISIONS", "INT8_BLOCK", "INT8_MIN_NUMEL", "stochastic_bfloat16", "encode_int8", "decode_int8",
-           "int8_blocks", "stored_form", "form_of", "StateCodec"]
+           "int8_blocks", "int8_coded", "piece_blocks", "stored_form", "form_of", "StateCodec"]
 
 STATE_PRECISIONS = ("float32", "bfloat16", "int8")
 INT8_BLOCK = 256
 INT8_MIN_NUMEL = 4096
 E4M3_MAX = 448.0
 SCALE_SUFFIX = "_absmax"  # state[p][key + SCALE_SUFFIX]: the blocks' scales of an int8 state
+# state[t][key + UNCODED_SUFFIX]: under "int8", the float32 values of the pieces of a flat tensor t
+# (FSDP1, ZeRO) whose layers keep float32 (1-D, small), one after the other.
+UNCODED_SUFFIX = "_uncoded"
 
 
 def _bfloat16_grid(x: Tensor, generator: Optional[torch.Generator]) -> Tensor:
@@ -124,13 +130,27 @@ def decode_int8(codes: Tensor, absmax: Tensor, dtype: torch.dtype = torch.float3
     return values.view(codes.shape).to(dtype)
 
 
-def stored_form(precision: str, param: Tensor) -> str:
+def stored_form(precision: str, param: Tensor, shape: Optional[Sequence[int]] = None) -> str:
     """The form ``param``'s state takes under ``precision``: ``"float32"`` (the parameter's dtype),
     ``"bfloat16"`` or ``"int8"``. Under ``"int8"``, tensors with fewer than :data:`INT8_MIN_NUMEL`
-    elements and 1-D tensors (biases, norms: a small share of any model) keep the parameter's dtype."""
-    if precision == "int8" and (param.ndim < 2 or param.numel() < INT8_MIN_NUMEL):
+    elements and 1-D tensors (biases, norms: a small share of any model) keep the parameter's dtype.
+    ``shape``: the whole layer's, where ``param`` is a flat piece of one layer (FSDP1's views)."""
+    if precision == "int8" and not int8_coded(param.shape if shape is None else shape):
         return "float32"
     return precision
+
+
+def int8_coded(shape: Sequence[int]) -> bool:
+    """Whether a layer of ``shape`` takes 8-bit codes under ``"int8"``: 2-D or more, and at least
+    :data:`INT8_MIN_NUMEL` elements."""
+    return len(shape) >= 2 and math.prod(shape) >= INT8_MIN_NUMEL
+
+
+def piece_blocks(numel: int) -> int:
+    """The 8-bit blocks of a flat piece of one layer (FSDP1, ZeRO): its consecutive runs of
+    :data:`INT8_BLOCK` elements, the last one partial. A piece lies within one layer, so its blocks
+    never span two layers; a block that a shard boundary cuts is two smaller blocks, one per rank."""
+    return -(-numel // INT8_BLOCK)
 
 
 def form_of(entry: dict, key: str, param_dtype: torch.dtype) -> Optional[str]:

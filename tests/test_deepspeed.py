@@ -18,7 +18,8 @@ from torch import nn
 
 import lars_plugins
 from optim_db import DISTRIBUTED
-from test_distributed import WORLD, CollectiveCounter, finish, free_port, make_model
+from test_distributed import (WORLD, CollectiveCounter, finish, free_port, make_model, round_as_flat_shards_code,
+                              small_tensors_take_int8)
 
 pytestmark = pytest.mark.slow  # DeepSpeed in 2 processes: `python -m pytest -m "not slow"` leaves them out
 
@@ -34,8 +35,9 @@ def batches(steps=STEPS):
     return [(torch.randn(16, 8, generator=gen), torch.randint(0, 5, (16,), generator=gen)) for _ in range(steps)]
 
 
-def reference(clip=1.0, kind="lars"):
-    """One process, the whole batch, torch's clipping: final parameters, ‖w‖ of 0.weight before each step."""
+def reference(clip=1.0, kind="lars", after_step=None):
+    """One process, the whole batch, torch's clipping: final parameters, ‖w‖ of 0.weight before each
+    step. ``after_step(opt)`` runs after every step."""
     model = make_model()
     opt = make_optimizer(model, kind)
     norms = []
@@ -45,6 +47,8 @@ def reference(clip=1.0, kind="lars"):
         nn.utils.clip_grad_norm_(model.parameters(), clip)
         norms.append(model[0].weight.detach().norm().item())
         opt.step()
+        if after_step is not None:
+            after_step(opt)
     return {n: p.detach() for n, p in model.named_parameters()}, norms
 
 
@@ -59,7 +63,7 @@ def make_optimizer(model, kind="lars"):
     return optimizer
 
 
-NARROW_KINDS = ["lars@bfloat16", "lamb@bfloat16"]
+NARROW_KINDS = ["lars@bfloat16", "lamb@bfloat16", "lars@int8", "lamb@int8"]
 
 
 def config(stage, **extra):
@@ -140,6 +144,7 @@ def worker(rank, port, stage, checkpoint, out):
     import deepspeed
 
     deepspeed.init_distributed(dist_backend="gloo")
+    small_tensors_take_int8()
     data = batches()
     # 1. Uninterrupted, with the collectives of each LARS step() call counted.
     model, optimizer, engine = engine_for(stage)
@@ -201,20 +206,21 @@ def worker(rank, port, stage, checkpoint, out):
         train(engine, rank, data)
         result[kind] = full_params(model, stage)
 
-    # 6b. Narrow state: bfloat16 in the flat partitions; 8-bit blocks would cut layers, so refused.
+    # 6b. Narrow state: bfloat16 in the flat partitions, and 8-bit blocks of each piece of a layer;
+    # the 8-bit state through DeepSpeed's checkpoint and back (saved as its float32 values).
     for kind in NARROW_KINDS:
-        model, _, engine = engine_for(stage, kind)
+        model, optimizer, engine = engine_for(stage, kind)
         train(engine, rank, data)
         result[kind] = full_params(model, stage)
+        result[f"{kind}-stored"] = sorted({(k, str(v.dtype)) for entry in optimizer.state.values()
+                                           for k, v in entry.items() if isinstance(v, torch.Tensor)})
+    _, _, engine = engine_for(stage, "lamb@int8")
+    train(engine, rank, data[:3])
+    engine.save_checkpoint(checkpoint, tag="int8")
     model, _, engine = engine_for(stage, "lamb@int8")
-    before = full_params(model, stage)
-    try:
-        train(engine, rank, data[:1])
-        result["int8"] = {"message": None}
-    except ValueError as err:
-        result["int8"] = {"message": str(err)}
-    after = full_params(model, stage)
-    result["int8"]["unchanged"] = all(torch.equal(before[n], after[n]) for n in before)
+    engine.load_checkpoint(checkpoint, tag="int8")
+    train(engine, rank, data[3:])
+    result["int8-resumed"] = full_params(model, stage)
 
     # 7. ZeRO-1/2's elastic checkpoints, which restore a step count per param group on loading.
     if stage in (1, 2):
@@ -325,24 +331,36 @@ def test_lamb_and_the_wrapper_equal_one_process(zero, kind):
 
 
 @pytest.mark.parametrize("kind", NARROW_KINDS)
-def test_bfloat16_state_stays_with_the_float32_run(zero, kind):
+def test_narrow_state_stays_with_the_float32_run(zero, kind, monkeypatch):
     """As under FSDP1 (tests/test_distributed.py): held to the float32 run within a few times the
-    deviation bfloat16 state makes in one process."""
+    deviation the same coding makes in one process (int8: the blocks of a flat shard), and stored as asked."""
+    monkeypatch.setattr("lars_plugins.state_precision.INT8_MIN_NUMEL", 0)
     _, result = zero
-    name = kind.partition("@")[0]
+    name, _, precision = kind.partition("@")
     start = dict(make_model().named_parameters())
     expected, _ = reference(kind=name)
-    narrow_here, _ = reference(kind=kind)
+    if precision == "int8":
+        narrow_here, _ = reference(kind=name, after_step=round_as_flat_shards_code)
+    else:
+        narrow_here, _ = reference(kind=kind)
     for key, value in expected.items():
         moved, own = (value - start[key]).norm(), (narrow_here[key] - value).norm()
         got = (result[kind][key] - value).norm()
         assert got <= max(3 * own, 0.01 * moved), (key, got, own, moved)
+    stored = result[f"{kind}-stored"]
+    keys = {key for key, _ in stored if key in ("momentum_buffer", "exp_avg", "exp_avg_sq")}
+    narrow = "torch.uint8" if precision == "int8" else "torch.bfloat16"
+    assert keys and all((key, narrow) in stored for key in keys), stored
+    if precision == "int8":
+        assert all((key + "_absmax", "torch.float32") in stored for key in keys), stored
 
 
-def test_int8_state_is_refused_before_any_update(zero):
+def test_int8_state_resumes_from_a_deepspeed_checkpoint_exactly(zero):
+    """Saved as its float32 values, coded again on loading to the same codes: the resumed run is the
+    uninterrupted one."""
     _, result = zero
-    assert "state_precision='int8' under a flat layout" in result["int8"]["message"]
-    assert result["int8"]["unchanged"]
+    for name, value in result["lamb@int8"].items():
+        torch.testing.assert_close(result["int8-resumed"][name], value, rtol=1e-6, atol=1e-7, msg=name)
 
 
 @pytest.mark.parametrize("kind", list(DISTRIBUTED))
