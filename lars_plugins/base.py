@@ -438,13 +438,23 @@ class LayerwiseOptimizer(Optimizer):
         asks for, converting what a step just made (in the parameters' dtype) or a checkpoint held."""
         if not self.NARROW_STATE:
             return
-        layout = self.layout(group)
         place = {id(t): i for i, t in enumerate(group["params"])}
+        layouts: list[Optional[FlatLayout]] = []
+
+        def flat_of(p: Tensor) -> Optional[tuple[FlatLayout, int]]:
+            # Resolved only where 8-bit state is involved: a group that never asks for it steps (and
+            # loads) without a layout lookup, which refuses tensors no engine describes.
+            if not layouts:
+                layouts.append(self.layout(group))
+            return None if layouts[0] is None else (layouts[0], place[id(p)])
+
         for p in {id(t): t for t in owners}.values():
             entry = self.state.get(p)
             if not entry:
                 continue
-            flat = None if layout is None else (layout, place[id(p)])
+            coded = group.get("state_precision") == "int8" or any(
+                form_of(entry, key, p.dtype) == "int8" for key in self.NARROW_STATE)
+            flat = flat_of(p) if coded else None
             target = self._target_form(group, p, flat)
             for key, squared in self.NARROW_STATE.items():
                 current = form_of(entry, key, p.dtype)
