@@ -22,9 +22,8 @@ from .distributed import WholeTensors, like_param, like_param_rows, shards_beyon
 from .options import (FOREIGN_KEYS, Check, ForeignKey, Option, foreign_message, is_foreign_number, meant_key,
                       translate_foreign)
 from .tensor_lists import ratio_dtype
-from .layouts import FlatLayout, FlatPieces, LayoutResolver, layer_shape
-from .state_precision import (SCALE_SUFFIX, UNCODED_SUFFIX, StateCodec, form_of, int8_blocks, int8_coded, piece_blocks,
-                              stored_form)
+from .layouts import FlatLayout, FlatPieces, LayoutResolver, NarrowPlan, layer_shape
+from .state_precision import SCALE_SUFFIX, UNCODED_SUFFIX, StateCodec, form_of, int8_blocks, int8_coded, stored_form
 
 __all__ = ["LayerwiseOptimizer", "ForeignKey", "FOREIGN_KEYS", "translate_foreign", "count_group_step"]
 
@@ -405,7 +404,7 @@ class LayerwiseOptimizer(Optimizer):
             return stored, lambda: None
         squared = self.NARROW_STATE[key]
         flat = tensors if isinstance(tensors, FlatPieces) else None
-        coded, starts = (self._coded_layers(flat.layout), self._narrow_plan(flat.layout)[0]) if flat else ((), [])
+        places = self._narrow_plan(flat.layout)[0] if flat else []
         working: list[Optional[Tensor]] = []
         narrow: list[tuple[int, Tensor, Optional[Tensor]]] = []
         for i, value in enumerate(stored):
@@ -417,13 +416,12 @@ class LayerwiseOptimizer(Optimizer):
             shape = value.shape
             absmax = to_local(entry[key + SCALE_SUFFIX]) if form == "int8" else None
             if absmax is not None and flat is not None:  # a flat piece (FSDP1, ZeRO)
-                j = flat.kept[i]
-                first = starts[j]
-                if not coded[flat.layout.pieces[j].layer]:  # kept aside in float32: the rule updates it there
-                    working.append(entry[key + UNCODED_SUFFIX][first:first + value.numel()])
+                coded, start, end = places[flat.kept[i]]
+                if not coded:  # kept aside in float32: the rule updates it there
+                    working.append(entry[key + UNCODED_SUFFIX][start:end])
                     continue
                 value = value.view(1, -1)  # one row of its own blocks
-                absmax = absmax[first:first + piece_blocks(value.numel())].view(1, -1)
+                absmax = absmax[start:end].view(1, -1)
             working.append(self._codec.decode(value, absmax, dtype, squared).view(shape))
             narrow.append((i, value, absmax))
 
@@ -492,7 +490,8 @@ class LayerwiseOptimizer(Optimizer):
         """Whether each layer of a flat layout takes 8-bit codes under ``"int8"`` (its whole shape decides)."""
         return tuple(int8_coded(layer.shape) for layer in layout.layers)
 
-    def _narrow_plan(self, layout: FlatLayout) -> tuple[list[int], dict[int, int], dict[int, int]]:
+    def _narrow_plan(self, layout: FlatLayout) -> NarrowPlan:
+        """:meth:`FlatLayout.narrow_plan` for the layers that take 8-bit codes."""
         return layout.narrow_plan(self._coded_layers(layout))
 
     def _target_form(self, group: dict[str, Any], p: Tensor, flat: Optional[tuple[FlatLayout, int]]) -> str:
@@ -508,12 +507,10 @@ class LayerwiseOptimizer(Optimizer):
     def _flat_spans(self, layout: FlatLayout, index: int) -> Iterator[tuple[slice, bool, int, int]]:
         """Each piece of flat tensor ``index``: its span in the tensor, whether it is coded, and where
         its blocks (coded) or its float32 values (not) start and end."""
-        coded = self._coded_layers(layout)
-        starts = self._narrow_plan(layout)[0]
+        places = self._narrow_plan(layout)[0]
         for j, piece in enumerate(layout.pieces):
             if piece.tensor == index and piece.numel:
-                size = piece_blocks(piece.numel) if coded[piece.layer] else piece.numel
-                yield slice(piece.start, piece.start + piece.numel), coded[piece.layer], starts[j], starts[j] + size
+                yield (slice(piece.start, piece.start + piece.numel), *places[j])
 
     def _decode_flat(self, codes: Tensor, absmax: Tensor, uncoded: Tensor, dtype: torch.dtype, squared: bool,
                      layout: FlatLayout, index: int) -> Tensor:

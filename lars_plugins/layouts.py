@@ -36,6 +36,9 @@ from .state_precision import piece_blocks
 
 __all__ = ["Layer", "Piece", "FlatLayout"]
 
+# FlatLayout.narrow_plan: per piece (coded, start, end), per tensor blocks, per tensor float32 values.
+NarrowPlan = tuple[list[tuple[bool, int, int]], dict[int, int], dict[int, int]]
+
 
 class Layer(NamedTuple):
     """A whole original parameter: ``key`` identifies it (the parameter itself, or ``(flat, i)``
@@ -94,21 +97,24 @@ class FlatLayout:
                     out[j] = part
         return out
 
-    def narrow_plan(self, coded: tuple[bool, ...]) -> tuple[list[int], dict[int, int], dict[int, int]]:
-        """8-bit state of flat tensors, for layers ``coded`` (one flag per layer) or not: where each
-        piece starts, among its tensor's blocks (:func:`~lars_plugins.state_precision.piece_blocks`)
-        if its layer is coded, else among its tensor's float32 values kept aside; each tensor's number
-        of blocks; each tensor's number of float32 values. Pieces in order of place."""
+    def narrow_plan(self, coded: tuple[bool, ...]) -> NarrowPlan:
+        """8-bit state of flat tensors, for layers ``coded`` (one flag per layer) or not: for each
+        piece, whether it is coded and where it lies, among its tensor's blocks
+        (:func:`~lars_plugins.state_precision.piece_blocks`) if coded, else among its tensor's float32
+        values kept aside (``start``, ``end``); each tensor's number of blocks; each tensor's number of
+        float32 values. Pieces in order of place."""
         key = ("narrow", coded)
         if key not in self._plans:
-            starts = [0] * len(self.pieces)
+            places = [(False, 0, 0)] * len(self.pieces)
             blocks: dict[int, int] = {}
             uncoded: dict[int, int] = {}
             for j, piece in sorted(enumerate(self.pieces), key=lambda item: (item[1].tensor, item[1].start)):
-                counts, size = (blocks, piece_blocks(piece.numel)) if coded[piece.layer] else (uncoded, piece.numel)
-                starts[j] = counts.get(piece.tensor, 0)
-                counts[piece.tensor] = starts[j] + size
-            self._plans[key] = (starts, blocks, uncoded)
+                is_coded = coded[piece.layer]
+                counts, size = (blocks, piece_blocks(piece.numel)) if is_coded else (uncoded, piece.numel)
+                start = counts.get(piece.tensor, 0)
+                places[j] = (is_coded, start, start + size)
+                counts[piece.tensor] = start + size
+            self._plans[key] = (places, blocks, uncoded)
         return self._plans[key]
 
     def _split_plan(self, t_index: int, numel: int) -> Optional[tuple[list[int], list[int]]]:

@@ -18,7 +18,7 @@ weights and gradients), and encodes the result back:
   a small element that rounds to 0 only stops moving. Adam's second moment is stored as ``√v`` in an
   FP8 E4M3 code of ``448·√v/absmax`` (3 significant bits from absmax down to absmax·2^-18), because
   a ``√v`` rounded to 0 would turn ``m/(√v+ε)`` into ``m/ε``. Tensors smaller than
-:data:`INT8_MIN_NUMEL` elements (as bitsandbytes' ``min_8bit_size``) and 1-D tensors keep float32
+  :data:`INT8_MIN_NUMEL` elements (as bitsandbytes' ``min_8bit_size``) and 1-D tensors keep float32
   (in a flat shard, their pieces' values are kept aside in float32, :data:`UNCODED_SUFFIX`).
 
 The random bits of bfloat16 rounding come from a generator per device owned by the optimizer,
@@ -130,12 +130,11 @@ def decode_int8(codes: Tensor, absmax: Tensor, dtype: torch.dtype = torch.float3
     return values.view(codes.shape).to(dtype)
 
 
-def stored_form(precision: str, param: Tensor, shape: Optional[Sequence[int]] = None) -> str:
+def stored_form(precision: str, param: Tensor) -> str:
     """The form ``param``'s state takes under ``precision``: ``"float32"`` (the parameter's dtype),
     ``"bfloat16"`` or ``"int8"``. Under ``"int8"``, tensors with fewer than :data:`INT8_MIN_NUMEL`
-    elements and 1-D tensors (biases, norms: a small share of any model) keep the parameter's dtype.
-    ``shape``: the whole layer's, where ``param`` is a flat piece of one layer (FSDP1's views)."""
-    if precision == "int8" and not int8_coded(param.shape if shape is None else shape):
+    elements and 1-D tensors (biases, norms: a small share of any model) keep the parameter's dtype."""
+    if precision == "int8" and not int8_coded(param.shape):
         return "float32"
     return precision
 
