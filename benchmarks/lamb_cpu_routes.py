@@ -3,11 +3,15 @@
 On ResNet-50's or ViT-B/16's parameter set (random gradients and moments), interleaved, medians:
 
 * ``AdamW(fused)``: ``torch._fused_adamw_`` over every tensor, the target's denominator;
-* ``LAMB (shipped)``: lars_plugins' CPU path: per tensor, a copy of ``w``, the fused AdamW kernel on
-  the copy at ``lr = 1`` (which leaves ``w − u``), ``‖w‖``, ``‖u‖``, and ``w += lr·r·(copy − w)``;
-* ``LAMB, chunked``: the same per block of ``--chunk`` elements of a tensor (``‖u‖`` accumulated
-  over the blocks, the update after the last), so that the copy, the kernel, the subtraction and the
-  norms of a block run while it is in cache;
+* ``LAMB (shipped)``: lars_plugins' CPU path (:mod:`lars_plugins.cpu_directions`): per tensor, the
+  fused AdamW kernel at ``lr = wd = 1`` on a scratch buffer (which leaves ``−m̂/(√v̂+ε)``), three dot
+  products for ``‖w‖`` and ``‖u‖``, and ``w −= lr·r·u`` through the fused SGD kernel;
+* ``LAMB, copy route``: the route before it: per tensor, a fresh copy of ``w``, the fused AdamW
+  kernel on the copy at ``lr = 1`` (which leaves ``w − u``), ``‖w‖``, ``‖u‖``, and
+  ``w += lr·r·(copy − w)``;
+* ``LAMB, chunked``: the copy route per block of ``--chunk`` elements of a tensor (``‖u‖``
+  accumulated over the blocks, the update after the last), so that the copy, the kernel, the
+  subtraction and the norms of a block run while it is in cache;
 * ``LAMB, compiled`` (``--compile``): one ``torch.compile``'d function per tensor computing the
   moments, ``u`` into a scratch and both squared norms in one loop, then ``w -= lr·r·u``;
 
@@ -52,6 +56,7 @@ def main() -> None:
     m1, v1 = moments()
     m2, v2 = moments()
     m3, v3 = moments()
+    m5, v5 = moments()
     slots = [torch.zeros(()) for _ in params]
     scratch = torch.empty(max(p.numel() for p in params))
 
@@ -63,6 +68,17 @@ def main() -> None:
         _host_lamb([(w, g, m, v, s, step) for w, g, m, v, s in zip(params, grads, m2, v2, slots)], lr=1e-9,
                    beta1=BETAS[0], beta2=BETAS[1], eps=EPS, weight_decay=DECAY, bias_correction=True,
                    weight_norm_bounds=None, trust_clip=False, maximize=False)
+
+    def copy_route() -> None:
+        for w, g, m, v in zip(params, grads, m5, v5):
+            w_norm = host_norm(w)
+            s = torch.empty_like(w)
+            s.copy_(w)
+            torch._fused_adamw_([s], [g], [m], [v], [], [step], lr=1.0, beta1=BETAS[0], beta2=BETAS[1],
+                                weight_decay=DECAY, eps=EPS, amsgrad=False, maximize=False)
+            s.sub_(w)
+            w.add_(s, alpha=1e-9 * w_norm / host_norm(s))
+            del s
 
     def chunked() -> None:
         for w, g, m, v in zip(params, grads, m3, v3):
@@ -81,7 +97,8 @@ def main() -> None:
                 u_sq += host_norm(sc) ** 2
             flat[0].add_(s, alpha=1e-9 * math.sqrt(w_sq) / math.sqrt(u_sq))
 
-    routes = {"AdamW(fused)": adamw, "LAMB (shipped)": shipped, f"LAMB, chunked ({args.chunk})": chunked}
+    routes = {"AdamW(fused)": adamw, "LAMB (shipped)": shipped, "LAMB, copy route": copy_route,
+              f"LAMB, chunked ({args.chunk})": chunked}
     if args.compile:
         def moments_and_norms(w, g, m, v, u):  # type: ignore[no-untyped-def]
             m.lerp_(g, 1 - BETAS[0])

@@ -21,6 +21,7 @@ from torch.optim.optimizer import ParamsT
 from .distributed import WholeTensors, like_param, like_param_rows, shards_beyond_first_dimension, to_local
 from .options import (FOREIGN_KEYS, Check, ForeignKey, Option, foreign_message, is_foreign_number, meant_key,
                       translate_foreign)
+from .cpu_directions import Scratch
 from .tensor_lists import ratio_dtype
 from .layouts import FlatLayout, FlatPieces, LayoutResolver, NarrowPlan, layer_shape
 from .state_precision import SCALE_SUFFIX, UNCODED_SUFFIX, StateCodec, form_of, int8_blocks, int8_coded, stored_form
@@ -380,6 +381,14 @@ class LayerwiseOptimizer(Optimizer):
         if "trust_ratio" not in state:
             state["trust_ratio"] = torch.zeros((), dtype=ratio_dtype(p.dtype), device=p.device)
         return state["trust_ratio"]
+
+    def _host_scratch(self) -> Scratch:
+        """The CPU path's scratch buffers (:class:`~lars_plugins.cpu_directions.Scratch`), kept from
+        step to step; not state: neither saved nor pickled, made again where missing."""
+        scratch = self.__dict__.get("_scratch")
+        if scratch is None:
+            scratch = self._scratch = Scratch()
+        return scratch
 
     def _keep_flat_ratios(self, layout: FlatLayout, ratios: Tensor, adapted: list[bool]) -> None:
         device = ratios.device

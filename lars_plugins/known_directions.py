@@ -6,9 +6,11 @@ and AdamW, ``d`` does not depend on ``lr``: their fused CPU kernel, run at ``lr 
 of ``w``, updates the momentum buffer or the moments once and leaves ``s − w = −d``, weight decay
 (coupled or decoupled), Nesterov and ``maximize`` included. So one
 tensor at a time, while it is in cache: ``‖w‖``, the copy, the kernel, ``‖d‖``, the ratio, and
-``w ← w + r·lr·(s − w)``. That is the route :mod:`lars_plugins.lamb_rule` takes for LAMB, whose
-``u`` is AdamW's ``d``. The base keeps its state as it would: SGD's ``momentum_buffer`` (the first
-step's ``d``, as torch starts it), Adam's ``step``, ``exp_avg`` and ``exp_avg_sq``
+``w ← w + r·lr·(s − w)``. Over AdamW, whose decay does not enter the kernel's gradient, the copy
+is not needed: :mod:`lars_plugins.cpu_directions` takes ``d`` from the kernel on a scratch buffer,
+the route :mod:`lars_plugins.lamb_rule` takes for LAMB, whose ``u`` is AdamW's ``d``. The copies
+go into the same scratch buffer, which the wrapper keeps. The base keeps its state as it would:
+SGD's ``momentum_buffer`` (the first step's ``d``, as torch starts it), Adam's ``step``, ``exp_avg`` and ``exp_avg_sq``
 (``max_exp_avg_sq`` with ``amsgrad``), so checkpoints are the same whichever route stepped.
 
 The route is taken only where it is exact and nothing can notice it. That means: the base is
@@ -26,6 +28,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
+from . import cpu_directions
 from .adapters import torch_optimizer
 from .tensor_lists import cpu_fused_adamw, cpu_fused_sgd, host_norm, same_dense_layout
 
@@ -74,15 +77,36 @@ def _state(base: Optimizer, group: dict[str, Any], w: Tensor) -> dict[str, Any]:
 
 
 def known_direction_step(base: Optimizer, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
-                         ratio_of: Any, after: Optional[Any] = None) -> None:
-    """Step the adapted ``params`` of ``group`` through the base's fused CPU kernel at ``lr = 1`` on a
-    copy: ``ratio_of(‖w‖, ‖d‖)`` gives each tensor's ratio ``r``, then ``w ← w + r·lr·(s − w)``.
-    ``after(w, ‖w‖, r)`` is told each tensor's norm and ratio (the ratio slot, the monitor)."""
+                         ratio_of: Any, after: Optional[Any] = None,
+                         scratch: Optional[cpu_directions.Scratch] = None) -> None:
+    """Step the adapted ``params`` of ``group`` through the base's fused CPU kernel at ``lr = 1``:
+    ``ratio_of(‖w‖, ‖d‖)`` gives each tensor's ratio ``r``, then ``w ← w − r·lr·d``.
+    ``after(w, ‖w‖, r)`` is told each tensor's norm and ratio (the ratio slot, the monitor).
+    ``scratch`` receives the kernels' results (the wrapper keeps one across steps; ``None``: one
+    buffer of the largest tensor for this call)."""
     kind = _KERNELS[type(base)]
     lr = group["lr"].item() if isinstance(group["lr"], Tensor) else group["lr"]
+    scratch = scratch if scratch is not None else cpu_directions.Scratch(reuse_distance=0)
+    scratch.reserve(params)
     for w, g in zip(params, grads):
+        if kind == "adamw" and cpu_directions.supported(w.dtype):
+            state = _state(base, group, w)
+            state["step"].add_(1)
+            beta1, beta2 = group["betas"]
+            d = cpu_directions.adamw_direction(w, g, state["exp_avg"], state["exp_avg_sq"],
+                                               state["max_exp_avg_sq"] if group.get("amsgrad") else None,
+                                               state["step"], scratch, beta1=beta1, beta2=beta2, eps=group["eps"],
+                                               weight_decay=group["weight_decay"],
+                                               maximize=bool(group.get("maximize")))
+            ratio = ratio_of(d.w_norm, d.d_norm)
+            if after is not None:
+                after(w, d.w_norm, ratio)
+            d.apply(ratio * lr)
+            continue
+        # SGD and Adam decay the gradient with the "parameter" the kernel updates, so it must be w:
+        # on a copy s of w, the kernel at lr = 1 leaves s − w = −d.
         w_norm = host_norm(w)
-        s = torch.empty_like(w)
+        s = scratch.like(w)
         s.copy_(w)
         if kind == "sgd":
             _sgd_direction(base, group, w, g, s)
@@ -93,9 +117,6 @@ def known_direction_step(base: Optimizer, group: dict[str, Any], params: list[Te
         if after is not None:
             after(w, w_norm, ratio)
         w.add_(s, alpha=ratio * lr)
-        # Freed before the next tensor's copy is taken: the allocator hands the same memory back
-        # (still mapped and in cache) instead of mapping fresh pages for every tensor.
-        del s
 
 
 def _adam_direction(base: Optimizer, group: dict[str, Any], w: Tensor, g: Tensor, s: Tensor, *,

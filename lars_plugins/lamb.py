@@ -150,12 +150,6 @@ class LAMB(LayerwiseOptimizer):
             state["step"] = step.to(device=wanted, dtype=torch.float32)
         return state["step"], state["exp_avg"], state["exp_avg_sq"]
 
-    def _moments(self, p: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """:meth:`_state` with the (CPU) count advanced: the unfused paths."""
-        step, exp_avg, exp_avg_sq = self._state(p)
-        step += 1
-        return step, exp_avg, exp_avg_sq
-
     def _step_fused(self, group: dict[str, Any], params: list[Tensor], sharded: bool) -> bool:
         """The fused CUDA step of the whole group, where every bucket takes it (see ``fused``)."""
         if not params or group["fused"] is False or self._narrow(group) or (group["fused"] is None and (
@@ -196,7 +190,9 @@ class LAMB(LayerwiseOptimizer):
         # One count per tensor (a flat tensor's pieces share it), advanced once: a parameter, or an
         # FSDP1 unit, that had no gradient on some step has taken fewer steps and keeps its own count.
         unique = {id(t): t for t in tensors.owners}
-        counts = {key: self._moments(t)[0] for key, t in unique.items()}
+        counts = {key: self._state(t)[0] for key, t in unique.items()}
+        if counts:
+            torch._foreach_add_(list(counts.values()), 1.0)  # one call, not one per tensor (CPU counts)
         exp_avgs, write_avgs = self._decoded_state(group, tensors, "exp_avg")
         exp_avg_sqs, write_avg_sqs = self._decoded_state(group, tensors, "exp_avg_sq")
         taken: Optional[list] = [None] * len(tensors.params) if self.collects_norms and tensors.whole else None
@@ -207,7 +203,7 @@ class LAMB(LayerwiseOptimizer):
              tensors.ratio_slots(self), excluded=tensors.excluded, step=[counts[id(t)] for t in tensors.owners],
              lr=group["lr"], weight_decay=group["weight_decay"], weight_norm_bounds=group["weight_norm_bounds"],
              trust_clip=group["trust_clip"], foreach=group["foreach"], norms=tensors.norms, weight_norms_out=taken,
-             **self._hyper(group))
+             scratch=self._host_scratch(), **self._hyper(group))
         write_avgs()
         write_avg_sqs()
         if taken is not None:

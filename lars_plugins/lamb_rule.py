@@ -14,8 +14,9 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from .tensor_lists import (NormsFn, Scalar, buckets, cpu_fused_adamw, foreach_or_loop_axpy_, host_norm, host_scalars,
-                           pick, ratio_dtype, same_dense_layout)
+from . import cpu_directions
+from .tensor_lists import (NormsFn, Scalar, buckets, foreach_or_loop_axpy_, host_norm, host_scalars, pick, ratio_dtype,
+                           same_dense_layout)
 
 __all__ = ["lamb", "lamb_trust_ratio", "lamb_directions"]
 
@@ -65,6 +66,7 @@ def lamb(
     foreach: Optional[bool] = None,
     norms: Optional[NormsFn] = None,
     weight_norms_out: Optional[list[Optional[Scalar]]] = None,
+    scratch: Optional[cpu_directions.Scratch] = None,
 ) -> None:
     """One LAMB step over one parameter group, in place (Algorithm 2 of You et al. 2019).
 
@@ -84,6 +86,8 @@ def lamb(
     (sharded training: :class:`lars_plugins.distributed.ShardedNorms`, the same as for LARS).
     ``weight_norms_out[i]``, where given, receives ``‖w‖`` of adapted parameter ``i`` as the step took
     it (for a monitor). Neither path reads a tensor value on the host.
+    ``scratch`` is where the CPU path's fused route writes ``u`` (:class:`~lars_plugins.cpu_directions.Scratch`,
+    which an optimizer keeps from step to step); ``None`` allocates a buffer of the largest tensor for the call.
     """
     for g in grads:
         if g.is_sparse:
@@ -101,7 +105,8 @@ def lamb(
                                      trust_ratios[i] if adapted else None, steps[i]) for k, i in enumerate(idx)],
                                    lr=lr, beta1=beta1, beta2=beta2, eps=eps,
                                    weight_decay=weight_decay if adapted else 0.0, bias_correction=bias_correction,
-                                   weight_norm_bounds=weight_norm_bounds, trust_clip=trust_clip, maximize=maximize)
+                                   weight_norm_bounds=weight_norm_bounds, trust_clip=trust_clip, maximize=maximize,
+                                   scratch=scratch)
                 if weight_norms_out is not None:
                     for i, w_norm in zip(idx, taken):
                         weight_norms_out[i] = w_norm
@@ -130,20 +135,38 @@ def lamb(
 
 def _host_lamb(tensors: list[tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor], Scalar]], *, lr: Scalar,
                beta1: float, beta2: float, eps: float, weight_decay: float, bias_correction: bool,
-               weight_norm_bounds: Optional[tuple[float, float]], trust_clip: bool,
-               maximize: bool) -> list[Optional[float]]:
+               weight_norm_bounds: Optional[tuple[float, float]], trust_clip: bool, maximize: bool,
+               scratch: Optional[cpu_directions.Scratch] = None) -> list[Optional[float]]:
     """The CPU path: each tensor's moments, ``u``, norms, ratio (a Python float) and update back to
     back, while its memory is still in cache, with ``u`` for one tensor at a time (not a copy of
-    every parameter). ``(w, g, m, v, ratio slot or None, step)`` per tensor; returns ``‖w‖`` of each
-    adapted tensor (``None`` for the others)."""
+    every parameter). ``(w, g, m, v, ratio slot or None, step)`` per tensor, of one dtype; returns
+    ``‖w‖`` of each adapted tensor (``None`` for the others).
+
+    Where torch's fused kernels serve (:mod:`lars_plugins.cpu_directions`): the excluded tensors take
+    the fused AdamW kernel in one call, without decay; each adapted tensor's ``u`` comes from it on a
+    scratch buffer, without a copy of ``w``. Elsewhere, the same arithmetic in eager ops."""
     lr = lr.item() if isinstance(lr, Tensor) else lr
+    fused = [bias_correction and cpu_directions.supported(w.dtype) and same_dense_layout(w, g, m)
+             and same_dense_layout(w, v, None) for w, g, m, v, _, _ in tensors]
+    plain = [t for t, f in zip(tensors, fused) if f and t[4] is None]
+    if plain:
+        ws, gs, ms, vs = (list(x) for x in zip(*[t[:4] for t in plain]))
+        torch._fused_adamw_(ws, gs, ms, vs, [], [_count(t[5]) for t in plain], lr=lr, beta1=beta1, beta2=beta2,
+                            weight_decay=0.0, eps=eps, amsgrad=False, maximize=maximize)
+    scratch = scratch if scratch is not None else cpu_directions.Scratch(reuse_distance=0)
+    scratch.reserve([t[0] for t, f in zip(tensors, fused) if f and t[4] is not None])
     weight_norms: list[Optional[float]] = []
-    for w, g, m, v, slot, step in tensors:
-        if bias_correction and cpu_fused_adamw(w.dtype) and same_dense_layout(w, g, m) \
-                and same_dense_layout(w, v, None):
-            weight_norms.append(_host_lamb_fused(w, g, m, v, slot, step, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
-                                                 weight_decay=weight_decay, weight_norm_bounds=weight_norm_bounds,
-                                                 trust_clip=trust_clip, maximize=maximize))
+    for (w, g, m, v, slot, step), fast in zip(tensors, fused):
+        if fast:
+            if slot is None:
+                weight_norms.append(None)
+                continue
+            u = cpu_directions.adamw_direction(w, g, m, v, None, _count(step), scratch, beta1=beta1, beta2=beta2,
+                                               eps=eps, weight_decay=weight_decay, maximize=maximize)
+            ratio = _host_lamb_ratio(u.w_norm, u.d_norm, weight_norm_bounds=weight_norm_bounds, trust_clip=trust_clip)
+            slot.fill_(ratio)
+            u.apply(lr * ratio)
+            weight_norms.append(u.w_norm)
             continue
         step = step.item() if isinstance(step, Tensor) else step  # a CPU count: no device to wait for
         correction1, correction2 = (_one_minus_power(beta1, step), _one_minus_power(beta2, step)) \
@@ -153,48 +176,24 @@ def _host_lamb(tensors: list[tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tens
             g = torch.neg(g)
         m.lerp_(g, 1 - beta1)
         v.mul_(beta2).addcmul_(g, g, value=1 - beta2)
-        u = v.sqrt().div_(root2).add_(eps)
-        torch.div(m, u, out=u).div_(correction1)
+        d = v.sqrt().div_(root2).add_(eps)
+        torch.div(m, d, out=d).div_(correction1)
         if weight_decay != 0:
-            u.add_(w, alpha=weight_decay)
+            d.add_(w, alpha=weight_decay)
         ratio, w_norm = 1.0, None
         if slot is not None:
             w_norm = host_norm(w)
-            ratio = _host_lamb_ratio(w_norm, host_norm(u), weight_norm_bounds=weight_norm_bounds,
+            ratio = _host_lamb_ratio(w_norm, host_norm(d), weight_norm_bounds=weight_norm_bounds,
                                      trust_clip=trust_clip)
             slot.fill_(ratio)
         weight_norms.append(w_norm)
-        w.add_(u, alpha=-lr * ratio)
+        w.add_(d, alpha=-lr * ratio)
     return weight_norms
 
 
-def _host_lamb_fused(w: Tensor, g: Tensor, m: Tensor, v: Tensor, slot: Optional[Tensor], step: Scalar, *, lr: float,
-                     beta1: float, beta2: float, eps: float, weight_decay: float,
-                     weight_norm_bounds: Optional[tuple[float, float]], trust_clip: bool,
-                     maximize: bool) -> Optional[float]:
-    """One tensor of the CPU path through torch's fused AdamW kernel, which updates the moments and
-    applies ``m̂/(√v̂+ε)`` in one vectorised pass, computing the square root and the division once.
-
-    AdamW's step with ``lr = 1`` turns ``s = w`` into ``w − u`` exactly (``u = m̂/(√v̂+ε) + wd·w``,
-    its decoupled decay being LAMB's ``wd·w``), so on a copy of ``w``: ``s − w = −u``, whose norm and
-    ``‖w‖`` give the ratio, and ``w ← w + lr·r·(s − w)``. The copy and the last two passes run while
-    the tensor is in cache. An excluded tensor takes the kernel on ``w`` itself, with ``lr`` and no
-    decay. Returns ``‖w‖`` of an adapted tensor."""
-    count = step if isinstance(step, Tensor) else torch.tensor(float(step))
-    if slot is None:
-        torch._fused_adamw_([w], [g], [m], [v], [], [count], lr=lr, beta1=beta1, beta2=beta2, weight_decay=0.0,
-                            eps=eps, amsgrad=False, maximize=maximize)
-        return None
-    w_norm = host_norm(w)
-    s = torch.empty_like(w)
-    s.copy_(w)
-    torch._fused_adamw_([s], [g], [m], [v], [], [count], lr=1.0, beta1=beta1, beta2=beta2, weight_decay=weight_decay,
-                        eps=eps, amsgrad=False, maximize=maximize)
-    s.sub_(w)  # −u
-    ratio = _host_lamb_ratio(w_norm, host_norm(s), weight_norm_bounds=weight_norm_bounds, trust_clip=trust_clip)
-    slot.fill_(ratio)
-    w.add_(s, alpha=lr * ratio)
-    return w_norm
+def _count(step: Scalar) -> Tensor:
+    """A step count as the fused kernel takes it: a 0-d float32 CPU tensor."""
+    return step if isinstance(step, Tensor) else torch.tensor(float(step))
 
 
 def _host_lamb_ratio(w_norm: float, u_norm: float, *, weight_norm_bounds: Optional[tuple[float, float]],

@@ -233,7 +233,7 @@ class Layerwise(LayerwiseOptimizer):
             grads = pick(tensors.grads, adapted)
             if takes_known_direction(self.base, group, params, grads):
                 known_direction_step(self.base, group, params, grads, functools.partial(_host_ratio, group),
-                                     self._took_ratio)
+                                     self._took_ratio, self._host_scratch())
                 for p in params:  # the base steps the group's other tensors only
                     self._stepped_here.append((p, p.grad))
                     p.grad = None

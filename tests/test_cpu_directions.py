@@ -1,0 +1,126 @@
+"""AdamW's direction on the CPU from torch's fused kernel on a scratch buffer (lars_plugins.cpu_directions),
+against AdamW's rule written here in float64."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from lars_plugins import cpu_directions
+from lars_plugins.functional import lamb
+
+BETAS, EPS = (0.9, 0.999), 1e-6
+
+
+def reference_direction(w, g, m, v, t, weight_decay, max_v=None, maximize=False):
+    """AdamW's direction at step t in float64: d = m̂/(√v̂+ε) + wd·w, from the moments before the step."""
+    w, g, m, v = (x.double() for x in (w, g, m, v))
+    g = -g if maximize else g
+    m = BETAS[0] * m + (1 - BETAS[0]) * g
+    v = BETAS[1] * v + (1 - BETAS[1]) * g * g
+    if max_v is not None:
+        v = torch.maximum(max_v.double(), v)
+    return m / (1 - BETAS[0] ** t) / ((v / (1 - BETAS[1] ** t)).sqrt() + EPS) + weight_decay * w
+
+
+def state(shape, seed, dtype=torch.float32):
+    gen = torch.Generator().manual_seed(seed)
+    w, g, m = (torch.randn(shape, generator=gen, dtype=torch.float64).to(dtype) for _ in range(3))
+    v = torch.rand(shape, generator=gen, dtype=torch.float64).to(dtype) * 1e-2
+    return w, g, m * 1e-2, v
+
+
+@pytest.mark.parametrize("weight_decay", [0.0, 0.05])
+@pytest.mark.parametrize("layout", ["contiguous", "channels_last", "amsgrad", "maximize", "float64"])
+def test_the_direction_and_its_norms_match_adamw(layout, weight_decay):
+    dtype = torch.float64 if layout == "float64" else torch.float32
+    shape = (16, 8, 5, 3)
+    w, g, m, v = state(shape, 0, dtype)
+    if layout == "channels_last":
+        w, g, m, v = (x.contiguous(memory_format=torch.channels_last) for x in (w, g, m, v))
+    max_v = v * 1.5 if layout == "amsgrad" else None
+    maximize = layout == "maximize"
+    expected = reference_direction(w, g, m, v, 3, weight_decay, max_v, maximize)
+    w0 = w.double().clone()  # (a float64 w would otherwise be w0 itself)
+    # the kernel writes where an earlier tensor's finite leftovers are (the ring wraps: w is all it serves)
+    scratch = cpu_directions.Scratch()
+    leftovers = scratch.like(w)
+    leftovers.copy_(torch.randn(shape, dtype=dtype) * 1e3)
+    d = cpu_directions.adamw_direction(w, g, m, v, max_v, torch.tensor(3.0), scratch, beta1=BETAS[0],
+                                       beta2=BETAS[1], eps=EPS, weight_decay=weight_decay, maximize=maximize)
+    assert d.s.data_ptr() == leftovers.data_ptr() and d.s.stride() == w.stride()
+    tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert torch.equal(w.double(), w0)  # w is not changed until applied
+    assert d.w_norm == pytest.approx(w0.norm().item(), rel=tol)
+    assert d.d_norm == pytest.approx(expected.norm().item(), rel=tol)
+    d.apply(0.3)
+    torch.testing.assert_close(w.double(), w0 - 0.3 * expected, rtol=tol, atol=tol)
+    assert w.stride() == w0.stride() or layout != "channels_last"
+
+
+def test_where_the_expansion_would_cancel_the_norm_comes_from_d_itself():
+    """d = m̂/(√v̂+ε) + wd·w with both terms nearly opposite: ‖d‖² from ‖s‖², ⟨s, w⟩ and ‖w‖² in
+    float32 would lose most of its digits, so the step forms d and takes its norm."""
+    n, weight_decay, t = 200_000, 0.5, 1
+    gen = torch.Generator().manual_seed(1)
+    g = torch.randn(n, generator=gen)
+    zeros = torch.zeros(n)
+    direction = reference_direction(zeros, g, zeros, zeros, t, 0.0)  # m̂/(√v̂+ε) at step 1
+    w = (-(1 - 0.05) * direction / weight_decay).float()  # d is 5% of either term
+    expected = reference_direction(w, g, zeros, zeros, t, weight_decay)
+    d = cpu_directions.adamw_direction(w, g, torch.zeros(n), torch.zeros(n), None, torch.tensor(float(t)),
+                                       cpu_directions.Scratch(), beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
+                                       weight_decay=weight_decay, maximize=False)
+    assert d.decay == 0.0  # d formed in place: s = −d
+    assert d.d_norm == pytest.approx(expected.norm().item(), rel=2e-4)  # float32 dot products over 200K terms
+    torch.testing.assert_close(-d.s.double(), expected, rtol=0, atol=1e-6)
+    # what the expansion would have given, for contrast
+    s_terms = (d.s + weight_decay * w)  # −m̂/(√v̂+ε), up to rounding
+    expanded = (cpu_directions.dot(s_terms, s_terms) - 2 * weight_decay * cpu_directions.dot(s_terms, w)
+                + weight_decay ** 2 * cpu_directions.dot(w, w))
+    assert abs(math.sqrt(max(expanded, 0.0)) - expected.norm().item()) > 10 * abs(d.d_norm - expected.norm().item())
+
+
+def test_a_non_finite_gradient_reaches_only_its_own_tensor():
+    """The scratch buffer is shared from tensor to tensor, and the kernel's ``0·s`` would carry an
+    inf left there into the next tensor: it is zeroed after a non-finite direction."""
+    shapes = [(64, 32), (32, 32)]
+    params = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
+    grads = [torch.randn_like(p) for p in params]
+    grads[0][3, 4] = math.inf
+    expected = reference_direction(params[1], grads[1], torch.zeros_like(params[1]), torch.zeros_like(params[1]), 1,
+                                   0.01)
+    w1 = params[1].double()
+    ratios = [torch.zeros(()) for _ in params]
+    lamb(params, grads, [torch.zeros_like(p) for p in params], [torch.zeros_like(p) for p in params], ratios,
+         excluded=[False, False], step=torch.tensor(1.0), lr=0.1, beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
+         weight_decay=0.01)
+    assert torch.isnan(ratios[0]) and not torch.isfinite(params[0]).all()
+    ratio = w1.norm() / expected.norm()
+    assert ratios[1].item() == pytest.approx(ratio.item(), rel=1e-5)
+    torch.testing.assert_close(params[1].double(), w1 - 0.1 * ratio * expected, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_this_torch_has_the_kernels_the_route_relies_on(dtype):
+    assert cpu_directions.supported(dtype)
+
+
+def test_the_scratch_ring_hands_out_views_that_were_not_just_used():
+    """Views advance through the buffer (aligned to 64 bytes) and wrap; the buffer holds the largest
+    tensor plus the reuse distance, or all the tensors where that is less."""
+    tensors = [torch.empty(n) for n in (100, 30, 250, 7)]
+    scratch = cpu_directions.Scratch(reuse_distance=100 * 4)
+    scratch.reserve(tensors)
+    base = scratch.like(torch.empty(1)).data_ptr()  # the buffer's start
+    starts = [(scratch.like(t).data_ptr() - base) // 4 for t in tensors * 2]
+    # 250 + 100 = 350 elements (less than all four: 112 + 32 + 256 + 16); after the 1-element view at 0,
+    # 100 at 16, 30 at 128; 250 would end at 410 > 350, so it wraps to 0; 7 at 256; 100 would end past 350: 0
+    assert starts == [16, 128, 0, 256, 0, 112, 0, 256]
+    small = cpu_directions.Scratch()
+    small.reserve(tensors)
+    assert small.like(torch.empty(250)).untyped_storage().nbytes() == 4 * (112 + 32 + 256 + 16)  # all of them
+    channels_last = torch.empty(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
+    assert small.like(channels_last).stride() == channels_last.stride()
