@@ -5,7 +5,10 @@ On ResNet-50's or ViT-B/16's parameter set (random gradients and moments), inter
 * ``AdamW(fused)``: ``torch._fused_adamw_`` over every tensor, the target's denominator;
 * ``LAMB (shipped)``: lars_plugins' CPU path (:mod:`lars_plugins.cpu_directions`): per tensor, the
   fused AdamW kernel at ``lr = wd = 1`` on a scratch buffer (which leaves ``−m̂/(√v̂+ε)``), three dot
-  products for ``‖w‖`` and ``‖u‖``, and ``w −= lr·r·u`` through the fused SGD kernel;
+  products for ``‖w‖`` and ``‖u‖``, and ``w −= lr·r·u`` through the fused SGD kernel; the scratch
+  views advance through a ring of the largest tensor plus 32 MiB;
+* ``LAMB, one buffer reused from its start``: the same with one buffer of the largest tensor, every
+  tensor's view starting at its first element;
 * ``LAMB, copy route``: the route before it: per tensor, a fresh copy of ``w``, the fused AdamW
   kernel on the copy at ``lr = 1`` (which leaves ``w − u``), ``‖w‖``, ``‖u‖``, and
   ``w += lr·r·(copy − w)``;
@@ -30,6 +33,7 @@ import time
 
 import torch
 
+from lars_plugins.cpu_directions import Scratch
 from lars_plugins.lamb_rule import _host_lamb
 from lars_plugins.tensor_lists import host_norm
 from step_time import build_model
@@ -57,6 +61,8 @@ def main() -> None:
     m2, v2 = moments()
     m3, v3 = moments()
     m5, v5 = moments()
+    m6, v6 = moments()
+    ring, one_buffer = Scratch(), Scratch(reuse_distance=0)  # kept from step to step, as an optimizer keeps it
     slots = [torch.zeros(()) for _ in params]
     scratch = torch.empty(max(p.numel() for p in params))
 
@@ -64,10 +70,13 @@ def main() -> None:
         torch._fused_adamw_(params, grads, m1, v1, [], [step] * len(params), lr=1e-9, beta1=BETAS[0], beta2=BETAS[1],
                             weight_decay=DECAY, eps=EPS, amsgrad=False, maximize=False)
 
-    def shipped() -> None:
-        _host_lamb([(w, g, m, v, s, step) for w, g, m, v, s in zip(params, grads, m2, v2, slots)], lr=1e-9,
+    def shipped(scratch: Scratch = ring, m: list[torch.Tensor] = m2, v: list[torch.Tensor] = v2) -> None:
+        _host_lamb([(w, g, mi, vi, s, step) for w, g, mi, vi, s in zip(params, grads, m, v, slots)], lr=1e-9,
                    beta1=BETAS[0], beta2=BETAS[1], eps=EPS, weight_decay=DECAY, bias_correction=True,
-                   weight_norm_bounds=None, trust_clip=False, maximize=False)
+                   weight_norm_bounds=None, trust_clip=False, maximize=False, scratch=scratch)
+
+    def one_buffer_route() -> None:
+        shipped(one_buffer, m6, v6)
 
     def copy_route() -> None:
         for w, g, m, v in zip(params, grads, m5, v5):
@@ -97,7 +106,8 @@ def main() -> None:
                 u_sq += host_norm(sc) ** 2
             flat[0].add_(s, alpha=1e-9 * math.sqrt(w_sq) / math.sqrt(u_sq))
 
-    routes = {"AdamW(fused)": adamw, "LAMB (shipped)": shipped, "LAMB, copy route": copy_route,
+    routes = {"AdamW(fused)": adamw, "LAMB (shipped)": shipped,
+              "LAMB, one buffer reused from its start": one_buffer_route, "LAMB, copy route": copy_route,
               f"LAMB, chunked ({args.chunk})": chunked}
     if args.compile:
         def moments_and_norms(w, g, m, v, u):  # type: ignore[no-untyped-def]
