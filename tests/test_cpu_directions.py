@@ -3,12 +3,14 @@ against AdamW's rule written here in float64."""
 
 from __future__ import annotations
 
+import copy
 import math
 
 import pytest
 import torch
+from torch import nn
 
-from lars_plugins import cpu_directions
+from lars_plugins import LAMB, Layerwise, cpu_directions
 from lars_plugins.functional import lamb
 
 BETAS, EPS = (0.9, 0.999), 1e-6
@@ -124,3 +126,27 @@ def test_the_scratch_ring_hands_out_views_that_were_not_just_used():
     assert small.like(torch.empty(250)).untyped_storage().nbytes() == 4 * (112 + 32 + 256 + 16)  # all of them
     channels_last = torch.empty(2, 3, 4, 5).contiguous(memory_format=torch.channels_last)
     assert small.like(channels_last).stride() == channels_last.stride()
+
+
+@pytest.mark.parametrize("make", [lambda ps: LAMB(ps, lr=1e-2, weight_decay=0.01),
+                                  lambda ps: Layerwise(torch.optim.AdamW(ps, lr=1e-2), trust_coefficient=1.0)],
+                         ids=["LAMB", "Layerwise(AdamW)"])
+def test_the_scratch_is_kept_between_steps_but_is_neither_state_nor_copied(make):
+    params = [nn.Parameter(torch.randn(64, 48, generator=torch.Generator().manual_seed(i))) for i in range(2)]
+    opt = make(params)
+    for p in params:
+        p.grad = torch.randn_like(p)
+    opt.step()
+    scratch = opt.__dict__["_scratch"]
+    assert scratch.nbytes == 2 * 64 * 48 * 4  # both tensors: less than the largest plus 32 MiB
+    opt.step()
+    assert opt.__dict__["_scratch"] is scratch
+    assert set(opt.state_dict()) == {"state", "param_groups"}
+    twin = copy.deepcopy({"params": params, "opt": opt})
+    assert "_scratch" not in twin["opt"].__dict__
+    for p, q in zip(params, twin["params"]):
+        q.grad = p.grad.clone()
+    opt.step()
+    twin["opt"].step()  # makes its own
+    for p, q in zip(params, twin["params"]):
+        assert torch.equal(p, q)
