@@ -13,9 +13,9 @@ zero, so ``s = −m̂/(√v̂+ε)`` whatever ``s`` held: no copy of ``w``, and `
 
 Where the expansion would cancel (``d`` at most half as long as its two terms suggest), the step
 forms ``s − wd·w = −d`` instead and takes its norm directly, so the ratio keeps the precision of a
-direct norm. The scratch buffer is one per step and dtype, as large as the largest tensor it serves;
-a non-finite ``s`` (a non-finite gradient) is zeroed after use, so that it cannot reach the next
-tensor through ``0·inf``.
+direct norm. The scratch buffer (:class:`Scratch`) is a ring per dtype that the optimizer keeps
+between steps; a non-finite ``s`` (a non-finite gradient) is zeroed after use, so that it cannot
+reach the next tensor through ``0·inf``.
 
 :func:`supported` probes once per dtype that this torch's kernels behave so (the zeroing included);
 where they do not, the callers take their other routes. In half precision ``s − wd·w`` is
@@ -32,19 +32,14 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from .tensor_lists import host_norm
+from .tensor_lists import cpu_fused_adamw, cpu_fused_sgd, host_norm
 
-__all__ = ["Scratch", "AdamWDirection", "adamw_direction", "supported", "dot"]
+__all__ = ["Scratch", "AdamWDirection", "adamw_direction", "supported"]
 
 # Below this fraction of ‖s‖² + wd²·‖w‖², ‖d‖² is formed from d itself rather than from the expansion:
 # a float32 dot product carries a relative error of about 5e-6, and the expansion multiplies it by
 # (‖s‖² + wd²‖w‖²)/‖d‖² at most twice over, so here by at most 4.
 _DIRECT_BELOW = 0.5
-
-
-def dot(a: Tensor, b: Tensor) -> float:
-    """``⟨a, b⟩`` of two tensors with the same dense layout, on the host (BLAS ``dot`` over their memory)."""
-    return torch.dot(_flat(a), _flat(b)).item()
 
 
 def _flat(t: Tensor) -> Tensor:
@@ -57,9 +52,9 @@ class Scratch:
     with a tensor's own shape and strides at advancing offsets, wrapping around (a ring).
 
     The ring keeps the memory a kernel writes from having been read, just before, by the norms and
-    the update of the previous tensors: on a CPU whose cores do not share one last-level cache,
-    writing lines another core has just read costs a cross-cache invalidation each, and the step
-    measured up to 2x slower with one buffer reused from its start (docs/performance.md). So each
+    the update of the previous tensors: on the 2-core test machine, in a state where its cores
+    behave as if they did not share a last-level cache, the step measured up to 2x slower with one
+    buffer reused from its start (docs/performance.md). So each
     buffer holds the largest tensor plus ``reuse_distance`` bytes (at most all the tensors it
     serves), and an optimizer keeps its ``Scratch`` from step to step: allocated on the first step,
     grown when a larger tensor comes. ``reuse_distance=0`` gives one buffer of the largest tensor."""
@@ -158,17 +153,16 @@ def adamw_direction(w: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, m
 def supported(dtype: torch.dtype) -> bool:
     """Whether this torch's fused AdamW kernel runs on CPU tensors of ``dtype`` and behaves as
     :func:`adamw_direction` relies on: at ``lr = wd = 1`` its result does not depend on what the
-    "parameter" held (probed once)."""
-    try:
-        results = []
-        for start in (0.0, 3.0):
-            s = torch.full((2,), start, dtype=dtype)
-            torch._fused_adamw_([s], [torch.ones(2, dtype=dtype)], [torch.zeros(2, dtype=dtype)],
-                                [torch.zeros(2, dtype=dtype)], [], [torch.tensor(1.0)], lr=1.0, beta1=0.5,
-                                beta2=0.5, weight_decay=1.0, eps=0.0, amsgrad=False, maximize=False)
-            results.append(s)
-    except (AttributeError, RuntimeError, TypeError, NotImplementedError):
+    "parameter" held (probed once, where :func:`~lars_plugins.tensor_lists.cpu_fused_adamw` found the kernel)."""
+    if not cpu_fused_adamw(dtype):
         return False
+    results = []
+    for start in (0.0, 3.0):
+        s = torch.full((2,), start, dtype=dtype)
+        torch._fused_adamw_([s], [torch.ones(2, dtype=dtype)], [torch.zeros(2, dtype=dtype)],
+                            [torch.zeros(2, dtype=dtype)], [], [torch.tensor(1.0)], lr=1.0, beta1=0.5, beta2=0.5,
+                            weight_decay=1.0, eps=0.0, amsgrad=False, maximize=False)
+        results.append(s)
     minus_one = torch.full((2,), -1.0, dtype=dtype)  # −m̂/√v̂ = −(0.5/0.5)/√(0.5/0.5)
     return all(torch.equal(r, minus_one) for r in results)
 
@@ -176,14 +170,11 @@ def supported(dtype: torch.dtype) -> bool:
 @functools.lru_cache(maxsize=None)
 def _expands(dtype: torch.dtype) -> bool:
     """Whether ``‖d‖`` may come from the expansion and ``w ← w − a·d`` from the fused SGD kernel: float32
-    and float64 (BLAS dot products), where SGD's ``maximize`` with weight decay gives
-    ``w − lr·(wd·w − g)`` (probed once)."""
-    if dtype not in (torch.float32, torch.float64):
+    and float64 (BLAS dot products, and :func:`~lars_plugins.tensor_lists.cpu_fused_sgd`'s dtypes), where
+    SGD's ``maximize`` with weight decay gives ``w − lr·(wd·w − g)`` (probed once)."""
+    if not cpu_fused_sgd(dtype):
         return False
     w = torch.full((2,), 2.0, dtype=dtype)
-    try:
-        torch._fused_sgd_([w], [torch.ones(2, dtype=dtype)], [], weight_decay=0.5, momentum=0.0, lr=0.25,
-                          dampening=0.0, nesterov=False, maximize=True, is_first_step=False)
-    except (AttributeError, RuntimeError, TypeError, NotImplementedError):
-        return False
+    torch._fused_sgd_([w], [torch.ones(2, dtype=dtype)], [], weight_decay=0.5, momentum=0.0, lr=0.25,
+                      dampening=0.0, nesterov=False, maximize=True, is_first_step=False)
     return bool(torch.equal(w, torch.full((2,), 2.0 - 0.25 * (0.5 * 2.0 - 1.0), dtype=dtype)))

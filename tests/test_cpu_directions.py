@@ -80,8 +80,8 @@ def test_where_the_expansion_would_cancel_the_norm_comes_from_d_itself():
     torch.testing.assert_close(-d.s.double(), expected, rtol=0, atol=1e-6)
     # what the expansion would have given, for contrast
     s_terms = (d.s + weight_decay * w)  # −m̂/(√v̂+ε), up to rounding
-    expanded = (cpu_directions.dot(s_terms, s_terms) - 2 * weight_decay * cpu_directions.dot(s_terms, w)
-                + weight_decay ** 2 * cpu_directions.dot(w, w))
+    expanded = (torch.dot(s_terms, s_terms).item() - 2 * weight_decay * torch.dot(s_terms, w).item()
+                + weight_decay ** 2 * torch.dot(w, w).item())
     assert abs(math.sqrt(max(expanded, 0.0)) - expected.norm().item()) > 10 * abs(d.d_norm - expected.norm().item())
 
 
