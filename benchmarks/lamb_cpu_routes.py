@@ -3,12 +3,18 @@
 On ResNet-50's or ViT-B/16's parameter set (random gradients and moments), interleaved, medians:
 
 * ``AdamW(fused)``: ``torch._fused_adamw_`` over every tensor, the target's denominator;
-* ``LAMB (shipped)``: lars_plugins' CPU path (:mod:`lars_plugins.cpu_directions`): per tensor, the
-  fused AdamW kernel at ``lr = wd = 1`` on a scratch buffer (which leaves ``−m̂/(√v̂+ε)``), three dot
-  products for ``‖w‖`` and ``‖u‖``, and ``w −= lr·r·u`` through the fused SGD kernel; the scratch
-  views advance through a ring of the largest tensor plus 32 MiB;
-* ``LAMB, one buffer reused from its start``: the same with one buffer of the largest tensor, every
-  tensor's view starting at its first element;
+* ``LAMB, Numba's loops`` (where Numba is installed: the shipped route then): lars_plugins' CPU path
+  with :mod:`lars_plugins.cpu_kernels`: per tensor, one compiled loop for the moments, ``−u`` into a
+  scratch view and both squared norms, then one for ``w −= lr·r·u``;
+* ``Numba's loops alone``: the same two compiled loops per tensor on NumPy views made once before
+  the timing, with no optimizer bookkeeping around them (views, ratio slots, the ratio's fallbacks):
+  the floor of that route, what a step would take if its per-tensor Python cost were nil;
+* ``LAMB, torch kernels``: the same path with Numba's loops off (:mod:`lars_plugins.cpu_directions`):
+  per tensor, the fused AdamW kernel at ``lr = wd = 1`` on a scratch buffer (which leaves
+  ``−m̂/(√v̂+ε)``), three dot products for ``‖w‖`` and ``‖u‖``, and ``w −= lr·r·u`` through the fused
+  SGD kernel; in both, the scratch views advance through a ring of the largest tensor plus 32 MiB;
+* ``LAMB, torch kernels, one buffer reused from its start``: the same with one buffer of the largest
+  tensor, every tensor's view starting at its first element;
 * ``LAMB, copy route``: the route before it: per tensor, a fresh copy of ``w``, the fused AdamW
   kernel on the copy at ``lr = 1`` (which leaves ``w − u``), ``‖w‖``, ``‖u‖``, and
   ``w += lr·r·(copy − w)``;
@@ -18,7 +24,7 @@ On ResNet-50's or ViT-B/16's parameter set (random gradients and moments), inter
 * ``LAMB, compiled`` (``--compile``): one ``torch.compile``'d function per tensor computing the
   moments, ``u`` into a scratch and both squared norms in one loop, then ``w -= lr·r·u``;
 
-then where the shipped step spends its time (torch.profiler, by operator).
+then where the torch-kernels step spends its time (torch.profiler, by operator).
 
     python benchmarks/lamb_cpu_routes.py --model resnet50
     python benchmarks/lamb_cpu_routes.py --model vit_b16 --compile
@@ -30,15 +36,39 @@ import argparse
 import math
 import statistics
 import time
+from typing import Callable
 
+import numpy as np
 import torch
 
+from lars_plugins import cpu_kernels
 from lars_plugins.cpu_directions import Scratch
 from lars_plugins.lamb_rule import _host_lamb
 from lars_plugins.tensor_lists import host_norm
 from step_time import build_model
 
 BETAS, EPS, DECAY = (0.9, 0.999), 1e-6, 0.01
+
+
+def loops_alone(params: list[torch.Tensor], grads: list[torch.Tensor], m: list[torch.Tensor],
+                v: list[torch.Tensor], step: torch.Tensor) -> Callable[[], None]:
+    """Numba's two loops per tensor on arrays made once, through a ring of scratch views made once."""
+    direction, add_scaled = cpu_kernels._kernels()  # type: ignore[misc]
+    ring = Scratch()
+    ring.reserve(params)
+    arrays = [[cpu_kernels._numpy(t) for t in (w, g, mi, vi, ring.like(w))]
+              for w, g, mi, vi in zip(params, grads, m, v)]
+    f32 = np.float32
+    t = step.item()
+    constants = (f32(1 - BETAS[0]), f32(BETAS[1]), f32(1 - BETAS[1]), f32(1 - BETAS[0] ** t),
+                 f32(math.sqrt(1 - BETAS[1] ** t)), f32(EPS), f32(DECAY))
+
+    def run() -> None:
+        for w, g, mi, vi, s in arrays:
+            w_sq, d_sq = direction(w, g, mi, vi, vi[:0], s, *constants, False, False)
+            add_scaled(w, s, f32(1e-9 * math.sqrt(w_sq) / math.sqrt(d_sq)))  # s = −u: w −= lr·r·u
+
+    return run
 
 
 def main() -> None:
@@ -62,7 +92,9 @@ def main() -> None:
     m3, v3 = moments()
     m5, v5 = moments()
     m6, v6 = moments()
+    m7, v7 = moments()
     ring, one_buffer = Scratch(), Scratch(reuse_distance=0)  # kept from step to step, as an optimizer keeps it
+    numba_ring = Scratch()
     slots = [torch.zeros(()) for _ in params]
     scratch = torch.empty(max(p.numel() for p in params))
 
@@ -70,13 +102,23 @@ def main() -> None:
         torch._fused_adamw_(params, grads, m1, v1, [], [step] * len(params), lr=1e-9, beta1=BETAS[0], beta2=BETAS[1],
                             weight_decay=DECAY, eps=EPS, amsgrad=False, maximize=False)
 
-    def shipped(scratch: Scratch = ring, m: list[torch.Tensor] = m2, v: list[torch.Tensor] = v2) -> None:
+    def torch_kernels(scratch: Scratch = ring, m: list[torch.Tensor] = m2, v: list[torch.Tensor] = v2) -> None:
+        cpu_kernels.enabled = False
+        try:
+            lamb_step(scratch, m, v)
+        finally:
+            cpu_kernels.enabled = True
+
+    def numba_loops() -> None:
+        lamb_step(numba_ring, m7, v7)
+
+    def lamb_step(scratch: Scratch, m: list[torch.Tensor], v: list[torch.Tensor]) -> None:
         _host_lamb([(w, g, mi, vi, s, step) for w, g, mi, vi, s in zip(params, grads, m, v, slots)], lr=1e-9,
                    beta1=BETAS[0], beta2=BETAS[1], eps=EPS, weight_decay=DECAY, bias_correction=True,
                    weight_norm_bounds=None, trust_clip=False, maximize=False, scratch=scratch)
 
     def one_buffer_route() -> None:
-        shipped(one_buffer, m6, v6)
+        torch_kernels(one_buffer, m6, v6)
 
     def copy_route() -> None:
         for w, g, m, v in zip(params, grads, m5, v5):
@@ -106,9 +148,15 @@ def main() -> None:
                 u_sq += host_norm(sc) ** 2
             flat[0].add_(s, alpha=1e-9 * math.sqrt(w_sq) / math.sqrt(u_sq))
 
-    routes = {"AdamW(fused)": adamw, "LAMB (shipped)": shipped,
-              "LAMB, one buffer reused from its start": one_buffer_route, "LAMB, copy route": copy_route,
-              f"LAMB, chunked ({args.chunk})": chunked}
+    routes = {"AdamW(fused)": adamw}
+    if cpu_kernels.available(torch.float32):
+        routes["LAMB, Numba's loops"] = numba_loops
+        routes["Numba's loops alone"] = loops_alone(params, grads, *moments(), step)
+    else:
+        print("Numba's loops: not available here (pip install 'lars_plugins[numba]'); their row is left out")
+    routes.update({"LAMB, torch kernels": torch_kernels,
+                   "LAMB, torch kernels, one buffer reused from its start": one_buffer_route,
+                   "LAMB, copy route": copy_route, f"LAMB, chunked ({args.chunk})": chunked})
     if args.compile:
         def moments_and_norms(w, g, m, v, u):  # type: ignore[no-untyped-def]
             m.lerp_(g, 1 - BETAS[0])
@@ -149,8 +197,8 @@ def main() -> None:
 
     with profile() as prof:
         for _ in range(5):
-            shipped()
-    print("\nThe shipped step by operator (5 steps):")
+            torch_kernels()
+    print("\nThe torch-kernels step by operator (5 steps):")
     print(prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=8))
 
 

@@ -29,6 +29,7 @@ import torch
 from torch import nn
 
 import lars_plugins
+import lars_plugins.cpu_kernels
 
 MODELS = {"resnet50": "resnet50", "vit_b16": "vit_base_patch16_224"}
 
@@ -86,13 +87,27 @@ def optimizers(weight_decay: float) -> dict[str, Callable[[list[dict]], torch.op
 
 SGD_PATHS = ("SGD(foreach)", "SGD(single)", "SGD(fused)")
 ADAMW_PATHS = ("AdamW(foreach)", "AdamW(single)", "AdamW(fused)")
-ADAM_FAMILY = (*ADAMW_PATHS, "LAMB(auto)", "LAMB(single)", "LAMB(foreach)", "LAMB(fused)", "timm Lamb",
-               "Layerwise(AdamW)", "Layerwise(AdamW fused)")
+ADAM_FAMILY = (*ADAMW_PATHS, "LAMB(auto)", "LAMB(torch kernels)", "LAMB(single)", "LAMB(foreach)", "LAMB(fused)",
+               "timm Lamb", "Layerwise(AdamW)", "Layerwise(AdamW fused)", "Layerwise(torch kernels)")
+# On the CPU, where Numba's one-pass loops serve (lars_plugins.cpu_kernels), these steps run again with
+# the loops off, through torch's kernels alone: both routes in one run.
+TORCH_KERNELS = {"LAMB(torch kernels)": "LAMB(auto)", "Layerwise(torch kernels)": "Layerwise(AdamW fused)"}
 # Peak memory one step allocates, for these (the wrapper's copy of the parameters shows here).
 MEMORY = ("SGD(foreach)", "SGD(fused)", "LARS(auto)", "LARS(foreach)", "Layerwise(SGD)", "AdamW(foreach)",
           "AdamW(fused)", "LAMB(auto)", "LAMB(foreach)", "timm Lamb", "Layerwise(AdamW)", "Layerwise(AdamW fused)")
 # Only where the fused step can run (a GPU): on the CPU they are refused at construction.
 GPU_ONLY = ("LARS(fused)", "LAMB(fused)")
+
+
+def without_numba(step: Callable[[], object]) -> Callable[[], object]:
+    """``step`` with lars_plugins' Numba loops switched off while it runs (torch's kernels only)."""
+    def run() -> object:
+        lars_plugins.cpu_kernels.enabled = False
+        try:
+            return step()
+        finally:
+            lars_plugins.cpu_kernels.enabled = True
+    return run
 
 
 def step_peak_mb(step: Callable[[], object], device: torch.device) -> float:
@@ -156,6 +171,15 @@ def bench_model(name: str, device: torch.device, reps: int, warmup: int, weight_
             continue
         steps[label] = torch.compile(opt.step) if label.endswith("(compiled)") else opt.step
         built[label] = opt
+    if device.type == "cpu" and lars_plugins.cpu_kernels.available(torch.float32):
+        for label, of in TORCH_KERNELS.items():
+            if of in makers:
+                model = build_model(name)
+                model.load_state_dict(reference.state_dict())
+                for n, p in model.named_parameters():
+                    p.grad = grads[n].clone()
+                built[label] = makers[of](two_groups(model, weight_decay))
+                steps[label] = without_numba(built[label].step)
     n_params = sum(p.numel() for p in reference.parameters())
     n_tensors = len(list(reference.parameters()))
     print(f"\n{name}: {n_tensors} tensors, {n_params / 1e6:.1f}M parameters, device {device}")
@@ -214,6 +238,17 @@ def bench_model(name: str, device: torch.device, reps: int, warmup: int, weight_
     return medians
 
 
+def numba_route() -> str:
+    """Whether the LAMB and Layerwise(AdamW) CPU steps take Numba's loops here, and why not."""
+    try:
+        import numba
+    except ImportError:
+        return "not installed (pip install 'lars_plugins[numba]'): torch's kernels"
+    if not lars_plugins.cpu_kernels.available(torch.float32):
+        return f"Numba {numba.__version__} installed but not used (switched off, or see the warning above)"
+    return f"Numba {numba.__version__}, threading layer {numba.threading_layer()}"
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--models", nargs="+", default=list(MODELS), choices=list(MODELS))
@@ -228,6 +263,8 @@ def main() -> None:
     args = parser.parse_args()
     device = torch.device(args.device)
     print(f"torch {torch.__version__}, threads {torch.get_num_threads()}, reps {args.reps} (median)")
+    if device.type == "cpu":
+        print(f"lars_plugins' one-pass CPU loops (Numba): {numba_route()}")
     results = {m: bench_model(m, device, args.reps, args.warmup, args.weight_decay, args.compile, args.optimizers)
                for m in args.models}
     limit = 1.1 if device.type == "cpu" else 1.5
@@ -241,7 +278,8 @@ def main() -> None:
                     if "SGD(fused)" in medians else "")
         verdict = "met" if ratio <= limit and vs_timm < 1.0 else "NOT met"
         print(f"  {model}: {ratio:.2f}x the faster unfused SGD, {vs_timm:.2f}x best timm Lars -> {verdict}{vs_fused}")
-        for label, goal in (("LAMB(auto)", 1.5), ("Layerwise(AdamW)", 1.7), ("Layerwise(AdamW fused)", 1.7)):
+        for label, goal in (("LAMB(auto)", 1.5), ("LAMB(torch kernels)", 1.5), ("Layerwise(AdamW)", 1.7),
+                            ("Layerwise(AdamW fused)", 1.7), ("Layerwise(torch kernels)", 1.7)):
             if label in medians and "AdamW(fused)" in medians:
                 ratio = medians[label] / medians["AdamW(fused)"]
                 vs_lamb = (f", {medians[label] / medians['timm Lamb']:.2f}x timm Lamb"

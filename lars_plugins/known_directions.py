@@ -88,10 +88,13 @@ def known_direction_step(base: Optimizer, group: dict[str, Any], params: list[Te
     lr = group["lr"].item() if isinstance(group["lr"], Tensor) else group["lr"]
     scratch = scratch if scratch is not None else cpu_directions.Scratch(reuse_distance=0)
     scratch.reserve(params)
-    for w, g in zip(params, grads):
-        if kind == "adamw" and cpu_directions.supported(w.dtype):
-            state = _state(base, group, w)
-            state["step"].add_(1)
+    direct = [kind == "adamw" and cpu_directions.supported(w.dtype) for w in params]
+    counts = [_state(base, group, w)["step"] for w, fast in zip(params, direct) if fast]
+    if counts:
+        torch._foreach_add_(counts, 1.0)  # one call, not one per tensor, as torch's fused step counts
+    for w, g, fast in zip(params, grads, direct):
+        if fast:
+            state = base.state[w]
             beta1, beta2 = group["betas"]
             d = cpu_directions.adamw_direction(w, g, state["exp_avg"], state["exp_avg_sq"],
                                                state["max_exp_avg_sq"] if group.get("amsgrad") else None,

@@ -1,19 +1,38 @@
-"""AdamW's direction on the CPU from torch's fused kernel on a scratch buffer (lars_plugins.cpu_directions),
-against AdamW's rule written here in float64."""
+"""AdamW's direction on the CPU, from torch's fused kernel on a scratch buffer (lars_plugins.cpu_directions)
+or from Numba's one-pass loops (lars_plugins.cpu_kernels), against AdamW's rule written here in float64."""
 
 from __future__ import annotations
 
 import copy
 import math
+import subprocess
+import sys
 
 import pytest
 import torch
 from torch import nn
 
-from lars_plugins import LAMB, Layerwise, cpu_directions
+from lars_plugins import LAMB, Layerwise, cpu_directions, cpu_kernels
 from lars_plugins.functional import lamb
 
 BETAS, EPS = (0.9, 0.999), 1e-6
+ROUTES = ["torch kernels", "numba"]
+
+
+@pytest.fixture
+def torch_kernels(monkeypatch):
+    """Numba's loops off: torch's kernels serve."""
+    monkeypatch.setattr(cpu_kernels, "enabled", False)
+
+
+def use_route(route, monkeypatch):
+    """Take ``route`` ("numba" is skipped where Numba is not installed); returns whether it is Numba's."""
+    if route == "numba":
+        pytest.importorskip("numba")
+        assert cpu_kernels.available(torch.float32)
+        return True
+    monkeypatch.setattr(cpu_kernels, "enabled", False)
+    return False
 
 
 def reference_direction(w, g, m, v, t, weight_decay, max_v=None, maximize=False):
@@ -34,9 +53,11 @@ def state(shape, seed, dtype=torch.float32):
     return w, g, m * 1e-2, v
 
 
+@pytest.mark.parametrize("route", ROUTES)
 @pytest.mark.parametrize("weight_decay", [0.0, 0.05])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "amsgrad", "maximize", "float64"])
-def test_the_direction_and_its_norms_match_adamw(layout, weight_decay):
+def test_the_direction_and_its_norms_match_adamw(layout, weight_decay, route, monkeypatch):
+    numba_route = use_route(route, monkeypatch)
     dtype = torch.float64 if layout == "float64" else torch.float32
     shape = (16, 8, 5, 3)
     w, g, m, v = state(shape, 0, dtype)
@@ -45,6 +66,8 @@ def test_the_direction_and_its_norms_match_adamw(layout, weight_decay):
     max_v = v * 1.5 if layout == "amsgrad" else None
     maximize = layout == "maximize"
     expected = reference_direction(w, g, m, v, 3, weight_decay, max_v, maximize)
+    expected_max_v = None if max_v is None else torch.maximum(max_v.double(), BETAS[1] * v.double()
+                                                              + (1 - BETAS[1]) * g.double() ** 2)
     w0 = w.double().clone()  # (a float64 w would otherwise be w0 itself)
     # the kernel writes where an earlier tensor's finite leftovers are (the ring wraps: w is all it serves)
     scratch = cpu_directions.Scratch()
@@ -53,6 +76,9 @@ def test_the_direction_and_its_norms_match_adamw(layout, weight_decay):
     d = cpu_directions.adamw_direction(w, g, m, v, max_v, torch.tensor(3.0), scratch, beta1=BETAS[0],
                                        beta2=BETAS[1], eps=EPS, weight_decay=weight_decay, maximize=maximize)
     assert d.s.data_ptr() == leftovers.data_ptr() and d.s.stride() == w.stride()
+    assert (d.one_pass is not None) == numba_route
+    if max_v is not None:  # the running maximum is kept
+        torch.testing.assert_close(max_v.double(), expected_max_v, rtol=1e-6, atol=0)
     tol = 1e-12 if dtype == torch.float64 else 2e-6
     assert torch.equal(w.double(), w0)  # w is not changed until applied
     assert d.w_norm == pytest.approx(w0.norm().item(), rel=tol)
@@ -62,7 +88,7 @@ def test_the_direction_and_its_norms_match_adamw(layout, weight_decay):
     assert w.stride() == w0.stride() or layout != "channels_last"
 
 
-def test_where_the_expansion_would_cancel_the_norm_comes_from_d_itself():
+def test_where_the_expansion_would_cancel_the_norm_comes_from_d_itself(torch_kernels):
     """d = m̂/(√v̂+ε) + wd·w with both terms nearly opposite: ‖d‖² from ‖s‖², ⟨s, w⟩ and ‖w‖² in
     float32 would lose most of its digits, so the step forms d and takes its norm."""
     n, weight_decay, t = 200_000, 0.5, 1
@@ -85,9 +111,13 @@ def test_where_the_expansion_would_cancel_the_norm_comes_from_d_itself():
     assert abs(math.sqrt(max(expanded, 0.0)) - expected.norm().item()) > 10 * abs(d.d_norm - expected.norm().item())
 
 
-def test_a_non_finite_gradient_reaches_only_its_own_tensor():
-    """The scratch buffer is shared from tensor to tensor, and the kernel's ``0·s`` would carry an
-    inf left there into the next tensor: it is zeroed after a non-finite direction."""
+@pytest.mark.parametrize("route", ROUTES)
+def test_a_non_finite_gradient_reaches_only_its_own_tensor(route, monkeypatch):
+    """The scratch buffer is shared from tensor to tensor, and torch's kernel's ``0·s`` would carry an
+    inf left there into the next tensor: it is zeroed after a non-finite direction. Numba's loop
+    overwrites the buffer; its sums must still show the non-finite value (no fastmath that assumes
+    finite numbers)."""
+    use_route(route, monkeypatch)
     shapes = [(64, 32), (32, 32)]
     params = [torch.randn(s, generator=torch.Generator().manual_seed(i)) for i, s in enumerate(shapes)]
     grads = [torch.randn_like(p) for p in params]
@@ -150,3 +180,153 @@ def test_the_scratch_is_kept_between_steps_but_is_neither_state_nor_copied(make)
     twin["opt"].step()  # makes its own
     for p, q in zip(params, twin["params"]):
         assert torch.equal(p, q)
+
+
+# --- Numba's one-pass loops (lars_plugins.cpu_kernels) -------------------------------------------------
+
+
+@pytest.fixture
+def rechecked():
+    """:func:`cpu_kernels.available` decides afresh (its once-per-dtype check forgotten) in the test
+    and again after it."""
+    pytest.importorskip("numba")
+    cpu_kernels._checked.cache_clear()
+    yield
+    cpu_kernels._checked.cache_clear()
+
+
+def test_numba_is_imported_only_when_a_cpu_step_needs_it():
+    code = ("import sys, torch, lars_plugins; assert 'numba' not in sys.modules; "
+            "opt = lars_plugins.LARS([torch.nn.Parameter(torch.ones(4, 4))], lr=0.1); "
+            "opt.param_groups[0]['params'][0].grad = torch.ones(4, 4); opt.step(); "
+            "assert 'numba' not in sys.modules, 'LARS imported numba'")
+    subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_a_slow_threading_layer_is_refused_with_a_warning(rechecked, monkeypatch):
+    import numba
+
+    monkeypatch.setattr(numba, "threading_layer", lambda: "workqueue")
+    with pytest.warns(RuntimeWarning, match="threading layer here is 'workqueue'"):
+        assert not cpu_kernels.available(torch.float32)
+    w, g, m, v = state((8, 8), 0)
+    d = cpu_directions.adamw_direction(w, g, m, v, None, torch.tensor(1.0), cpu_directions.Scratch(), beta1=BETAS[0],
+                                       beta2=BETAS[1], eps=EPS, weight_decay=0.01, maximize=False)
+    assert d.one_pass is None  # torch's kernels served
+
+
+def test_loops_that_disagree_with_torch_are_refused_with_a_warning(rechecked, monkeypatch):
+    direction, add_scaled = cpu_kernels._kernels()
+
+    def off_by_a_little(*args):
+        w_sq, d_sq = direction(*args)
+        args[5][0] *= 1.001  # one element of −d
+        return w_sq, d_sq
+
+    monkeypatch.setattr(cpu_kernels, "_kernels", lambda: (off_by_a_little, add_scaled))
+    with pytest.warns(RuntimeWarning, match="disagree with torch's arithmetic"):
+        assert not cpu_kernels.available(torch.float64)
+
+
+def test_bfloat16_and_a_switched_off_module_take_torchs_kernels(monkeypatch):
+    pytest.importorskip("numba")
+    assert cpu_kernels.available(torch.float32) and not cpu_kernels.available(torch.bfloat16)
+    monkeypatch.setattr(cpu_kernels, "enabled", False)
+    assert not cpu_kernels.available(torch.float32)
+
+
+def test_the_loops_run_on_as_many_threads_as_torch(monkeypatch):
+    numba = pytest.importorskip("numba")
+    threads = torch.get_num_threads()
+    w, g, m, v = state((64, 64), 0)
+    try:
+        for wanted in (1, 2):
+            torch.set_num_threads(wanted)
+            cpu_kernels.adamw_direction(w, g, m, v, None, torch.empty_like(w), 1.0, beta1=BETAS[0], beta2=BETAS[1],
+                                        eps=EPS, weight_decay=0.0, maximize=False)
+            assert numba.get_num_threads() == min(wanted, numba.config.NUMBA_NUM_THREADS)
+    finally:
+        torch.set_num_threads(threads)
+
+
+@pytest.mark.parametrize("make", [lambda ps: LAMB(ps, lr=1e-2, weight_decay=0.01),
+                                  lambda ps: Layerwise(torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.01),
+                                                       trust_coefficient=1.0)],
+                         ids=["LAMB", "Layerwise(AdamW)"])
+def test_both_routes_train_alike(make, monkeypatch):
+    """Ten steps of a small float32 model through Numba's loops and through torch's kernels agree to
+    float32 rounding (each is checked against the float64 rules elsewhere; this checks a longer run)."""
+    pytest.importorskip("numba")
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
+    twin = copy.deepcopy(model)
+    x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,))
+    for net, numba_on in ((model, True), (twin, False)):
+        monkeypatch.setattr(cpu_kernels, "enabled", numba_on)
+        opt = make(net.parameters())
+        for _ in range(10):
+            opt.zero_grad()
+            nn.functional.cross_entropy(net(x), y).backward()
+            opt.step()
+    for a, b in zip(model.parameters(), twin.parameters()):
+        torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+
+
+def test_a_process_forked_after_the_loops_ran_takes_torchs_kernels(tmp_path):
+    """GNU OpenMP's threads do not survive fork, and Numba ends a child that starts a parallel loop
+    its parent already ran: such a child steps through torch's kernels (and lives). The child runs
+    torch on one thread, as DataLoader workers do: torch's own OpenMP would hang there otherwise."""
+    pytest.importorskip("numba")
+    script = tmp_path / "fork.py"
+    script.write_text(
+        "import multiprocessing as mp, torch, lars_plugins\n"
+        "from lars_plugins import cpu_kernels\n"
+        "def step(seed, threads):\n"
+        "    torch.set_num_threads(threads)  # (a forked child must, as DataLoader workers do: torch's OpenMP)\n"
+        "    p = torch.nn.Parameter(torch.randn(64, 64, generator=torch.Generator().manual_seed(seed)))\n"
+        "    p.grad = torch.ones(64, 64)\n"
+        "    lars_plugins.LAMB([p], lr=0.1).step()\n"
+        "    return cpu_kernels.available(torch.float32), p.detach()\n"
+        "if __name__ == '__main__':\n"
+        "    parent_route, parent = step(0, torch.get_num_threads())\n"
+        "    with mp.get_context('fork').Pool(1) as pool:\n"
+        "        child_route, child = pool.apply(step, (0, 1))\n"
+        "    assert parent_route and not child_route, (parent_route, child_route)\n"
+        "    torch.testing.assert_close(child, parent, rtol=1e-6, atol=1e-7)\n"
+        "    print('ok')\n")
+    out = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=90)
+    assert out.returncode == 0 and out.stdout.strip() == "ok", out.stderr[-2000:]
+
+
+def test_amsgrads_maximum_keeps_a_nan_as_torch_does(monkeypatch):
+    """torch.maximum propagates NaN; a max written as a comparison would drop it from the state."""
+    pytest.importorskip("numba")
+    w, g, m, v = state((4, 4), 0)
+    g[1, 2] = math.nan
+    max_v = v.clone()
+    max_v[3, 3] = math.nan  # an earlier NaN stays too
+    expected = torch.maximum(max_v.double(), BETAS[1] * v.double() + (1 - BETAS[1]) * g.double() ** 2)
+    cpu_kernels.adamw_direction(w, g, m, v, max_v, torch.empty_like(w), 1.0, beta1=BETAS[0], beta2=BETAS[1],
+                                eps=EPS, weight_decay=0.0, maximize=False)
+    torch.testing.assert_close(max_v.double(), expected, rtol=1e-6, atol=0, equal_nan=True)
+    assert torch.isnan(max_v).sum() == 2
+
+
+def test_without_a_writable_cache_the_loops_compile_in_each_process(monkeypatch):
+    numba = pytest.importorskip("numba")
+    njit = numba.njit
+
+    def no_cache(*args, cache=False, **kwargs):
+        if cache:
+            raise RuntimeError("cannot cache function: no locator available")
+        return njit(*args, **kwargs)
+
+    monkeypatch.setattr(numba, "njit", no_cache)
+    cpu_kernels._kernels.cache_clear()
+    try:
+        w, g, m, v = state((8, 8), 0)
+        found = cpu_kernels.adamw_direction(w, g, m, v, None, torch.empty_like(w), 2.0, beta1=BETAS[0],
+                                            beta2=BETAS[1], eps=EPS, weight_decay=0.1, maximize=False)
+        assert found.d_norm == pytest.approx(reference_direction(*state((8, 8), 0), 2, 0.1).norm().item(), rel=1e-5)
+    finally:
+        cpu_kernels._kernels.cache_clear()

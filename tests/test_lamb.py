@@ -11,7 +11,7 @@ from checkpoints import weights_only_round_trip
 from torch import nn
 
 from lars_plugins import LAMB
-from lars_plugins import cpu_directions, functional, tensor_lists
+from lars_plugins import cpu_directions, cpu_kernels, functional, tensor_lists
 from lars_plugins.functional import lamb, lamb_trust_ratio
 
 SHAPES = [(16, 8), (8,), (4, 3, 3, 3), (32, 16)]
@@ -69,15 +69,18 @@ CONFIGS = [
 ]
 
 
-# "cpu": the CPU path (one tensor at a time, norms read on the host); "single": the single-tensor
+# "cpu": the CPU path (one tensor at a time, norms read on the host; Numba's one-pass loops where
+# Numba is installed); "cpu-torch": the same with torch's kernels only; "single": the single-tensor
 # path accelerators take (no host reads), forced here on CPU tensors; "foreach": multi-tensor.
-PATHS = ["cpu", "single", "foreach"]
+PATHS = ["cpu", "cpu-torch", "single", "foreach"]
 
 
 def use_path(path, monkeypatch):
     """The ``foreach`` argument for ``path``; "single" also turns the CPU path off."""
     if path == "single":
         monkeypatch.setattr(tensor_lists, "_FORCED_PATH", "tensor")
+    if path == "cpu-torch":
+        monkeypatch.setattr(cpu_kernels, "enabled", False)
     return path == "foreach"
 
 
@@ -383,9 +386,10 @@ def test_a_timm_lamb_checkpoint_goes_on_where_it_stopped():
 
 
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_the_cpu_path_goes_through_torchs_fused_adamw_kernel(dtype, monkeypatch):
-    """The CPU path's fast route (AdamW's fused kernel on a scratch buffer gives −m̂/(√v̂+ε)) is the one
-    taken for every adapted dense tensor with bias correction, and it is Algorithm 2 (the float64 reference)."""
+def test_the_cpu_path_takes_the_one_tensor_direction_route(dtype, monkeypatch):
+    """The CPU path's fast route (cpu_directions.adamw_direction: Numba's one-pass loop, or AdamW's
+    fused kernel on a scratch buffer, which gives −m̂/(√v̂+ε)) is the one taken for every adapted dense
+    tensor with bias correction, and it is Algorithm 2 (the float64 reference)."""
     calls = []
     real = cpu_directions.adamw_direction
     monkeypatch.setattr(cpu_directions, "adamw_direction", lambda *a, **k: calls.append(1) or real(*a, **k))

@@ -394,10 +394,22 @@ def count_route(monkeypatch):
     return calls
 
 
-@pytest.mark.parametrize("name", list(ROUTE_BASES))
-def test_the_route_over_sgd_adam_and_adamw_is_the_documented_rule(name, monkeypatch):
-    """The base's fused CPU kernel at lr 1 on a copy, instead of its step then a rescaling: the same
-    result as the rule written here over torch's own step, and the same state as the generic route."""
+# AdamW's direction comes from Numba's one-pass loops where Numba is installed, else from torch's kernels
+ROUTE_CASES = [(name, "torch kernels") for name in ROUTE_BASES] + [
+    (name, "numba") for name in ROUTE_BASES if name.startswith("adamw")]
+
+
+@pytest.mark.parametrize("name,kernels", ROUTE_CASES)
+def test_the_route_over_sgd_adam_and_adamw_is_the_documented_rule(name, kernels, monkeypatch):
+    """The base's fused CPU kernel at lr 1 (on a copy of w, or for AdamW on a scratch buffer), or
+    Numba's one-pass loop for AdamW, instead of its step then a rescaling: the same result as the rule
+    written here over torch's own step, and the same state as the generic route."""
+    from lars_plugins import cpu_kernels
+
+    if kernels == "numba":
+        pytest.importorskip("numba")
+    else:
+        monkeypatch.setattr(cpu_kernels, "enabled", False)
     calls = count_route(monkeypatch)
     expected, expected_ratios = reference(ROUTE_BASES[name], 4, eta=0.02)
     params = make_params()
