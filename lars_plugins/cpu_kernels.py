@@ -4,16 +4,18 @@ LAMB and ``Layerwise(AdamW)`` need, per tensor, the moments, ``d = m̂/(√v̂+�
 ``‖d‖`` before they may update ``w``. torch offers these as separate passes (its fused AdamW kernel,
 then dot products: :mod:`lars_plugins.cpu_directions`); here one compiled loop reads ``g``, ``m``,
 ``v`` and ``w`` once, writes the moments and ``−d`` into a scratch buffer and sums both squares
-(in float64), and a second loop applies ``w ← w − a·d``. On the 2-core test machine this brings
-LAMB's step from about 2× to about 1.5× torch's ``AdamW(fused=True)`` (docs/performance.md).
+(in float64), and a second loop applies ``w ← w − a·d``. On the 2-core test machine this took
+0.03-0.18× of ``AdamW(fused=True)``'s step time off LAMB's step in most runs, not all
+(docs/performance.md); above fused AdamW remain the second pass over ``w`` and the per-tensor
+bookkeeping around the loops (``benchmarks/lamb_cpu_routes.py`` times the loops without it).
 
 It is used where all of these hold, and the callers take torch's kernels otherwise:
 
 * Numba is installed (``pip install "lars_plugins[numba]"``) and :data:`enabled` is true (the
   environment variable ``LARS_PLUGINS_NUMBA=0`` sets it false at import);
 * the dtype is float32 or float64 (Numba has no bfloat16);
-* Numba's threading layer is OpenMP or TBB: its fallback ("workqueue") measured 2-3× slower than
-  torch's kernels here and may not be called from several threads at once;
+* Numba's threading layer is OpenMP or TBB: its fallback ("workqueue") was several times slower
+  in a prototype and may not be called from several threads at once;
 * the process is not a fork of one where the loops already ran (DataLoader workers, fork-started
   processes): OpenMP's threads do not survive ``fork``, and Numba would end the child.
 
