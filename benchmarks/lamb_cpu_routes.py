@@ -4,11 +4,12 @@ On ResNet-50's or ViT-B/16's parameter set (random gradients and moments), inter
 
 * ``AdamW(fused)``: ``torch._fused_adamw_`` over every tensor, the target's denominator;
 * ``LAMB, Numba's loops`` (where Numba is installed: the shipped route then): lars_plugins' CPU path
-  with :mod:`lars_plugins.cpu_kernels`: per tensor, one compiled loop for the moments, ``−u`` into a
-  scratch view and both squared norms, then one for ``w −= lr·r·u``;
-* ``Numba's loops alone``: the same two compiled loops per tensor on NumPy views made once before
-  the timing, with no optimizer bookkeeping around them (views, ratio slots, the ratio's fallbacks):
-  the floor of that route, what a step would take if its per-tensor Python cost were nil;
+  with :mod:`lars_plugins.cpu_kernels`: one compiled call over all the tensors for the moments and
+  both squared norms (one parallel loop per tensor), the ratios, then one call for ``w −= lr·r·u``
+  (``u`` computed again from the moments);
+* ``Numba's loops alone``: the same two calls on a table of the tensors made once before the timing,
+  the ratios in one NumPy expression, with no optimizer bookkeeping (ratio slots, the ratio's
+  fallbacks): the floor of that route;
 * ``LAMB, torch kernels``: the same path with Numba's loops off (:mod:`lars_plugins.cpu_directions`):
   per tensor, the fused AdamW kernel at ``lr = wd = 1`` on a scratch buffer (which leaves
   ``−m̂/(√v̂+ε)``), three dot products for ``‖w‖`` and ``‖u‖``, and ``w −= lr·r·u`` through the fused
@@ -52,21 +53,13 @@ BETAS, EPS, DECAY = (0.9, 0.999), 1e-6, 0.01
 
 def loops_alone(params: list[torch.Tensor], grads: list[torch.Tensor], m: list[torch.Tensor],
                 v: list[torch.Tensor], step: torch.Tensor) -> Callable[[], None]:
-    """Numba's two loops per tensor on arrays made once, through a ring of scratch views made once."""
-    direction, add_scaled = cpu_kernels._kernels()  # type: ignore[misc]
-    ring = Scratch()
-    ring.reserve(params)
-    arrays = [[cpu_kernels._numpy(t) for t in (w, g, mi, vi, ring.like(w))]
-              for w, g, mi, vi in zip(params, grads, m, v)]
-    f32 = np.float32
-    t = step.item()
-    constants = (f32(1 - BETAS[0]), f32(BETAS[1]), f32(1 - BETAS[1]), f32(1 - BETAS[0] ** t),
-                 f32(math.sqrt(1 - BETAS[1] ** t)), f32(EPS), f32(DECAY))
+    """Numba's two calls over every tensor, their table made once, the ratios in one NumPy expression."""
+    batch = cpu_kernels.AdamWBatch(params, grads, m, v, None, [step.item()] * len(params), beta1=BETAS[0],
+                                   beta2=BETAS[1], eps=EPS, weight_decay=DECAY, maximize=False)
 
     def run() -> None:
-        for w, g, mi, vi, s in arrays:
-            w_sq, d_sq = direction(w, g, mi, vi, vi[:0], s, *constants, False, False)
-            add_scaled(w, s, f32(1e-9 * math.sqrt(w_sq) / math.sqrt(d_sq)))  # s = −u: w −= lr·r·u
+        norms = np.array(batch.norms())
+        batch.update((1e-9 * norms[:, 0] / norms[:, 1]).tolist())
 
     return run
 

@@ -1,5 +1,8 @@
 """Adam-family directions on the CPU through torch's fused kernels, one tensor at a time, without a copy of ``w``.
 
+(Where Numba is installed, LAMB and ``Layerwise(AdamW)`` take :mod:`lars_plugins.cpu_kernels` instead,
+for float32 and float64; this module serves the rest, and every CPU step without Numba.)
+
 LAMB and ``Layerwise(AdamW)`` need ``d = m̂/(√v̂+ε) + wd·w`` and its norm before they may update
 ``w``. torch's fused AdamW kernel computes ``m̂/(√v̂+ε)`` in one vectorised pass with the moments,
 but only as an update of some "parameter" ``s``: ``s ← s·(1 − lr·wd) − lr·m̂/(√v̂+ε)``. Run at
@@ -32,7 +35,6 @@ from typing import Optional
 import torch
 from torch import Tensor
 
-from . import cpu_kernels
 from .tensor_lists import cpu_fused_adamw, cpu_fused_sgd, host_norm
 
 __all__ = ["Scratch", "AdamWDirection", "adamw_direction", "supported"]
@@ -112,13 +114,10 @@ class AdamWDirection:
     decay: float
     w_norm: float
     d_norm: float
-    one_pass: Optional[cpu_kernels.OnePassDirection] = None  # from Numba's loops (decay 0): applied by them
 
     def apply(self, alpha: float) -> None:
         """``w ← w − alpha·d``, then a non-finite ``s`` is zeroed (the scratch must stay finite)."""
-        if self.one_pass is not None:
-            self.one_pass.apply(alpha)
-        elif self.decay == 0:
+        if self.decay == 0:
             self.w.add_(self.s, alpha=alpha)
         else:
             torch._fused_sgd_([self.w], [self.s], [], weight_decay=self.decay, momentum=0.0, lr=alpha, dampening=0.0,
@@ -133,13 +132,8 @@ def adamw_direction(w: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, m
     """Update ``w``'s moments (``max_exp_avg_sq`` too, where given: amsgrad) as torch's AdamW does at
     step ``step`` (a 0-d float32 count, already incremented), and return AdamW's direction
     ``d = m̂/(√v̂+ε) + weight_decay·w`` with ``‖w‖`` and ``‖d‖``; ``w`` is not changed. All tensors
-    dense with ``w``'s strides, of a dtype :func:`supported` accepts. Where Numba's loops serve
-    (:mod:`lars_plugins.cpu_kernels`), they compute all of it in one pass instead of torch's kernels."""
+    dense with ``w``'s strides, of a dtype :func:`supported` accepts."""
     s = scratch.like(w)
-    if cpu_kernels.available(w.dtype):
-        found = cpu_kernels.adamw_direction(w, g, exp_avg, exp_avg_sq, max_exp_avg_sq, s, step.item(), beta1=beta1,
-                                            beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize)
-        return AdamWDirection(w, s, 0.0, found.w_norm, found.d_norm, found)
     torch._fused_adamw_([s], [g], [exp_avg], [exp_avg_sq], [max_exp_avg_sq] if max_exp_avg_sq is not None else [],
                         [step], lr=1.0, beta1=beta1, beta2=beta2, weight_decay=1.0, eps=eps,
                         amsgrad=max_exp_avg_sq is not None, maximize=maximize)

@@ -1,29 +1,34 @@
-"""AdamW's direction and its norms in one pass over memory on the CPU, compiled with Numba (optional).
+"""AdamW's direction, its norms and the update on the CPU in two compiled passes over a group of
+tensors, with Numba (optional).
 
 LAMB and ``Layerwise(AdamW)`` need, per tensor, the moments, ``d = m̂/(√v̂+ε) + wd·w``, ``‖w‖`` and
-``‖d‖`` before they may update ``w``. torch offers these as separate passes (its fused AdamW kernel,
-then dot products: :mod:`lars_plugins.cpu_directions`); here one compiled loop reads ``g``, ``m``,
-``v`` and ``w`` once, writes the moments and ``−d`` into a scratch buffer and sums both squares
-(in float64), and a second loop applies ``w ← w − a·d``. On the 2-core test machine this took
-0.03-0.18× of ``AdamW(fused=True)``'s step time off LAMB's step in most runs, not all
-(docs/performance.md); above fused AdamW remain the second pass over ``w`` and the per-tensor
-bookkeeping around the loops (``benchmarks/lamb_cpu_routes.py`` times the loops without it).
+``‖d‖`` before they may update ``w``. torch offers these as separate passes per tensor (its fused
+AdamW kernel, then dot products, then an update: :mod:`lars_plugins.cpu_directions`). Here
+(:class:`AdamWBatch`) one compiled call walks all the tensors of a step: per tensor, one loop reads
+``g``, ``m``, ``v`` and ``w``, writes the moments and sums ``‖w‖²`` and ``‖d‖²`` (in float64); the
+caller turns the norms into ratios; a second call applies ``w ← w − a·d`` per tensor, computing
+``d`` again from the stored moments, so that no buffer holds it in between and nothing of the
+model's size is allocated. One call per pass, not per tensor, is what makes this faster than
+torch's kernels: most of their extra time on the test machine was the per-tensor Python around them
+(docs/performance.md has the times).
 
 It is used where all of these hold, and the callers take torch's kernels otherwise:
 
 * Numba is installed (``pip install "lars_plugins[numba]"``) and :data:`enabled` is true (the
   environment variable ``LARS_PLUGINS_NUMBA=0`` sets it false at import);
-* the dtype is float32 or float64 (Numba has no bfloat16);
-* Numba's threading layer is OpenMP or TBB: its fallback ("workqueue") was several times slower
-  in a prototype and may not be called from several threads at once;
+* the tensors are dense CPU tensors of float32 or float64 (Numba has no bfloat16), each with its
+  gradient and moments in its own dtype and memory layout (checked per tensor: the loops read memory
+  by address);
+* Numba's threading layer is OpenMP or TBB: its fallback ("workqueue") was several times slower in a
+  prototype and may not be called from several threads at once;
 * the process is not a fork of one where the loops already ran (DataLoader workers, fork-started
   processes): OpenMP's threads do not survive ``fork``, and Numba would end the child.
 
 The loops run on ``torch.get_num_threads()`` threads (at most Numba's own maximum). They are compiled
-on first use (about 2 s per dtype, cached on disk where Numba can write) and checked once against
-the same arithmetic in torch before the first step relies on them. Floating-point differences from
-torch's kernel: the sums are reassociated (vectorised) and products may be fused (FMA), so ``d``
-and the norms agree with torch's to rounding, not bit for bit.
+on first use (a few seconds, cached on disk where Numba can write) and checked once per dtype
+against the rule computed by torch in float64 before the first step relies on them. Floating-point
+differences from torch's kernel: the sums are reassociated (vectorised) and products may be fused
+(FMA), so the results agree with torch's to rounding, not bit for bit.
 """
 
 from __future__ import annotations
@@ -33,72 +38,31 @@ import math
 import os
 import threading
 import warnings
-from dataclasses import dataclass
-from typing import Any, Optional
+from types import ModuleType
+from typing import Optional, Sequence
 
+import numpy as np
 import torch
 from torch import Tensor
 
-__all__ = ["enabled", "available", "adamw_direction", "OnePassDirection"]
+__all__ = ["enabled", "available", "takes", "AdamWBatch"]
 
 enabled: bool = os.environ.get("LARS_PLUGINS_NUMBA", "1").strip().lower() not in ("0", "false", "off", "no")
 """Whether :func:`available` may say yes; set it false to take torch's kernels (benchmarks compare the two)."""
 
-_DTYPES = (torch.float32, torch.float64)
+_DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 @functools.lru_cache(maxsize=None)
-def _kernels() -> Optional[tuple[Any, Any]]:
-    """The two compiled loops, or ``None`` where Numba is not installed."""
+def _loops() -> Optional[ModuleType]:
+    """:mod:`lars_plugins._numba_loops` (compiling on first use), or ``None`` where Numba is not installed."""
     try:
-        import numba
+        import numba  # noqa: F401
     except ImportError:
         return None
+    from . import _numba_loops
 
-    def compiled(loop: Any) -> Any:
-        # reassoc: the sums vectorise; contract: multiply-adds fuse. Not the rest of fastmath: NaN and inf
-        # must propagate as IEEE says (a non-finite gradient must show in the norms), and divisions stay exact.
-        fastmath = {"reassoc", "contract"}
-        try:
-            return numba.njit(loop, cache=True, parallel=True, fastmath=fastmath)
-        except RuntimeError:  # no writable place for Numba's cache: compiled in every process instead
-            return numba.njit(loop, parallel=True, fastmath=fastmath)
-
-    def direction(w, g, m, v, max_v, s, one_minus_beta1, beta2, one_minus_beta2, correction1, root_correction2, eps,
-                  weight_decay, amsgrad, maximize):  # pragma: no cover - compiled
-        w_sq = 0.0
-        d_sq = 0.0
-        for i in numba.prange(w.shape[0]):
-            gi = -g[i] if maximize else g[i]
-            mi = m[i] + one_minus_beta1 * (gi - m[i])
-            vi = beta2 * v[i] + one_minus_beta2 * gi * gi
-            m[i] = mi
-            v[i] = vi
-            if amsgrad:
-                mv = max_v[i]
-                if vi > mv or vi != vi:  # NaN propagates, as in torch.maximum
-                    mv = vi
-                max_v[i] = mv
-                vi = mv
-            wi = w[i]
-            di = (mi / correction1) / (math.sqrt(vi) / root_correction2 + eps) + weight_decay * wi
-            s[i] = -di
-            w_sq += float(wi) * float(wi)
-            d_sq += float(di) * float(di)
-        return w_sq, d_sq
-
-    def add_scaled(w, s, alpha):  # pragma: no cover - compiled
-        for i in numba.prange(w.shape[0]):
-            w[i] += alpha * s[i]
-
-    return compiled(direction), compiled(add_scaled)
-
-
-def _numpy(t: Tensor) -> Any:
-    """A dense tensor's elements in memory order as a 1-d NumPy array sharing its memory."""
-    if t.requires_grad:
-        t = t.detach()
-    return (t.view(-1) if t.is_contiguous() else t.as_strided((t.numel(),), (1,))).numpy()
+    return _numba_loops
 
 
 _threads_set: dict[int, int] = {}  # calling thread -> the thread count its loops were last set to
@@ -129,37 +93,48 @@ def available(dtype: torch.dtype) -> bool:
     return _checked(dtype)
 
 
+def takes(w: Tensor, *others: Optional[Tensor]) -> bool:
+    """Whether ``w`` and its gradient and state (``others``; ``None`` entries skipped) can go through
+    the loops: dense CPU tensors of one dtype and memory layout (the loops read them by address)."""
+    if w.device.type != "cpu" or not (w.is_contiguous() or w.is_contiguous(memory_format=torch.channels_last)):
+        return False
+    return all(t is None or (t.device.type == "cpu" and t.dtype == w.dtype and t.stride() == w.stride()
+                             and t.shape == w.shape and not t.is_conj() and not t.is_neg()) for t in others)
+
+
 @functools.lru_cache(maxsize=None)
 def _checked(dtype: torch.dtype) -> bool:
-    """Compile for ``dtype``, check the threading layer and the arithmetic once (against torch's
-    eager ops in float64 on a small example); warn and say no where either fails."""
+    """Compile for ``dtype``, check the threading layer and the arithmetic once (against the rule in
+    torch in float64, on a small example of two tensors); warn and say no where either fails."""
     global _started_in
     try:
-        kernels = _kernels()
+        loops = _loops()
     except Exception as error:  # a broken Numba install must not stop training: torch's kernels serve
         warnings.warn(f"lars_plugins: Numba's CPU loops failed to compile ({error!r}); torch's kernels are used "
                       "instead.", RuntimeWarning, stacklevel=3)
         return False
-    if kernels is None:
+    if loops is None:
         return False
     import numba
 
     _started_in = os.getpid()
     gen = torch.Generator().manual_seed(0)
-    w, g, m = (torch.randn(64, generator=gen, dtype=torch.float64) for _ in range(3))
-    v = torch.rand(64, generator=gen, dtype=torch.float64)
-    betas, eps, wd, step = (0.9, 0.99), 1e-3, 0.1, 3
-    expected_m = m + (1 - betas[0]) * (g - m)
-    expected_v = betas[1] * v + (1 - betas[1]) * g * g
-    expected_d = expected_m / (1 - betas[0] ** step) / (expected_v.sqrt() / math.sqrt(1 - betas[1] ** step) + eps) \
-        + wd * w
-    s = torch.full_like(w, float("nan"), dtype=dtype)
-    w, g, m, v = (x.to(dtype) for x in (w, g, m, v))
-    w_before = w.double().clone()  # (a float64 w would be itself)
+    shapes = [(8, 8), (5,)]
+    w, g, m = ([torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(3))
+    v = [torch.rand(s, generator=gen, dtype=torch.float64) for s in shapes]
+    betas, eps, wd, steps, alphas = (0.9, 0.99), 1e-3, 0.1, [3.0, 1.0], [0.5, 0.25]
+    expected_m = [mi + (1 - betas[0]) * (gi - mi) for mi, gi in zip(m, g)]
+    expected_v = [betas[1] * vi + (1 - betas[1]) * gi * gi for vi, gi in zip(v, g)]
+    expected_d = [mi / (1 - betas[0] ** t) / (vi.sqrt() / math.sqrt(1 - betas[1] ** t) + eps) + wd * wi
+                  for mi, vi, wi, t in zip(expected_m, expected_v, w, steps)]
+    expected_w = [wi - a * d for wi, a, d in zip(w, alphas, expected_d)]
+    expected_norms = [(wi.norm().item(), d.norm().item()) for wi, d in zip(w, expected_d)]
+    w, g, m, v = ([x.to(dtype) for x in xs] for xs in (w, g, m, v))
     try:
-        found = adamw_direction(w, g, m, v, None, s, step, beta1=betas[0], beta2=betas[1], eps=eps,
-                                weight_decay=wd, maximize=False)
-        found.apply(0.5)
+        batch = AdamWBatch(w, g, m, v, None, steps, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=wd,
+                           maximize=False)
+        norms = batch.norms()
+        batch.update(alphas)
         layer = numba.threading_layer()
     except Exception as error:  # a broken Numba install must not stop training: torch's kernels serve
         warnings.warn(f"lars_plugins: Numba's CPU loops failed to compile or run for {dtype} ({error!r}); "
@@ -172,11 +147,9 @@ def _checked(dtype: torch.dtype) -> bool:
                       RuntimeWarning, stacklevel=3)
         return False
     tol = 1e-5 if dtype == torch.float32 else 1e-12
-    good = (torch.allclose(-s.double(), expected_d, rtol=tol, atol=0)
-            and torch.allclose(m.double(), expected_m, rtol=tol)
-            and torch.allclose(w.double(), w_before - 0.5 * expected_d, rtol=tol, atol=tol)
-            and math.isclose(found.w_norm, w_before.norm().item(), rel_tol=tol)
-            and math.isclose(found.d_norm, expected_d.norm().item(), rel_tol=tol))
+    good = all(torch.allclose(a.double(), b, rtol=tol, atol=tol) for a, b in zip(w + m, expected_w + expected_m))
+    good = good and all(math.isclose(a, b, rel_tol=tol) for found, expected in zip(norms, expected_norms)
+                        for a, b in zip(found, expected))
     if not good:
         warnings.warn(f"lars_plugins: Numba's CPU loops disagree with torch's arithmetic for {dtype}; torch's "
                       "kernels are used instead. Please report this with your Numba and LLVM versions.",
@@ -184,41 +157,56 @@ def _checked(dtype: torch.dtype) -> bool:
     return good
 
 
-@functools.lru_cache(maxsize=64)
-def _constants(scalar: Any, beta1: float, beta2: float, eps: float, weight_decay: float, step: float) -> tuple:
-    """The loop's constants in the tensors' dtype (``scalar``: NumPy's type), as torch's kernel
-    computes in float32 for float32 tensors; the same for every tensor of a step, so made once."""
-    return (scalar(1 - beta1), scalar(beta2), scalar(1 - beta2), scalar(1 - beta1 ** step),
-            scalar(math.sqrt(1 - beta2 ** step)), scalar(eps), scalar(weight_decay))
+class AdamWBatch:
+    """AdamW's step through the compiled loops for tensors of one dtype, in two calls: :meth:`norms`
+    updates the moments (``max_exp_avg_sqs`` too, where given: amsgrad) as torch's AdamW does and
+    returns ``(‖w‖, ‖d‖)`` per tensor, ``d = m̂/(√v̂+ε) + weight_decay·w``, with ``w`` unchanged;
+    :meth:`update` then applies ``w ← w − alpha·d`` with one ``alpha`` per tensor. ``steps``: each
+    tensor's count, already advanced (``bias_correction=False``: ``m̂ = m``, ``v̂ = v``, as LAMB's option
+    says). Every tensor must pass :func:`takes` with its gradient and state, and :func:`available` must
+    hold for the dtype: the loops read the memory by address."""
 
+    def __init__(self, params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
+                 exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs: Optional[Sequence[Tensor]], steps: Sequence[float], *,
+                 beta1: float, beta2: float, eps: float, weight_decay: float, maximize: bool,
+                 bias_correction: bool = True) -> None:
+        self.params = list(params)
+        dtype = self.params[0].dtype if self.params else torch.float32
+        scalar = _DTYPES[dtype]
+        self._like = np.zeros(1, dtype=scalar)  # tells the loops the dtype the addresses hold
+        # Each tensor's address: the tensors stay referenced here (by the caller's lists) until update.
+        self._keep = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
+        columns = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
+        self._table = np.array([[0 if column is None else column[k].data_ptr() for column in columns]
+                                for k in range(len(self.params))], dtype=np.int64).reshape(-1, 5)
+        self._sizes = np.array([w.numel() for w in self.params], dtype=np.int64)
+        corrections = [_corrections(beta1, beta2, float(t)) if bias_correction else (1.0, 1.0) for t in steps]
+        self._corrections1 = np.array([c for c, _ in corrections], dtype=scalar)
+        self._root_corrections2 = np.array([r for _, r in corrections], dtype=scalar)
+        self._constants = (scalar(1 - beta1), scalar(beta2), scalar(1 - beta2))
+        self._eps, self._weight_decay, self._scalar = scalar(eps), scalar(weight_decay), scalar
+        self._amsgrad, self._maximize = max_exp_avg_sqs is not None, bool(maximize)
 
-@dataclass
-class OnePassDirection:
-    """What :func:`adamw_direction` found: ``‖w‖``, ``‖d‖``, and ``w`` and ``s = −d`` as arrays for :meth:`apply`."""
-
-    w_norm: float
-    d_norm: float
-    w: Any
-    s: Any
-
-    def apply(self, alpha: float) -> None:
-        """``w ← w − alpha·d`` in one compiled loop."""
+    def norms(self) -> list[tuple[float, float]]:
+        """The moments updated; ``(‖w‖, ‖d‖)`` of each tensor (NaN where its values are not finite)."""
+        loops = _loops()
         _threads()
-        _kernels()[1](self.w, self.s, self.w.dtype.type(alpha))  # type: ignore[index]
+        out = np.empty((len(self.params), 2), dtype=np.float64)
+        loops.norms_of_table(self._table, self._sizes, self._like, *self._constants,  # type: ignore[union-attr]
+                             self._corrections1, self._root_corrections2, self._eps, self._weight_decay,
+                             self._amsgrad, self._maximize, out)
+        return [(math.sqrt(w_sq), math.sqrt(d_sq)) for w_sq, d_sq in out.tolist()]  # NaN stays NaN
+
+    def update(self, alphas: Sequence[float]) -> None:
+        """``w ← w − alphas[k]·d`` for each tensor, after :meth:`norms`."""
+        loops = _loops()
+        _threads()
+        loops.update_table(self._table, self._sizes, self._like,  # type: ignore[union-attr]
+                           self._corrections1, self._root_corrections2, self._eps, self._weight_decay,
+                           np.asarray(alphas, dtype=self._scalar), self._amsgrad)
 
 
-def adamw_direction(w: Tensor, g: Tensor, exp_avg: Tensor, exp_avg_sq: Tensor, max_exp_avg_sq: Optional[Tensor],
-                    s: Tensor, step: float, *, beta1: float, beta2: float, eps: float, weight_decay: float,
-                    maximize: bool) -> OnePassDirection:
-    """Update the moments (``max_exp_avg_sq`` too, where given: amsgrad) as torch's AdamW does at step
-    ``step`` (already counted) and write ``−d`` into ``s``; ``w`` is not changed until the result is
-    applied. Every tensor dense with ``w``'s strides and dtype (float32 or float64), ``s`` not
-    aliasing the others."""
-    direction, _ = _kernels()  # type: ignore[misc]
-    _threads()
-    w_array, s_array, v_array = _numpy(w), _numpy(s), _numpy(exp_avg_sq)
-    max_v = _numpy(max_exp_avg_sq) if max_exp_avg_sq is not None else v_array[:0]
-    w_sq, d_sq = direction(w_array, _numpy(g), _numpy(exp_avg), v_array, max_v, s_array,
-                           *_constants(w_array.dtype.type, beta1, beta2, eps, weight_decay, step),
-                           max_exp_avg_sq is not None, bool(maximize))
-    return OnePassDirection(math.sqrt(w_sq), math.sqrt(d_sq), w_array, s_array)  # NaN stays NaN
+@functools.lru_cache(maxsize=256)
+def _corrections(beta1: float, beta2: float, step: float) -> tuple[float, float]:
+    """Adam's bias corrections ``1 − β₁ᵗ`` and ``√(1 − β₂ᵗ)`` at step ``t``, as torch computes them (in double)."""
+    return 1 - beta1 ** step, math.sqrt(1 - beta2 ** step)

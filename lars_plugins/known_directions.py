@@ -8,10 +8,12 @@ of ``w``, updates the momentum buffer or the moments once and leaves ``s − w =
 tensor at a time, while it is in cache: ``‖w‖``, the copy, the kernel, ``‖d‖``, the ratio, and
 ``w ← w + r·lr·(s − w)``. Over AdamW, whose decay does not enter the kernel's gradient, the copy
 is not needed: :mod:`lars_plugins.cpu_directions` takes ``d`` from the kernel on a scratch buffer,
-the route :mod:`lars_plugins.lamb_rule` takes for LAMB, whose ``u`` is AdamW's ``d``. The copies
-go into the same scratch buffer, which the wrapper keeps. The base keeps its state as it would:
-SGD's ``momentum_buffer`` (the first step's ``d``, as torch starts it), Adam's ``step``, ``exp_avg`` and ``exp_avg_sq``
-(``max_exp_avg_sq`` with ``amsgrad``), so checkpoints are the same whichever route stepped.
+the route :mod:`lars_plugins.lamb_rule` takes for LAMB, whose ``u`` is AdamW's ``d``; where Numba's
+loops serve (:mod:`lars_plugins.cpu_kernels`), AdamW's tensors go through them in two calls for the
+group instead, as LAMB's do. The copies go into the same scratch buffer, which the wrapper keeps.
+The base keeps its state as it would: SGD's ``momentum_buffer`` (the first step's ``d``, as torch
+starts it), Adam's ``step``, ``exp_avg`` and ``exp_avg_sq`` (``max_exp_avg_sq`` with ``amsgrad``), so
+checkpoints are the same whichever route stepped.
 
 The route is taken only where it is exact and nothing can notice it. That means: the base is
 exactly ``torch.optim.SGD``, ``Adam`` or ``AdamW``, with no step hooks of its own or global ones (they would
@@ -28,7 +30,7 @@ import torch
 from torch import Tensor
 from torch.optim import Optimizer
 
-from . import cpu_directions
+from . import cpu_directions, cpu_kernels
 from .adapters import torch_optimizer
 from .tensor_lists import cpu_fused_adamw, cpu_fused_sgd, host_norm, same_dense_layout
 
@@ -86,13 +88,22 @@ def known_direction_step(base: Optimizer, group: dict[str, Any], params: list[Te
     buffer of the largest tensor for this call)."""
     kind = _KERNELS[type(base)]
     lr = group["lr"].item() if isinstance(group["lr"], Tensor) else group["lr"]
-    scratch = scratch if scratch is not None else cpu_directions.Scratch(reuse_distance=0)
-    scratch.reserve(params)
-    direct = [kind == "adamw" and cpu_directions.supported(w.dtype) for w in params]
-    counts = [_state(base, group, w)["step"] for w, fast in zip(params, direct) if fast]
+    # AdamW's tensors: through Numba's loops where they serve (cpu_kernels), else torch's kernel on the scratch
+    compiled = [kind == "adamw" and cpu_kernels.available(w.dtype) and _takes(base, group, w, g)
+                for w, g in zip(params, grads)]
+    direct = [kind == "adamw" and not numba and cpu_directions.supported(w.dtype)
+              for w, numba in zip(params, compiled)]
+    counts = [_state(base, group, w)["step"] for w, fast, numba in zip(params, direct, compiled) if fast or numba]
     if counts:
         torch._foreach_add_(counts, 1.0)  # one call, not one per tensor, as torch's fused step counts
-    for w, g, fast in zip(params, grads, direct):
+    if any(compiled):
+        _compiled_adamw_step(base, group, [(w, g) for w, g, numba in zip(params, grads, compiled) if numba], lr,
+                             ratio_of, after)
+    scratch = scratch if scratch is not None else cpu_directions.Scratch(reuse_distance=0)
+    scratch.reserve([w for w, numba in zip(params, compiled) if not numba])
+    for w, g, fast, numba in zip(params, grads, direct, compiled):
+        if numba:
+            continue
         if fast:
             state = base.state[w]
             beta1, beta2 = group["betas"]
@@ -120,6 +131,35 @@ def known_direction_step(base: Optimizer, group: dict[str, Any], params: list[Te
         if after is not None:
             after(w, w_norm, ratio)
         w.add_(s, alpha=ratio * lr)
+
+
+def _takes(base: Optimizer, group: dict[str, Any], w: Tensor, g: Tensor) -> bool:
+    """Whether AdamW's state of ``w`` (made here where it is new) and ``g`` can go through Numba's loops."""
+    state = _state(base, group, w)
+    return cpu_kernels.takes(w, g, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"))
+
+
+def _compiled_adamw_step(base: Optimizer, group: dict[str, Any], tensors: list[tuple[Tensor, Tensor]], lr: float,
+                         ratio_of: Any, after: Optional[Any]) -> None:
+    """AdamW's adapted tensors through Numba's loops, one batch per dtype: the moments and norms, the
+    ratios (``ratio_of``, ``after``) here, the updates (counts already advanced)."""
+    beta1, beta2 = group["betas"]
+    amsgrad = bool(group.get("amsgrad"))
+    for dtype in dict.fromkeys(w.dtype for w, _ in tensors):
+        ws = [w for w, _ in tensors if w.dtype == dtype]
+        states = [base.state[w] for w in ws]
+        batch = cpu_kernels.AdamWBatch(
+            ws, [g for w, g in tensors if w.dtype == dtype], [s["exp_avg"] for s in states],
+            [s["exp_avg_sq"] for s in states], [s["max_exp_avg_sq"] for s in states] if amsgrad else None,
+            [s["step"].item() for s in states], beta1=beta1, beta2=beta2, eps=group["eps"],
+            weight_decay=group["weight_decay"], maximize=bool(group.get("maximize")))
+        alphas = []
+        for w, (w_norm, d_norm) in zip(ws, batch.norms()):
+            ratio = ratio_of(w_norm, d_norm)
+            if after is not None:
+                after(w, w_norm, ratio)
+            alphas.append(ratio * lr)
+        batch.update(alphas)
 
 
 def _adam_direction(base: Optimizer, group: dict[str, Any], w: Tensor, g: Tensor, s: Tensor, *,

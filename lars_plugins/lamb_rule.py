@@ -14,7 +14,7 @@ from typing import Optional, Sequence, Union
 import torch
 from torch import Tensor
 
-from . import cpu_directions
+from . import cpu_directions, cpu_kernels
 from .tensor_lists import (NormsFn, Scalar, buckets, foreach_or_loop_axpy_, host_norm, host_scalars, pick, ratio_dtype,
                            same_dense_layout)
 
@@ -142,12 +142,18 @@ def _host_lamb(tensors: list[tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tens
     every parameter). ``(w, g, m, v, ratio slot or None, step)`` per tensor, of one dtype; returns
     ``‖w‖`` of each adapted tensor (``None`` for the others).
 
-    Where torch's fused kernels serve (:mod:`lars_plugins.cpu_directions`): the excluded tensors take
-    the fused AdamW kernel in one call, without decay; each adapted tensor's ``u`` comes from it on a
-    scratch buffer, without a copy of ``w``. Elsewhere, the same arithmetic in eager ops."""
+    Where Numba's loops serve (:mod:`lars_plugins.cpu_kernels`), the adapted tensors go through them in
+    two calls for all of them (moments and norms; updates), without a buffer for ``u``. Where torch's
+    fused kernels serve (:mod:`lars_plugins.cpu_directions`): the excluded tensors take the fused AdamW
+    kernel in one call, without decay; each other adapted tensor's ``u`` comes from it on a scratch
+    buffer, without a copy of ``w``. Elsewhere, the same arithmetic in eager ops."""
     lr = lr.item() if isinstance(lr, Tensor) else lr
-    fused = [bias_correction and cpu_directions.supported(w.dtype) and same_dense_layout(w, g, m)
-             and same_dense_layout(w, v, None) for w, g, m, v, _, _ in tensors]
+    compiled = _compiled_lamb(tensors, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+                              bias_correction=bias_correction, weight_norm_bounds=weight_norm_bounds,
+                              trust_clip=trust_clip, maximize=maximize)
+    fused = [i not in compiled and bias_correction and cpu_directions.supported(w.dtype)
+             and same_dense_layout(w, g, m) and same_dense_layout(w, v, None)
+             for i, (w, g, m, v, _, _) in enumerate(tensors)]
     plain = [t for t, f in zip(tensors, fused) if f and t[4] is None]
     if plain:
         ws, gs, ms, vs = (list(x) for x in zip(*[t[:4] for t in plain]))
@@ -156,7 +162,10 @@ def _host_lamb(tensors: list[tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tens
     scratch = scratch if scratch is not None else cpu_directions.Scratch(reuse_distance=0)
     scratch.reserve([t[0] for t, f in zip(tensors, fused) if f and t[4] is not None])
     weight_norms: list[Optional[float]] = []
-    for (w, g, m, v, slot, step), fast in zip(tensors, fused):
+    for i, ((w, g, m, v, slot, step), fast) in enumerate(zip(tensors, fused)):
+        if i in compiled:
+            weight_norms.append(compiled[i])
+            continue
         if fast:
             if slot is None:
                 weight_norms.append(None)
@@ -189,6 +198,34 @@ def _host_lamb(tensors: list[tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tens
         weight_norms.append(w_norm)
         w.add_(d, alpha=-lr * ratio)
     return weight_norms
+
+
+def _compiled_lamb(tensors: list[tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor], Scalar]], *, lr: float,
+                   beta1: float, beta2: float, eps: float, weight_decay: float, bias_correction: bool,
+                   weight_norm_bounds: Optional[tuple[float, float]], trust_clip: bool,
+                   maximize: bool) -> dict[int, float]:
+    """The adapted tensors Numba's loops can take (:mod:`lars_plugins.cpu_kernels`), stepped in two
+    calls for all of them: the moments and norms, the ratios here, the updates. Returns ``‖w‖`` of
+    each tensor it stepped, by position; ``{}`` where the loops do not serve."""
+    if not tensors or not cpu_kernels.available(tensors[0][0].dtype):
+        return {}
+    chosen = [i for i, (w, g, m, v, slot, _) in enumerate(tensors)
+              if slot is not None and cpu_kernels.takes(w, g, m, v)]
+    if not chosen:
+        return {}
+    picked = [tensors[i] for i in chosen]
+    batch = cpu_kernels.AdamWBatch(
+        [t[0] for t in picked], [t[1] for t in picked], [t[2] for t in picked], [t[3] for t in picked], None,
+        [float(_count(t[5]).item()) for t in picked], beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
+        maximize=maximize, bias_correction=bias_correction)
+    norms = batch.norms()
+    alphas = []
+    for (w_norm, d_norm), t in zip(norms, picked):
+        ratio = _host_lamb_ratio(w_norm, d_norm, weight_norm_bounds=weight_norm_bounds, trust_clip=trust_clip)
+        t[4].fill_(ratio)  # type: ignore[union-attr]  # (adapted: a slot)
+        alphas.append(lr * ratio)
+    batch.update(alphas)
+    return {i: w_norm for i, (w_norm, _) in zip(chosen, norms)}
 
 
 def _count(step: Scalar) -> Tensor:

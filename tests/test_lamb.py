@@ -385,14 +385,21 @@ def test_a_timm_lamb_checkpoint_goes_on_where_it_stopped():
         LAMB(ours, lr=1e-2).load_state_dict(moments_only)
 
 
+@pytest.mark.parametrize("route", ["numba", "torch kernels"])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
-def test_the_cpu_path_takes_the_one_tensor_direction_route(dtype, monkeypatch):
-    """The CPU path's fast route (cpu_directions.adamw_direction: Numba's one-pass loop, or AdamW's
-    fused kernel on a scratch buffer, which gives −m̂/(√v̂+ε)) is the one taken for every adapted dense
-    tensor with bias correction, and it is Algorithm 2 (the float64 reference)."""
-    calls = []
-    real = cpu_directions.adamw_direction
-    monkeypatch.setattr(cpu_directions, "adamw_direction", lambda *a, **k: calls.append(1) or real(*a, **k))
+def test_the_cpu_path_takes_its_fast_route(dtype, route, monkeypatch):
+    """The CPU path's fast route is the one taken for every adapted dense tensor, and it is Algorithm 2
+    (the float64 reference): Numba's loops, two calls per step for all of them, where Numba is
+    installed (float32 and float64); else, and for bfloat16, AdamW's fused kernel on a scratch buffer
+    (cpu_directions.adamw_direction, which gives −m̂/(√v̂+ε)) one tensor at a time."""
+    if route == "numba":
+        pytest.importorskip("numba")
+    else:
+        monkeypatch.setattr(cpu_kernels, "enabled", False)
+    per_tensor, batches = [], []
+    real, real_batch = cpu_directions.adamw_direction, cpu_kernels.AdamWBatch
+    monkeypatch.setattr(cpu_directions, "adamw_direction", lambda *a, **k: per_tensor.append(1) or real(*a, **k))
+    monkeypatch.setattr(cpu_kernels, "AdamWBatch", lambda *a, **k: batches.append(len(a[0])) or real_batch(*a, **k))
     params = [p.to(dtype) for p in tensors(0)]
     adapt = [len(s) > 1 for s in SHAPES]
     ref = ReferenceLAMB(params, adapt, lr=1e-2, weight_decay=0.05)
@@ -404,7 +411,10 @@ def test_the_cpu_path_takes_the_one_tensor_direction_route(dtype, monkeypatch):
         ref.step(grads)
         lamb(params, grads, m, v, ratios, excluded=[not a for a in adapt], step=torch.tensor(float(t)), lr=1e-2,
              beta1=0.9, beta2=0.999, eps=1e-6, weight_decay=0.05)
-    assert len(calls) == 3 * sum(adapt)
+    if route == "numba" and dtype != torch.bfloat16:
+        assert batches == [sum(adapt)] * 3 and not per_tensor
+    else:
+        assert len(per_tensor) == 3 * sum(adapt) and not batches
     tol = dict(rtol=1e-5, atol=1e-6) if dtype != torch.bfloat16 else dict(rtol=2e-2, atol=2e-2)
     for p, w in zip(params, ref.w):
         torch.testing.assert_close(p.double(), w, **tol)
