@@ -210,7 +210,7 @@ def _compiled_lamb(tensors: list[tuple[Tensor, Tensor, Tensor, Tensor, Optional[
     if not tensors or not cpu_kernels.available(tensors[0][0].dtype):
         return {}
     chosen = [i for i, (w, g, m, v, slot, _) in enumerate(tensors)
-              if slot is not None and cpu_kernels.takes(w, g, m, v)]
+              if slot is not None and m is not None and v is not None and cpu_kernels.takes(w, g, m, v)]
     if not chosen:
         return {}
     picked = [tensors[i] for i in chosen]
