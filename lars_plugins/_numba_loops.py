@@ -26,11 +26,13 @@ _FASTMATH = {"reassoc", "contract"}
 
 
 def _compiled(parallel: bool):
+    # nogil: the loops touch no Python object, so other Python threads (data loading, logging) run
+    # meanwhile; Numba's parallel loops let go of the GIL anyway, this covers the serial walk too
     def compile_(loop):
         try:
-            return numba.njit(loop, cache=True, parallel=parallel, fastmath=_FASTMATH)
+            return numba.njit(loop, cache=True, parallel=parallel, fastmath=_FASTMATH, nogil=True)
         except RuntimeError:  # no writable place for Numba's cache: compiled in every process instead
-            return numba.njit(loop, parallel=parallel, fastmath=_FASTMATH)
+            return numba.njit(loop, parallel=parallel, fastmath=_FASTMATH, nogil=True)
     return compile_
 
 

@@ -8,6 +8,7 @@ import math
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 from torch import nn
@@ -389,3 +390,37 @@ def test_without_a_writable_cache_the_loops_compile_in_each_process(monkeypatch,
     finally:
         monkeypatch.undo()
         importlib.reload(_numba_loops)
+
+
+def test_other_python_threads_run_while_the_loops_do(numba):
+    """A step's loops do not hold the GIL (they touch no Python object; Numba's parallel loops let go
+    of it and ``nogil`` covers the walk over the table): a Python thread stamping the time meanwhile
+    gets many stamps in while one long call runs. Loops holding it would give none (checked)."""
+    import threading
+    import time
+
+    w, g, m, v = state((2048, 2048), 0)
+    batch = cpu_kernels.AdamWBatch([w], [g], [m], [v], None, [1.0], beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
+                                   weight_decay=0.0, maximize=False)
+    batch.norms()  # compiled and warm
+    stamps, running = [], threading.Event()
+
+    def stamp():
+        running.set()
+        while running.is_set():
+            stamps.append(time.perf_counter())
+
+    repeat = 100  # the same tensor 100 times in one call: long enough to see
+    args = (np.repeat(batch._table, repeat, axis=0), np.repeat(batch._sizes, repeat), batch._like, *batch._constants,
+            np.repeat(batch._corrections1, repeat), np.repeat(batch._root_corrections2, repeat), batch._eps,
+            batch._weight_decay, False, False, np.empty((repeat, 2)))
+    thread = threading.Thread(target=stamp)
+    thread.start()
+    running.wait()
+    start = time.perf_counter()
+    cpu_kernels._loops().norms_of_table(*args)
+    end = time.perf_counter()
+    running.clear()
+    thread.join()
+    inside = [s for s in stamps if start + 0.1 * (end - start) < s < end - 0.1 * (end - start)]
+    assert end - start > 0.05 and len(inside) > 1000, (end - start, len(inside))
