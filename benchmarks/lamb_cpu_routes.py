@@ -46,7 +46,7 @@ from lars_plugins import cpu_kernels
 from lars_plugins.cpu_directions import Scratch
 from lars_plugins.lamb_rule import _host_lamb
 from lars_plugins.tensor_lists import host_norm
-from step_time import build_model
+from step_time import build_model, without_numba
 
 BETAS, EPS, DECAY = (0.9, 0.999), 1e-6, 0.01
 
@@ -96,11 +96,7 @@ def main() -> None:
                             weight_decay=DECAY, eps=EPS, amsgrad=False, maximize=False)
 
     def torch_kernels(scratch: Scratch = ring, m: list[torch.Tensor] = m2, v: list[torch.Tensor] = v2) -> None:
-        cpu_kernels.enabled = False
-        try:
-            lamb_step(scratch, m, v)
-        finally:
-            cpu_kernels.enabled = True
+        without_numba(lambda: lamb_step(scratch, m, v))()
 
     def numba_loops() -> None:
         lamb_step(numba_ring, m7, v7)

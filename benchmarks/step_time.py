@@ -102,11 +102,11 @@ GPU_ONLY = ("LARS(fused)", "LAMB(fused)")
 def without_numba(step: Callable[[], object]) -> Callable[[], object]:
     """``step`` with lars_plugins' Numba loops switched off while it runs (torch's kernels only)."""
     def run() -> object:
-        lars_plugins.cpu_kernels.enabled = False
+        was, lars_plugins.cpu_kernels.enabled = lars_plugins.cpu_kernels.enabled, False
         try:
             return step()
         finally:
-            lars_plugins.cpu_kernels.enabled = True
+            lars_plugins.cpu_kernels.enabled = was
     return run
 
 

@@ -45,6 +45,8 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .tensor_lists import same_dense_layout
+
 __all__ = ["enabled", "available", "takes", "AdamWBatch"]
 
 enabled: bool = os.environ.get("LARS_PLUGINS_NUMBA", "1").strip().lower() not in ("0", "false", "off", "no")
@@ -96,10 +98,9 @@ def available(dtype: torch.dtype) -> bool:
 def takes(w: Tensor, *others: Optional[Tensor]) -> bool:
     """Whether ``w`` and its gradient and state (``others``; ``None`` entries skipped) can go through
     the loops: dense CPU tensors of one dtype and memory layout (the loops read them by address)."""
-    if w.device.type != "cpu" or not (w.is_contiguous() or w.is_contiguous(memory_format=torch.channels_last)):
-        return False
-    return all(t is None or (t.device.type == "cpu" and t.dtype == w.dtype and t.stride() == w.stride()
-                             and t.shape == w.shape and not t.is_conj() and not t.is_neg()) for t in others)
+    return w.device.type == "cpu" and same_dense_layout(w, w, None) and all(
+        t is None or (same_dense_layout(w, t, None) and t.device.type == "cpu" and t.dtype == w.dtype
+                      and t.shape == w.shape and not t.is_conj() and not t.is_neg()) for t in others)
 
 
 @functools.lru_cache(maxsize=None)
@@ -170,19 +171,22 @@ class AdamWBatch:
                  exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs: Optional[Sequence[Tensor]], steps: Sequence[float], *,
                  beta1: float, beta2: float, eps: float, weight_decay: float, maximize: bool,
                  bias_correction: bool = True) -> None:
+        from .lamb_rule import _corrections  # (lamb_rule imports this module)
+
         self.params = list(params)
         dtype = self.params[0].dtype if self.params else torch.float32
         scalar = _DTYPES[dtype]
         self._like = np.zeros(1, dtype=scalar)  # tells the loops the dtype the addresses hold
-        # Each tensor's address: the tensors stay referenced here (by the caller's lists) until update.
-        self._keep = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
-        columns = [params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs]
-        self._table = np.array([[0 if column is None else column[k].data_ptr() for column in columns]
+        # Each tensor's address; the tensors stay referenced here until the update.
+        self._columns = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
+        self._table = np.array([[0 if column is None else column[k].data_ptr() for column in self._columns]
                                 for k in range(len(self.params))], dtype=np.int64).reshape(-1, 5)
         self._sizes = np.array([w.numel() for w in self.params], dtype=np.int64)
-        corrections = [_corrections(beta1, beta2, float(t)) if bias_correction else (1.0, 1.0) for t in steps]
-        self._corrections1 = np.array([c for c, _ in corrections], dtype=scalar)
-        self._root_corrections2 = np.array([r for _, r in corrections], dtype=scalar)
+        n = len(self.params)
+        corrections1, root_corrections2 = _corrections([float(t) for t in steps], n, beta1, beta2, bias_correction)
+        # one scalar (bias_correction=False) or one per tensor; contiguous, as the compiled loops take them
+        self._corrections1, self._root_corrections2 = (np.array(np.broadcast_to(np.asarray(c, dtype=scalar), (n,)))
+                                                       for c in (corrections1, root_corrections2))
         self._constants = (scalar(1 - beta1), scalar(beta2), scalar(1 - beta2))
         self._eps, self._weight_decay, self._scalar = scalar(eps), scalar(weight_decay), scalar
         self._amsgrad, self._maximize = max_exp_avg_sqs is not None, bool(maximize)
@@ -205,8 +209,3 @@ class AdamWBatch:
                            self._corrections1, self._root_corrections2, self._eps, self._weight_decay,
                            np.asarray(alphas, dtype=self._scalar), self._amsgrad)
 
-
-@functools.lru_cache(maxsize=256)
-def _corrections(beta1: float, beta2: float, step: float) -> tuple[float, float]:
-    """Adam's bias corrections ``1 − β₁ᵗ`` and ``√(1 − β₂ᵗ)`` at step ``t``, as torch computes them (in double)."""
-    return 1 - beta1 ** step, math.sqrt(1 - beta2 ** step)

@@ -216,8 +216,8 @@ def _compiled_lamb(tensors: list[tuple[Tensor, Tensor, Tensor, Tensor, Optional[
     picked = [tensors[i] for i in chosen]
     batch = cpu_kernels.AdamWBatch(
         [t[0] for t in picked], [t[1] for t in picked], [t[2] for t in picked], [t[3] for t in picked], None,
-        [float(_count(t[5]).item()) for t in picked], beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-        maximize=maximize, bias_correction=bias_correction)
+        [t[5].item() if isinstance(t[5], Tensor) else float(t[5]) for t in picked], beta1=beta1, beta2=beta2,
+        eps=eps, weight_decay=weight_decay, maximize=maximize, bias_correction=bias_correction)
     norms = batch.norms()
     alphas = []
     for (w_norm, d_norm), t in zip(norms, picked):
