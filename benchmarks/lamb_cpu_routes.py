@@ -4,12 +4,11 @@ On ResNet-50's or ViT-B/16's parameter set (random gradients and moments), inter
 
 * ``AdamW(fused)``: ``torch._fused_adamw_`` over every tensor, the target's denominator;
 * ``LAMB, Numba's loops`` (where Numba is installed: the shipped route then): lars_plugins' CPU path
-  with :mod:`lars_plugins.cpu_kernels`: one compiled call over all the tensors for the moments and
-  both squared norms (one parallel loop per tensor), the ratios, then one call for ``w −= lr·r·u``
-  (``u`` computed again from the moments);
-* ``Numba's loops alone``: the same two calls on a table of the tensors made once before the timing,
-  the ratios in one NumPy expression, with no optimizer bookkeeping (ratio slots, the ratio's
-  fallbacks): the floor of that route;
+  with :mod:`lars_plugins.cpu_kernels`: one compiled call over all the tensors; per tensor, one
+  parallel loop for the moments, ``u`` (into a buffer) and both squared norms, the ratio, a second
+  loop for ``w −= lr·r·u``;
+* ``Numba's loops alone``: the same call on a table of the tensors made once before the timing, with
+  no optimizer bookkeeping (the table, ratio slots): the floor of that route;
 * ``LAMB, torch kernels``: the same path with Numba's loops off (:mod:`lars_plugins.cpu_directions`):
   per tensor, the fused AdamW kernel at ``lr = wd = 1`` on a scratch buffer (which leaves
   ``−m̂/(√v̂+ε)``), three dot products for ``‖w‖`` and ``‖u‖``, and ``w −= lr·r·u`` through the fused
@@ -39,7 +38,6 @@ import statistics
 import time
 from typing import Callable
 
-import numpy as np
 import torch
 
 from lars_plugins import cpu_kernels
@@ -53,15 +51,11 @@ BETAS, EPS, DECAY = (0.9, 0.999), 1e-6, 0.01
 
 def loops_alone(params: list[torch.Tensor], grads: list[torch.Tensor], m: list[torch.Tensor],
                 v: list[torch.Tensor], step: torch.Tensor) -> Callable[[], None]:
-    """Numba's two calls over every tensor, their table made once, the ratios in one NumPy expression."""
+    """Numba's call over every tensor, its table made once, without the optimizer's bookkeeping."""
     batch = cpu_kernels.AdamWBatch(params, grads, m, v, None, [step.item()] * len(params), beta1=BETAS[0],
                                    beta2=BETAS[1], eps=EPS, weight_decay=DECAY, maximize=False)
-
-    def run() -> None:
-        norms = np.array(batch.norms())
-        batch.update((1e-9 * norms[:, 0] / norms[:, 1]).tolist())
-
-    return run
+    scratch, ratio = Scratch(), cpu_kernels.LambRatio(None, False)
+    return lambda: batch.step(1e-9, ratio, scratch) and None
 
 
 def main() -> None:

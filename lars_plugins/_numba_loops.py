@@ -1,11 +1,19 @@
 """The compiled loops of :mod:`lars_plugins.cpu_kernels` (imported only there, and only when Numba is installed).
 
-Two steps over a table of tensors (their addresses, a row per tensor: ``w``, ``g``, ``m``, ``v``,
-``max_v``): :func:`norms_of_table` updates the moments and sums ``‖w‖²`` and ``‖d‖²`` of each tensor's
-direction ``d = m̂/(√v̂+ε) + wd·w``; :func:`update_table` applies ``w ← w − alpha·d``, computing ``d``
-again from the moments the first step stored (no buffer holds it in between). The table is walked
-serially and each tensor's loop runs in parallel: Numba's parallel loops nested in a parallel
-function lose their stores to arrays made from addresses (Numba 0.68).
+:func:`step_table` steps AdamW's moments and a trust ratio's update over a table of tensors (their
+addresses, a row per tensor: ``w``, ``g``, ``m``, ``v``, ``max_v``) in one call. Per tensor, while
+its memory is still in cache: one parallel loop updates the moments, writes the direction
+``d = m̂/(√v̂+ε) + wd·w`` into a scratch buffer and sums ``‖w‖²`` and ``‖d‖²`` in float64; the ratio
+follows from the two norms; a second parallel loop applies ``w ← w − lr·r·d`` from the buffer. A
+tensor larger than the buffer has ``d`` computed again from the stored moments instead. The table
+is walked serially and each tensor's loops run in parallel: Numba's parallel loops nested in a
+parallel function lose their stores to arrays made from addresses (Numba 0.68).
+
+The ratio rules are compiled from the very Python functions the other CPU routes call
+(:func:`lars_plugins.lamb_rule._host_lamb_ratio`, :func:`lars_plugins.lars_rule.host_trust_ratio`):
+one definition of each. For that reason the walk is compiled in each process rather than cached on
+disk (Numba's cache would not notice an edit of those modules); the loops, which depend on nothing
+outside this file, are cached.
 
 Compiled with ``reassoc`` (the sums vectorise) and ``contract`` (multiply-adds fuse) only, not the
 rest of fastmath: NaN and inf propagate as IEEE says, divisions and square roots stay exact.
@@ -21,6 +29,10 @@ import math
 import numba
 from numba import types
 from numba.extending import intrinsic
+
+from .cpu_kernels import LAMB_RULE
+from .lamb_rule import _host_lamb_ratio
+from .lars_rule import host_trust_ratio
 
 _FASTMATH = {"reassoc", "contract"}
 
@@ -45,8 +57,8 @@ def _at(typingctx, address, like):
 
 
 @_compiled(parallel=True)
-def _moments_and_norms(w, g, m, v, max_v, one_minus_beta1, beta2, one_minus_beta2, correction1, root_correction2,
-                       eps, weight_decay, amsgrad, maximize):
+def _moments_and_norms(w, g, m, v, max_v, d, keep, one_minus_beta1, beta2, one_minus_beta2, correction1,
+                       root_correction2, eps, weight_decay, amsgrad, maximize):
     w_sq = 0.0
     d_sq = 0.0
     for i in numba.prange(w.shape[0]):
@@ -63,37 +75,70 @@ def _moments_and_norms(w, g, m, v, max_v, one_minus_beta1, beta2, one_minus_beta
             vi = mv
         wi = w[i]
         di = (mi / correction1) / (math.sqrt(vi) / root_correction2 + eps) + weight_decay * wi
+        if keep:
+            d[i] = di
         w_sq += float(wi) * float(wi)
         d_sq += float(di) * float(di)
     return w_sq, d_sq
 
 
 @_compiled(parallel=True)
-def _update(w, m, v, correction1, root_correction2, eps, weight_decay, alpha):
+def _update_from(w, d, alpha):
+    for i in numba.prange(w.shape[0]):
+        w[i] = w[i] - alpha * d[i]
+
+
+@_compiled(parallel=True)
+def _update_from_moments(w, m, v, correction1, root_correction2, eps, weight_decay, alpha):
     for i in numba.prange(w.shape[0]):
         wi = w[i]
         di = (m[i] / correction1) / (math.sqrt(v[i]) / root_correction2 + eps) + weight_decay * wi
         w[i] = wi - alpha * di
 
 
-@_compiled(parallel=False)
-def norms_of_table(table, sizes, like, one_minus_beta1, beta2, one_minus_beta2, corrections1, root_corrections2, eps,
-                   weight_decay, amsgrad, maximize, out):
-    """Moments updated; ``out[k] = (‖w‖², ‖d‖²)`` of tensor ``k`` (float64)."""
-    for k in range(sizes.shape[0]):
-        n = sizes[k]
-        out[k, 0], out[k, 1] = _moments_and_norms(
-            numba.carray(_at(table[k, 0], like), n), numba.carray(_at(table[k, 1], like), n),
-            numba.carray(_at(table[k, 2], like), n), numba.carray(_at(table[k, 3], like), n),
-            numba.carray(_at(table[k, 4], like), n if amsgrad else 0), one_minus_beta1, beta2, one_minus_beta2,
-            corrections1[k], root_corrections2[k], eps, weight_decay, amsgrad, maximize)
+_lamb_ratio = numba.njit(_host_lamb_ratio, nogil=True)
+_trust_ratio = numba.njit(host_trust_ratio, nogil=True)
 
 
-@_compiled(parallel=False)
-def update_table(table, sizes, like, corrections1, root_corrections2, eps, weight_decay, alphas, amsgrad):
-    """``w ← w − alphas[k]·d`` for each tensor ``k``, ``d`` from the moments :func:`norms_of_table` left."""
+@numba.njit(nogil=True)
+def _ratio(rule, args, w_norm, d_norm):
+    """The rule's ratio; ``args`` as :class:`lars_plugins.cpu_kernels.LambRatio` and ``TrustRatio`` make them."""
+    if rule == LAMB_RULE:
+        if args[0] != 0.0:
+            return _lamb_ratio(w_norm, d_norm, (args[1], args[2]), args[3] != 0.0)
+        return _lamb_ratio(w_norm, d_norm, None, args[3] != 0.0)
+    return _trust_ratio(w_norm, d_norm, args[0], args[1], args[2], args[3], args[4] != 0.0)
+
+
+@numba.njit(nogil=True)  # not cached: see the module's docstring
+def step_table(table, sizes, like, scratch, one_minus_beta1, beta2, one_minus_beta2, corrections1, root_corrections2,
+               eps, weight_decay, amsgrad, maximize, scratch_limit, lr, rule, rule_args, alphas, out):
+    """The step of each tensor ``k``; ``out[k] = (‖w‖, ‖d‖, r)`` (float64), ``alphas[k] = lr·r``."""
+    # Each tensor's d sits centred on the buffer's middle: the two threads of a 2-core machine then
+    # write and read the same half of it for every tensor, whatever its size. A buffer reused from
+    # its start moves lines between the cores (their split point moves with the tensor's size),
+    # which measured up to 3x slower on a machine whose cores do not share a last-level cache.
+    middle = (scratch.shape[0] // 2) // 16 * 16
     for k in range(sizes.shape[0]):
         n = sizes[k]
-        _update(numba.carray(_at(table[k, 0], like), n), numba.carray(_at(table[k, 2], like), n),
-                numba.carray(_at(table[k, 4 if amsgrad else 3], like), n), corrections1[k], root_corrections2[k], eps,
-                weight_decay, alphas[k])
+        w = numba.carray(_at(table[k, 0], like), n)
+        m = numba.carray(_at(table[k, 2], like), n)
+        v = numba.carray(_at(table[k, 3], like), n)
+        max_v = numba.carray(_at(table[k, 4], like), n if amsgrad else 0)
+        start = middle - (n // 2) // 16 * 16  # a multiple of 16 elements: the view starts on a cache line
+        keep = n <= scratch_limit and start >= 0 and start + n <= scratch.shape[0]
+        d = scratch[start:start + n] if keep else scratch[:0]
+        w_sq, d_sq = _moments_and_norms(w, numba.carray(_at(table[k, 1], like), n), m, v, max_v, d, keep,
+                                        one_minus_beta1, beta2, one_minus_beta2, corrections1[k],
+                                        root_corrections2[k], eps, weight_decay, amsgrad, maximize)
+        w_norm, d_norm = math.sqrt(w_sq), math.sqrt(d_sq)
+        ratio = _ratio(rule, rule_args, w_norm, d_norm)
+        alphas[k] = lr * ratio  # in the tensors' dtype, as the loops compute
+        if keep:
+            _update_from(w, d, alphas[k])
+        else:  # larger than the buffer: d again from the moments the first loop stored
+            _update_from_moments(w, m, max_v if amsgrad else v, corrections1[k], root_corrections2[k], eps,
+                                 weight_decay, alphas[k])
+        out[k, 0] = w_norm
+        out[k, 1] = d_norm
+        out[k, 2] = ratio

@@ -84,6 +84,14 @@ class Scratch:
         """The bytes its buffers hold."""
         return sum(ring[0].numel() * ring[0].element_size() for ring in self._rings.values())
 
+    def flat(self, dtype: torch.dtype, n: int) -> Tensor:
+        """The buffer of ``dtype`` itself, flat, of at least ``n`` elements (grown where smaller), for a
+        route that places its results in it (:mod:`lars_plugins.cpu_kernels`)."""
+        ring = self._rings.get(dtype)
+        if ring is None or ring[0].numel() < n:
+            self._rings[dtype] = ring = [torch.zeros(n, dtype=dtype), 0]
+        return ring[0]
+
     def like(self, t: Tensor) -> Tensor:
         """A view with ``t``'s shape and strides (``t`` dense: contiguous or channels-last), holding
         finite values."""

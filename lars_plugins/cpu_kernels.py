@@ -1,16 +1,19 @@
-"""AdamW's direction, its norms and the update on the CPU in two compiled passes over a group of
-tensors, with Numba (optional).
+"""AdamW's direction, its norms, a trust ratio and the update on the CPU in one compiled call over a
+group of tensors, with Numba (optional).
 
 LAMB and ``Layerwise(AdamW)`` need, per tensor, the moments, ``d = m̂/(√v̂+ε) + wd·w``, ``‖w‖`` and
 ``‖d‖`` before they may update ``w``. torch offers these as separate passes per tensor (its fused
 AdamW kernel, then dot products, then an update: :mod:`lars_plugins.cpu_directions`). Here
-(:class:`AdamWBatch`) one compiled call walks all the tensors of a step: per tensor, one loop reads
-``g``, ``m``, ``v`` and ``w``, writes the moments and sums ``‖w‖²`` and ``‖d‖²`` (in float64); the
-caller turns the norms into ratios; a second call applies ``w ← w − a·d`` per tensor, computing
-``d`` again from the stored moments, so that no buffer holds it in between and nothing of the
-model's size is allocated, and the Python work per tensor is a table entry rather than a dozen
-operator calls. On the 2-core test machine that took 0.1-0.2× of fused AdamW's step time off LAMB's
-in most runs, not all (docs/performance.md has the times).
+(:class:`AdamWBatch`) one compiled call walks all the tensors of a step. Per tensor: one loop reads
+``g``, ``m``, ``v`` and ``w``, writes the moments and ``d`` (into a scratch buffer the optimizer
+keeps) and sums ``‖w‖²`` and ``‖d‖²`` in float64; the ratio follows, by the same rule as on the
+other routes (:class:`LambRatio`, :class:`TrustRatio`: Numba compiles the project's Python
+functions); a second loop applies ``w ← w − lr·r·d`` while ``d`` and ``w`` are still in cache. The
+Python work per tensor is a table entry rather than a dozen operator calls, and nothing is allocated
+in the step. The buffer holds the largest tensor up to :data:`SCRATCH_LIMIT` elements; a larger
+tensor has ``d`` computed again from its stored moments in the second loop instead (slower: the
+square root and division run twice). On the 2-core test machine LAMB's step took 1.3-1.6x fused
+AdamW's this way, against 1.6-1.9x with torch's kernels (docs/performance.md has the times).
 
 It is used where all of these hold, and the callers take torch's kernels otherwise:
 
@@ -25,10 +28,10 @@ It is used where all of these hold, and the callers take torch's kernels otherwi
   processes): OpenMP's threads do not survive ``fork``, and Numba would end the child.
 
 The loops run on ``torch.get_num_threads()`` threads (at most Numba's own maximum). They are compiled
-on first use (a few seconds, cached on disk where Numba can write) and checked once per dtype
-against the rule computed by torch in float64 before the first step relies on them. Floating-point
-differences from torch's kernel: the sums are reassociated (vectorised) and products may be fused
-(FMA), so the results agree with torch's to rounding, not bit for bit.
+on first use (a few seconds; the loops are cached on disk where Numba can write) and checked once
+per dtype against the rule computed by torch in float64 before the first step relies on them.
+Floating-point differences from torch's kernel: the sums are reassociated (vectorised) and products
+may be fused (FMA), so the results agree with torch's to rounding, not bit for bit.
 """
 
 from __future__ import annotations
@@ -38,21 +41,69 @@ import math
 import os
 import threading
 import warnings
+from dataclasses import dataclass
 from types import ModuleType
-from typing import Optional, Sequence
+from typing import Optional, Sequence, Union
 
 import numpy as np
 import torch
 from torch import Tensor
 
-from .tensor_lists import same_dense_layout
+from .cpu_directions import Scratch
 
-__all__ = ["enabled", "available", "takes", "AdamWBatch"]
+__all__ = ["enabled", "available", "takes", "LambRatio", "TrustRatio", "AdamWBatch", "SCRATCH_LIMIT"]
 
 enabled: bool = os.environ.get("LARS_PLUGINS_NUMBA", "1").strip().lower() not in ("0", "false", "off", "no")
 """Whether :func:`available` may say yes; set it false to take torch's kernels (benchmarks compare the two)."""
 
 _DTYPES = {torch.float32: np.float32, torch.float64: np.float64}
+
+LAMB_RULE, TRUST_RULE = 0, 1  # how the compiled loops tell the two rules apart
+
+SCRATCH_LIMIT: int = 1 << 22
+"""The most elements of ``d`` the scratch buffer holds (16 MiB of float32): larger tensors compute ``d``
+twice instead, so that the buffer stays small beside a large embedding's moments."""
+
+
+@dataclass(frozen=True)
+class LambRatio:
+    """LAMB's trust ratio of ``‖w‖`` and ``‖u‖`` (:func:`lars_plugins.lamb_rule.lamb_trust_ratio`)."""
+
+    weight_norm_bounds: Optional[tuple[float, float]]
+    trust_clip: bool
+
+    def __call__(self, w_norm: float, u_norm: float) -> float:
+        from .lamb_rule import _host_lamb_ratio  # (lamb_rule imports this module)
+
+        return _host_lamb_ratio(w_norm, u_norm, self.weight_norm_bounds, self.trust_clip)
+
+    def _compiled(self) -> tuple[int, np.ndarray]:
+        bounds = self.weight_norm_bounds
+        return LAMB_RULE, np.array([bounds is not None, *(bounds or (0.0, 0.0)), self.trust_clip], dtype=np.float64)
+
+
+@dataclass(frozen=True)
+class TrustRatio:
+    """LARS's trust ratio of ``‖w‖`` and a direction's norm (:func:`lars_plugins.trust_ratio`)."""
+
+    trust_coefficient: float
+    weight_decay: float
+    eps: float
+    lr: float
+    trust_clip: bool
+
+    def __call__(self, w_norm: float, d_norm: float) -> float:
+        from .lars_rule import host_trust_ratio
+
+        return host_trust_ratio(w_norm, d_norm, self.trust_coefficient, self.weight_decay, self.eps, self.lr,
+                                self.trust_clip)
+
+    def _compiled(self) -> tuple[int, np.ndarray]:
+        return TRUST_RULE, np.array([self.trust_coefficient, self.weight_decay, self.eps, self.lr, self.trust_clip],
+                           dtype=np.float64)
+
+
+Ratio = Union[LambRatio, TrustRatio]
 
 
 @functools.lru_cache(maxsize=None)
@@ -97,10 +148,14 @@ def available(dtype: torch.dtype) -> bool:
 
 def takes(w: Tensor, *others: Optional[Tensor]) -> bool:
     """Whether ``w`` and its gradient and state (``others``; ``None`` entries skipped) can go through
-    the loops: dense CPU tensors of one dtype and memory layout (the loops read them by address)."""
-    return w.device.type == "cpu" and same_dense_layout(w, w, None) and all(
-        t is None or (same_dense_layout(w, t, None) and t.device.type == "cpu" and t.dtype == w.dtype
-                      and t.shape == w.shape and not t.is_conj() and not t.is_neg()) for t in others)
+    the loops: dense CPU tensors of one dtype, shape and memory layout (the loops read them by
+    address). Called per tensor and step, hence written for speed: ``w`` dense and the others with
+    its shape and strides are dense in the same order."""
+    if not w.is_cpu or not (w.is_contiguous() or w.is_contiguous(memory_format=torch.channels_last)):
+        return False
+    shape, stride, dtype = w.shape, w.stride(), w.dtype
+    return all(t is None or (t.stride() == stride and t.shape == shape and t.dtype == dtype and t.is_cpu
+                             and not t.is_conj() and not t.is_neg()) for t in others)
 
 
 @functools.lru_cache(maxsize=None)
@@ -121,36 +176,39 @@ def _checked(dtype: torch.dtype) -> bool:
     _started_in = os.getpid()
     gen = torch.Generator().manual_seed(0)
     shapes = [(8, 8), (5,)]
-    w, g, m = ([torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(3))
-    v = [torch.rand(s, generator=gen, dtype=torch.float64) for s in shapes]
-    betas, eps, wd, steps, alphas = (0.9, 0.99), 1e-3, 0.1, [3.0, 1.0], [0.5, 0.25]
-    expected_m = [mi + (1 - betas[0]) * (gi - mi) for mi, gi in zip(m, g)]
-    expected_v = [betas[1] * vi + (1 - betas[1]) * gi * gi for vi, gi in zip(v, g)]
+    w0, g, m0 = ([torch.randn(s, generator=gen, dtype=torch.float64) for s in shapes] for _ in range(3))
+    v0 = [torch.rand(s, generator=gen, dtype=torch.float64) for s in shapes]
+    betas, eps, wd, steps, lr = (0.9, 0.99), 1e-3, 0.1, [3.0, 1.0], 0.5
+    expected_m = [mi + (1 - betas[0]) * (gi - mi) for mi, gi in zip(m0, g)]
+    expected_v = [betas[1] * vi + (1 - betas[1]) * gi * gi for vi, gi in zip(v0, g)]
     expected_d = [mi / (1 - betas[0] ** t) / (vi.sqrt() / math.sqrt(1 - betas[1] ** t) + eps) + wd * wi
-                  for mi, vi, wi, t in zip(expected_m, expected_v, w, steps)]
-    expected_w = [wi - a * d for wi, a, d in zip(w, alphas, expected_d)]
-    expected_norms = [(wi.norm().item(), d.norm().item()) for wi, d in zip(w, expected_d)]
-    w, g, m, v = ([x.to(dtype) for x in xs] for xs in (w, g, m, v))
-    try:
-        batch = AdamWBatch(w, g, m, v, None, steps, beta1=betas[0], beta2=betas[1], eps=eps, weight_decay=wd,
-                           maximize=False)
-        norms = batch.norms()
-        batch.update(alphas)
-        layer = numba.threading_layer()
-    except Exception as error:  # a broken Numba install must not stop training: torch's kernels serve
-        warnings.warn(f"lars_plugins: Numba's CPU loops failed to compile or run for {dtype} ({error!r}); "
-                      "torch's kernels are used instead.", RuntimeWarning, stacklevel=3)
-        return False
-    if layer not in ("omp", "tbb"):
-        warnings.warn(f"lars_plugins: Numba's threading layer here is {layer!r}, slower than torch's kernels and "
-                      "not safe to call from several threads; torch's kernels are used instead. Install Numba's "
-                      "OpenMP (libgomp) or TBB (`pip install tbb`) support to use the one-pass loops.",
-                      RuntimeWarning, stacklevel=3)
-        return False
+                  for mi, vi, wi, t in zip(expected_m, expected_v, w0, steps)]
     tol = 1e-5 if dtype == torch.float32 else 1e-12
-    good = all(torch.allclose(a.double(), b, rtol=tol, atol=tol) for a, b in zip(w + m, expected_w + expected_m))
-    good = good and all(math.isclose(a, b, rel_tol=tol) for found, expected in zip(norms, expected_norms)
-                        for a, b in zip(found, expected))
+    good = True
+    # both rules; the second with a buffer too small for the first tensor (d computed twice)
+    for ratio, limit in ((LambRatio((0.0, 10.0), False), SCRATCH_LIMIT), (TrustRatio(0.02, 0.0, 1e-8, lr, True), 16)):
+        expected = [(wi.norm().item(), d.norm().item()) for wi, d in zip(w0, expected_d)]
+        expected_r = [ratio(*norms) for norms in expected]
+        expected_w = [wi - lr * r * d for wi, r, d in zip(w0, expected_r, expected_d)]
+        w, m, v = ([x.to(dtype, copy=True) for x in xs] for xs in (w0, m0, v0))  # float64: not w0 itself
+        try:
+            found = AdamWBatch(w, [gi.to(dtype) for gi in g], m, v, None, steps, beta1=betas[0], beta2=betas[1],
+                               eps=eps, weight_decay=wd, maximize=False, scratch_limit=limit).step(lr, ratio, Scratch())
+            layer = numba.threading_layer()
+        except Exception as error:  # a broken Numba install must not stop training: torch's kernels serve
+            warnings.warn(f"lars_plugins: Numba's CPU loops failed to compile or run for {dtype} ({error!r}); "
+                          "torch's kernels are used instead.", RuntimeWarning, stacklevel=3)
+            return False
+        if layer not in ("omp", "tbb"):
+            warnings.warn(f"lars_plugins: Numba's threading layer here is {layer!r}, slower than torch's kernels "
+                          "and not safe to call from several threads; torch's kernels are used instead. Install "
+                          "Numba's OpenMP (libgomp) or TBB (`pip install tbb`) support to use the one-pass loops.",
+                          RuntimeWarning, stacklevel=3)
+            return False
+        good = good and all(torch.allclose(a.double(), b, rtol=tol, atol=tol)
+                            for a, b in zip(w + m, expected_w + expected_m))
+        good = good and all(math.isclose(a, b, rel_tol=tol) for row, norms, r in zip(found, expected, expected_r)
+                            for a, b in zip(row, (*norms, r)))
     if not good:
         warnings.warn(f"lars_plugins: Numba's CPU loops disagree with torch's arithmetic for {dtype}; torch's "
                       "kernels are used instead. Please report this with your Numba and LLVM versions.",
@@ -159,25 +217,26 @@ def _checked(dtype: torch.dtype) -> bool:
 
 
 class AdamWBatch:
-    """AdamW's step through the compiled loops for tensors of one dtype, in two calls: :meth:`norms`
-    updates the moments (``max_exp_avg_sqs`` too, where given: amsgrad) as torch's AdamW does and
-    returns ``(‖w‖, ‖d‖)`` per tensor, ``d = m̂/(√v̂+ε) + weight_decay·w``, with ``w`` unchanged;
-    :meth:`update` then applies ``w ← w − alpha·d`` with one ``alpha`` per tensor. ``steps``: each
-    tensor's count, already advanced (``bias_correction=False``: ``m̂ = m``, ``v̂ = v``, as LAMB's option
-    says). Every tensor must pass :func:`takes` with its gradient and state, and :func:`available` must
-    hold for the dtype: the loops read the memory by address."""
+    """AdamW's step with a trust ratio through the compiled loops, for tensors of one dtype, in one
+    call (:meth:`step`): the moments (``max_exp_avg_sqs`` too, where given: amsgrad) as torch's
+    AdamW updates them, ``d = m̂/(√v̂+ε) + weight_decay·w``, the ratio ``r`` of ``‖w‖`` and ``‖d‖``,
+    and ``w ← w − lr·r·d``. ``steps``: each tensor's count, already advanced
+    (``bias_correction=False``: ``m̂ = m``, ``v̂ = v``, as LAMB's option says). Every tensor must pass
+    :func:`takes` with its gradient and state, and :func:`available` must hold for the dtype: the
+    loops read the memory by address. ``scratch_limit``: the largest tensor whose ``d`` the scratch
+    buffer holds (larger ones compute it twice)."""
 
     def __init__(self, params: Sequence[Tensor], grads: Sequence[Tensor], exp_avgs: Sequence[Tensor],
                  exp_avg_sqs: Sequence[Tensor], max_exp_avg_sqs: Optional[Sequence[Tensor]], steps: Sequence[float], *,
                  beta1: float, beta2: float, eps: float, weight_decay: float, maximize: bool,
-                 bias_correction: bool = True) -> None:
+                 bias_correction: bool = True, scratch_limit: int = SCRATCH_LIMIT) -> None:
         from .lamb_rule import _corrections  # (lamb_rule imports this module)
 
         self.params = list(params)
-        dtype = self.params[0].dtype if self.params else torch.float32
-        scalar = _DTYPES[dtype]
+        self.dtype = self.params[0].dtype if self.params else torch.float32
+        scalar = _DTYPES[self.dtype]
         self._like = np.zeros(1, dtype=scalar)  # tells the loops the dtype the addresses hold
-        # Each tensor's address; the tensors stay referenced here until the update.
+        # Each tensor's address; the tensors stay referenced here until the step.
         self._columns = (params, grads, exp_avgs, exp_avg_sqs, max_exp_avg_sqs)
         self._table = np.array([[0 if column is None else column[k].data_ptr() for column in self._columns]
                                 for k in range(len(self.params))], dtype=np.int64).reshape(-1, 5)
@@ -190,22 +249,27 @@ class AdamWBatch:
         self._constants = (scalar(1 - beta1), scalar(beta2), scalar(1 - beta2))
         self._eps, self._weight_decay, self._scalar = scalar(eps), scalar(weight_decay), scalar
         self._amsgrad, self._maximize = max_exp_avg_sqs is not None, bool(maximize)
+        self._scratch_limit = scratch_limit
 
-    def norms(self) -> list[tuple[float, float]]:
-        """The moments updated; ``(‖w‖, ‖d‖)`` of each tensor (NaN where its values are not finite)."""
+    @property
+    def scratch_elements(self) -> int:
+        """The elements the step takes from its scratch buffer: the largest tensor up to
+        ``scratch_limit`` (:data:`SCRATCH_LIMIT`), and room to align its place."""
+        fitting = [n for n in self._sizes.tolist() if n <= self._scratch_limit]
+        return max(fitting) + 64 if fitting else 0
+
+    def step(self, lr: float, ratio: Ratio, scratch: Scratch) -> list[tuple[float, float, float]]:
+        """Step every tensor; returns ``(‖w‖, ‖d‖, r)`` of each, with ``‖w‖`` before the update (NaN
+        where a tensor's values are not finite). ``scratch`` keeps the buffer for ``d`` from step to
+        step (grown here where it is smaller than :attr:`scratch_elements`)."""
         loops = _loops()
         _threads()
-        out = np.empty((len(self.params), 2), dtype=np.float64)
-        loops.norms_of_table(self._table, self._sizes, self._like, *self._constants,  # type: ignore[union-attr]
-                             self._corrections1, self._root_corrections2, self._eps, self._weight_decay,
-                             self._amsgrad, self._maximize, out)
-        return [(math.sqrt(w_sq), math.sqrt(d_sq)) for w_sq, d_sq in out.tolist()]  # NaN stays NaN
-
-    def update(self, alphas: Sequence[float]) -> None:
-        """``w ← w − alphas[k]·d`` for each tensor, after :meth:`norms`."""
-        loops = _loops()
-        _threads()
-        loops.update_table(self._table, self._sizes, self._like,  # type: ignore[union-attr]
-                           self._corrections1, self._root_corrections2, self._eps, self._weight_decay,
-                           np.asarray(alphas, dtype=self._scalar), self._amsgrad)
-
+        buffer = scratch.flat(self.dtype, self.scratch_elements).numpy()
+        rule, rule_args = ratio._compiled()
+        out = np.empty((len(self.params), 3), dtype=np.float64)
+        loops.step_table(self._table, self._sizes, self._like, buffer,  # type: ignore[union-attr]
+                         *self._constants, self._corrections1, self._root_corrections2, self._eps,
+                         self._weight_decay, self._amsgrad, self._maximize, self._scratch_limit, float(lr), rule,
+                         rule_args,
+                         np.empty(len(self.params), dtype=self._scalar), out)
+        return [(w_norm, d_norm, r) for w_norm, d_norm, r in out.tolist()]

@@ -9,7 +9,7 @@ tensor at a time, while it is in cache: ``‖w‖``, the copy, the kernel, ``‖
 ``w ← w + r·lr·(s − w)``. Over AdamW, whose decay does not enter the kernel's gradient, the copy
 is not needed: :mod:`lars_plugins.cpu_directions` takes ``d`` from the kernel on a scratch buffer,
 the route :mod:`lars_plugins.lamb_rule` takes for LAMB, whose ``u`` is AdamW's ``d``; where Numba's
-loops serve (:mod:`lars_plugins.cpu_kernels`), AdamW's tensors go through them in two calls for the
+loops serve (:mod:`lars_plugins.cpu_kernels`), AdamW's tensors go through them in one call for the
 group instead, as LAMB's do. The copies go into the same scratch buffer, which the wrapper keeps.
 The base keeps its state as it would: SGD's ``momentum_buffer`` (the first step's ``d``, as torch
 starts it), Adam's ``step``, ``exp_avg`` and ``exp_avg_sq`` (``max_exp_avg_sq`` with ``amsgrad``), so
@@ -80,26 +80,30 @@ def _state(base: Optimizer, group: dict[str, Any], w: Tensor) -> dict[str, Any]:
 
 def known_direction_step(base: Optimizer, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
                          ratio_of: Any, after: Optional[Any] = None,
-                         scratch: Optional[cpu_directions.Scratch] = None) -> None:
+                         scratch: Optional[cpu_directions.Scratch] = None,
+                         compiled_ratio: Optional[cpu_kernels.Ratio] = None) -> None:
     """Step the adapted ``params`` of ``group`` through the base's fused CPU kernel at ``lr = 1``:
     ``ratio_of(‖w‖, ‖d‖)`` gives each tensor's ratio ``r``, then ``w ← w − r·lr·d``.
     ``after(w, ‖w‖, r)`` is told each tensor's norm and ratio (the ratio slot, the monitor).
     ``scratch`` receives the kernels' results (the wrapper keeps one across steps; ``None``: one
-    buffer of the largest tensor for this call)."""
+    buffer of the largest tensor for this call). ``compiled_ratio``: the same rule as ``ratio_of``
+    in the form Numba's loops compute (:mod:`lars_plugins.cpu_kernels`); ``None`` keeps AdamW's
+    tensors off them."""
     kind = _KERNELS[type(base)]
     lr = group["lr"].item() if isinstance(group["lr"], Tensor) else group["lr"]
+    scratch = scratch if scratch is not None else cpu_directions.Scratch(reuse_distance=0)
     # AdamW's tensors: through Numba's loops where they serve (cpu_kernels), else torch's kernel on the scratch
-    compiled = [kind == "adamw" and cpu_kernels.available(w.dtype) and _takes(base, group, w, g)
-                for w, g in zip(params, grads)]
+    compiled = [kind == "adamw" and compiled_ratio is not None and cpu_kernels.available(w.dtype)
+                and _takes(base, group, w, g) for w, g in zip(params, grads)]
     direct = [kind == "adamw" and not numba and cpu_directions.supported(w.dtype)
               for w, numba in zip(params, compiled)]
     counts = [_state(base, group, w)["step"] for w, fast, numba in zip(params, direct, compiled) if fast or numba]
     if counts:
         torch._foreach_add_(counts, 1.0)  # one call, not one per tensor, as torch's fused step counts
     if any(compiled):
+        assert compiled_ratio is not None
         _compiled_adamw_step(base, group, [(w, g) for w, g, numba in zip(params, grads, compiled) if numba], lr,
-                             ratio_of, after)
-    scratch = scratch if scratch is not None else cpu_directions.Scratch(reuse_distance=0)
+                             compiled_ratio, after, scratch)
     scratch.reserve([w for w, numba in zip(params, compiled) if not numba])
     for w, g, fast, numba in zip(params, grads, direct, compiled):
         if numba:
@@ -140,9 +144,9 @@ def _takes(base: Optimizer, group: dict[str, Any], w: Tensor, g: Tensor) -> bool
 
 
 def _compiled_adamw_step(base: Optimizer, group: dict[str, Any], tensors: list[tuple[Tensor, Tensor]], lr: float,
-                         ratio_of: Any, after: Optional[Any]) -> None:
-    """AdamW's adapted tensors through Numba's loops, one batch per dtype: the moments and norms, the
-    ratios (``ratio_of``, ``after``) here, the updates (counts already advanced)."""
+                         ratio: cpu_kernels.Ratio, after: Optional[Any], scratch: cpu_directions.Scratch) -> None:
+    """AdamW's adapted tensors through Numba's loops, one call per dtype (counts already advanced);
+    then ``after`` is told each tensor's ``‖w‖`` (before its update) and ratio."""
     beta1, beta2 = group["betas"]
     amsgrad = bool(group.get("amsgrad"))
     for dtype in dict.fromkeys(w.dtype for w, _ in tensors):
@@ -153,13 +157,10 @@ def _compiled_adamw_step(base: Optimizer, group: dict[str, Any], tensors: list[t
             [s["exp_avg_sq"] for s in states], [s["max_exp_avg_sq"] for s in states] if amsgrad else None,
             [s["step"].item() for s in states], beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], maximize=bool(group.get("maximize")))
-        alphas = []
-        for w, (w_norm, d_norm) in zip(ws, batch.norms()):
-            ratio = ratio_of(w_norm, d_norm)
-            if after is not None:
-                after(w, w_norm, ratio)
-            alphas.append(ratio * lr)
-        batch.update(alphas)
+        stepped = batch.step(lr, ratio, scratch)
+        if after is not None:
+            for w, (w_norm, _, r) in zip(ws, stepped):
+                after(w, w_norm, r)
 
 
 def _adam_direction(base: Optimizer, group: dict[str, Any], w: Tensor, g: Tensor, s: Tensor, *,

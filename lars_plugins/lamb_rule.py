@@ -143,14 +143,15 @@ def _host_lamb(tensors: list[tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tens
     ``‖w‖`` of each adapted tensor (``None`` for the others).
 
     Where Numba's loops serve (:mod:`lars_plugins.cpu_kernels`), the adapted tensors go through them in
-    two calls for all of them (moments and norms; updates), without a buffer for ``u``. Where torch's
+    one call for all of them, ``u`` in the scratch buffer. Where torch's
     fused kernels serve (:mod:`lars_plugins.cpu_directions`): the excluded tensors take the fused AdamW
     kernel in one call, without decay; each other adapted tensor's ``u`` comes from it on a scratch
     buffer, without a copy of ``w``. Elsewhere, the same arithmetic in eager ops."""
     lr = lr.item() if isinstance(lr, Tensor) else lr
+    scratch = scratch if scratch is not None else cpu_directions.Scratch(reuse_distance=0)
     compiled = _compiled_lamb(tensors, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                               bias_correction=bias_correction, weight_norm_bounds=weight_norm_bounds,
-                              trust_clip=trust_clip, maximize=maximize)
+                              trust_clip=trust_clip, maximize=maximize, scratch=scratch)
     fused = [i not in compiled and bias_correction and cpu_directions.supported(w.dtype)
              and same_dense_layout(w, g, m) and same_dense_layout(w, v, None)
              for i, (w, g, m, v, _, _) in enumerate(tensors)]
@@ -159,7 +160,6 @@ def _host_lamb(tensors: list[tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tens
         ws, gs, ms, vs = (list(x) for x in zip(*[t[:4] for t in plain]))
         torch._fused_adamw_(ws, gs, ms, vs, [], [_count(t[5]) for t in plain], lr=lr, beta1=beta1, beta2=beta2,
                             weight_decay=0.0, eps=eps, amsgrad=False, maximize=maximize)
-    scratch = scratch if scratch is not None else cpu_directions.Scratch(reuse_distance=0)
     scratch.reserve([t[0] for t, f in zip(tensors, fused) if f and t[4] is not None])
     weight_norms: list[Optional[float]] = []
     for i, ((w, g, m, v, slot, step), fast) in enumerate(zip(tensors, fused)):
@@ -202,11 +202,11 @@ def _host_lamb(tensors: list[tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tens
 
 def _compiled_lamb(tensors: list[tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor], Scalar]], *, lr: float,
                    beta1: float, beta2: float, eps: float, weight_decay: float, bias_correction: bool,
-                   weight_norm_bounds: Optional[tuple[float, float]], trust_clip: bool,
-                   maximize: bool) -> dict[int, float]:
-    """The adapted tensors Numba's loops can take (:mod:`lars_plugins.cpu_kernels`), stepped in two
-    calls for all of them: the moments and norms, the ratios here, the updates. Returns ``‖w‖`` of
-    each tensor it stepped, by position; ``{}`` where the loops do not serve."""
+                   weight_norm_bounds: Optional[tuple[float, float]], trust_clip: bool, maximize: bool,
+                   scratch: cpu_directions.Scratch) -> dict[int, float]:
+    """The adapted tensors Numba's loops can take (:mod:`lars_plugins.cpu_kernels`), stepped in one
+    call for all of them. Returns ``‖w‖`` of each tensor it stepped, by position; ``{}`` where the
+    loops do not serve."""
     if not tensors or not cpu_kernels.available(tensors[0][0].dtype):
         return {}
     chosen = [i for i, (w, g, m, v, slot, _) in enumerate(tensors)
@@ -218,14 +218,10 @@ def _compiled_lamb(tensors: list[tuple[Tensor, Tensor, Tensor, Tensor, Optional[
         [t[0] for t in picked], [t[1] for t in picked], [t[2] for t in picked], [t[3] for t in picked], None,
         [t[5].item() if isinstance(t[5], Tensor) else float(t[5]) for t in picked], beta1=beta1, beta2=beta2,
         eps=eps, weight_decay=weight_decay, maximize=maximize, bias_correction=bias_correction)
-    norms = batch.norms()
-    alphas = []
-    for (w_norm, d_norm), t in zip(norms, picked):
-        ratio = _host_lamb_ratio(w_norm, d_norm, weight_norm_bounds=weight_norm_bounds, trust_clip=trust_clip)
+    stepped = batch.step(lr, cpu_kernels.LambRatio(weight_norm_bounds, trust_clip), scratch)
+    for (_, _, ratio), t in zip(stepped, picked):
         t[4].fill_(ratio)  # type: ignore[union-attr]  # (adapted: a slot)
-        alphas.append(lr * ratio)
-    batch.update(alphas)
-    return {i: w_norm for i, (w_norm, _) in zip(chosen, norms)}
+    return {i: w_norm for i, (w_norm, _, _) in zip(chosen, stepped)}
 
 
 def _count(step: Scalar) -> Tensor:
@@ -233,9 +229,11 @@ def _count(step: Scalar) -> Tensor:
     return step if isinstance(step, Tensor) else torch.tensor(float(step))
 
 
-def _host_lamb_ratio(w_norm: float, u_norm: float, *, weight_norm_bounds: Optional[tuple[float, float]],
+def _host_lamb_ratio(w_norm: float, u_norm: float, weight_norm_bounds: Optional[tuple[float, float]],
                      trust_clip: bool) -> float:
-    """:func:`lamb_trust_ratio` for one layer's norms as Python floats (the CPU path): the same rule."""
+    """:func:`lamb_trust_ratio` for one layer's norms as Python floats (the CPU path): the same rule.
+    (Numba compiles this very function for its CPU loops, :mod:`lars_plugins._numba_loops`: hence
+    positional parameters, which Numba binds, and nothing beyond ``math``.)"""
     if not (math.isfinite(w_norm) and math.isfinite(u_norm)):
         return math.nan
     phi = w_norm if weight_norm_bounds is None else min(max(w_norm, weight_norm_bounds[0]), weight_norm_bounds[1])

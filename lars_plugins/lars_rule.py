@@ -324,10 +324,12 @@ def _update_tensor_(i: int, w: Tensor, g: Tensor, momentum_buffers: list[Optiona
         axpy_(w, buf, neg_lr)
 
 
-def host_trust_ratio(w_norm: float, g_norm: float, *, trust_coefficient: float, weight_decay: float, eps: float,
-                      lr: float, trust_clip: bool) -> float:
+def host_trust_ratio(w_norm: float, g_norm: float, trust_coefficient: float, weight_decay: float, eps: float,
+                     lr: float, trust_clip: bool) -> float:
     """:func:`trust_ratio` for one layer's norms as Python floats (the CPU path): the same rule,
-    the same fallbacks."""
+    the same fallbacks. (Numba compiles this very function for its CPU loops,
+    :mod:`lars_plugins._numba_loops`: hence positional parameters, which Numba binds, and nothing
+    beyond ``math``.)"""
     if not (math.isfinite(w_norm) and math.isfinite(g_norm)):
         ratio = math.nan
     else:

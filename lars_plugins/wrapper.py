@@ -27,9 +27,10 @@ from .base import (LayerwiseOptimizer, count_group_step, evaluate, restore_trust
                    without_trust_ratios)
 from .options import EXCLUSION_OPTIONS, FOREIGN_KEYS, Option, flag, is_foreign_number, meant_key, real
 from .distributed import WholeTensors, is_dtensor
+from . import cpu_kernels
 from .known_directions import known_direction_step, takes_known_direction
 from .layouts import FlatPieces
-from .lars_rule import host_trust_ratio, trust_ratio
+from .lars_rule import trust_ratio
 from .tensor_lists import buckets, host_norm, host_scalars, pick, ratio_dtype
 from .layouts import layer_shape
 
@@ -232,8 +233,9 @@ class Layerwise(LayerwiseOptimizer):
                 and all(host_scalars(t.device) and not is_dtensor(t) for t in params):
             grads = pick(tensors.grads, adapted)
             if takes_known_direction(self.base, group, params, grads):
-                known_direction_step(self.base, group, params, grads, functools.partial(_host_ratio, group),
-                                     self._took_ratio, self._host_scratch())
+                rule = _host_ratio(group)
+                known_direction_step(self.base, group, params, grads, rule, self._took_ratio, self._host_scratch(),
+                                     rule if isinstance(rule, cpu_kernels.TrustRatio) else None)
                 for p in params:  # the base steps the group's other tensors only
                     self._stepped_here.append((p, p.grad))
                     p.grad = None
@@ -270,11 +272,12 @@ class Layerwise(LayerwiseOptimizer):
         """The CPU path of the rescaling: each tensor's norms, ratio (a Python float) and update back
         to back, while its memory is in cache (on the CPU a host read costs nothing)."""
         lr = group["lr"].item() if isinstance(group["lr"], Tensor) else group["lr"]
+        rule = _host_ratio(group)
         for p, o in zip(params, old):
             w_norm = host_norm(o)
             o.sub_(p)  # w_old - w_new = -Δw
             delta_norm = host_norm(o)
-            ratio = _host_ratio(group, w_norm, delta_norm / lr if lr != 0 else delta_norm)
+            ratio = rule(w_norm, delta_norm / lr if lr != 0 else delta_norm)
             self._took_ratio(p, w_norm, ratio)
             p.add_(o, alpha=1.0 - ratio)  # w_old + r·Δw
 
@@ -304,14 +307,19 @@ class Layerwise(LayerwiseOptimizer):
         return ratios
 
 
-def _host_ratio(group: dict[str, Any], w_norm: float, d_norm: float) -> float:
+def _host_ratio(group: dict[str, Any]) -> Callable[[float, float], float]:
     """:meth:`Layerwise._ratios` for one layer's ``‖w‖`` and direction norm ``‖Δw‖/lr`` as Python
-    floats (the CPU routes)."""
+    floats (the CPU routes): LARS's trust ratio without decay, as a :class:`cpu_kernels.TrustRatio`
+    (which Numba's loops compute too), or at ``lr = 0`` the ratio 0 of :meth:`Layerwise._ratios`."""
     lr = group["lr"].item() if isinstance(group["lr"], Tensor) else group["lr"]
-    if lr == 0:  # see _ratios: the update is 0 (NaN only from NaN or inf)
-        return 0.0 if math.isfinite(w_norm) and math.isfinite(d_norm) else math.nan
-    return host_trust_ratio(w_norm, d_norm, trust_coefficient=group["trust_coefficient"], weight_decay=0.0,
-                            eps=group["trust_eps"], lr=lr, trust_clip=group["trust_clip"])
+    if lr == 0:
+        return _not_moving
+    return cpu_kernels.TrustRatio(group["trust_coefficient"], 0.0, group["trust_eps"], lr, group["trust_clip"])
+
+
+def _not_moving(w_norm: float, d_norm: float) -> float:
+    """The ratio at ``lr = 0`` (see :meth:`Layerwise._ratios`): 0, NaN only from NaN or inf norms."""
+    return 0.0 if math.isfinite(w_norm) and math.isfinite(d_norm) else math.nan
 
 
 def _centralize(tensors: WholeTensors, where: str) -> None:

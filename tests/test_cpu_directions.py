@@ -156,7 +156,7 @@ def test_the_scratch_ring_hands_out_views_that_were_not_just_used():
 @pytest.mark.parametrize("route", ROUTES)
 def test_the_scratch_is_kept_between_steps_but_is_neither_state_nor_copied(make, route, monkeypatch):
     """torch's kernels write into the scratch (both tensors: less than the largest plus 32 MiB);
-    Numba's loops need none (they compute the direction again in the update)."""
+    Numba's loops into one buffer of the largest tensor and 64 elements to align it."""
     numba_route = use_route(route, monkeypatch)
     params = [nn.Parameter(torch.randn(64, 48, generator=torch.Generator().manual_seed(i))) for i in range(2)]
     opt = make(params)
@@ -164,7 +164,7 @@ def test_the_scratch_is_kept_between_steps_but_is_neither_state_nor_copied(make,
         p.grad = torch.randn_like(p)
     opt.step()
     scratch = opt.__dict__["_scratch"]
-    assert scratch.nbytes == (0 if numba_route else 2 * 64 * 48 * 4)
+    assert scratch.nbytes == ((64 * 48 + 64) * 4 if numba_route else 2 * 64 * 48 * 4)
     opt.step()
     assert opt.__dict__["_scratch"] is scratch
     assert set(opt.state_dict()) == {"state", "param_groups"}
@@ -195,14 +195,43 @@ def rechecked(numba):
     cpu_kernels._checked.cache_clear()
 
 
+def lamb_reference_ratio(w_norm, d_norm, bounds, clip):
+    """LAMB's ratio written out: φ(‖w‖)/‖d‖, 1 where either norm is 0, at most 1 where clipped."""
+    phi = min(max(w_norm, bounds[0]), bounds[1]) if bounds else w_norm
+    ratio = phi / d_norm if w_norm > 0 and d_norm > 0 else 1.0
+    return min(ratio, 1.0) if clip else ratio
+
+
+def trust_reference_ratio(w_norm, d_norm, coefficient, eps, lr, clip):
+    """LARS's ratio without decay written out: η‖w‖/(‖d‖+ε), η where ‖w‖ is 0, clipped as r/lr ≤ 1."""
+    ratio = coefficient * w_norm / (d_norm + eps) if w_norm > 0 else coefficient
+    return min(ratio / lr, 1.0) if clip else ratio
+
+
+LR = 0.3
+RULES = {  # the rule as the loops take it, the same rule written out in the test
+    "LAMB": (cpu_kernels.LambRatio(None, False), lambda w, d: lamb_reference_ratio(w, d, None, False)),
+    "LAMB bounded, clipped": (cpu_kernels.LambRatio((0.5, 20.0), True),
+                              lambda w, d: lamb_reference_ratio(w, d, (0.5, 20.0), True)),
+    "trust ratio": (cpu_kernels.TrustRatio(0.02, 0.0, 1e-8, LR, False),
+                    lambda w, d: trust_reference_ratio(w, d, 0.02, 1e-8, LR, False)),
+    "trust ratio, clipped": (cpu_kernels.TrustRatio(2.0, 0.0, 1e-8, LR, True),
+                             lambda w, d: trust_reference_ratio(w, d, 2.0, 1e-8, LR, True)),
+}
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+@pytest.mark.parametrize("scratch_limit", [cpu_kernels.SCRATCH_LIMIT, 100], ids=["buffer", "d twice"])
 @pytest.mark.parametrize("bias_correction", [True, False])
 @pytest.mark.parametrize("weight_decay", [0.0, 0.05])
 @pytest.mark.parametrize("layout", ["contiguous", "channels_last", "amsgrad", "maximize", "float64"])
-def test_the_batch_matches_adamw_tensor_by_tensor(layout, weight_decay, bias_correction, numba):
-    """Three tensors of different shapes and step counts in one batch: the moments, both norms and
-    the update of each, against AdamW's rule in float64."""
+def test_the_batch_matches_adamw_with_a_ratio_tensor_by_tensor(layout, weight_decay, bias_correction, scratch_limit,
+                                                                rule, numba):
+    """Three tensors of different shapes and step counts in one call: the moments, both norms, the
+    ratio and the update of each, against AdamW's rule and the ratio written here in float64; with
+    ``scratch_limit=100`` the two large tensors compute ``d`` twice, the small one through the buffer."""
     dtype = torch.float64 if layout == "float64" else torch.float32
-    shapes, steps, alphas = [(16, 8, 5, 3), (7,), (33, 65)], [3.0, 1.0, 10.0], [0.3, 0.7, 0.05]
+    shapes, steps = [(16, 8, 5, 3), (7,), (33, 65)], [3.0, 1.0, 10.0]
     states = [state(shape, seed, dtype) for seed, shape in enumerate(shapes)]
     if layout == "channels_last":
         states = [tuple(x.contiguous(memory_format=torch.channels_last) if x.dim() == 4 else x for x in s)
@@ -223,19 +252,43 @@ def test_the_batch_matches_adamw_tensor_by_tensor(layout, weight_decay, bias_cor
 
     expected_m, expected_d = zip(*[expected(i) for i in range(3)])
     w0 = [x.double().clone() for x in w]
+    ratio, reference = RULES[rule]
     batch = cpu_kernels.AdamWBatch(w, g, m, v, max_v, steps, beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
-                                   weight_decay=weight_decay, maximize=maximize, bias_correction=bias_correction)
-    norms = batch.norms()
+                                   weight_decay=weight_decay, maximize=maximize, bias_correction=bias_correction,
+                                   scratch_limit=scratch_limit)
+    scratch = cpu_directions.Scratch()
+    stepped = batch.step(LR, ratio, scratch)
     tol = 1e-12 if dtype == torch.float64 else 2e-6
+    assert scratch.nbytes == dtype.itemsize * (64 + (7 if scratch_limit == 100 else 33 * 65))
     for i in range(3):
-        assert torch.equal(w[i].double(), w0[i])  # w is not changed until the update
         torch.testing.assert_close(m[i].double(), expected_m[i], rtol=tol, atol=tol)
-        assert norms[i][0] == pytest.approx(w0[i].norm().item(), rel=tol)
-        assert norms[i][1] == pytest.approx(expected_d[i].norm().item(), rel=tol)
-    batch.update(alphas)
-    for i in range(3):
-        torch.testing.assert_close(w[i].double(), w0[i] - alphas[i] * expected_d[i], rtol=tol, atol=tol)
+        w_norm, d_norm = w0[i].norm().item(), expected_d[i].norm().item()
+        r = reference(w_norm, d_norm)
+        assert stepped[i] == pytest.approx((w_norm, d_norm, r), rel=tol)
+        torch.testing.assert_close(w[i].double(), w0[i] - LR * r * expected_d[i], rtol=tol, atol=tol)
     assert w[0].stride() == states[0][0].stride()
+
+
+@pytest.mark.parametrize("rule", list(RULES))
+def test_zero_and_non_finite_norms_take_the_same_ratio_as_the_python_rule(rule, numba):
+    """A zero tensor (‖w‖ = 0), a zero direction (‖d‖ = 0 where g, m and wd are 0) and a NaN
+    gradient: the loops' ratios are those of the rule the other routes call, and the written-out
+    one's where the norms are finite; a NaN reaches only its own tensor."""
+    ratio, reference = RULES[rule]
+    w, g, m, v = (list(x) for x in zip(*[state((6, 5), seed) for seed in range(3)]))
+    w[0].zero_()
+    g[1].zero_()
+    m[1].zero_()
+    g[2][1, 1] = math.nan
+    w0 = [x.clone() for x in w]
+    stepped = cpu_kernels.AdamWBatch(w, g, m, v, None, [2.0] * 3, beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
+                                     weight_decay=0.0, maximize=False).step(LR, ratio, cpu_directions.Scratch())
+    assert stepped[0][0] == 0.0 and stepped[1][1] == 0.0 and math.isnan(stepped[2][1])
+    for w_norm, d_norm, r in stepped:
+        assert r == ratio(w_norm, d_norm) or (math.isnan(r) and math.isnan(ratio(w_norm, d_norm)))
+    assert stepped[0][2] == reference(0.0, stepped[0][1]) and stepped[1][2] == reference(stepped[1][0], 0.0)
+    assert torch.equal(w[1], w0[1])  # d = 0: nothing moves
+    assert torch.isnan(w[2]).all() and not torch.isnan(w[0]).any()
 
 
 def test_amsgrads_maximum_keeps_a_nan_as_torch_does(numba):
@@ -245,10 +298,11 @@ def test_amsgrads_maximum_keeps_a_nan_as_torch_does(numba):
     max_v = v.clone()
     max_v[3, 3] = math.nan  # an earlier NaN stays too
     expected = torch.maximum(max_v.double(), BETAS[1] * v.double() + (1 - BETAS[1]) * g.double() ** 2)
-    norms = cpu_kernels.AdamWBatch([w], [g], [m], [v], [max_v], [1.0], beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
-                                   weight_decay=0.0, maximize=False).norms()
+    stepped = cpu_kernels.AdamWBatch([w], [g], [m], [v], [max_v], [1.0], beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
+                                     weight_decay=0.0, maximize=False).step(LR, RULES["LAMB"][0],
+                                                                            cpu_directions.Scratch())
     torch.testing.assert_close(max_v.double(), expected, rtol=1e-6, atol=0, equal_nan=True)
-    assert torch.isnan(max_v).sum() == 2 and math.isnan(norms[0][1]) and not math.isnan(norms[0][0])
+    assert torch.isnan(max_v).sum() == 2 and math.isnan(stepped[0][1]) and not math.isnan(stepped[0][0])
 
 
 def test_only_tensors_the_loops_can_read_by_address_are_taken():
@@ -284,12 +338,12 @@ def test_a_slow_threading_layer_is_refused_with_a_warning(rechecked, monkeypatch
 
 def test_loops_that_disagree_with_torch_are_refused_with_a_warning(rechecked, monkeypatch):
     loops = cpu_kernels._loops()
-    real = loops.update_table
+    real = loops.step_table
 
-    def off_by_a_little(table, sizes, like, c1, rc2, eps, wd, alphas, amsgrad):
-        real(table, sizes, like, c1, rc2, eps, wd, alphas * 1.001, amsgrad)
+    def off_by_a_little(*args):  # every update 0.1% too large
+        real(*args[:14], args[14] * 1.001, *args[15:])
 
-    monkeypatch.setattr(loops, "update_table", off_by_a_little)
+    monkeypatch.setattr(loops, "step_table", off_by_a_little)
     with pytest.warns(RuntimeWarning, match="disagree with torch's arithmetic"):
         assert not cpu_kernels.available(torch.float64)
 
@@ -307,7 +361,8 @@ def test_the_loops_run_on_as_many_threads_as_torch(numba):
         for wanted in (1, 2):
             torch.set_num_threads(wanted)
             cpu_kernels.AdamWBatch([w], [g], [m], [v], None, [1.0], beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
-                                   weight_decay=0.0, maximize=False).norms()
+                                   weight_decay=0.0, maximize=False).step(LR, RULES["LAMB"][0],
+                                                                          cpu_directions.Scratch())
             assert numba.get_num_threads() == min(wanted, numba.config.NUMBA_NUM_THREADS)
     finally:
         torch.set_num_threads(threads)
@@ -384,9 +439,10 @@ def test_without_a_writable_cache_the_loops_compile_in_each_process(monkeypatch,
     try:
         importlib.reload(_numba_loops)
         w, g, m, v = state((8, 8), 0)
-        norms = cpu_kernels.AdamWBatch([w], [g], [m], [v], None, [2.0], beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
-                                       weight_decay=0.1, maximize=False).norms()
-        assert norms[0][1] == pytest.approx(reference_direction(*state((8, 8), 0), 2, 0.1).norm().item(), rel=1e-5)
+        stepped = cpu_kernels.AdamWBatch([w], [g], [m], [v], None, [2.0], beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
+                                         weight_decay=0.1, maximize=False).step(LR, RULES["LAMB"][0],
+                                                                                cpu_directions.Scratch())
+        assert stepped[0][1] == pytest.approx(reference_direction(*state((8, 8), 0), 2, 0.1).norm().item(), rel=1e-5)
     finally:
         monkeypatch.undo()
         importlib.reload(_numba_loops)
@@ -402,7 +458,8 @@ def test_other_python_threads_run_while_the_loops_do(numba):
     w, g, m, v = state((2048, 2048), 0)
     batch = cpu_kernels.AdamWBatch([w], [g], [m], [v], None, [1.0], beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
                                    weight_decay=0.0, maximize=False)
-    batch.norms()  # compiled and warm
+    scratch = cpu_directions.Scratch()
+    batch.step(1e-9, RULES["LAMB"][0], scratch)  # compiled and warm
     stamps, running = [], threading.Event()
 
     def stamp():
@@ -411,14 +468,16 @@ def test_other_python_threads_run_while_the_loops_do(numba):
             stamps.append(time.perf_counter())
 
     repeat = 100  # the same tensor 100 times in one call: long enough to see
-    args = (np.repeat(batch._table, repeat, axis=0), np.repeat(batch._sizes, repeat), batch._like, *batch._constants,
+    args = (np.repeat(batch._table, repeat, axis=0), np.repeat(batch._sizes, repeat), batch._like,
+            scratch.flat(torch.float32, batch.scratch_elements).numpy(), *batch._constants,
             np.repeat(batch._corrections1, repeat), np.repeat(batch._root_corrections2, repeat), batch._eps,
-            batch._weight_decay, False, False, np.empty((repeat, 2)))
+            batch._weight_decay, False, False, cpu_kernels.SCRATCH_LIMIT, 1e-9, *RULES["LAMB"][0]._compiled(),
+            np.empty(repeat, dtype=np.float32), np.empty((repeat, 3)))
     thread = threading.Thread(target=stamp)
     thread.start()
     running.wait()
     start = time.perf_counter()
-    cpu_kernels._loops().norms_of_table(*args)
+    cpu_kernels._loops().step_table(*args)
     end = time.perf_counter()
     running.clear()
     thread.join()

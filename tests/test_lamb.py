@@ -389,7 +389,7 @@ def test_a_timm_lamb_checkpoint_goes_on_where_it_stopped():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_the_cpu_path_takes_its_fast_route(dtype, route, monkeypatch):
     """The CPU path's fast route is the one taken for every adapted dense tensor, and it is Algorithm 2
-    (the float64 reference): Numba's loops, two calls per step for all of them, where Numba is
+    (the float64 reference): Numba's loops, one call per step for all of them, where Numba is
     installed (float32 and float64); else, and for bfloat16, AdamW's fused kernel on a scratch buffer
     (cpu_directions.adamw_direction, which gives −m̂/(√v̂+ε)) one tensor at a time."""
     if route == "numba":

@@ -399,6 +399,33 @@ ROUTE_CASES = [(name, "torch kernels") for name in ROUTE_BASES] + [
     (name, "numba") for name in ROUTE_BASES if name.startswith("adamw")]
 
 
+@pytest.mark.parametrize("kernels", ["torch kernels", "numba"])
+def test_adamw_at_lr_zero_keeps_adapted_layers_put_and_its_moments_moving(kernels, monkeypatch):
+    """At lr 0 the wrapper's ratio is 0 (its own rule, which Numba's loops do not compute: AdamW's
+    tensors take torch's kernel then); AdamW's moments still advance, as torch's AdamW's do."""
+    from lars_plugins import cpu_kernels
+
+    if kernels == "numba":
+        pytest.importorskip("numba")
+    else:
+        monkeypatch.setattr(cpu_kernels, "enabled", False)
+    calls = count_route(monkeypatch)
+    params, twins = make_params(), make_params()
+    opt = Layerwise(torch.optim.AdamW(params, lr=0.0, weight_decay=0.05), trust_coefficient=0.02)
+    plain = torch.optim.AdamW(twins, lr=0.0, weight_decay=0.05)
+    before = [p.detach().clone() for p in params]
+    for opt_, ps in ((opt, params), (plain, twins)):
+        for p, g in zip(ps, grads_at(0)):
+            p.grad = g.clone()
+        opt_.step()
+    assert len(calls) == 1
+    for p, b, q in zip(params, before, twins):
+        assert torch.equal(p.detach(), b)
+        torch.testing.assert_close(opt.state[p]["exp_avg_sq"], plain.state[q]["exp_avg_sq"], rtol=1e-12, atol=0)
+        if p.ndim > 1:
+            assert opt.state[p]["trust_ratio"].item() == 0.0
+
+
 @pytest.mark.parametrize("name,kernels", ROUTE_CASES)
 def test_the_route_over_sgd_adam_and_adamw_is_the_documented_rule(name, kernels, monkeypatch):
     """The base's fused CPU kernel at lr 1 (on a copy of w, or for AdamW on a scratch buffer), or
