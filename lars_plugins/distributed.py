@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import math
 from pathlib import Path
-from typing import Any, Optional, Sequence
+from typing import Any, Optional, Sequence, cast
 
 import torch
 from torch import Tensor
@@ -180,9 +180,11 @@ class WholeTensors:
     def __init__(self, owners: list[Tensor], excluded: list[bool], where: str = "", owner: str = "LARS") -> None:
         self.owners = owners
         self.excluded = excluded
-        self.params = [to_local(p) for p in owners]
-        self.grads = [to_local(p.grad) for p in owners]  # type: ignore[arg-type]
         self.sharded = any(is_dtensor(p) for p in owners)
+        self.params = [to_local(p) for p in owners] if self.sharded else list(owners)
+        self.grads = cast("list[Tensor]", [p.grad for p in owners])  # (the owners are those with gradients)
+        if self.sharded:
+            self.grads = [to_local(g) for g in self.grads]
         self.norms: Optional[ShardedNorms] = ShardedNorms(owners, where=where, owner=owner) if self.sharded else None
 
     whole = True

@@ -46,6 +46,9 @@ def _real(t: Tensor) -> Tensor:
     """A complex tensor as its real view (``[..., 2]``: real and imaginary parts), else itself."""
     return torch.view_as_real(t) if t.is_complex() else t
 
+
+_CPU = torch.device("cpu")  # (made once: the CPU path compares every count's device with it)
+
 class LAMB(LayerwiseOptimizer):
     r"""LAMB (You et al. 2019, "Large Batch Optimization for Deep Learning", Algorithm 2).
 
@@ -145,7 +148,7 @@ class LAMB(LayerwiseOptimizer):
             state["exp_avg"] = torch.zeros_like(p, memory_format=torch.preserve_format)
             state["exp_avg_sq"] = torch.zeros_like(p, memory_format=torch.preserve_format)
         step = state["step"]
-        wanted = p.device if step_on_device else torch.device("cpu")
+        wanted = p.device if step_on_device else _CPU
         if step.device != wanted:  # a change of path (or a checkpoint from the other one)
             state["step"] = step.to(device=wanted, dtype=torch.float32)
         return state["step"], state["exp_avg"], state["exp_avg_sq"]
@@ -198,8 +201,11 @@ class LAMB(LayerwiseOptimizer):
         taken: Optional[list] = [None] * len(tensors.params) if self.collects_norms and tensors.whole else None
         # A complex parameter is stepped as its real view (as torch's Adam does): the second moment
         # then accumulates the squares of the real and imaginary parts, not g·g.
-        lamb([_real(p) for p in tensors.params], [_real(g) for g in tensors.grads],
-             [_real(m) for m in exp_avgs], [_real(v) for v in exp_avg_sqs],  # type: ignore[arg-type]
+        params, grads = tensors.params, tensors.grads
+        if any(p.is_complex() for p in params):  # (their gradients and moments are complex alike)
+            params, grads = [_real(t) for t in params], [_real(t) for t in grads]
+            exp_avgs, exp_avg_sqs = ([None if t is None else _real(t) for t in ts] for ts in (exp_avgs, exp_avg_sqs))
+        lamb(params, grads, exp_avgs, exp_avg_sqs,  # type: ignore[arg-type]
              tensors.ratio_slots(self), excluded=tensors.excluded, step=[counts[id(t)] for t in tensors.owners],
              lr=group["lr"], weight_decay=group["weight_decay"], weight_norm_bounds=group["weight_norm_bounds"],
              trust_clip=group["trust_clip"], foreach=group["foreach"], norms=tensors.norms, weight_norms_out=taken,
