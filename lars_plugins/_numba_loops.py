@@ -56,6 +56,12 @@ def _at(typingctx, address, like):
     return types.CPointer(like.dtype)(address, like), codegen
 
 
+@numba.njit(inline="always")
+def _direction(m, v, w, correction1, root_correction2, eps, weight_decay):
+    """AdamW's direction ``m̂/(√v̂+ε) + wd·w`` of one element (inlined into both loops)."""
+    return (m / correction1) / (math.sqrt(v) / root_correction2 + eps) + weight_decay * w
+
+
 @_compiled(parallel=True)
 def _moments_and_norms(w, g, m, v, max_v, d, keep, one_minus_beta1, beta2, one_minus_beta2, correction1,
                        root_correction2, eps, weight_decay, amsgrad, maximize):
@@ -74,7 +80,7 @@ def _moments_and_norms(w, g, m, v, max_v, d, keep, one_minus_beta1, beta2, one_m
             max_v[i] = mv
             vi = mv
         wi = w[i]
-        di = (mi / correction1) / (math.sqrt(vi) / root_correction2 + eps) + weight_decay * wi
+        di = _direction(mi, vi, wi, correction1, root_correction2, eps, weight_decay)
         if keep:
             d[i] = di
         w_sq += float(wi) * float(wi)
@@ -92,8 +98,7 @@ def _update_from(w, d, alpha):
 def _update_from_moments(w, m, v, correction1, root_correction2, eps, weight_decay, alpha):
     for i in numba.prange(w.shape[0]):
         wi = w[i]
-        di = (m[i] / correction1) / (math.sqrt(v[i]) / root_correction2 + eps) + weight_decay * wi
-        w[i] = wi - alpha * di
+        w[i] = wi - alpha * _direction(m[i], v[i], wi, correction1, root_correction2, eps, weight_decay)
 
 
 _lamb_ratio = numba.njit(_host_lamb_ratio, nogil=True)

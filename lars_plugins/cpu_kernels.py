@@ -183,11 +183,11 @@ def _checked(dtype: torch.dtype) -> bool:
     expected_v = [betas[1] * vi + (1 - betas[1]) * gi * gi for vi, gi in zip(v0, g)]
     expected_d = [mi / (1 - betas[0] ** t) / (vi.sqrt() / math.sqrt(1 - betas[1] ** t) + eps) + wd * wi
                   for mi, vi, wi, t in zip(expected_m, expected_v, w0, steps)]
+    expected = [(wi.norm().item(), d.norm().item()) for wi, d in zip(w0, expected_d)]
     tol = 1e-5 if dtype == torch.float32 else 1e-12
     good = True
     # both rules; the second with a buffer too small for the first tensor (d computed twice)
     for ratio, limit in ((LambRatio((0.0, 10.0), False), SCRATCH_LIMIT), (TrustRatio(0.02, 0.0, 1e-8, lr, True), 16)):
-        expected = [(wi.norm().item(), d.norm().item()) for wi, d in zip(w0, expected_d)]
         expected_r = [ratio(*norms) for norms in expected]
         expected_w = [wi - lr * r * d for wi, r, d in zip(w0, expected_r, expected_d)]
         w, m, v = ([x.to(dtype, copy=True) for x in xs] for xs in (w0, m0, v0))  # float64: not w0 itself

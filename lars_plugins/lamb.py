@@ -49,6 +49,7 @@ def _real(t: Tensor) -> Tensor:
 
 _CPU = torch.device("cpu")  # (made once: the CPU path compares every count's device with it)
 
+
 class LAMB(LayerwiseOptimizer):
     r"""LAMB (You et al. 2019, "Large Batch Optimization for Deep Learning", Algorithm 2).
 

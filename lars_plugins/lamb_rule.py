@@ -148,10 +148,10 @@ def _host_lamb(tensors: list[tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tens
     kernel in one call, without decay; each other adapted tensor's ``u`` comes from it on a scratch
     buffer, without a copy of ``w``. Elsewhere, the same arithmetic in eager ops."""
     lr = lr.item() if isinstance(lr, Tensor) else lr
+    rule = cpu_kernels.LambRatio(weight_norm_bounds, trust_clip)
     scratch = scratch if scratch is not None else cpu_directions.Scratch(reuse_distance=0)
     compiled = _compiled_lamb(tensors, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
-                              bias_correction=bias_correction, weight_norm_bounds=weight_norm_bounds,
-                              trust_clip=trust_clip, maximize=maximize, scratch=scratch)
+                              bias_correction=bias_correction, rule=rule, maximize=maximize, scratch=scratch)
     fused = [i not in compiled and bias_correction and cpu_directions.supported(w.dtype)
              and same_dense_layout(w, g, m) and same_dense_layout(w, v, None)
              for i, (w, g, m, v, _, _) in enumerate(tensors)]
@@ -172,7 +172,7 @@ def _host_lamb(tensors: list[tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tens
                 continue
             u = cpu_directions.adamw_direction(w, g, m, v, None, _count(step), scratch, beta1=beta1, beta2=beta2,
                                                eps=eps, weight_decay=weight_decay, maximize=maximize)
-            ratio = _host_lamb_ratio(u.w_norm, u.d_norm, weight_norm_bounds=weight_norm_bounds, trust_clip=trust_clip)
+            ratio = rule(u.w_norm, u.d_norm)
             slot.fill_(ratio)
             u.apply(lr * ratio)
             weight_norms.append(u.w_norm)
@@ -192,8 +192,7 @@ def _host_lamb(tensors: list[tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tens
         ratio, w_norm = 1.0, None
         if slot is not None:
             w_norm = host_norm(w)
-            ratio = _host_lamb_ratio(w_norm, host_norm(d), weight_norm_bounds=weight_norm_bounds,
-                                     trust_clip=trust_clip)
+            ratio = rule(w_norm, host_norm(d))
             slot.fill_(ratio)
         weight_norms.append(w_norm)
         w.add_(d, alpha=-lr * ratio)
@@ -202,8 +201,7 @@ def _host_lamb(tensors: list[tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tens
 
 def _compiled_lamb(tensors: list[tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tensor], Scalar]], *, lr: float,
                    beta1: float, beta2: float, eps: float, weight_decay: float, bias_correction: bool,
-                   weight_norm_bounds: Optional[tuple[float, float]], trust_clip: bool, maximize: bool,
-                   scratch: cpu_directions.Scratch) -> dict[int, float]:
+                   rule: cpu_kernels.LambRatio, maximize: bool, scratch: cpu_directions.Scratch) -> dict[int, float]:
     """The adapted tensors Numba's loops can take (:mod:`lars_plugins.cpu_kernels`), stepped in one
     call for all of them. Returns ``‖w‖`` of each tensor it stepped, by position; ``{}`` where the
     loops do not serve."""
@@ -218,7 +216,7 @@ def _compiled_lamb(tensors: list[tuple[Tensor, Tensor, Tensor, Tensor, Optional[
         [t[0] for t in picked], [t[1] for t in picked], [t[2] for t in picked], [t[3] for t in picked], None,
         [t[5].item() if isinstance(t[5], Tensor) else float(t[5]) for t in picked], beta1=beta1, beta2=beta2,
         eps=eps, weight_decay=weight_decay, maximize=maximize, bias_correction=bias_correction)
-    stepped = batch.step(lr, cpu_kernels.LambRatio(weight_norm_bounds, trust_clip), scratch)
+    stepped = batch.step(lr, rule, scratch)
     for (_, _, ratio), t in zip(stepped, picked):
         t[4].fill_(ratio)  # type: ignore[union-attr]  # (adapted: a slot)
     return {i: w_norm for i, (w_norm, _, _) in zip(chosen, stepped)}
