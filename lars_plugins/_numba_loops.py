@@ -122,7 +122,7 @@ def step_table(table, sizes, like, scratch, one_minus_beta1, beta2, one_minus_be
     # Each tensor's d sits centred on the buffer's middle: the two threads of a 2-core machine then
     # write and read the same half of it for every tensor, whatever its size. A buffer reused from
     # its start moves lines between the cores (their split point moves with the tensor's size),
-    # which measured up to 3x slower on a machine whose cores do not share a last-level cache.
+    # which was several times slower in a prototype on a machine whose cores seem not to share a cache.
     middle = (scratch.shape[0] // 2) // 16 * 16
     for k in range(sizes.shape[0]):
         n = sizes[k]
