@@ -1,13 +1,14 @@
 """The compiled loops of :mod:`lars_plugins.cpu_kernels` (imported only there, and only when Numba is installed).
 
 :func:`step_table` steps AdamW's moments and a trust ratio's update over a table of tensors (their
-addresses, a row per tensor: ``w``, ``g``, ``m``, ``v``, ``max_v``) in one call. Per tensor, while
-its memory is still in cache: one parallel loop updates the moments, writes the direction
-``d = m̂/(√v̂+ε) + wd·w`` into a scratch buffer and sums ``‖w‖²`` and ``‖d‖²`` in float64; the ratio
-follows from the two norms; a second parallel loop applies ``w ← w − lr·r·d`` from the buffer. A
-tensor larger than the buffer has ``d`` computed again from the stored moments instead. The table
-is walked serially and each tensor's loops run in parallel: Numba's parallel loops nested in a
-parallel function lose their stores to arrays made from addresses (Numba 0.68).
+addresses, a row per tensor: ``w``, ``g``, ``m``, ``v``, ``max_v``, the ratio's slot) in one call.
+Per tensor, while its memory is still in cache: one parallel loop updates the moments, writes the
+direction ``d = m̂/(√v̂+ε) + wd·w`` into a scratch buffer and sums ``‖w‖²`` and ``‖d‖²`` in float64;
+the ratio follows from the two norms (and goes into the slot); a second parallel loop applies
+``w ← w − lr·r·d`` from the buffer. A tensor larger than the buffer has ``d`` computed again from
+the stored moments instead. The table is walked serially and each tensor's loops run in parallel:
+Numba's parallel loops nested in a parallel function lose their stores to arrays made from
+addresses (Numba 0.68). :func:`advance_counts` adds one to step counts by address.
 
 The ratio rules are compiled from the very Python functions the other CPU routes call
 (:func:`lars_plugins.lamb_rule._host_lamb_ratio`, :func:`lars_plugins.lars_rule.host_trust_ratio`):
@@ -101,6 +102,15 @@ def _update_from_moments(w, m, v, correction1, root_correction2, eps, weight_dec
         w[i] = wi - alpha * _direction(m[i], v[i], wi, correction1, root_correction2, eps, weight_decay)
 
 
+@_compiled(parallel=False)
+def advance_counts(addresses, like):
+    """Add one to each step count (a float32 0-d tensor at each address), as ``torch._foreach_add_``
+    does, without its dispatch per tensor."""
+    for k in range(addresses.shape[0]):
+        count = numba.carray(_at(addresses[k], like), 1)
+        count[0] += 1
+
+
 _lamb_ratio = numba.njit(_host_lamb_ratio, nogil=True)
 _trust_ratio = numba.njit(host_trust_ratio, nogil=True)
 
@@ -118,7 +128,8 @@ def _ratio(rule, args, w_norm, d_norm):
 @numba.njit(nogil=True)  # not cached: see the module's docstring
 def step_table(table, sizes, like, scratch, one_minus_beta1, beta2, one_minus_beta2, corrections1, root_corrections2,
                eps, weight_decay, amsgrad, maximize, scratch_limit, lr, rule, rule_args, alphas, out):
-    """The step of each tensor ``k``; ``out[k] = (‖w‖, ‖d‖, r)`` (float64), ``alphas[k] = lr·r``."""
+    """The step of each tensor ``k``; ``out[k] = (‖w‖, ‖d‖, r)`` (float64), ``alphas[k] = lr·r``, and
+    ``r`` written into the tensor's ratio slot where its row has one."""
     # Each tensor's d sits centred on the buffer's middle: the two threads of a 2-core machine then
     # write and read the same half of it for every tensor, whatever its size. A buffer reused from
     # its start moves lines between the cores (their split point moves with the tensor's size),
@@ -144,6 +155,8 @@ def step_table(table, sizes, like, scratch, one_minus_beta1, beta2, one_minus_be
         else:  # larger than the buffer: d again from the moments the first loop stored
             _update_from_moments(w, m, max_v if amsgrad else v, corrections1[k], root_corrections2[k], eps,
                                  weight_decay, alphas[k])
+        if table[k, 5] != 0:  # the tensor's ratio slot (a 0-d tensor of its dtype)
+            numba.carray(_at(table[k, 5], like), 1)[0] = ratio
         out[k, 0] = w_norm
         out[k, 1] = d_norm
         out[k, 2] = ratio

@@ -208,6 +208,8 @@ class WholeTensors:
 
     def state(self, state: dict[Tensor, dict[str, Any]], key: str) -> list[Optional[Tensor]]:
         """The local tensor of ``state[p][key]`` for each parameter (``None`` where it does not exist yet)."""
+        if not self.sharded:  # (every step asks: no unwrapping where nothing is a DTensor)
+            return [state[p].get(key) for p in self.owners]
         out: list[Optional[Tensor]] = []
         for p in self.owners:
             value = state[p].get(key)

@@ -99,7 +99,7 @@ def known_direction_step(base: Optimizer, group: dict[str, Any], params: list[Te
               for w, numba in zip(params, compiled)]
     counts = [_state(base, group, w)["step"] for w, fast, numba in zip(params, direct, compiled) if fast or numba]
     if counts:
-        torch._foreach_add_(counts, 1.0)  # one call, not one per tensor, as torch's fused step counts
+        cpu_kernels.advance_counts(counts)  # one call, not one per tensor, as torch's fused step counts
     if any(compiled):
         assert compiled_ratio is not None
         _compiled_adamw_step(base, group, [(w, g) for w, g, numba in zip(params, grads, compiled) if numba], lr,

@@ -153,7 +153,7 @@ def _host_lamb(tensors: list[tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tens
     compiled = _compiled_lamb(tensors, lr=lr, beta1=beta1, beta2=beta2, eps=eps, weight_decay=weight_decay,
                               bias_correction=bias_correction, rule=rule, maximize=maximize, scratch=scratch)
     fused = [i not in compiled and bias_correction and cpu_directions.supported(w.dtype)
-             and same_dense_layout(w, g, m) and same_dense_layout(w, v, None)
+             and same_dense_layout(w, g, m, v)
              for i, (w, g, m, v, _, _) in enumerate(tensors)]
     plain = [t for t, f in zip(tensors, fused) if f and t[4] is None]
     if plain:
@@ -211,14 +211,12 @@ def _compiled_lamb(tensors: list[tuple[Tensor, Tensor, Tensor, Tensor, Optional[
               if slot is not None and m is not None and v is not None and cpu_kernels.takes(w, g, m, v)]
     if not chosen:
         return {}
-    picked = [tensors[i] for i in chosen]
+    ws, gs, ms, vs, slots, steps = zip(*[tensors[i] for i in chosen])
     batch = cpu_kernels.AdamWBatch(
-        [t[0] for t in picked], [t[1] for t in picked], [t[2] for t in picked], [t[3] for t in picked], None,
-        [t[5].item() if isinstance(t[5], Tensor) else float(t[5]) for t in picked], beta1=beta1, beta2=beta2,
-        eps=eps, weight_decay=weight_decay, maximize=maximize, bias_correction=bias_correction)
-    stepped = batch.step(lr, rule, scratch)
-    for (_, _, ratio), t in zip(stepped, picked):
-        t[4].fill_(ratio)  # type: ignore[union-attr]  # (adapted: a slot)
+        ws, gs, ms, vs, None, [s.item() if isinstance(s, Tensor) else float(s) for s in steps], beta1=beta1,
+        beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize, bias_correction=bias_correction,
+        ratio_slots=slots)
+    stepped = batch.step(lr, rule, scratch)  # (the ratios go into the slots there)
     return {i: w_norm for i, (w_norm, _, _) in zip(chosen, stepped)}
 
 

@@ -105,10 +105,16 @@ def host_norm(t: Tensor) -> float:
     return torch.linalg.vector_norm(t, dtype=ratio_dtype(t.dtype)).item()
 
 
-def same_dense_layout(w: Tensor, g: Tensor, buf: Optional[Tensor]) -> bool:
-    """Whether the fused kernel, which walks the three tensors' memory in step, sees matching elements."""
-    dense = w.is_contiguous() or w.is_contiguous(memory_format=torch.channels_last)
-    return dense and g.stride() == w.stride() and (buf is None or buf.stride() == w.stride())
+def same_dense_layout(w: Tensor, *others: Optional[Tensor]) -> bool:
+    """Whether a fused kernel, which walks the tensors' memory in step, sees matching elements:
+    ``w`` dense and each of ``others`` (``None`` entries skipped) with its strides."""
+    if not (w.is_contiguous() or w.is_contiguous(memory_format=torch.channels_last)):
+        return False
+    stride = w.stride()
+    for t in others:
+        if t is not None and t.stride() != stride:
+            return False
+    return True
 
 
 @functools.lru_cache(maxsize=None)

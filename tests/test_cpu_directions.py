@@ -314,6 +314,40 @@ def test_only_tensors_the_loops_can_read_by_address_are_taken():
     assert not cpu_kernels.takes(w, torch.zeros(24))  # another shape
     assert not cpu_kernels.takes(w, torch.zeros(4, 6, device="meta"))
     assert not cpu_kernels.takes(w, torch.zeros(4, 6)._neg_view())  # a lazy negation
+    assert not cpu_kernels.takes(torch.zeros(4, 6, dtype=torch.bfloat16), torch.zeros(4, 6, dtype=torch.bfloat16))
+    z = torch.zeros(4, 6, dtype=torch.complex64)
+    assert not cpu_kernels.takes(z, z.clone())  # a dtype the loops do not serve
+
+
+def test_the_batch_writes_each_ratio_into_its_slot(numba):
+    """A slot of the tensors' dtype receives its ratio inside the call, as fill_ would write it; one
+    of another dtype is filled after it; a tensor without a slot has none written anywhere."""
+    w, g, m, v = (list(x) for x in zip(*[state((6, 5), seed) for seed in range(3)]))
+    slots = [torch.full((), -1.0), torch.full((), -1.0, dtype=torch.float64), None]
+    stepped = cpu_kernels.AdamWBatch(w, g, m, v, None, [2.0] * 3, beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
+                                     weight_decay=0.01, maximize=False, ratio_slots=slots).step(
+        LR, RULES["LAMB"][0], cpu_directions.Scratch())
+    ratios = [r for _, _, r in stepped]
+    assert len(set(ratios)) == 3 and all(r > 0 for r in ratios)
+    assert slots[0].item() == torch.tensor(ratios[0], dtype=torch.float32).item()  # rounded as fill_ rounds
+    assert slots[1].item() == ratios[1] and slots[1].dtype == torch.float64
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_counts_advance_by_one_as_foreach_add_advances_them(dtype, numba):
+    """Float32 counts in one compiled call (2**24 stays 2**24 in float32, as with torch's add); a
+    list holding a count of another dtype goes to torch whole; an empty list is nothing to do."""
+    values = [0.0, 1.0, 41.0, 2.0 ** 24]
+    counts = [torch.tensor(x, dtype=dtype) for x in values]
+    expected = [c.clone() for c in counts]
+    torch._foreach_add_(expected, 1.0)
+    cpu_kernels.advance_counts(counts)
+    assert [c.item() for c in counts] == [c.item() for c in expected]
+    assert counts[-1].item() == (2.0 ** 24 if dtype == torch.float32 else 2.0 ** 24 + 1)
+    mixed = [torch.tensor(1.0), torch.tensor(1.0, dtype=torch.float64)]
+    cpu_kernels.advance_counts(mixed)
+    assert [c.item() for c in mixed] == [2.0, 2.0]
+    cpu_kernels.advance_counts([])
 
 
 def test_numba_is_imported_only_when_a_cpu_step_needs_it():
