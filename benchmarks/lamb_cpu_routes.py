@@ -9,6 +9,9 @@ On ResNet-50's or ViT-B/16's parameter set (random gradients and moments), inter
   loop for ``w −= lr·r·u``;
 * ``Numba's loops alone``: the same call on a table of the tensors made once before the timing, with
   no optimizer bookkeeping (the table, ratio slots): the floor of that route;
+* ``LAMB optimizer, one pass``: ``lars_plugins.LAMB``'s ``step()`` on its own copy of the tensors,
+  every one adapted, as a training loop calls it: the group gathered in one pass over its tensors,
+  then the counts, then Numba's call (:meth:`lars_plugins.LAMB._step_on_host`);
 * ``LAMB, torch kernels``: the same path with Numba's loops off (:mod:`lars_plugins.cpu_directions`):
   per tensor, the fused AdamW kernel at ``lr = wd = 1`` on a scratch buffer (which leaves
   ``−m̂/(√v̂+ε)``), three dot products for ``‖w‖`` and ``‖u‖``, and ``w −= lr·r·u`` through the fused
@@ -40,6 +43,7 @@ from typing import Callable
 
 import torch
 
+import lars_plugins
 from lars_plugins import cpu_kernels
 from lars_plugins.cpu_directions import Scratch
 from lars_plugins.lamb_rule import _host_lamb
@@ -56,6 +60,15 @@ def loops_alone(params: list[torch.Tensor], grads: list[torch.Tensor], m: list[t
                                    beta2=BETAS[1], eps=EPS, weight_decay=DECAY, maximize=False)
     scratch, ratio = Scratch(), cpu_kernels.LambRatio(None, False)
     return lambda: batch.step(1e-9, ratio, scratch) and None
+
+
+def optimizer_step(params: list[torch.Tensor], grads: list[torch.Tensor]) -> Callable[[], None]:
+    """``lars_plugins.LAMB.step`` over a copy of the tensors (every one adapted), the gradients given."""
+    copies = [p.clone() for p in params]
+    for p, g in zip(copies, grads):
+        p.grad = g
+    opt = lars_plugins.LAMB(copies, lr=1e-9, betas=BETAS, eps=EPS, weight_decay=DECAY, exclude_bias_and_norm=False)
+    return lambda: opt.step() and None
 
 
 def main() -> None:
@@ -135,6 +148,7 @@ def main() -> None:
     if cpu_kernels.available(torch.float32):
         routes["LAMB, Numba's loops"] = numba_loops
         routes["Numba's loops alone"] = loops_alone(params, grads, *moments(), step)
+        routes["LAMB optimizer, one pass"] = optimizer_step(params, grads)
     else:
         print("Numba's loops: not available here (pip install 'lars_plugins[numba]'); their row is left out")
     routes.update({"LAMB, torch kernels": torch_kernels,

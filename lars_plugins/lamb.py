@@ -8,13 +8,14 @@ import torch
 from torch import Tensor
 from torch.optim.optimizer import ParamsT
 
+from . import cpu_directions, cpu_kernels
 from .base import LayerwiseOptimizer
 from .options import EXCLUSION_OPTIONS, Option, choice, flag, learning_rate, pair, real
 from .state_precision import STATE_PRECISIONS
 from .distributed import WholeTensors
 from .layouts import FlatPieces
 from .lamb_rule import lamb, lamb_trust_ratio
-from .tensor_lists import buckets, use_fused_step
+from .tensor_lists import buckets, host_scalars, use_fused_step
 from .fused import fused_lamb
 
 __all__ = ["LAMB"]
@@ -191,11 +192,15 @@ class LAMB(LayerwiseOptimizer):
                              "steps complex parameters as their real views, which it can only do for whole parameters")
         if self._step_fused(group, tensors.owners, tensors.sharded):  # never for sharded tensors (fused=True: refused)
             return
+        if isinstance(tensors, WholeTensors) and self._step_on_host(group, tensors):
+            return
         # One count per tensor (a flat tensor's pieces share it), advanced once: a parameter, or an
         # FSDP1 unit, that had no gradient on some step has taken fewer steps and keeps its own count.
         unique = {id(t): t for t in tensors.owners}
         counts = {key: self._state(t)[0] for key, t in unique.items()}
-        if counts:
+        if counts and tensors.params[0].is_cpu:  # (on a GPU, Numba is not worth compiling for the counts)
+            cpu_kernels.advance_counts(list(counts.values()))  # one call, not one per tensor
+        elif counts:
             torch._foreach_add_(list(counts.values()), 1.0)  # one call, not one per tensor (CPU counts)
         exp_avgs, write_avgs = self._decoded_state(group, tensors, "exp_avg")
         exp_avg_sqs, write_avg_sqs = self._decoded_state(group, tensors, "exp_avg_sq")
@@ -215,6 +220,56 @@ class LAMB(LayerwiseOptimizer):
         write_avg_sqs()
         if taken is not None:
             self._hand_norms(tensors.owners, taken)
+
+    def _step_on_host(self, group: dict[str, Any], tensors: WholeTensors) -> bool:
+        """The common CPU step in one pass over the group's tensors: whole dense float32 or float64
+        CPU tensors of one dtype, state in their dtype and layout, the adapted ones through Numba's
+        loops in one call (:class:`~lars_plugins.cpu_kernels.AdamWBatch`), the excluded ones
+        through torch's fused AdamW kernel in one call, the counts advanced in one call. It is the
+        generic route's arithmetic (:func:`~lars_plugins.lamb_rule.lamb` takes the same two kernels
+        for these tensors) with a fraction of its Python work per tensor: that work, not the
+        kernels, was most of what separated LAMB's CPU step from fused AdamW's
+        (docs/performance.md). Returns ``False``, having updated nothing, where any tensor or
+        option does not fit (the generic route then steps the group)."""
+        params = tensors.params
+        if (not params or group["foreach"] or not group["bias_correction"] or tensors.sharded
+                or self._narrow(group) or not host_scalars(_CPU)):
+            return False
+        dtype = params[0].dtype
+        if not (cpu_kernels.available(dtype) and cpu_directions.supported(dtype)):
+            return False
+        adapted: list[tuple[Tensor, ...]] = []  # (owner, w, g, m, v, ratio slot, count)
+        excluded: list[tuple[Tensor, ...]] = []  # (w, g, m, v, count)
+        for p, w, g, out in zip(tensors.owners, params, tensors.grads, tensors.excluded):
+            state = self.state[p]
+            count = state.get("step")
+            if count is None or not count.is_cpu:  # new state, or a count the fused step kept on a GPU
+                count = self._state(p)[0]
+            m, v = state.get("exp_avg"), state.get("exp_avg_sq")
+            if (m is None or v is None or w.dtype != dtype or g.layout != torch.strided
+                    or not cpu_kernels.takes(w, g, m, v)):
+                return False
+            if out:
+                excluded.append((w, g, m, v, count))
+            else:
+                slot = state.get("trust_ratio")
+                adapted.append((p, w, g, m, v, slot if slot is not None else self._trust_ratio_slot(p), count))
+        cpu_kernels.advance_counts([row[-1] for row in adapted] + [row[-1] for row in excluded])
+        lr = group["lr"].item() if isinstance(group["lr"], Tensor) else group["lr"]
+        (beta1, beta2), eps, maximize = group["betas"], group["eps"], group["maximize"]
+        if excluded:  # the plain AdamW step without decay (lamb_rule's route for them)
+            ws, gs, ms, vs, counts = (list(column) for column in zip(*excluded))
+            torch._fused_adamw_(ws, gs, ms, vs, [], counts, lr=lr, beta1=beta1, beta2=beta2, weight_decay=0.0,
+                                eps=eps, amsgrad=False, maximize=maximize)
+        if adapted:
+            owners, ws, gs, ms, vs, slots, counts = (list(column) for column in zip(*adapted))
+            stepped = cpu_kernels.AdamWBatch(
+                ws, gs, ms, vs, None, [c.item() for c in counts], beta1=beta1, beta2=beta2, eps=eps,
+                weight_decay=group["weight_decay"], maximize=maximize, ratio_slots=slots,
+            ).step(lr, cpu_kernels.LambRatio(group["weight_norm_bounds"], group["trust_clip"]), self._host_scratch())
+            if self.collects_norms:
+                self._hand_norms(owners, [w_norm for w_norm, _, _ in stepped])
+        return True
 
     def _layer_ratios(self, group: dict[str, Any], weight_norms: Tensor, other_norms: Tensor) -> Tensor:
         return lamb_trust_ratio(weight_norms, other_norms, weight_norm_bounds=group["weight_norm_bounds"],

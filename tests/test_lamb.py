@@ -418,3 +418,85 @@ def test_the_cpu_path_takes_its_fast_route(dtype, route, monkeypatch):
     tol = dict(rtol=1e-5, atol=1e-6) if dtype != torch.bfloat16 else dict(rtol=2e-2, atol=2e-2)
     for p, w in zip(params, ref.w):
         torch.testing.assert_close(p.double(), w, **tol)
+
+
+def spy_routes(monkeypatch):
+    """Count what a CPU step calls: the one-pass route's kernels and the generic route (lamb())."""
+    import lars_plugins.lamb as lamb_module
+
+    assert cpu_kernels.available(torch.float32) and cpu_directions.supported(torch.float32)  # (their probes run first)
+    calls = {"batch": [], "fused_adamw": [], "generic": 0}
+    real_batch, real_fused, real_generic = cpu_kernels.AdamWBatch, torch._fused_adamw_, lamb_module.lamb
+
+    def generic(*args, **kwargs):
+        calls["generic"] += 1
+        return real_generic(*args, **kwargs)
+
+    monkeypatch.setattr(cpu_kernels, "AdamWBatch",
+                        lambda *a, **k: calls["batch"].append(len(a[0])) or real_batch(*a, **k))
+    monkeypatch.setattr(torch, "_fused_adamw_",
+                        lambda *a, **k: calls["fused_adamw"].append(len(a[0])) or real_fused(*a, **k))
+    monkeypatch.setattr(lamb_module, "lamb", generic)
+    return calls
+
+
+@pytest.mark.parametrize("cfg", [c for c in CONFIGS if c.get("bias_correction", True)],
+                         ids=lambda c: ",".join(f"{k}={v}" for k, v in c.items()))
+def test_a_cpu_group_is_stepped_in_one_pass_as_algorithm_2(cfg, monkeypatch):
+    """Dense float32 CPU tensors: per step, one Numba call for the adapted tensors and one fused
+    AdamW call for the excluded ones, nothing through the generic route; Algorithm 2 in float64,
+    the ratios in their slots, each count advanced once."""
+    pytest.importorskip("numba")
+    calls = spy_routes(monkeypatch)
+    params = make_params()
+    adapt = [len(s) > 1 for s in MODEL_SHAPES]
+    ref = ReferenceLAMB(params, adapt, **cfg)
+    opt = LAMB(params, **cfg)
+    for t in range(1, 4):
+        ref.step(tensors(100 + t, MODEL_SHAPES))
+        run(opt, params, 1, first=t)
+    assert calls == {"batch": [2, 2, 2], "fused_adamw": [2, 2, 2], "generic": 0}
+    for i, p in enumerate(params):
+        torch.testing.assert_close(p.detach().double(), ref.w[i], rtol=1e-5, atol=1e-6)
+        assert opt.state[p]["step"].item() == 3
+        if adapt[i]:
+            assert opt.state[p]["trust_ratio"].item() == pytest.approx(ref.ratios[i], rel=1e-5)
+
+
+@pytest.mark.parametrize("odd", ["strided gradient", "float64 tensor", "no bias correction", "bfloat16 state"])
+def test_a_group_the_one_pass_route_cannot_take_is_stepped_whole_by_the_generic_route(odd, monkeypatch):
+    """One tensor that does not fit (a transposed gradient, another dtype in the group) or an option
+    the route leaves to the generic one: the whole group goes there, untouched by the one-pass route
+    before it, and the result is still Algorithm 2."""
+    pytest.importorskip("numba")
+    calls = spy_routes(monkeypatch)
+    shapes = [(8, 8), (8,), (4, 8)]
+    params = make_params(shapes=shapes)
+    if odd == "float64 tensor":
+        params[2] = nn.Parameter(params[2].detach().double())
+    cfg = dict(lr=1e-2, bias_correction=odd != "no bias correction")
+    ref = ReferenceLAMB(params, [True, False, True], **cfg)
+    opt = LAMB(params, state_precision="bfloat16" if odd == "bfloat16 state" else "float32", **cfg)
+    for t in range(1, 3):
+        grads = tensors(100 + t, shapes)
+        ref.step(grads)
+        for p, g in zip(params, grads):
+            p.grad = g.t().contiguous().t() if odd == "strided gradient" and g.dim() == 2 else g.to(p.dtype)
+        opt.step()
+    assert calls["generic"] == 2
+    tol = dict(rtol=2e-2, atol=2e-3) if odd == "bfloat16 state" else dict(rtol=1e-5, atol=1e-6)
+    for p, w in zip(params, ref.w):
+        torch.testing.assert_close(p.detach().double(), w, **tol)
+        assert opt.state[p]["step"].item() == 2
+
+
+def test_a_sparse_gradient_is_refused_by_the_one_pass_route_as_by_the_generic_one():
+    params = make_params()
+    opt = LAMB(params, lr=1e-2)
+    before = [p.detach().clone() for p in params]
+    for p, g in zip(params, tensors(3, MODEL_SHAPES)):
+        p.grad = g
+    params[2].grad = params[2].grad.to_sparse()
+    with pytest.raises(RuntimeError, match="sparse"):
+        opt.step()
+    assert all(torch.equal(p, b) for p, b in zip(params, before))
