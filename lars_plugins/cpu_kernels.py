@@ -12,8 +12,8 @@ functions); a second loop applies ``w ← w − lr·r·d`` while ``d`` and ``w``
 Python work per tensor is a table entry rather than a dozen operator calls, and nothing is allocated
 in the step. The buffer holds the largest tensor up to :data:`SCRATCH_LIMIT` elements; a larger
 tensor has ``d`` computed again from its stored moments in the second loop instead (slower: the
-square root and division run twice). On the 2-core test machine LAMB's step took 1.3-1.6x fused
-AdamW's this way, against 1.7-2.0x with torch's kernels (docs/performance.md has the times).
+square root and division run twice). On the 2-core test machine LAMB's step took 1.2-1.5x fused
+AdamW's this way, against 1.7-1.9x with torch's kernels (docs/performance.md has the times).
 
 It is used where all of these hold, and the callers take torch's kernels otherwise:
 
