@@ -50,6 +50,7 @@ import torch
 from torch import Tensor
 
 from .cpu_directions import Scratch
+from .tensor_lists import same_dense_layout
 
 __all__ = ["enabled", "available", "takes", "advance_counts", "LambRatio", "TrustRatio", "AdamWBatch",
            "SCRATCH_LIMIT"]
@@ -171,17 +172,16 @@ def advance_counts(counts: Sequence[Tensor]) -> None:
 def takes(w: Tensor, *others: Optional[Tensor]) -> bool:
     """Whether ``w`` and its gradient and state (``others``; ``None`` entries skipped) can go through
     the loops: dense CPU tensors of one dtype, shape and memory layout (the loops read them by
-    address). Called per tensor and step, hence written for speed: ``w`` dense and the others with
-    its shape and strides are dense in the same order; real dtypes carry no conjugate bit (a real
-    tensor may carry the negative bit: the imaginary part of a conjugate view)."""
+    address). Called per tensor and step, hence written for speed: the layout is
+    :func:`~lars_plugins.tensor_lists.same_dense_layout`'s (``w`` dense, the others with its
+    strides), and the others with its shape as well are dense in the same order; real dtypes carry
+    no conjugate bit (a real tensor may carry the negative bit: the imaginary part of a conjugate view)."""
     dtype = w.dtype
-    if dtype not in _DTYPES or not w.is_cpu or not (w.is_contiguous()
-                                                    or w.is_contiguous(memory_format=torch.channels_last)):
+    if dtype not in _DTYPES or not w.is_cpu or not same_dense_layout(w, *others):
         return False
-    shape, stride = w.shape, w.stride()
+    shape = w.shape
     for t in others:  # (a loop, not all() over a generator: a third less time)
-        if t is not None and (t.stride() != stride or t.shape != shape or t.dtype != dtype or not t.is_cpu
-                              or t.is_neg()):
+        if t is not None and (t.shape != shape or t.dtype != dtype or not t.is_cpu or t.is_neg()):
             return False
     return True
 

@@ -80,16 +80,16 @@ def _state(base: Optimizer, group: dict[str, Any], w: Tensor) -> dict[str, Any]:
 
 def known_direction_step(base: Optimizer, group: dict[str, Any], params: list[Tensor], grads: list[Tensor],
                          ratio_of: Any, after: Optional[Any] = None,
-                         scratch: Optional[cpu_directions.Scratch] = None,
-                         compiled_ratio: Optional[cpu_kernels.Ratio] = None) -> None:
+                         scratch: Optional[cpu_directions.Scratch] = None) -> None:
     """Step the adapted ``params`` of ``group`` through the base's fused CPU kernel at ``lr = 1``:
     ``ratio_of(‖w‖, ‖d‖)`` gives each tensor's ratio ``r``, then ``w ← w − r·lr·d``.
     ``after(w, ‖w‖, r)`` is told each tensor's norm and ratio (the ratio slot, the monitor).
     ``scratch`` receives the kernels' results (the wrapper keeps one across steps; ``None``: one
-    buffer of the largest tensor for this call). ``compiled_ratio``: the same rule as ``ratio_of``
-    in the form Numba's loops compute (:mod:`lars_plugins.cpu_kernels`); ``None`` keeps AdamW's
-    tensors off them."""
+    buffer of the largest tensor for this call). Where ``ratio_of`` is a rule Numba's loops also
+    compute (a :class:`~lars_plugins.cpu_kernels.TrustRatio` or ``LambRatio``), AdamW's tensors may
+    go through them (:mod:`lars_plugins.cpu_kernels`); any other function keeps them off."""
     kind = _KERNELS[type(base)]
+    compiled_ratio = ratio_of if isinstance(ratio_of, (cpu_kernels.LambRatio, cpu_kernels.TrustRatio)) else None
     lr = group["lr"].item() if isinstance(group["lr"], Tensor) else group["lr"]
     scratch = scratch if scratch is not None else cpu_directions.Scratch(reuse_distance=0)
     # AdamW's tensors: through Numba's loops where they serve (cpu_kernels), else torch's kernel on the scratch

@@ -14,7 +14,7 @@ from .options import EXCLUSION_OPTIONS, Option, choice, flag, learning_rate, pai
 from .state_precision import STATE_PRECISIONS
 from .distributed import WholeTensors
 from .layouts import FlatPieces
-from .lamb_rule import lamb, lamb_trust_ratio
+from .lamb_rule import _adapted_batch_step, _excluded_step, lamb, lamb_trust_ratio
 from .tensor_lists import buckets, host_scalars, use_fused_step
 from .fused import fused_lamb
 
@@ -257,16 +257,16 @@ class LAMB(LayerwiseOptimizer):
         cpu_kernels.advance_counts([row[-1] for row in adapted] + [row[-1] for row in excluded])
         lr = group["lr"].item() if isinstance(group["lr"], Tensor) else group["lr"]
         (beta1, beta2), eps, maximize = group["betas"], group["eps"], group["maximize"]
-        if excluded:  # the plain AdamW step without decay (lamb_rule's route for them)
+        if excluded:
             ws, gs, ms, vs, counts = (list(column) for column in zip(*excluded))
-            torch._fused_adamw_(ws, gs, ms, vs, [], counts, lr=lr, beta1=beta1, beta2=beta2, weight_decay=0.0,
-                                eps=eps, amsgrad=False, maximize=maximize)
+            _excluded_step(ws, gs, ms, vs, counts, lr=lr, beta1=beta1, beta2=beta2, eps=eps, maximize=maximize)
         if adapted:
             owners, ws, gs, ms, vs, slots, counts = (list(column) for column in zip(*adapted))
-            stepped = cpu_kernels.AdamWBatch(
-                ws, gs, ms, vs, None, [c.item() for c in counts], beta1=beta1, beta2=beta2, eps=eps,
-                weight_decay=group["weight_decay"], maximize=maximize, ratio_slots=slots,
-            ).step(lr, cpu_kernels.LambRatio(group["weight_norm_bounds"], group["trust_clip"]), self._host_scratch())
+            stepped = _adapted_batch_step(
+                ws, gs, ms, vs, slots, counts, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                weight_decay=group["weight_decay"], bias_correction=True, maximize=maximize,
+                rule=cpu_kernels.LambRatio(group["weight_norm_bounds"], group["trust_clip"]),
+                scratch=self._host_scratch())
             if self.collects_norms:
                 self._hand_norms(owners, [w_norm for w_norm, _, _ in stepped])
         return True

@@ -158,8 +158,8 @@ def _host_lamb(tensors: list[tuple[Tensor, Tensor, Tensor, Tensor, Optional[Tens
     plain = [t for t, f in zip(tensors, fused) if f and t[4] is None]
     if plain:
         ws, gs, ms, vs = (list(x) for x in zip(*[t[:4] for t in plain]))
-        torch._fused_adamw_(ws, gs, ms, vs, [], [_count(t[5]) for t in plain], lr=lr, beta1=beta1, beta2=beta2,
-                            weight_decay=0.0, eps=eps, amsgrad=False, maximize=maximize)
+        _excluded_step(ws, gs, ms, vs, [_count(t[5]) for t in plain], lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                       maximize=maximize)
     scratch.reserve([t[0] for t, f in zip(tensors, fused) if f and t[4] is not None])
     weight_norms: list[Optional[float]] = []
     for i, ((w, g, m, v, slot, step), fast) in enumerate(zip(tensors, fused)):
@@ -212,12 +212,31 @@ def _compiled_lamb(tensors: list[tuple[Tensor, Tensor, Tensor, Tensor, Optional[
     if not chosen:
         return {}
     ws, gs, ms, vs, slots, steps = zip(*[tensors[i] for i in chosen])
-    batch = cpu_kernels.AdamWBatch(
+    stepped = _adapted_batch_step(ws, gs, ms, vs, slots, steps, lr=lr, beta1=beta1, beta2=beta2, eps=eps,
+                                  weight_decay=weight_decay, bias_correction=bias_correction, rule=rule,
+                                  maximize=maximize, scratch=scratch)
+    return {i: w_norm for i, (w_norm, _, _) in zip(chosen, stepped)}
+
+
+def _excluded_step(ws: list[Tensor], gs: list[Tensor], ms: list[Tensor], vs: list[Tensor], counts: list[Tensor], *,
+                   lr: float, beta1: float, beta2: float, eps: float, maximize: bool) -> None:
+    """LAMB's step of excluded CPU tensors (counts already advanced): AdamW's without decay, in one
+    call of torch's fused kernel (bias correction on; dense tensors of one dtype and layout)."""
+    torch._fused_adamw_(ws, gs, ms, vs, [], counts, lr=lr, beta1=beta1, beta2=beta2, weight_decay=0.0, eps=eps,
+                        amsgrad=False, maximize=maximize)
+
+
+def _adapted_batch_step(ws: Sequence[Tensor], gs: Sequence[Tensor], ms: Sequence[Tensor], vs: Sequence[Tensor],
+                        slots: Sequence[Tensor], steps: Sequence[Scalar], *, lr: float, beta1: float, beta2: float,
+                        eps: float, weight_decay: float, bias_correction: bool, rule: cpu_kernels.LambRatio,
+                        maximize: bool, scratch: cpu_directions.Scratch) -> list[tuple[float, float, float]]:
+    """LAMB's step of adapted CPU tensors that :func:`cpu_kernels.takes` accepts (counts already
+    advanced), in one call of Numba's loops, each ratio written into its slot there; ``(‖w‖, ‖u‖, r)``
+    of each."""
+    return cpu_kernels.AdamWBatch(
         ws, gs, ms, vs, None, [s.item() if isinstance(s, Tensor) else float(s) for s in steps], beta1=beta1,
         beta2=beta2, eps=eps, weight_decay=weight_decay, maximize=maximize, bias_correction=bias_correction,
-        ratio_slots=slots)
-    stepped = batch.step(lr, rule, scratch)  # (the ratios go into the slots there)
-    return {i: w_norm for i, (w_norm, _, _) in zip(chosen, stepped)}
+        ratio_slots=slots).step(lr, rule, scratch)
 
 
 def _count(step: Scalar) -> Tensor:

@@ -233,9 +233,8 @@ class Layerwise(LayerwiseOptimizer):
                 and all(host_scalars(t.device) and not is_dtensor(t) for t in params):
             grads = pick(tensors.grads, adapted)
             if takes_known_direction(self.base, group, params, grads):
-                rule = _host_ratio(group)
-                known_direction_step(self.base, group, params, grads, rule, self._took_ratio, self._host_scratch(),
-                                     rule if isinstance(rule, cpu_kernels.TrustRatio) else None)
+                known_direction_step(self.base, group, params, grads, _host_ratio(group), self._took_ratio,
+                                     self._host_scratch())
                 for p in params:  # the base steps the group's other tensors only
                     self._stepped_here.append((p, p.grad))
                     p.grad = None
