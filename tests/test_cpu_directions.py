@@ -321,14 +321,19 @@ def test_only_tensors_the_loops_can_read_by_address_are_taken():
 
 def test_the_batch_writes_each_ratio_into_its_slot(numba):
     """A slot of the tensors' dtype receives its ratio inside the call, as fill_ would write it; one
-    of another dtype is filled after it; a tensor without a slot has none written anywhere."""
+    of another dtype is filled after it; a tensor without a slot is stepped all the same. Each
+    ratio is LAMB's, written out here in float64 from AdamW's direction."""
     w, g, m, v = (list(x) for x in zip(*[state((6, 5), seed) for seed in range(3)]))
+    expected = [lamb_reference_ratio(wi.double().norm().item(),
+                                     reference_direction(wi, gi, mi, vi, 2, 0.01).norm().item(), None, False)
+                for wi, gi, mi, vi in zip(w, g, m, v)]
     slots = [torch.full((), -1.0), torch.full((), -1.0, dtype=torch.float64), None]
     stepped = cpu_kernels.AdamWBatch(w, g, m, v, None, [2.0] * 3, beta1=BETAS[0], beta2=BETAS[1], eps=EPS,
                                      weight_decay=0.01, maximize=False, ratio_slots=slots).step(
         LR, RULES["LAMB"][0], cpu_directions.Scratch())
     ratios = [r for _, _, r in stepped]
-    assert len(set(ratios)) == 3 and all(r > 0 for r in ratios)
+    assert ratios == pytest.approx(expected, rel=2e-6) and len(set(ratios)) == 3
+    assert slots[0].item() == pytest.approx(expected[0], rel=2e-6) and slots[1].item() == pytest.approx(expected[1])
     assert slots[0].item() == torch.tensor(ratios[0], dtype=torch.float32).item()  # rounded as fill_ rounds
     assert slots[1].item() == ratios[1] and slots[1].dtype == torch.float64
 
