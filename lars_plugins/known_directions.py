@@ -92,24 +92,26 @@ def known_direction_step(base: Optimizer, group: dict[str, Any], params: list[Te
     compiled_ratio = ratio_of if isinstance(ratio_of, (cpu_kernels.LambRatio, cpu_kernels.TrustRatio)) else None
     lr = group["lr"].item() if isinstance(group["lr"], Tensor) else group["lr"]
     scratch = scratch if scratch is not None else cpu_directions.Scratch(reuse_distance=0)
-    # AdamW's tensors: through Numba's loops where they serve (cpu_kernels), else torch's kernel on the scratch
-    compiled = [kind == "adamw" and compiled_ratio is not None and cpu_kernels.available(w.dtype)
-                and _takes(base, group, w, g) for w, g in zip(params, grads)]
-    direct = [kind == "adamw" and not numba and cpu_directions.supported(w.dtype)
-              for w, numba in zip(params, compiled)]
-    counts = [_state(base, group, w)["step"] for w, fast, numba in zip(params, direct, compiled) if fast or numba]
+    # AdamW's tensors: through Numba's loops where they serve (cpu_kernels), else torch's kernel on the
+    # scratch. Each tensor's state is looked up (or made) once here, for all three uses below.
+    adamw = kind == "adamw"
+    states = [_state(base, group, w) if adamw else {} for w in params]
+    compiled = [adamw and compiled_ratio is not None and cpu_kernels.available(w.dtype)
+                and cpu_kernels.takes(w, g, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"))
+                for w, g, state in zip(params, grads, states)]
+    direct = [adamw and not numba and cpu_directions.supported(w.dtype) for w, numba in zip(params, compiled)]
+    counts = [state["step"] for state, fast, numba in zip(states, direct, compiled) if fast or numba]
     if counts:
         cpu_kernels.advance_counts(counts)  # one call, not one per tensor, as torch's fused step counts
     if any(compiled):
         assert compiled_ratio is not None
-        _compiled_adamw_step(base, group, [(w, g) for w, g, numba in zip(params, grads, compiled) if numba], lr,
-                             compiled_ratio, after, scratch)
+        _compiled_adamw_step(group, [(w, g, state) for w, g, state, numba in zip(params, grads, states, compiled)
+                                     if numba], lr, compiled_ratio, after, scratch)
     scratch.reserve([w for w, numba in zip(params, compiled) if not numba])
-    for w, g, fast, numba in zip(params, grads, direct, compiled):
+    for w, g, state, fast, numba in zip(params, grads, states, direct, compiled):
         if numba:
             continue
         if fast:
-            state = base.state[w]
             beta1, beta2 = group["betas"]
             d = cpu_directions.adamw_direction(w, g, state["exp_avg"], state["exp_avg_sq"],
                                                state["max_exp_avg_sq"] if group.get("amsgrad") else None,
@@ -137,23 +139,18 @@ def known_direction_step(base: Optimizer, group: dict[str, Any], params: list[Te
         w.add_(s, alpha=ratio * lr)
 
 
-def _takes(base: Optimizer, group: dict[str, Any], w: Tensor, g: Tensor) -> bool:
-    """Whether AdamW's state of ``w`` (made here where it is new) and ``g`` can go through Numba's loops."""
-    state = _state(base, group, w)
-    return cpu_kernels.takes(w, g, state["exp_avg"], state["exp_avg_sq"], state.get("max_exp_avg_sq"))
-
-
-def _compiled_adamw_step(base: Optimizer, group: dict[str, Any], tensors: list[tuple[Tensor, Tensor]], lr: float,
+def _compiled_adamw_step(group: dict[str, Any], tensors: list[tuple[Tensor, Tensor, dict[str, Any]]], lr: float,
                          ratio: cpu_kernels.Ratio, after: Optional[Any], scratch: cpu_directions.Scratch) -> None:
-    """AdamW's adapted tensors through Numba's loops, one call per dtype (counts already advanced);
-    then ``after`` is told each tensor's ``‖w‖`` (before its update) and ratio."""
+    """AdamW's adapted tensors (each with its gradient and state) through Numba's loops, one call
+    per dtype (counts already advanced); then ``after`` is told each tensor's ``‖w‖`` (before its
+    update) and ratio."""
     beta1, beta2 = group["betas"]
     amsgrad = bool(group.get("amsgrad"))
-    for dtype in dict.fromkeys(w.dtype for w, _ in tensors):
-        ws = [w for w, _ in tensors if w.dtype == dtype]
-        states = [base.state[w] for w in ws]
+    for dtype in dict.fromkeys(w.dtype for w, _, _ in tensors):
+        ws = [w for w, _, _ in tensors if w.dtype == dtype]
+        states = [state for w, _, state in tensors if w.dtype == dtype]
         batch = cpu_kernels.AdamWBatch(
-            ws, [g for w, g in tensors if w.dtype == dtype], [s["exp_avg"] for s in states],
+            ws, [g for w, g, _ in tensors if w.dtype == dtype], [s["exp_avg"] for s in states],
             [s["exp_avg_sq"] for s in states], [s["max_exp_avg_sq"] for s in states] if amsgrad else None,
             [s["step"].item() for s in states], beta1=beta1, beta2=beta2, eps=group["eps"],
             weight_decay=group["weight_decay"], maximize=bool(group.get("maximize")))
