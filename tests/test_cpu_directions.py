@@ -407,18 +407,54 @@ def test_the_loops_run_on_as_many_threads_as_torch(numba):
         torch.set_num_threads(threads)
 
 
-@pytest.mark.parametrize("make", [lambda ps: LAMB(ps, lr=1e-2, weight_decay=0.01),
-                                  lambda ps: Layerwise(torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.01, amsgrad=True),
-                                                       trust_coefficient=1.0)],
-                         ids=["LAMB", "Layerwise(AdamW amsgrad)"])
-def test_both_routes_train_alike(make, monkeypatch, numba):
-    """Ten steps of a small float32 model through Numba's loops and through torch's kernels agree to
-    float32 rounding (each is checked against the float64 rules elsewhere; this checks a longer run,
-    state and ratio slots included)."""
+def float64_run(name, model, x, y, steps):
+    """``steps`` steps of a float64 copy of ``model`` by the rules written out: LAMB's Algorithm 2
+    (test_lamb's reference), or torch's AdamW followed by the wrapper's documented rescaling of each
+    matrix's update Δ to r·Δ, r = ‖w‖/(‖Δ‖/lr + 1e-8) at η = 1."""
+    from test_lamb import ReferenceLAMB
+
+    net = copy.deepcopy(model).double()
+    params = list(net.parameters())
+    adapted = [p.ndim > 1 for p in params]
+    lr = 1e-2
+    if name == "LAMB":
+        rule = ReferenceLAMB(params, adapted, lr=lr, weight_decay=0.01)
+    else:
+        base = torch.optim.AdamW(params, lr=lr, weight_decay=0.01, amsgrad=True)
+    for _ in range(steps):
+        net.zero_grad()
+        nn.functional.cross_entropy(net(x.double()), y).backward()
+        with torch.no_grad():
+            if name == "LAMB":
+                rule.step([p.grad for p in params])
+                for p, w in zip(params, rule.w):
+                    p.copy_(w)
+                continue
+            old = [p.detach().clone() for p in params]
+            base.step()
+            for p, w, adapt in zip(params, old, adapted):
+                if adapt:
+                    delta = p - w
+                    p.copy_(w + w.norm() / (delta.norm() / lr + 1e-8) * delta)
+    return params
+
+
+@pytest.mark.parametrize("name", ["LAMB", "Layerwise(AdamW amsgrad)"])
+def test_both_routes_train_alike(name, monkeypatch, numba):
+    """Ten steps of a small float32 model through Numba's loops and through torch's kernels agree
+    with each other to float32 rounding, state included, and both follow the float64 rules written
+    out in float64_run."""
+    def make(ps):
+        if name == "LAMB":
+            return LAMB(ps, lr=1e-2, weight_decay=0.01)
+        return Layerwise(torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.01, amsgrad=True), trust_coefficient=1.0)
+
     torch.manual_seed(0)
     model = nn.Sequential(nn.Conv2d(3, 8, 3), nn.ReLU(), nn.Flatten(), nn.Linear(8 * 6 * 6, 4))
     twin = copy.deepcopy(model)
     x, y = torch.randn(16, 3, 8, 8), torch.randint(0, 4, (16,))
+    expected = float64_run(name, model, x, y, steps=10)
+    assert cpu_kernels.available(torch.float32)  # (its once-per-dtype check builds batches of its own)
     batches = []
     real = cpu_kernels.AdamWBatch
     monkeypatch.setattr(cpu_kernels, "AdamWBatch", lambda *a, **k: batches.append(1) or real(*a, **k))
@@ -431,8 +467,10 @@ def test_both_routes_train_alike(make, monkeypatch, numba):
             nn.functional.cross_entropy(net(x), y).backward()
             opts[-1].step()
     assert len(batches) == 10  # the first model's steps took the loops, the twin's did not
-    for a, b in zip(model.parameters(), twin.parameters()):
+    for a, b, c in zip(model.parameters(), twin.parameters(), expected):
         torch.testing.assert_close(a, b, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(a.double(), c, rtol=1e-4, atol=1e-5)
+        torch.testing.assert_close(b.double(), c, rtol=1e-4, atol=1e-5)
         for key, value in opts[0].state[a].items():
             torch.testing.assert_close(value, opts[1].state[b][key], rtol=1e-4, atol=1e-6)
 
