@@ -328,6 +328,9 @@ def main() -> None:
     parser.add_argument("--max-train", type=int, default=None, help="training sentences (default 1000)")
     parser.add_argument("--seeds", type=int, default=None, help="seeds per setting (default 3)")
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
+    parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
+                        help="sweep, lamb: only these methods (say, --methods LAMB: table 8's AdamW and LARS rows are "
+                             "table 4's runs again)")
     parser.add_argument("--csv-dir", type=Path, default=Path("docs/data"),
                         help="figures: the folder whose finetune_depth.csv is drawn (default docs/data, the "
                              "committed run); the figure goes to --out")
@@ -363,9 +366,15 @@ def main() -> None:
     start = time.perf_counter()
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}; {max_train} training "
           f"sentences at batch {batch_size}, {n_test} test sentences", flush=True)
+    def chosen(families: dict) -> dict:
+        unknown = set(args.methods or ()) - set(families)
+        if unknown:
+            parser.error(f"--methods: {sorted(unknown)} not among this study's methods {sorted(families)}")
+        return {f: v for f, v in families.items() if args.methods is None or f in args.methods}
+
     if args.study in ("sweep", "all"):
         families = {f: v[1:2] for f, v in FAMILIES.items()} if args.quick else FAMILIES
-        sweep(seeds, families, setup, start)
+        sweep(seeds, chosen(families), setup, start)
     if args.study in ("depth", "all"):
         depth(setup, start, DEPTH_PRODUCT)
     if args.study in ("head", "all"):
@@ -375,7 +384,7 @@ def main() -> None:
         families = {"AdamW": ADAMW_LRS, "LAMB": LAMB_LRS, "LARS": LARS_PRODUCTS[1:4]}
         if args.quick:
             families = {f: v[1:2] for f, v in families.items()}
-        sweep(seeds, families, setup, start, csv_name="finetune_lamb.csv", title="Table 8")
+        sweep(seeds, chosen(families), setup, start, csv_name="finetune_lamb.csv", title="Table 8")
     if args.study == "precision":
         precision(setup, start, seeds, PRECISION_SETTINGS)
     if args.study == "protocol":

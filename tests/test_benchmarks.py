@@ -99,6 +99,11 @@ def test_finetune_quick(tmp_path):
     again = tmp_path / "again"  # the depth figure from the CSV alone is the run's figure, byte for byte
     run_script("finetune.py", "figures", "--csv-dir", str(tmp_path), "--out", str(again))
     assert (again / "finetune_depth.png").read_bytes() == (tmp_path / "finetune_depth.png").read_bytes()
+    # --methods runs one method alone, and its runs are the same as beside the others (each run seeds
+    # itself): what lets table 8's data keep only LAMB's runs, AdamW's and LARS's being table 4's.
+    alone = tmp_path / "alone"
+    run_script("finetune.py", "lamb", "--quick", "--methods", "LAMB", "--out", str(alone))
+    assert list(csv.DictReader((alone / "finetune_lamb.csv").open())) == [r for r in lamb if r["method"] == "LAMB"]
 
 
 def test_finetune_protocol_quick(tmp_path):
