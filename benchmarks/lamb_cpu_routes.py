@@ -31,12 +31,14 @@ then where the torch-kernels step spends its time (torch.profiler, by operator).
 
     python benchmarks/lamb_cpu_routes.py --model resnet50
     python benchmarks/lamb_cpu_routes.py --model vit_b16 --compile
+    NUMBA_THREADING_LAYER=workqueue python benchmarks/lamb_cpu_routes.py   # Numba's call on its fallback layer
 """
 
 from __future__ import annotations
 
 import argparse
 import math
+import os
 import statistics
 import time
 from typing import Callable
@@ -149,6 +151,9 @@ def main() -> None:
         routes["LAMB, Numba's loops"] = numba_loops
         routes["Numba's loops alone"] = loops_alone(params, grads, *moments(), step)
         routes["LAMB optimizer, one pass"] = optimizer_step(params, grads)
+    elif os.environ.get("NUMBA_THREADING_LAYER") == "workqueue":
+        # The layer the product refuses (cpu_kernels.available warned above): its call alone, to show why.
+        routes["Numba's loops alone, workqueue layer"] = loops_alone(params, grads, *moments(), step)
     else:
         print("Numba's loops: not available here (pip install 'lars_plugins[numba]'); their row is left out")
     routes.update({"LAMB, torch kernels": torch_kernels,
@@ -185,8 +190,14 @@ def main() -> None:
             route()
             times[name].append(time.perf_counter() - start)
     base = statistics.median(times["AdamW(fused)"])
+    try:
+        import numba
+
+        layer = f", Numba's {numba.threading_layer()} threading layer"
+    except (ImportError, ValueError):  # (ValueError: no parallel loop ran, so no layer was chosen)
+        layer = ""
     print(f"\n{args.model}, {sum(p.numel() for p in params) / 1e6:.1f}M parameters, {torch.get_num_threads()} threads, "
-          f"{args.reps} interleaved steps")
+          f"{args.reps} interleaved steps{layer}")
     print("| route | median ms | × fused AdamW |\n|---|---:|---:|")
     for name, ts in times.items():
         print(f"| {name} | {statistics.median(ts) * 1e3:.2f} | {statistics.median(ts) / base:.2f} |")

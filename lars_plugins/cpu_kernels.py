@@ -22,8 +22,9 @@ It is used where all of these hold, and the callers take torch's kernels otherwi
 * the tensors are dense CPU tensors of float32 or float64 (Numba has no bfloat16), each with its
   gradient and moments in its own dtype and memory layout (checked per tensor: the loops read memory
   by address);
-* Numba's threading layer is OpenMP or TBB: its fallback ("workqueue") was several times slower in a
-  prototype and may not be called from several threads at once;
+* Numba's threading layer is OpenMP or TBB: on its fallback ("workqueue") the call ran 2.7-3.5×
+  slower than on OpenMP (ResNet-50's parameters, docs/performance.md), and that layer may not be
+  called from several threads at once;
 * the process is not a fork of one where the loops already ran (DataLoader workers, fork-started
   processes): OpenMP's threads do not survive ``fork``, and Numba would end the child.
 
