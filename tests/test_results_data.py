@@ -1,12 +1,16 @@
 """The tables of docs/results.md are what the committed per-run data in docs/data gives: each cell's
-mean ± std (sample std, as the benchmarks print it) is recomputed here from the runs, so a table
-cannot drift from its data, nor quote runs that are not committed."""
+mean ± std (sample std, as the benchmarks print it) is recomputed here from the runs, or, for the
+protocol tables, printed from them by their own command, so a table cannot drift from its data,
+nor quote runs that are not committed."""
 
 from __future__ import annotations
 
 import csv
 import math
+import re
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -27,9 +31,14 @@ def tables(caption: str) -> list[list[list[str]]]:
     assert text.count(caption) == 1, caption
     rest = text[text.index(caption) + len(caption):]
     ends = [i for i in (rest.find("\n**Table"), rest.find("\n## ")) if i >= 0]
+    return markdown_tables(rest[:min(ends, default=len(rest))])
+
+
+def markdown_tables(text: str) -> list[list[list[str]]]:
+    """The markdown tables in ``text``, as :func:`tables` gives them."""
     found: list[list[list[str]]] = []
     current: list[list[str]] = []
-    for line in rest[:min(ends, default=len(rest))].splitlines() + [""]:
+    for line in text.splitlines() + [""]:
         if line.startswith("|"):
             cells = [c.replace("**", "").strip() for c in line.strip().strip("|").split("|")]
             if not set("".join(cells)) <= set("-: "):
@@ -159,6 +168,35 @@ def test_table_9_is_lamb_final_csv():
             accs = accuracies(data, 5, method=method, batch_size=int(row[0]))
             half = T975[5] * statistics.stdev(accs) / math.sqrt(5)
             assert cell.startswith(f"{summary(accs)} [{100 * half:.1f}]"), (row[0], method)
+
+
+def numbers(row: list[str]) -> list[float]:
+    """Every number in a row's cells, in order ("1,024" is one number; words and signs of % dropped)."""
+    return [float(x) for cell in row for x in re.findall(r"[-+]?\d*\.?\d+(?:e[-+]?\d+)?", cell.replace(",", ""))]
+
+
+@pytest.mark.parametrize("captions, command", [
+    (["**Table 12, validation.**", "**Table 12, test.**"],
+     ["finetune.py", "protocol", "--from-csv", "docs/data/finetune_protocol"]),
+    (["**Table 10.**"], ["large_batch.py", "protocol", "--from-csv", "docs/data/protocol_5ep"]),
+    (["**Table 11.**"], ["large_batch.py", "protocol", "--from-csv", "docs/data/protocol_20ep"]),
+], ids=["table 12", "table 10", "table 11"])
+def test_tables_10_to_12_are_what_their_commands_print_from_their_csvs(captions, command):
+    """The protocol commands print their tables again from the committed CSVs (``--from-csv``); the
+    tables here hold the same numbers, row by row (the docs write settings more briefly and leave out
+    the count of diverged runs, which is 0 throughout)."""
+    if command[0] == "finetune.py":
+        pytest.importorskip("transformers")
+    root = DOCS.parent
+    printed = subprocess.run([sys.executable, str(root / "benchmarks" / command[0]), *command[1:]], cwd=root,
+                             capture_output=True, text=True, timeout=300, check=True).stdout
+    assert "div" not in printed or re.findall(r"div (\d+)/", printed) == ["0"] * len(re.findall("div ", printed))
+    printed = re.sub(r"; div \d+/\d+", "", printed)
+    ours = [t for caption in captions for t in tables(caption)]
+    theirs = markdown_tables(printed)[-len(ours):]
+    assert len(ours) == len(theirs) > 0
+    for mine, printed_table in zip(ours, theirs):
+        assert sorted(numbers(row) for row in mine) == sorted(numbers(row) for row in printed_table)
 
 
 def signed(points: float, decimals: int) -> str:
