@@ -68,6 +68,7 @@ def method_args(family: str, value: float) -> dict:
 
 
 FAMILIES = {"AdamW": ADAMW_LRS, "LARS": LARS_PRODUCTS, "LARS + layer decay": LARS_PRODUCTS}
+LAMB_FAMILIES = {"AdamW": ADAMW_LRS, "LAMB": LAMB_LRS, "LARS": LARS_PRODUCTS[1:4]}  # table 8
 HEAD_FAMILY = "LARS, head not adapted"
 HEAD_PRODUCTS = [5e-4, 1e-3, 2e-3]
 
@@ -330,7 +331,7 @@ def main() -> None:
     parser.add_argument("--out", type=Path, default=Path("benchmarks/results"))
     parser.add_argument("--methods", nargs="+", default=None, metavar="METHOD",
                         help="sweep, lamb: only these methods (say, --methods LAMB: table 8's AdamW and LARS rows are "
-                             "table 4's runs again)")
+                             "table 4's runs again); refused for the other studies")
     parser.add_argument("--csv-dir", type=Path, default=Path("docs/data"),
                         help="figures: the folder whose finetune_depth.csv is drawn (default docs/data, the "
                              "committed run); the figure goes to --out")
@@ -338,6 +339,15 @@ def main() -> None:
                         help="protocol: print table 12 from PREFIX_tuning.csv and PREFIX_final.csv (the committed "
                              "docs/data/finetune_protocol) instead of running")
     args = parser.parse_args()
+    if args.methods is not None:  # checked before anything loads; never silently ignored
+        study_methods = {"sweep": FAMILIES, "lamb": LAMB_FAMILIES}
+        if args.study not in study_methods:
+            parser.error(f"--methods: only the sweep and lamb studies take it, not {args.study!r}; drop it or run "
+                         "one of those")
+        unknown = set(args.methods) - set(study_methods[args.study])
+        if unknown:
+            parser.error(f"--methods: {sorted(unknown)} not among the {args.study} study's methods "
+                         f"{sorted(study_methods[args.study])}")
     if args.study == "figures":
         args.out.mkdir(parents=True, exist_ok=True)
         plot_depth(list(csv.DictReader((args.csv_dir / "finetune_depth.csv").open())), args.out)
@@ -367,9 +377,6 @@ def main() -> None:
     print(f"machine: {platform.machine()} {os.cpu_count()} cores, torch {torch.__version__}; {max_train} training "
           f"sentences at batch {batch_size}, {n_test} test sentences", flush=True)
     def chosen(families: dict) -> dict:
-        unknown = set(args.methods or ()) - set(families)
-        if unknown:
-            parser.error(f"--methods: {sorted(unknown)} not among this study's methods {sorted(families)}")
         return {f: v for f, v in families.items() if args.methods is None or f in args.methods}
 
     if args.study in ("sweep", "all"):
@@ -381,7 +388,7 @@ def main() -> None:
         values = HEAD_PRODUCTS[:1] if args.quick else HEAD_PRODUCTS
         sweep(seeds, {HEAD_FAMILY: values}, setup, start, csv_name="finetune_head.csv", title="Table 6")
     if args.study in ("lamb", "all"):
-        families = {"AdamW": ADAMW_LRS, "LAMB": LAMB_LRS, "LARS": LARS_PRODUCTS[1:4]}
+        families = LAMB_FAMILIES
         if args.quick:
             families = {f: v[1:2] for f, v in families.items()}
         sweep(seeds, chosen(families), setup, start, csv_name="finetune_lamb.csv", title="Table 8")

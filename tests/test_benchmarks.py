@@ -104,6 +104,11 @@ def test_finetune_quick(tmp_path):
     alone = tmp_path / "alone"
     run_script("finetune.py", "lamb", "--quick", "--methods", "LAMB", "--out", str(alone))
     assert list(csv.DictReader((alone / "finetune_lamb.csv").open())) == [r for r in lamb if r["method"] == "LAMB"]
+    for args, message in ((["head", "--methods", "LAMB"], "only the sweep and lamb studies take it, not 'head'"),
+                          (["lamb", "--methods", "Adam"], "['Adam'] not among the lamb study's methods")):
+        refused = subprocess.run([sys.executable, str(ROOT / "benchmarks" / "finetune.py"), *args, "--quick"],
+                                 capture_output=True, text=True, timeout=300)
+        assert refused.returncode == 2 and message in refused.stderr, refused.stderr[-2000:]
 
 
 def test_finetune_protocol_quick(tmp_path):
